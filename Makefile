@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install once.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lock clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/distrib demo --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lock: $(STAMP)
+	(echo "# Full transitive lock for Python 3.11 / x86_64, produced by 'pip freeze' (make lock)."; \
+	 $(PY) -m pip freeze --exclude-editable | grep -v '^distrib') > constraints.txt
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
