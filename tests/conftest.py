@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny real demo dataset and its shards per test session; temp dirs in tmp."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("session")
+    # Keep temporaries, JIT-built ops and Ray state inside the test's tmp dir.
+    os.environ["TMPDIR"] = str(root)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(root / "torch_extensions"))
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_data(session_tmp) -> Path:
+    from distrib.demo_data import build_demo_dataset
+    out = session_tmp / "demo_data"
+    build_demo_dataset(out, size="tiny", seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_data, session_tmp) -> Path:
+    from distrib.shards import write_shards
+    out = session_tmp / "demo_shards"
+    write_shards(demo_data / "train_manifest.csv", out, val=demo_data / "val_manifest.csv",
+                 test=demo_data / "test_manifest.csv", folds=3, seed=0, shard_size=60, workers=1)
+    return out
+
+
+def subprocess_env(tmp: Path) -> dict:
+    """Environment for child processes: repo on the path, temp files and JIT caches under tmp."""
+    env = dict(os.environ)
+    env["TMPDIR"] = str(tmp)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(tmp / "torch_extensions"))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["MPLBACKEND"] = "Agg"
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+PYTHON = sys.executable
