@@ -321,8 +321,10 @@ class ThresholdConfig(_Section):
     specificity: float = 0.95  # specificity constraint S for the 3-way band
     bootstrap: int = 1000  # grouped bootstrap resamples for confidence intervals
     seed: int = 0  # bootstrap seed
+    fit_split: str = "oof"  # rows thresholds are fit on: oof, val or oof+val (never test)
 
     def validate(self) -> None:
+        _check_choice("thresholds.fit_split", self.fit_split, ("oof", "val", "oof+val"))
         _check(0 < self.recall <= 1, "thresholds.recall", self.recall, "0 < R <= 1")
         _check(0 < self.specificity <= 1, "thresholds.specificity", self.specificity, "0 < S <= 1")
         _check(self.bootstrap >= 0, "thresholds.bootstrap", self.bootstrap, ">= 0")
