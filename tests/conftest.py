@@ -34,7 +34,7 @@ def demo_shards(demo_data, session_tmp) -> Path:
     from distrib.shards import write_shards
     out = session_tmp / "demo_shards"
     write_shards(demo_data / "train_manifest.csv", out, val=demo_data / "val_manifest.csv",
-                 test=demo_data / "test_manifest.csv", folds=3, seed=0, shard_size=60, workers=1)
+                 test=demo_data / "test_manifest.csv", folds=3, seed=0, shard_size=30, workers=1)
     return out
 
 
