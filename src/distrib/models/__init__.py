@@ -1,0 +1,87 @@
+"""Model registry: one ``build_model(cfg.model)`` reaches registered distrib models and any timm name.
+
+Registered builders take the ``ModelConfig`` and return a plain ``nn.Module`` exposing
+``forward``, ``forward_features``, ``forward_head``, ``get_classifier`` and ``num_features``.
+Wrapping (the linear-probe freeze) happens here, outside the model classes.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import torch.nn as nn
+
+from distrib.config import ConfigError, ModelConfig
+
+_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+
+def register_model(fn: Callable[[ModelConfig], nn.Module] | None = None, *, name: str | None = None):
+    """Register ``fn(model_cfg) -> nn.Module`` under ``name`` (default: the function's name).
+
+    Usable bare (``@register_model``) or with a name (``@register_model(name="x")``).
+    """
+    def _add(f: Callable[[ModelConfig], nn.Module]):
+        key = name or f.__name__
+        if key in _REGISTRY and _REGISTRY[key] is not f:
+            raise ValueError(f"model name '{key}' is registered twice ({_REGISTRY[key]} and {f})")
+        _REGISTRY[key] = f
+        return f
+    return _add(fn) if fn is not None else _add
+
+
+def list_models() -> list[str]:
+    """Names registered by distrib itself (any timm name is accepted on top of these)."""
+    _import_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def _import_builtin_models() -> None:
+    # Imported lazily so `import distrib.models` does not pull timm backbones until needed.
+    from distrib.models import genconvit  # noqa: F401  (registers genconvit_ed / genconvit_vae)
+
+
+def _closest_names(name: str, n: int = 5) -> list[str]:
+    import timm
+    candidates = set(_REGISTRY) | set(timm.list_models()) | set(timm.list_pretrained())
+    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.5) or \
+        difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.0)
+
+
+def check_model_name(name: str) -> None:
+    """Raise ConfigError for a name that is neither registered nor a timm model (or timm tag)."""
+    import timm
+    _import_builtin_models()
+    if name in _REGISTRY:
+        return
+    arch, _, tag = name.partition(".")
+    known = timm.is_model(arch) and (not tag or name in timm.list_pretrained(f"{arch}.*"))
+    if not known:
+        close = ", ".join(_closest_names(name))
+        what = f"unknown pretrained tag '{tag}' for timm model '{arch}'" if timm.is_model(arch) else \
+            f"unknown model name '{name}'"
+        raise ConfigError(f"model.name: {what}; closest valid names: {close}. "
+                          f"Use a registered name ({', '.join(sorted(_REGISTRY))}) or any name from "
+                          f"timm.list_models()/timm.list_pretrained().")
+
+
+def build_model(model_cfg: ModelConfig) -> nn.Module:
+    """Build the model named by ``model_cfg.name``; apply the linear-probe freeze if requested."""
+    check_model_name(model_cfg.name)
+    if model_cfg.name in _REGISTRY:
+        model = _REGISTRY[model_cfg.name](model_cfg)
+    else:
+        from distrib.models.timm_models import build_timm_classifier
+        model = build_timm_classifier(model_cfg)
+    if model_cfg.freeze_backbone:
+        from distrib.models.probe import freeze_backbone
+        model = freeze_backbone(model)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters the optimizer should receive (the head only for a linear probe)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+__all__ = ["register_model", "build_model", "list_models", "check_model_name", "trainable_parameters"]

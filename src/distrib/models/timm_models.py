@@ -1,0 +1,102 @@
+"""timm backbones behind one uniform interface (TimmClassifier) and local-file-only pretrained loading.
+
+Weights never come from the network: a pretrained file is handed to timm through
+``pretrained_cfg_overlay=dict(file=...)`` with every remote source blanked out.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from distrib.config import ConfigError, ModelConfig
+from distrib.errors import DistribError
+
+
+def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", **kwargs) -> nn.Module:
+    """``timm.create_model`` with random init, or weights from a local file only.
+
+    ``key`` names the config entry in error messages. Bad keyword arguments (e.g. ``img_size`` on a
+    convnet) become a ConfigError instead of a bare TypeError.
+    """
+    import timm
+    pretrained = bool(pretrained_file)
+    extra: dict = {}
+    if pretrained:
+        path = os.path.abspath(os.path.expanduser(pretrained_file))
+        if not os.path.isfile(path):
+            raise ConfigError(f"pretrained weights file not found: {path} (for {key}='{name}'); "
+                              "download it on a machine with internet access and copy it here, or set "
+                              "model.pretrained_file='' for random init")
+        # Blank every remote source so timm can only read the local file (no hub, no URL).
+        extra["pretrained_cfg_overlay"] = dict(file=path, url=None, hf_hub_id=None, hf_hub_filename=None,
+                                               source=None)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"timm model '{name}' ({key}) rejected keyword arguments {sorted(kwargs)}: {e}. "
+                          "Remove them from model.kwargs, or set model.img_size=0 for models without a "
+                          "fixed token grid (convnets)") from e
+    except (RuntimeError, KeyError, ValueError) as e:
+        if not pretrained:
+            raise
+        raise DistribError(f"could not load pretrained weights from {extra['pretrained_cfg_overlay']['file']} "
+                           f"into timm model '{name}': {e}. The file must be a timm/PyTorch state dict "
+                           "(.pth/.bin/.safetensors) of the same architecture") from e
+
+
+class TimmClassifier(nn.Module):
+    """A timm model with distrib's interface: pooled embedding, separate head, uniform dropout.
+
+    timm models put classifier dropout in different places; the wrapped model is built with
+    ``drop_rate=0`` and dropout is applied here, directly before the classifier, so that
+    ``forward(x) == forward_head(forward_features(x))`` holds for every architecture.
+    """
+
+    def __init__(self, model: nn.Module, drop_rate: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.head_drop = nn.Dropout(drop_rate)
+        classifier = model.get_classifier()
+        if not isinstance(classifier, nn.Module):
+            raise ConfigError(f"timm model {type(model).__name__} has no single classifier module "
+                              f"(got {type(classifier).__name__}); choose another model.name")
+        # head_hidden_size is the pre-logits width when a model has a conv/MLP head (MobileNetV4: 1280).
+        self.num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """timm's data config (mean/std/input size) for transforms that resolve normalization."""
+        return dict(self.model.pretrained_cfg)
+
+    def get_classifier(self) -> nn.Module:
+        return self.model.get_classifier()
+
+    def head_modules(self) -> list[nn.Module]:
+        """Modules that belong to the head (they keep training in a linear probe)."""
+        return [self.head_drop, self.model.get_classifier()]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled pre-head embedding [B, num_features]."""
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.model.get_classifier()(self.head_drop(feats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_timm_classifier(model_cfg: ModelConfig) -> TimmClassifier:
+    """Build ``model_cfg.name`` from timm with a ``num_classes``-logit head (1 = BCE, 2 = CE)."""
+    kwargs = dict(model_cfg.kwargs)
+    reserved = {"num_classes": "model.num_classes", "pretrained": "model.pretrained_file",
+                "drop_rate": "model.drop_rate", "img_size": "model.img_size"}
+    for k, use in reserved.items():
+        if k in model_cfg.kwargs:
+            raise ConfigError(f"model.kwargs.{k} is set by distrib; use {use} instead")
+    if model_cfg.img_size:
+        kwargs["img_size"] = model_cfg.img_size
+    model = create_timm(model_cfg.name, model_cfg.pretrained_file, num_classes=model_cfg.num_classes, **kwargs)
+    return TimmClassifier(model, drop_rate=model_cfg.drop_rate)
