@@ -1,0 +1,180 @@
+"""Shard locations for the loader: read index.json from a path or URL, pick a split's shards, stream tar samples.
+
+A location is a local directory, a path/URL to ``index.json``, a URL prefix (``http(s)://``, ``s3://``,
+``gs://`` ... opened by webdataset's ``gopen`` or, for schemes it lacks, fsspec), or a
+``pipe:`` command with a ``{}`` placeholder for the file name (``pipe:aws s3 cp s3://b/shards/{} -``).
+Shard paths in the index are relative to the index's location, so a copied shard folder still works.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from distrib.errors import DataError
+
+wds_gopen = importlib.import_module("webdataset.gopen")  # the module; `webdataset.gopen` is the re-exported function
+
+
+def _has_scheme(loc: str) -> bool:
+    scheme = urlparse(loc).scheme
+    return loc.startswith("pipe:") or (len(scheme) > 1 and "://" in loc)
+
+
+def _locate(index_or_dir: str) -> tuple[str, str]:
+    """(index url/path, base template) where ``base.replace('{}', name)`` gives a file next to the index."""
+    loc = str(index_or_dir)
+    if loc.startswith("pipe:"):
+        if "{}" not in loc:
+            raise DataError(f"pipe location {loc!r} needs a '{{}}' placeholder for the file name, e.g. "
+                            f"'pipe:curl -s https://host/shards/{{}}'")
+        return loc.replace("{}", "index.json"), loc
+    if _has_scheme(loc):
+        if loc.endswith(".json"):
+            return loc, loc.rsplit("/", 1)[0] + "/{}"
+        return loc.rstrip("/") + "/index.json", loc.rstrip("/") + "/{}"
+    if loc.endswith(".json"):
+        return loc, os.path.join(os.path.dirname(os.path.abspath(loc)), "{}")
+    return os.path.join(loc, "index.json"), os.path.join(os.path.abspath(loc), "{}")
+
+
+def open_url(url: str):
+    """A readable binary stream for a local path, a webdataset gopen URL, or any fsspec URL."""
+    scheme = urlparse(url).scheme
+    if url.startswith("pipe:") or not _has_scheme(url) or scheme in wds_gopen.gopen_schemes or scheme == "file":
+        return wds_gopen.gopen(url, "rb")
+    import fsspec
+    return fsspec.open(url, "rb").open()
+
+
+def read_index(index_or_dir) -> dict:
+    """Load ``index.json`` from a shard directory, an index path, or a URL; adds ``_base`` for shard URLs."""
+    index_url, base = _locate(str(index_or_dir))
+    try:
+        if urlparse(index_url).scheme in ("http", "https"):
+            import urllib.request
+            with urllib.request.urlopen(index_url, timeout=60) as r:
+                raw = r.read()
+        else:
+            with open_url(index_url) as f:
+                raw = f.read()
+        index = json.loads(raw)
+    except FileNotFoundError as e:
+        raise DataError(f"no shard index at {index_url}: point data.shards at a folder written by "
+                        f"'distrib shard' (it holds index.json)") from e
+    except Exception as e:
+        raise DataError(f"cannot read shard index {index_url}: {type(e).__name__}: {e}; check the location "
+                        f"(data.shards) and that 'distrib shard' finished writing it") from e
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        raise DataError(f"{index_url} is not a distrib shard index (no 'shards' list); re-run 'distrib shard'")
+    for i, s in enumerate(index["shards"]):
+        missing = {"path", "split", "count"} - set(s)
+        if missing:
+            raise DataError(f"{index_url}: shard entry {i} lacks {sorted(missing)}; re-run 'distrib shard --overwrite'")
+    index["_base"] = base
+    index["_url"] = index_url
+    return index
+
+
+def _shard_url(base: str, path: str) -> str:
+    if _has_scheme(path) or os.path.isabs(path):
+        return path
+    return base.replace("{}", path)
+
+
+def _balance(items: list[tuple[str, int]], bins: int) -> list[list[tuple[str, int]]]:
+    """Deterministic greedy (largest first) assignment of (url, count) items to ``bins`` bins."""
+    out: list[list] = [[] for _ in range(bins)]
+    load = [0] * bins
+    for url, n in sorted(items, key=lambda it: (-it[1], it[0])):
+        b = min(range(bins), key=lambda i: (load[i], len(out[i]), i))
+        out[b].append((url, n))
+        load[b] += n
+    return out
+
+
+@dataclass
+class SplitPlan:
+    """The shards of one split (and folds) with their index counts; all ranks build the same plan."""
+
+    name: str
+    urls: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts[u] for u in self.urls)
+
+    def describe(self) -> str:
+        return self.name
+
+    def _assignment(self, world_size: int, workers: int) -> list[list[list[tuple[str, int]]]]:
+        ranks = _balance([(u, self.counts[u]) for u in self.urls], world_size)
+        return [_balance(r, workers) for r in ranks]
+
+    def rank_worker_urls(self, rank: int, worker: int, world_size: int, workers: int) -> list[str]:
+        return [u for u, _ in sorted(self._assignment(world_size, workers)[rank][worker])]
+
+    def eval_batches(self, rank: int, world_size: int, workers: int, batch_size: int) -> int:
+        """Batches this rank yields in eval mode: each worker batches its own shards, the last one partial."""
+        return sum(math.ceil(sum(n for _, n in w) / batch_size)
+                   for w in self._assignment(world_size, workers)[rank])
+
+
+def plan_split(index_or_dir, split: str, folds: list[int] | None = None) -> SplitPlan:
+    """Select ``split``'s shards (for 'train', only ``folds``; None = all folds) from the index."""
+    index = index_or_dir if isinstance(index_or_dir, dict) else read_index(index_or_dir)
+    shards = index["shards"]
+    splits = sorted({s["split"] for s in shards})
+    if split not in splits:
+        raise DataError(f"split {split!r} has no shards in {index['_url']} (it has: {', '.join(splits)}); "
+                        f"shard it with 'distrib shard --{split} MANIFEST.csv' or pick another split")
+    chosen = [s for s in shards if s["split"] == split]
+    name = f"split '{split}'"
+    if split == "train" and folds is not None:
+        have = sorted({int(s.get("fold", -1)) for s in chosen})
+        unknown = [f for f in folds if f not in have]
+        if unknown or not folds:
+            raise DataError(f"train folds {folds} not all in {index['_url']} (folds present: {have}); "
+                            f"use data.fold within 0..{len(have) - 1} or re-shard with more --folds")
+        chosen = [s for s in chosen if int(s.get("fold", -1)) in set(folds)]
+        name = f"split 'train' folds {sorted(folds)}"
+    urls = [_shard_url(index["_base"], s["path"]) for s in chosen]
+    return SplitPlan(name=f"{name} of {index['_url']}", urls=urls,
+                     counts={u: int(s["count"]) for u, s in zip(urls, chosen)})
+
+
+def read_samples(src, counts: dict[str, int], stats):
+    """Tar samples (dicts of member bytes) from ``{'url': ...}`` items; broken streams counted in ``stats``."""
+    for item in src:
+        url = item["url"]
+        n, finished = 0, False
+        stream = None
+        try:
+            stream = open_url(url)
+            files = tar_file_iterator(stream)
+            for s in group_by_keys(({**f, "__url__": url} for f in files)):
+                n += 1
+                if n > counts.get(url, n):
+                    raise DataError(f"shard {url} holds more samples than index.json's count {counts[url]}; "
+                                    f"the index is stale: re-run 'distrib shard --overwrite'")
+                yield s
+            finished = True
+        except DataError:
+            raise
+        except Exception as e:  # truncated or corrupt tar: the rest of this shard is lost, counted below
+            finished = True
+            stats.note("tar", 0, f"{url}: {type(e).__name__}: {e}")
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+            if finished and n < counts.get(url, 0):  # not on early exit (end of a training epoch)
+                stats.note("tar", counts[url] - n, f"{url}: read {n} of {counts[url]} samples")
