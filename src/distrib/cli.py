@@ -183,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["shard", "inspect"]:  # 'distrib shard inspect DIR'
         argv = ["shard-inspect", *argv[2:]]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse cannot put positional overrides after an option ('train CFG --out D a.b=1'):
+    # collect the leftover 'key=value' words into the subcommand's overrides instead of failing
+    args, extra = parser.parse_known_args(argv)
+    bad = [w for w in extra if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides or []) + extra
     func: Callable = args.func
     try:
         result = func(args)
