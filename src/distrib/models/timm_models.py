@@ -5,7 +5,10 @@ Weights never come from the network: a pretrained file is handed to timm through
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -33,7 +36,8 @@ def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", *
         extra["pretrained_cfg_overlay"] = dict(file=path, url=None, hf_hub_id=None, hf_hub_filename=None,
                                                source=None)
     try:
-        return timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
+        with _capture_key_report() as report:
+            model = timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
     except TypeError as e:
         raise ConfigError(f"timm model '{name}' ({key}) rejected keyword arguments {sorted(kwargs)}: {e}. "
                           "Remove them from model.kwargs, or set model.img_size=0 for models without a "
@@ -44,6 +48,54 @@ def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", *
         raise DistribError(f"could not load pretrained weights from {extra['pretrained_cfg_overlay']['file']} "
                            f"into timm model '{name}': {e}. The file must be a timm/PyTorch state dict "
                            "(.pth/.bin/.safetensors) of the same architecture") from e
+    if pretrained:
+        _check_loaded(model, name, extra["pretrained_cfg_overlay"]["file"], report)
+    return model
+
+
+class _KeyReport(logging.Handler):
+    """Collects the missing/unexpected keys timm logs after its (non-strict) pretrained load."""
+
+    _pattern = re.compile(r"(Missing|Unexpected) keys \((.*)\) (discovered|found)", re.S)
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = self._pattern.match(record.getMessage())
+        if m:
+            keys = [k.strip() for k in m.group(2).split(",") if k.strip()]
+            (self.missing if m.group(1) == "Missing" else self.unexpected).extend(keys)
+
+
+@contextmanager
+def _capture_key_report():
+    logger = logging.getLogger("timm.models._builder")
+    handler, level = _KeyReport(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _check_loaded(model: nn.Module, name: str, path: str, report: _KeyReport) -> None:
+    """Fail when the file did not cover the backbone.
+
+    timm loads non-strictly whenever our head size differs from the checkpoint's (always, for 1 or 2
+    logits), so a file for another architecture would otherwise leave the model silently random.
+    """
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    missing = [k for k in report.missing if not any(k.startswith(h + ".") for h in heads)]
+    if missing:
+        raise DistribError(f"pretrained file {path} does not hold weights for timm model '{name}': "
+                           f"{len(missing)} tensors missing (e.g. {', '.join(missing[:5])}); "
+                           f"{len(report.unexpected)} unexpected. Use a checkpoint of this exact architecture")
 
 
 class TimmClassifier(nn.Module):
