@@ -287,12 +287,13 @@ def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: i
         batches = max(1, math.ceil(total / (world_size * batch_size)))
     else:
         if len(plan.urls) < streams:
+            fewer = (f"or use fewer workers (data.num_workers={len(plan.urls) // world_size})"
+                     if len(plan.urls) >= world_size else "(fewer workers cannot help: there are fewer shards than ranks)")
             raise DataError(
                 f"{plan.describe()} has {len(plan.urls)} shards but eval reading needs at least world_size x "
                 f"max(1, num_workers) = {world_size} x {max(1, num_workers)} = {streams} (one per rank and "
                 f"worker, so every sample is read exactly once); re-shard smaller with 'distrib shard "
-                f"--shard-size N' (N <= {max(1, plan.total // streams)}) or use fewer workers "
-                f"(data.num_workers={max(0, len(plan.urls) // world_size)})")
+                f"--shard-size N' (N <= {max(1, plan.total // streams)}) {fewer}")
         batches = max(plan.eval_batches(r, world_size, max(1, num_workers), batch_size) for r in range(world_size))
     stream = _Stream(plan, mode, transform, batch_size, seed, epoch, rank, world_size, num_workers, batches,
                      shuffle_buffer)
