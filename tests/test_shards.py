@@ -256,3 +256,27 @@ def test_cli_and_entry_points_reach_the_same_functions(demo_data, tmp_path, caps
                           text=True, timeout=120, env=subprocess_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "0 problem(s)" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_inspect_over_http(demo_shards):
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # keep the test output readable
+            pass
+
+    handler = functools.partial(Quiet, directory=str(demo_shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        report = inspect_shards(f"http://127.0.0.1:{server.server_address[1]}/", verbose=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert report["ok"] and report["location"].startswith("http://127.0.0.1")
+    local = inspect_shards(demo_shards, verbose=False)
+    assert [(r["path"], r["found"]) for r in report["shards"]] == [(r["path"], r["found"]) for r in local["shards"]]

@@ -21,6 +21,7 @@ import numpy as np
 
 from distrib import manifest as mf
 from distrib.errors import DataError
+from distrib.loader_io import open_url, read_index
 
 INDEX = "index.json"
 _TAR_OVERHEAD = 3 * 1024 + 512  # three member headers + padding per sample, for the byte budget
@@ -218,18 +219,6 @@ def _build_index(rows, entries, classes, folds, seed, fingerprint) -> dict:
             "split_label_counts": label_counts, "fingerprint": fingerprint}
 
 
-def _join(base: str, rel: str) -> str:
-    return f"{base.rstrip('/')}/{rel}" if "://" in base or base.startswith("pipe:") else str(Path(base) / rel)
-
-
-def _open(url: str):
-    """Open a local path or any URL WebDataset opens (http(s)://, pipe:, ...)."""
-    if "://" not in url and not url.startswith("pipe:"):
-        return open(url, "rb")
-    import webdataset as wds
-    return wds.gopen(url, "rb")
-
-
 class _HashingReader(io.RawIOBase):
     """Hashes a stream while tarfile reads it, so each shard is read only once."""
 
@@ -257,7 +246,7 @@ def _inspect_one(base: str, entry: dict) -> dict:
     res = {"path": entry["path"], "split": entry["split"], "fold": entry["fold"], "count": entry["count"],
            "found": 0, "sha256_ok": False, "problems": [], "groups": set()}
     try:
-        with _open(_join(base, entry["path"])) as raw:
+        with open_url(base.replace("{}", entry["path"])) as raw:
             reader = _HashingReader(raw)
             members: dict[str, dict[str, bytes]] = {}
             with tarfile.open(fileobj=reader, mode="r|") as tar:
@@ -286,24 +275,13 @@ def _inspect_one(base: str, entry: dict) -> dict:
     return res
 
 
-def read_shard_index(dir_or_url) -> tuple[dict, str]:
-    """(index, base location) for a shard directory, its index.json, or a URL to either."""
-    loc = str(dir_or_url)
-    base = loc[: -len(INDEX)].rstrip("/") or "." if loc.endswith(INDEX) else loc
-    try:
-        with _open(_join(base, INDEX)) as f:
-            return json.loads(f.read()), base
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {_join(base, INDEX)} ({e}); point at a directory written by "
-                        "'distrib shard' (it holds index.json)") from e
-
-
 def inspect_shards(dir_or_url, strict: bool = True, verbose: bool = True) -> dict:
     """Verify every shard's sha256, sample count and members, and that no group spans two folds.
 
     Prints a table when ``verbose``. With ``strict`` any problem raises DataError after the table.
     """
-    index, base = read_shard_index(dir_or_url)
+    index = read_index(dir_or_url)  # the loader's reader: same locations (path, URL, pipe:) everywhere
+    base = index["_base"]
     results = [_inspect_one(base, e) for e in index["shards"]]
     problems = [p for r in results for p in r["problems"]]
     fold_of: dict[str, object] = {}
@@ -318,11 +296,11 @@ def inspect_shards(dir_or_url, strict: bool = True, verbose: bool = True) -> dic
               f"{len(problems)} problem(s)")
         for p in problems:
             print("  " + p)
-    summary = {"ok": not problems, "location": base, "shards": results, "problems": problems,
+    summary = {"ok": not problems, "location": index["_url"], "shards": results, "problems": problems,
                "folds": index["folds"], "split_counts": index.get("split_counts"),
                "fold_label_counts": index.get("fold_label_counts"), "classes": index.get("classes")}
     if strict and problems:
-        raise DataError(f"{base}: {len(problems)} shard problem(s), first: {problems[0]}; "
+        raise DataError(f"{index['_url']}: {len(problems)} shard problem(s), first: {problems[0]}; "
                         "re-run 'distrib shard ... --overwrite' to rewrite the shards")
     return summary
 
