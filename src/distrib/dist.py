@@ -1,0 +1,170 @@
+"""The one module that owns rank questions: builds the Accelerator, prints on rank 0, ends cleanly.
+
+DDP vs DeepSpeed is decided by the accelerate config file the job was launched with (it sets the
+ACCELERATE_* environment); nothing here or in the training loop branches on it beyond filling in
+DeepSpeed's batch-size / accumulation / clipping fields from the experiment config.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from distrib.config import ConfigError, ExperimentConfig
+
+_ACCELERATOR = None  # the live Accelerator, so print0/is_main work without passing it around
+
+
+def _use_cpu() -> bool:
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+
+
+def _using_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+
+
+def _launched_distributed() -> bool:
+    """True under a multi-process launcher (accelerate launch / torchrun / DeepSpeed set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or _using_deepspeed()
+
+
+def resolve_backend(cfg: ExperimentConfig) -> str:
+    """'auto' -> nccl on GPU, gloo on CPU; an explicit nccl without a GPU is a config error."""
+    backend = cfg.dist.backend
+    if backend == "auto":
+        return "gloo" if _use_cpu() else "nccl"
+    if backend == "nccl" and _use_cpu():
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs, but this process runs on CPU; "
+                          "use dist.backend=auto or dist.backend=gloo")
+    return backend
+
+
+def check_precision(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
+    """Fail before the process group starts on precision settings this device cannot run."""
+    mp = cfg.train.mixed_precision
+    if mp == "no" or not _use_cpu():
+        return
+    if mp == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 grad "
+                          "scaler); use train.mixed_precision=bf16 or no on CPU")
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if mp == "bf16" and has_bn:
+        raise ConfigError(f"train.mixed_precision=bf16 with BatchNorm layers (model.name={cfg.model.name!r}) "
+                          "fails on CPU (BatchNorm backward has no bf16 CPU kernel); use "
+                          "train.mixed_precision=no on CPU, or run on a GPU")
+
+
+def build_accelerator(cfg: ExperimentConfig):
+    """Create the Accelerator (starts the process group) with the experiment's precision and accumulation.
+
+    Under DeepSpeed the micro-batch size, accumulation and clipping come from ``cfg`` so a single
+    accelerate config file serves every experiment (PITFALLS: without train_micro_batch_size_per_gpu
+    DeepSpeed asserts, and on CPU it needs gloo explicitly).
+    """
+    global _ACCELERATOR
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
+
+    backend = resolve_backend(cfg)
+    if _using_deepspeed() and _use_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    handlers = []
+    if _launched_distributed():  # a backend on a single process would make accelerate expect a process group
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s)))
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=_use_cpu(),
+        # our loader is already split per rank and not prepared, so accumulation counts micro-batches
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,
+                                                                sync_with_dataloader=False),
+        kwargs_handlers=handlers,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        ds = plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+        ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+        if cfg.train.mixed_precision in ("bf16", "fp16"):
+            ds.setdefault(cfg.train.mixed_precision, {})["enabled"] = True
+    _ACCELERATOR = accelerator
+    return accelerator
+
+
+def runtime_info(accelerator) -> dict[str, Any]:
+    """What really ran: world size, device type, distributed type and process-group backend."""
+    backend = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend = str(torch.distributed.get_backend())
+    return {
+        "world_size": accelerator.num_processes,
+        "device_type": accelerator.device.type,
+        "distributed_type": str(accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value")
+                                else accelerator.distributed_type),
+        "backend": backend or "none",
+        "mixed_precision": accelerator.mixed_precision if not is_deepspeed(accelerator) else _ds_precision(accelerator),
+    }
+
+
+def _ds_precision(accelerator) -> str:
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for name in ("bf16", "fp16"):
+        if isinstance(ds.get(name), dict) and ds[name].get("enabled") is True:
+            return name
+    return "no"
+
+
+def is_deepspeed(accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
+
+
+def is_main() -> bool:
+    """True on the global rank-0 process (and when no accelerator exists yet)."""
+    return _ACCELERATOR is None or _ACCELERATOR.is_main_process
+
+
+def rank() -> int:
+    return 0 if _ACCELERATOR is None else _ACCELERATOR.process_index
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed so launcher logs interleave sensibly."""
+    if is_main():
+        print(*args, flush=True, **kwargs)
+
+
+def print_all(*args, **kwargs) -> None:
+    """print() on every rank, prefixed with the rank (for per-rank facts such as weight checksums)."""
+    print(f"[rank {rank()}]", *args, flush=True, **kwargs)
+
+
+def barrier() -> None:
+    if _ACCELERATOR is not None:
+        _ACCELERATOR.wait_for_everyone()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank (identity when not distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def finish(accelerator) -> None:
+    """End training: a barrier first, which cures the intermittent gloo-destructor hang at exit (PITFALLS)."""
+    global _ACCELERATOR
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _ACCELERATOR = None
+    # a following run in the same process (tests, Tune trials) must build a fresh state
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

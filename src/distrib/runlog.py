@@ -1,0 +1,124 @@
+"""Run-directory logging: training_log.csv, TensorBoard events, tqdm bar and training_curves.png.
+
+A ``RunLogger`` built with ``enabled=False`` (every rank but 0) does nothing, which is how the
+training loop logs without ever asking which rank it is on. On resume the CSV rows and TensorBoard
+events past the checkpoint's step are dropped so the logs read as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy", "precision",
+               "recall", "specificity", "eer", "seconds")
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically (temp + rename) and close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class RunLogger:
+    """Writes the run's logs on rank 0; a silent no-op elsewhere."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool, resume_step: int | None = None):
+        self.out = Path(out_dir)
+        self.enabled = enabled
+        self.csv_path = self.out / "training_log.csv"
+        self._bar = None
+        self._tb = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        if resume_step is None or not self.csv_path.is_file():
+            self._write_rows([])
+        else:  # drop rows a killed run logged after its last checkpoint
+            self._write_rows([r for r in self.rows() if int(r["step"]) <= resume_step])
+        # purge_step discards events the killed run wrote after its last checkpoint
+        self._tb = SummaryWriter(str(self.out / "tb"), purge_step=resume_step)
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.csv_path)
+
+    def rows(self) -> list[dict]:
+        with open(self.csv_path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    # progress bar -----------------------------------------------------------------------------
+    def start_epoch(self, epoch: int, total: int, initial: int = 0) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True,
+                             leave=False, mininterval=1.0)
+
+    def advance(self, n: int = 1, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    # scalars ------------------------------------------------------------------------------------
+    def scalars(self, step: int, values: dict) -> None:
+        """TensorBoard scalars, e.g. {"train/loss": .., "train/lr": .., "train/images_per_s": ..}."""
+        if self._tb is not None:
+            for k, v in values.items():
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    self._tb.add_scalar(k, float(v), step)
+            self._tb.flush()
+
+    def epoch_row(self, row: dict) -> None:
+        """Append one evaluation row to training_log.csv and its metrics to TensorBoard."""
+        if not self.enabled:
+            return
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        self.scalars(int(row["step"]), {f"val/{k}": row[k] for k in LOG_COLUMNS[4:12]})
+        self.plot_curves()
+
+    def plot_curves(self) -> Path | None:
+        """training_curves.png: train/val loss and val AUC/F1/EER per epoch."""
+        if not self.enabled:
+            return None
+        rows = self.rows()
+        if not rows:
+            return None
+        ep = [int(r["epoch"]) for r in rows]
+        num = lambda key: [float(r[key]) if r[key] not in ("", None) else math.nan for r in rows]  # noqa: E731
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot(ep, num("train_loss"), "o-", label="train loss")
+        a.plot(ep, num("val_loss"), "o-", label="val loss")
+        a.set(xlabel="epoch", ylabel="loss", title="loss")
+        a.legend()
+        for key in ("auc", "f1", "eer"):
+            b.plot(ep, num(key), "o-", label=f"val {key}")
+        b.set(xlabel="epoch", ylim=(0, 1.02), title="validation metrics")
+        b.legend()
+        return save_figure(fig, self.out / "training_curves.png")
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

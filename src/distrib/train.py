@@ -1,0 +1,188 @@
+"""The one training function, reached by `accelerate launch launch/train.py`, `distrib train` and Tune trials.
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/train.py \\
+        launch/configs/debug.yaml --out runs/debug data.shards=shards/
+
+``run(cfg, out_dir)`` validates everything it can before the process group starts, builds the
+pieces (``trainer_setup``), then runs a loop that never asks which rank it is on: rank-0-only
+work goes through ``RunLogger`` / ``dist`` helpers, metrics through gathered predictions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from distrib import dist
+from distrib.checkpoint import LAST, find_checkpoint, load_best, save_best, save_checkpoint
+from distrib.config import ExperimentConfig, build_config, config_to_dict
+from distrib.errors import DistribError
+from distrib.evaluate import (evaluate, save_reconstruction_samples, write_evaluation_results,
+                              write_predictions)
+from distrib.trainer_setup import Trainer, build_trainer, preflight
+
+Report = Callable[[dict, str], None]
+
+
+def run(cfg: ExperimentConfig, out_dir: str | Path, resume: bool = False, report: Report | None = None) -> dict:
+    """Train ``cfg`` into ``out_dir``; return the best validation metrics (plus what really ran).
+
+    ``report(metrics, checkpoint_dir)`` is called on every rank after each evaluation, once the
+    checkpoint it names is complete (Ray Tune uses it).
+    """
+    out = Path(out_dir)
+    model = preflight(cfg, out, resume)  # config/data/model errors surface before any process group
+    accelerator = dist.build_accelerator(cfg)
+    try:
+        t = build_trainer(cfg, out, accelerator, model, resume)
+        while t.epoch < cfg.train.epochs and not t.done:
+            _train_epoch(t)
+            t.epoch, t.pos = t.epoch + 1, 0
+            last = t.done or t.epoch == cfg.train.epochs
+            if t.epoch % cfg.train.eval_every_epochs == 0 or last:
+                _validate(t, report)
+            else:
+                _checkpoint(t)
+        return _finish(t)
+    finally:
+        dist.finish(accelerator)
+
+
+def _train_epoch(t: Trainer) -> None:
+    """One epoch (or its remainder after a resume); the loop body of the trainer."""
+    acc, cfg = t.accelerator, t.cfg
+    batches = t.epoch_batches()  # resumes mid-epoch by skipping the batches already consumed
+    t.log.start_epoch(t.epoch, t.steps_per_epoch, initial=t.pos // cfg.train.grad_accum)
+    tick, images_seen = time.perf_counter(), 0
+    for batch in batches:
+        images, target = t.to_device(batch)
+        with acc.accumulate(t.model):
+            loss, _ = t.compute_loss(t.model(images), target, images)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                acc.clip_grad_norm_(t.model.parameters(), cfg.optim.grad_clip)
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
+        t.pos, t.loss_sum, t.loss_count = t.pos + 1, t.loss_sum + loss.detach().double(), t.loss_count + 1
+        images_seen += images.shape[0] * acc.num_processes
+        if not acc.sync_gradients:
+            continue
+        t.scheduler.step()
+        t.step += 1
+        t.log.advance(1)
+        if t.step % cfg.train.log_every_steps == 0:
+            now = time.perf_counter()
+            t.log.scalars(t.step, {"train/loss": float(loss.detach()), "train/lr": t.lr(),
+                                   "train/images_per_s": images_seen / max(now - tick, 1e-9)})
+            tick, images_seen = now, 0
+        if cfg.train.max_steps and t.step >= cfg.train.max_steps:
+            t.done = True
+            break
+        if cfg.train.ckpt_every_steps and t.step % cfg.train.ckpt_every_steps == 0 and t.pos < t.micro_per_epoch:
+            _checkpoint(t)
+    t.log.end_epoch()
+
+
+def _validate(t: Trainer, report: Report | None) -> None:
+    """Evaluate, log a CSV/TensorBoard row, keep the best model by val AUC, checkpoint, report."""
+    acc = t.accelerator
+    preds = evaluate(acc, t.model, t.val_loader, t.loss_fn)
+    m = preds.metrics()
+    total = acc.reduce(torch.stack([t.loss_sum.clone(), torch.tensor(float(t.loss_count), dtype=torch.float64,
+                                                                      device=acc.device)]), "sum")
+    train_loss = float(total[0] / total[1].clamp(min=1))
+    t.loss_sum, t.loss_count = torch.zeros_like(t.loss_sum), 0
+    row = {"epoch": t.epoch, "step": t.step, "lr": t.lr(), "train_loss": train_loss, "val_loss": preds.loss,
+           **{k: m[k] for k in ("auc", "f1", "accuracy", "precision", "recall", "specificity", "eer")},
+           "seconds": t.elapsed()}
+    t.log.epoch_row(row)
+    auc = -math.inf if math.isnan(m["auc"]) else m["auc"]
+    state_dict = acc.get_state_dict(t.model) if auc > t.best_auc or t.best_epoch < 0 else None  # collective
+    if state_dict is not None:
+        t.best_auc, t.best_epoch = auc, t.epoch
+        t.best_metrics = {**m, "val_loss": preds.loss, "train_loss": train_loss, "epoch": t.epoch, "step": t.step}
+        if acc.is_main_process:
+            save_best(t.out / "best_model.pth", state_dict, config_to_dict(t.cfg), t.best_metrics)
+            write_predictions(t.out / "val_predictions.csv", preds, t.cfg.data.fold)
+    if acc.is_main_process and preds.samples:
+        save_reconstruction_samples(t.out / "reconstruction_samples.png", preds.samples)
+    _checkpoint(t)
+    if report is not None:
+        report({"epoch": t.epoch, "step": t.step, "train_loss": train_loss,
+                **{f"val_{k}": v for k, v in row.items() if k not in ("epoch", "step", "lr", "train_loss", "seconds")},
+                "best_val_auc": t.best_auc}, str(t.out / LAST))
+
+
+def _checkpoint(t: Trainer) -> None:
+    save_checkpoint(t.accelerator, t.out / LAST, t.model, t.optimizer, t.trainer_state(), t.rank_state())
+
+
+def _finish(t: Trainer) -> dict:
+    """evaluation_results.json from the best model's saved predictions; per-rank weight checksums."""
+    acc = t.accelerator
+    runtime = dist.runtime_info(acc)
+    result = {**t.best_metrics, **runtime, "best_epoch": t.best_epoch, "steps": t.step,
+              "param_checksum": param_checksum(acc.unwrap_model(t.model, keep_torch_compile=False))}
+    if acc.is_main_process:
+        payload = load_best(t.out / "best_model.pth")
+        model, _, _ = _model_from_payload(payload)
+        preds = _read_predictions(t.out / "val_predictions.csv", payload["metrics"].get("val_loss", math.nan))
+        write_evaluation_results(t.out / "evaluation_results.json", preds, model=model,
+                                 model_file=t.out / "best_model.pth", img_size=t.cfg.data.img_size,
+                                 latency_repeats=t.cfg.train.latency_batches, runtime=runtime,
+                                 best={"epoch": t.best_epoch, "auc": t.best_auc, "step": payload["metrics"].get("step")})
+        t.log.plot_curves()
+    t.log.close()
+    dist.print_all("final", {k: result[k] for k in ("world_size", "backend", "steps", "param_checksum")})
+    return result
+
+
+def param_checksum(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer: equal on all DDP ranks when they stayed in sync."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _read_predictions(path: Path, loss: float):
+    import pandas as pd
+
+    from distrib.evaluate import Predictions
+    df = pd.read_csv(path, dtype={"key": str, "group": str}, keep_default_na=False)
+    return Predictions(df["key"].tolist(), df["group"].tolist(), df["label"].to_numpy(int),
+                       df["prob"].to_numpy(float), float(loss))
+
+
+def _model_from_payload(payload: dict):
+    from distrib.models import build_model
+    cfg = build_config(payload["config"])
+    # the weights come from the payload, so never re-read a pretrained file that may not exist here
+    model_cfg = dataclasses.replace(cfg.model, pretrained_file="")
+    model = build_model(model_cfg)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), cfg, payload["metrics"]
+
+
+def load_run(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module, ExperimentConfig, dict]:
+    """(model in eval mode, resolved config, metrics) of a finished run: ``which`` is 'best' or 'last'."""
+    run_dir = Path(run_dir)
+    if which == "best":
+        return _model_from_payload(load_best(run_dir / "best_model.pth"))
+    if which == "last":
+        ckpt = find_checkpoint(run_dir)
+        if ckpt is None or not (ckpt / "state.pt").is_file():
+            raise DistribError(f"{run_dir} has no DDP/single-process last checkpoint; use which='best'")
+        best = load_best(run_dir / "best_model.pth")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        return _model_from_payload({**best, "state_dict": state["model"]})
+    raise DistribError(f"load_run(which={which!r}): use 'best' or 'last'")
+
+
+__all__ = ["run", "load_run", "param_checksum"]

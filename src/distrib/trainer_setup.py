@@ -1,0 +1,240 @@
+"""Builds everything the training loop touches (``Trainer``) and restores it from a checkpoint.
+
+Split from train.py so the loop stays one screen. ``preflight`` runs before the process group
+starts and turns bad shards, folds, model names, teacher runs and precision settings into clear
+errors on every rank at once, instead of one rank failing inside a collective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from distrib import dist
+from distrib.checkpoint import _plain, find_checkpoint, load_checkpoint, rng_state, set_rng_state
+from distrib.config import ConfigError, ExperimentConfig, save_config
+from distrib.errors import DistribError
+from distrib.runlog import RunLogger
+
+
+def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module:
+    """Validate data, output dir, teacher and precision; return the freshly seeded, built model."""
+    from accelerate.utils import set_seed
+
+    from distrib.loader import folds_for, read_index
+    from distrib.models import build_model
+
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty; pass the shard directory, e.g. data.shards=shards/ "
+                          "(written by 'distrib shard')")
+    index = read_index(cfg.data.shards)
+    folds_for(cfg.data.fold, int(index["folds"]))  # raises DataError naming the valid folds
+    if not resume and find_checkpoint(out) is not None:
+        raise DistribError(f"{out} already holds a training checkpoint; pass --resume to continue it "
+                           "or choose a new --out directory")
+    teacher = cfg.train.distill_teacher
+    if teacher and not (Path(teacher) / "best_model.pth").is_file():
+        raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
+                          "run directory (e.g. the DINOv2 probe run)")
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    dist.check_precision(cfg, model)
+    return model
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The training state the loop reads and advances (positions count per-rank micro-batches)."""
+    cfg: ExperimentConfig
+    out: Path
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    loss_fn: object
+    val_loader: object
+    log: RunLogger | None
+    train_folds: list
+    micro_per_epoch: int
+    steps_per_epoch: int
+    mean_std: tuple | None = None
+    teacher: torch.nn.Module | None = None
+    teacher_size: int = 0  # the teacher's input size (student images are resized to it)
+    epoch: int = 0
+    pos: int = 0  # micro-batches of the current epoch already trained on
+    step: int = 0  # optimizer steps so far
+    done: bool = False
+    loss_sum: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    loss_count: int = 0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    best_metrics: dict = dataclasses.field(default_factory=dict)
+    epoch_rng: dict | None = None  # RNG at the start of this epoch (re-creates its data iterator)
+    pending_rng: dict | None = None  # RNG to restore after a resume has skipped consumed batches
+    elapsed_before: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def _train_loader(self, epoch: int):
+        from distrib.loader import build_loader
+        from distrib.transforms import build_transform
+        d, acc = self.cfg.data, self.accelerator
+        return build_loader(d.shards, "train", self.train_folds, acc.process_index, acc.num_processes,
+                            d.num_workers, d.batch_size, epoch,
+                            build_transform(self.cfg.augment, d, train=True, mean_std=self.mean_std),
+                            d.seed, mode="train", samples_per_epoch=d.samples_per_epoch,
+                            shuffle_buffer=d.shuffle_buffer)
+
+    def epoch_batches(self):
+        """This epoch's batches; after a resume the consumed ones are read and dropped.
+
+        The loader is deterministic given (seed, epoch), and the RNG is rewound to the epoch start
+        before the iterator is created, so the skipped prefix is exactly what the killed run saw.
+        """
+        if self.pos == 0:
+            if self.pending_rng is not None:
+                set_rng_state(self.pending_rng)
+                self.pending_rng = None
+            self.epoch_rng = rng_state()
+        else:
+            set_rng_state(self.epoch_rng)
+        it = itertools.islice(iter(self._train_loader(self.epoch)), self.micro_per_epoch)
+        for _ in range(self.pos):
+            next(it)
+        if self.pending_rng is not None:
+            set_rng_state(self.pending_rng)
+            self.pending_rng = None
+        self.accelerator.step = 0  # accumulation restarts each epoch (pos is a multiple of grad_accum)
+        return it
+
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(self.accelerator.device, non_blocking=True)
+        if self.cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch["label"].to(self.accelerator.device, non_blocking=True)
+
+    def compute_loss(self, output, target: torch.Tensor, images: torch.Tensor):
+        """The configured loss, or alpha*KD(T) + (1-alpha)*CE against the frozen teacher."""
+        if self.teacher is None:
+            return self.loss_fn(output, target, images)
+        from distrib.losses import distill_loss
+        tc = self.cfg.train
+        with torch.no_grad():
+            teacher_out = self.teacher(self._teacher_input(images))
+        loss = distill_loss(output, teacher_out, target, tc.distill_alpha, tc.distill_temperature, tc.label_smoothing)
+        return loss, {}
+
+    def _teacher_input(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.teacher_size
+        if images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        return images
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def elapsed(self) -> float:
+        return round(self.elapsed_before + time.perf_counter() - self.started, 3)
+
+    def trainer_state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "step": self.step, "done": self.done,
+                "best_auc": float(self.best_auc), "best_epoch": self.best_epoch,
+                "best_metrics": _plain(self.best_metrics), "scheduler": self.scheduler.state_dict(),
+                "elapsed": self.elapsed(), "world_size": self.accelerator.num_processes,
+                "grad_accum": self.cfg.train.grad_accum}
+
+    def rank_state(self) -> dict:
+        """Per-rank part of a checkpoint: RNG streams and the running train-loss sum."""
+        return {"epoch_start": self.epoch_rng, "now": rng_state(), "loss_sum": self.loss_sum.cpu(),
+                "loss_count": self.loss_count}
+
+
+def _mean_std(cfg: ExperimentConfig, model: torch.nn.Module):
+    from distrib.transforms import resolve_mean_std
+    if cfg.data.normalize != "model":
+        return resolve_mean_std(cfg.data)
+    try:
+        return resolve_mean_std(cfg.data, cfg.model.name)
+    except Exception:  # registered (non-timm) names have no pretrained_cfg: read it from the module
+        return resolve_mean_std(cfg.data, model)
+
+
+def _load_teacher(cfg: ExperimentConfig, device) -> tuple[torch.nn.Module, int]:
+    from distrib.train import load_run
+    teacher, tcfg, _ = load_run(cfg.train.distill_teacher)
+    if tcfg.data.normalize != cfg.data.normalize:
+        raise ConfigError(f"the teacher in {cfg.train.distill_teacher} was trained with data.normalize="
+                          f"{tcfg.data.normalize!r} but the student uses {cfg.data.normalize!r}; set "
+                          f"data.normalize={tcfg.data.normalize} for the student")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval(), tcfg.data.img_size
+
+
+def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn.Module, resume: bool) -> Trainer:
+    """Optimizer, schedule, loaders, teacher, logger; restored from ``out/last_checkpoint`` on resume."""
+    from accelerate.utils import set_seed
+
+    from distrib.loader import build_loader, folds_for, read_index
+    from distrib.losses import build_loss
+    from distrib.optim import build_optimizer, build_scheduler
+    from distrib.transforms import build_transform
+    from distrib.versions import write_versions
+
+    d, tc = cfg.data, cfg.train
+    k = int(read_index(d.shards)["folds"])
+    train_folds = folds_for(d.fold, k) if d.fold >= 0 else list(range(k))
+    val_split, val_folds = ("train", [d.fold]) if d.fold >= 0 else ("val", None)
+    mean_std = _mean_std(cfg, model)
+    val_loader = build_loader(d.shards, val_split, val_folds, accelerator.process_index, accelerator.num_processes,
+                              d.num_workers, d.eval_batch_size or d.batch_size, 0,
+                              build_transform(None, d, train=False, mean_std=mean_std), d.seed, mode="eval")
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    if tc.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    t = Trainer(cfg, out, accelerator, model, optimizer, None, build_loss(tc, cfg.model), val_loader,
+                None, train_folds, 0, 0, mean_std)
+    t.loss_sum = t.loss_sum.to(accelerator.device)
+    per_epoch = len(t._train_loader(0))
+    t.micro_per_epoch = per_epoch // tc.grad_accum * tc.grad_accum  # a partial accumulation is dropped
+    if t.micro_per_epoch == 0:
+        raise ConfigError(f"train.grad_accum={tc.grad_accum} exceeds the {per_epoch} batches per epoch and rank; "
+                          "lower train.grad_accum or data.batch_size, or raise data.samples_per_epoch")
+    t.steps_per_epoch = t.micro_per_epoch // tc.grad_accum
+    total = tc.epochs * t.steps_per_epoch
+    t.scheduler = build_scheduler(optimizer, cfg.optim, t.steps_per_epoch, min(total, tc.max_steps or total))
+    if tc.distill_teacher:
+        t.teacher, t.teacher_size = _load_teacher(cfg, accelerator.device)
+    set_seed(tc.seed, device_specific=True)  # distinct dropout/augment streams per rank
+    ckpt = find_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        dist.print0(f"--resume: no checkpoint in {out} yet; starting from scratch")
+    if ckpt is not None:
+        _restore(t, ckpt)
+    t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+        write_versions(out)
+    dist.print0(f"training {cfg.model.name} on {accelerator.num_processes} process(es) "
+                f"({dist.runtime_info(accelerator)['backend']}): {t.steps_per_epoch} steps/epoch, "
+                f"{tc.epochs} epochs" + (f", resumed at epoch {t.epoch} step {t.step}" if ckpt else ""))
+    return t
+
+
+def _restore(t: Trainer, ckpt: Path) -> None:
+    state, rank_state = load_checkpoint(t.accelerator, ckpt, t.model, t.optimizer)
+    if state["world_size"] != t.accelerator.num_processes or state["grad_accum"] != t.cfg.train.grad_accum:
+        raise DistribError(f"checkpoint {ckpt} was written with {state['world_size']} processes and grad_accum "
+                           f"{state['grad_accum']}; resume with the same settings or start a new run dir")
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.epoch, t.pos, t.step, t.done = state["epoch"], state["pos"], state["step"], state["done"]
+    t.best_auc, t.best_epoch, t.best_metrics = state["best_auc"], state["best_epoch"], state["best_metrics"]
+    t.elapsed_before = state["elapsed"]
+    t.epoch_rng, t.pending_rng = rank_state["epoch_start"], rank_state["now"]
+    t.loss_sum, t.loss_count = rank_state["loss_sum"].to(t.accelerator.device, torch.float64), rank_state["loss_count"]
