@@ -207,3 +207,21 @@ def test_genconvit_full_size_parameter_count_is_sane():
     n = sum(p.numel() for p in model.parameters())
     backbones = sum(p.numel() for p in model.convnext.parameters()) + sum(p.numel() for p in model.swin.parameters())
     assert n < 70e6 and n - backbones < 2e6
+
+
+def test_bench_latency_prints_json_with_ratio_to_resnet50(capsys):
+    import json
+
+    from distrib.cli import main
+    rc = main(["bench", "latency", "repeats=2", "threads=1", "models=mobilenetv4_conv_small.e2400_r224_in1k"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = result["models"]
+    assert set(rows) == {"resnet50.a1_in1k", "mobilenetv4_conv_small.e2400_r224_in1k"}  # baseline always runs
+    assert result["ratio_to_resnet50"]["resnet50.a1_in1k"] == 1.0
+    for row in rows.values():  # structure only: timings never fail a unit test
+        assert row["ms_per_img"] > 0
+        # fp32 weights + buffers: the serialized size is at least 4 bytes per parameter
+        assert row["mb"] >= row["params_m"] * 1e6 * 4 / 2**20 * 0.99
+    assert rows["resnet50.a1_in1k"]["img_size"] == 128 and result["threads"] == 1
+    assert main(["bench", "latency", "models=resnet51"]) == 2  # a bad option is a clear CLI error

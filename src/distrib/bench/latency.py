@@ -1,0 +1,112 @@
+"""`distrib bench latency`: CPU ms/img at batch 1 and model MB for every seed model, as a ratio to a
+ResNet50 measured in the same run (the pit plan's reference is a 16 ms ResNet50).
+
+    distrib bench latency                          # all seed models, 20 timed repeats each
+    distrib bench latency repeats=5 threads=1 models=resnet50.a1_in1k,efficientnet_b2.ra_in1k
+
+Weights are random (no downloads); latency does not depend on weight values. On a shared, loaded
+machine use threads=1: OpenMP threads competing with other processes for cores inflate a 2-thread
+ResNet50 from ~130 ms to ~800 ms here, which measures the load, not the model.
+"""
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from distrib.config import ConfigError, ModelConfig
+
+BASELINE = "resnet50.a1_in1k"
+REFERENCE_RESNET50_MS = 16.0  # the pit plan's ResNet50 latency target
+
+# name -> (input px, extra ModelConfig fields): each seed model at the size its experiment trains at.
+SEED_MODELS: dict[str, tuple[int, dict]] = {
+    "mobilenetv4_conv_small.e2400_r224_in1k": (224, {}),
+    "tf_efficientnetv2_b3.in21k_ft_in1k": (256, {}),
+    BASELINE: (128, {}),
+    "convnextv2_tiny.fcmae_ft_in1k": (128, {}),
+    "efficientnet_b2.ra_in1k": (128, {}),
+    "vit_small_patch14_dinov2.lvd142m": (126, {"img_size": 126}),
+    # full paper backbones: convnext_tiny + swin_tiny, each run on the input and its reconstruction
+    "genconvit_ed": (224, {"img_size": 224}),
+    "genconvit_vae": (224, {"img_size": 224}),
+}
+
+
+def cpu_latency_ms(model: nn.Module, img_size: int, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time in ms of a batch-1 eval forward pass (after ``warmup`` untimed passes)."""
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, 3, img_size, img_size)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000.0)
+    model.train(was_training)
+    return statistics.median(times)
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Size of the serialized state dict (what best_model.pth holds for weights), in MiB."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes / 2**20
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _parse(overrides) -> tuple[int, int, list[str]]:
+    repeats, threads, names = 20, _available_cores(), list(SEED_MODELS)
+    for text in overrides or ():
+        key, _, value = text.partition("=")
+        if key == "repeats" and value.isdigit() and int(value) >= 1:
+            repeats = int(value)
+        elif key == "threads" and value.isdigit() and int(value) >= 1:
+            threads = int(value)
+        elif key == "models" and value:
+            names = [n for n in value.split(",") if n]
+            unknown = [n for n in names if n not in SEED_MODELS]
+            if unknown:
+                raise ConfigError(f"bench latency: unknown model(s) {unknown}; choose from {', '.join(SEED_MODELS)}")
+        else:
+            raise ConfigError(f"bench latency: bad option '{text}'; use repeats=N, threads=N (N >= 1) "
+                              f"and/or models=name1,name2 (seed model names)")
+    if BASELINE not in names:
+        names.insert(0, BASELINE)  # the ratio needs the baseline from the same run
+    return repeats, threads, names
+
+
+def run(args) -> dict:
+    """Time every requested seed model; ``run_bench`` prints the returned dict as the last line."""
+    from distrib.models import build_model
+    repeats, threads, names = _parse(getattr(args, "overrides", None))
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    torch.manual_seed(0)
+    rows: dict[str, dict] = {}
+    for name in names:
+        size, extra = SEED_MODELS[name]
+        model = build_model(ModelConfig(name=name, num_classes=1, **extra))
+        ms = cpu_latency_ms(model, size, repeats=repeats)
+        rows[name] = dict(img_size=size, ms_per_img=round(ms, 2), mb=round(model_size_mb(model), 1),
+                          params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
+        print(f"{name:42s} {size:4d}px {ms:9.2f} ms/img {rows[name]['mb']:8.1f} MB", flush=True)
+        del model
+    base = rows[BASELINE]["ms_per_img"]
+    for row in rows.values():
+        row["ratio_to_resnet50"] = round(row["ms_per_img"] / base, 3)
+    return dict(
+        bench="latency", device="cpu", threads=threads, cores=_available_cores(), load_avg_1min=load_before, batch=1, repeats=repeats, warmup=3,
+        baseline=BASELINE, baseline_ms=base, reference_resnet50_ms=REFERENCE_RESNET50_MS,
+        baseline_vs_reference=round(base / REFERENCE_RESNET50_MS, 3),
+        ratio_to_resnet50={n: r["ratio_to_resnet50"] for n, r in rows.items()}, models=rows,
+    )
