@@ -21,7 +21,6 @@ import numpy as np
 
 from distrib import manifest as mf
 from distrib.errors import DataError
-from distrib.loader_io import open_url, read_index
 
 INDEX = "index.json"
 _TAR_OVERHEAD = 3 * 1024 + 512  # three member headers + padding per sample, for the byte budget
@@ -245,6 +244,7 @@ def _inspect_one(base: str, entry: dict) -> dict:
     """Checksum, sample count and member sanity of one shard."""
     res = {"path": entry["path"], "split": entry["split"], "fold": entry["fold"], "count": entry["count"],
            "found": 0, "sha256_ok": False, "problems": [], "groups": set()}
+    from distrib.loader_io import open_url  # lazy: webdataset imports torch, which writers never need
     try:
         with open_url(base.replace("{}", entry["path"])) as raw:
             reader = _HashingReader(raw)
@@ -280,6 +280,7 @@ def inspect_shards(dir_or_url, strict: bool = True, verbose: bool = True) -> dic
 
     Prints a table when ``verbose``. With ``strict`` any problem raises DataError after the table.
     """
+    from distrib.loader_io import read_index
     index = read_index(dir_or_url)  # the loader's reader: same locations (path, URL, pipe:) everywhere
     base = index["_base"]
     results = [_inspect_one(base, e) for e in index["shards"]]
