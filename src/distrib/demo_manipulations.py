@@ -73,8 +73,13 @@ def splice(ctx: np.ndarray, margin: int, rng: np.random.Generator, donor: np.nda
         patch = np.repeat(patch.mean(axis=2, keepdims=True), 3, axis=2)
     mu_p, sd_p = patch.mean(axis=(0, 1)), patch.std(axis=(0, 1)) + 1e-3
     mu_h, sd_h = host.mean(axis=(0, 1)), host.std(axis=(0, 1)) + 1e-3
-    out[y:y + h, x:x + w] = (patch - mu_p) / sd_p * sd_h + mu_h
-    return out, {"region": [y, x, h, w]}
+    feather = int(rng.integers(0, 3))  # 0-2 px soft edge, as a careful forger would blend
+    yy, xx = np.mgrid[0:h, 0:w]
+    edge = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx))
+    alpha = np.clip((edge + 1) / (feather + 1), 0.0, 1.0)[..., None]
+    matched = (patch - mu_p) / sd_p * sd_h + mu_h
+    out[y:y + h, x:x + w] = alpha * matched + (1 - alpha) * host
+    return out, {"region": [y, x, h, w], "feather": feather}
 
 
 def double_jpeg(ctx: np.ndarray, margin: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
