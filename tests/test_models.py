@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distrib.config import ConfigError, ModelConfig, TrainConfig
+from distrib.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from distrib.errors import DistribError
 from distrib.losses import build_loss
-from distrib.models import build_model, list_models, trainable_parameters
+from distrib.models import build_model, list_models
+from distrib.optim import build_optimizer, trainable_parameters
 
 # Small ConvNeXt + a 1-block-per-stage Swin: the GenConViT layout at 32 px in about a second.
 TINY_GENCONVIT = dict(convnext="convnext_atto", swin="swin_tiny_patch4_window7_224", head_hidden=32,
@@ -141,8 +142,9 @@ def test_linear_probe_freezes_backbone_bit_identically():
     head = model.get_classifier()
     params = trainable_parameters(model)
     assert {id(p) for p in params} == {id(p) for p in head.parameters()}
-    opt = torch.optim.SGD(params, lr=0.5)
-    assert len(opt.param_groups[0]["params"]) == 2  # fc.weight, fc.bias only
+    opt = build_optimizer(model, OptimConfig(name="sgd", lr=0.5, weight_decay=0.0))  # the trainer's factory
+    in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(in_opt) == sorted([id(head.weight), id(head.bias)])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     assert not model.model.model.training and not model.model.model.bn1.training and head.training

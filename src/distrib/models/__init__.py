@@ -79,9 +79,6 @@ def build_model(model_cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters the optimizer should receive (the head only for a linear probe)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-__all__ = ["register_model", "build_model", "list_models", "check_model_name", "trainable_parameters"]
+# The optimizer receives only parameters with requires_grad (distrib.optim.trainable_parameters), so a
+# linear probe's frozen backbone never reaches it.
+__all__ = ["register_model", "build_model", "list_models", "check_model_name"]
