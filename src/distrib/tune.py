@@ -176,7 +176,7 @@ def run_trial(params: dict, spec: dict) -> None:
 def _short_temp_dir(out_dir: Path) -> str:
     """Ray's socket paths must stay under ~107 bytes: use the out dir or TMPDIR when short enough."""
     for base in (out_dir, Path(os.environ.get("TMPDIR", tempfile.gettempdir()))):
-        if len(str(base.resolve())) <= 40:
+        if len(str(base.resolve())) <= 28:  # + ~12 (mkdtemp) + ~66 (Ray session/sockets)
             base.mkdir(parents=True, exist_ok=True)
             return tempfile.mkdtemp(prefix="ray", dir=base)
     return tempfile.mkdtemp(prefix="distrib-ray")

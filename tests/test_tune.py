@@ -1,0 +1,184 @@
+"""Ray Tune sweep: real Ray cluster (`ray start --head` on 127.0.0.1, shared by the module), real trials.
+
+The cluster is started once in a subprocess and every sweep joins it with ``address=`` / ``--address``,
+which is also the multi-node path. Trials train the debug config for 2 tiny epochs on the demo shards.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import PYTHON, REPO, subprocess_env
+from distrib.config import ConfigError, load_config
+from distrib.tune import FAIL_ONCE_ENV, grid_configs, load_grid, run_sweep, trial_command
+from distrib.tune_report import choose_best
+
+DEBUG = REPO / "launch" / "configs" / "debug.yaml"
+TRIAL = ["train.epochs=2", "data.samples_per_epoch=32", "train.latency_batches=1", "tune.embed_best=false"]
+
+
+# ------------------------------------------------------------------------------- pure functions
+
+def _summary(means_by_config: dict[str, list[float]]) -> pd.DataFrame:
+    rows = [{"config_id": c, "fold": k, "auc": v, "status": "done"}
+            for c, vals in means_by_config.items() for k, v in enumerate(vals)]
+    return pd.DataFrame(rows)
+
+
+def test_choose_best_is_argmax_of_mean_auc():
+    best = choose_best(_summary({"c0": [0.6, 0.7, 0.8], "c1": [0.7, 0.8, 0.9], "c2": [0.5, 0.5, 0.5]}), folds=3)
+    assert best["config_id"] == "c1" and best["mean"] == pytest.approx(0.8)
+    assert best["std"] == pytest.approx(np.std([0.7, 0.8, 0.9], ddof=1))
+
+
+def test_choose_best_breaks_ties_by_lower_std_and_skips_partial_configs():
+    s = _summary({"c0": [0.6, 0.8, 1.0], "c1": [0.8, 0.8, 0.8], "c2": [0.99, 0.99, 0.99]})
+    s.loc[(s.config_id == "c2") & (s.fold == 2), "status"] = "missing"  # c2 did not finish every fold
+    best = choose_best(s, folds=3)
+    assert best["config_id"] == "c1" and best["std"] == 0.0
+
+
+def test_grid_cross_product_and_trial_command(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("optim.lr: [1.0e-3, 3.0e-3]\ntrain.label_smoothing: [0.0, 0.1]\n")
+    configs = grid_configs(load_grid(grid))
+    assert [c["id"] for c in configs] == ["c0", "c1", "c2", "c3"]
+    assert configs[1]["overrides"] == ["optim.lr=0.001", "train.label_smoothing=0.1"]
+    cmd = trial_command("s/config.yaml", "s/trials/c1_fold2", [*configs[1]["overrides"], "data.fold=2"])
+    assert cmd == "distrib train s/config.yaml --out s/trials/c1_fold2 optim.lr=0.001 train.label_smoothing=0.1 data.fold=2"
+
+
+def test_bad_grid_fails_before_ray_starts(tmp_path, demo_shards):
+    (tmp_path / "g1.yaml").write_text("data.fold: [0, 1]\n")
+    with pytest.raises(ConfigError, match="swept automatically"):
+        load_grid(tmp_path / "g1.yaml")
+    (tmp_path / "g2.yaml").write_text("optim.lr: 0.1\n")
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_grid(tmp_path / "g2.yaml")
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}"])
+    with pytest.raises(ConfigError, match="optim.lr"):  # a bad value is caught by building every config
+        run_sweep(cfg, {"optim.lr": [1e-3, -1.0]}, tmp_path / "s1", address="127.0.0.1:1")
+    with pytest.raises(ConfigError, match="tune.folds=5 but the shards"):
+        run_sweep(load_config(DEBUG, [f"data.shards={demo_shards}", "tune.folds=5"]), {}, tmp_path / "s2",
+                  address="127.0.0.1:1")
+
+
+# ------------------------------------------------------------------------------- real Ray cluster
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(session_tmp):
+    """`ray start --head --block` on 127.0.0.1 with 2 CPUs; stopped by signalling the process we started."""
+    base = session_tmp if len(str(session_tmp)) <= 28 else Path(tempfile.mkdtemp(prefix="dray", dir="/tmp"))
+    temp_dir = tempfile.mkdtemp(prefix="r", dir=base)  # Ray socket paths must stay short
+    port = _free_port()
+    env = subprocess_env(session_tmp)
+    env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    log = open(session_tmp / "ray_head.log", "w")
+    proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+                             "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
+                             "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, (session_tmp / "ray_head.log").read_text()[-3000:]
+        if "Ray runtime started" in (session_tmp / "ray_head.log").read_text():
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("ray start --head did not come up in 120 s")
+    yield address
+    proc.send_signal(signal.SIGINT)  # --block: the head kills the processes it started, then exits
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session we started for it, by its id
+        proc.wait(timeout=30)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _events(run_dir: Path) -> list[str]:
+    return [line.split()[2] for line in (run_dir / "trial_events.log").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_3_folds_x_2_configs_with_one_injected_failure(ray_cluster, demo_shards, tmp_path, monkeypatch):
+    marker = tmp_path / "fail_once.marker"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", *TRIAL, "tune.max_failures=1"])
+    out = tmp_path / "sweep"
+    result = run_sweep(cfg, {"optim.lr": [1e-3, 3e-3]}, out, address=ray_cluster)
+
+    summary = pd.read_csv(out / "sweep_summary.csv")
+    assert len(summary) == 6 and (summary["status"] == "done").all(), summary
+    assert sorted(zip(summary.config_id, summary.fold)) == [(c, k) for c in ("c0", "c1") for k in range(3)]
+    means = summary.groupby("config_id")["auc"].mean()
+    assert result["best"]["config_id"] == means.idxmax()
+    assert result["best"]["mean"] == pytest.approx(means.max())
+    assert load_config(out / "best_config.yaml").optim.lr == {"c0": 1e-3, "c1": 3e-3}[means.idxmax()]
+    assert (out / "fold_auc.png").stat().st_size > 1000
+    for _, row in summary.iterrows():  # the stored command replays the trial exactly as Tune ran it
+        assert f"--out {row.trial_dir} " in row.command and row.command.endswith(f"data.fold={row.fold}")
+        run_cfg = load_config(Path(row.trial_dir) / "config.yaml")
+        assert run_cfg.data.fold == row.fold and row.epochs == 2
+        assert glob.glob(f"{row.trial_dir}/tb/**/events.out.tfevents*", recursive=True), "TensorBoard per trial"
+
+    failed = marker.read_text()  # the one trial that failed after its first report, then was retried
+    for name in (f"c{c}_fold{k}" for c in range(2) for k in range(3)):
+        events = _events(out / "trials" / name)
+        if name == failed:
+            assert events.count("start") == 2 and "resume" in events and events[-1] == "done", events
+            assert json.loads((out / "trials" / name / "trial_result.json").read_text())["resumed"]
+        else:
+            assert events == ["start", "done"], (name, events)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, demo_shards, tmp_path):
+    """Joins the `ray start` cluster through the CLI entry point, is stopped midway, then --resume."""
+    (tmp_path / "grid.yaml").write_text("optim.lr: [1.0e-3]\n")
+    out = tmp_path / "sweep"
+    cmd = [PYTHON, str(REPO / "tune" / "sweep.py"), str(DEBUG), f"data.shards={demo_shards}", *TRIAL,
+           "tune.max_concurrent=1", "--grid", str(tmp_path / "grid.yaml"), "--out", str(out),
+           "--address", ray_cluster]
+    proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first = out / "trials" / "c0_fold0" / "trial_result.json"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert first.exists(), proc.communicate(timeout=60)[0][-3000:]
+    proc.send_signal(signal.SIGINT)  # Tune saves its experiment state and stops the remaining trials
+    log = proc.communicate(timeout=180)[0]
+    summary = pd.read_csv(out / "sweep_summary.csv")
+    assert (summary["status"] == "done").sum() < 3, log[-3000:]
+
+    resumed = subprocess.run([*cmd, "--resume"], env=subprocess_env(tmp_path), cwd=REPO, capture_output=True,
+                             text=True, timeout=420)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = pd.read_csv(out / "sweep_summary.csv")
+    assert len(summary) == 3 and (summary["status"] == "done").all(), summary
+    assert _events(out / "trials" / "c0_fold0") == ["start", "done"]  # finished trial was not re-run
+    assert json.loads((out / "sweep_results.json").read_text())["best"]["config_id"] == "c0"
