@@ -17,11 +17,13 @@ import time
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from distrib.config import ConfigError, ModelConfig
 
 BASELINE = "resnet50.a1_in1k"
 REFERENCE_RESNET50_MS = 16.0  # the pit plan's ResNet50 latency target
+WARMUP = 3  # untimed forward passes per model before timing
 
 # name -> (input px, extra ModelConfig fields): each seed model at the size its experiment trains at.
 SEED_MODELS: dict[str, tuple[int, dict]] = {
@@ -37,18 +39,21 @@ SEED_MODELS: dict[str, tuple[int, dict]] = {
 }
 
 
+def _forward_ms(model: nn.Module, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(x)
+    return (time.perf_counter() - t0) * 1000.0
+
+
 def cpu_latency_ms(model: nn.Module, img_size: int, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time in ms of a batch-1 eval forward pass (after ``warmup`` untimed passes)."""
     was_training = model.training
     model.eval()
     x = torch.randn(1, 3, img_size, img_size)
-    times = []
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t0 = time.perf_counter()
+        for _ in range(warmup):
             model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
+        times = [_forward_ms(model, x) for _ in range(repeats)]
     model.train(was_training)
     return statistics.median(times)
 
@@ -92,20 +97,34 @@ def run(args) -> dict:
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.manual_seed(0)
-    rows: dict[str, dict] = {}
+    models, inputs, rows = {}, {}, {}
     for name in names:
         size, extra = SEED_MODELS[name]
-        model = build_model(ModelConfig(name=name, num_classes=1, **extra))
-        ms = cpu_latency_ms(model, size, repeats=repeats)
-        rows[name] = dict(img_size=size, ms_per_img=round(ms, 2), mb=round(model_size_mb(model), 1),
-                          params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2))
-        print(f"{name:42s} {size:4d}px {ms:9.2f} ms/img {rows[name]['mb']:8.1f} MB", flush=True)
-        del model
+        models[name] = build_model(ModelConfig(name=name, num_classes=1, **extra)).eval()
+        inputs[name] = torch.randn(1, 3, size, size)
+        rows[name] = dict(img_size=size, mb=round(model_size_mb(models[name]), 1),
+                          params_m=round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2))
+    # Round-robin: every round times each model once, so load from other processes drifting over the
+    # run hits all models (and the ResNet50 baseline) alike instead of skewing whichever ran last.
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(WARMUP):
+                models[name](inputs[name])
+        for _ in tqdm(range(repeats), desc="latency rounds", leave=False):
+            for name in names:
+                times[name].append(_forward_ms(models[name], inputs[name]))
+    for name in names:
+        rows[name].update(ms_per_img=round(statistics.median(times[name]), 2), ms_min=round(min(times[name]), 2))
+        r = rows[name]
+        print(f"{name:42s} {r['img_size']:4d}px {r['ms_per_img']:9.2f} ms/img (min {r['ms_min']:.2f}) "
+              f"{r['mb']:8.1f} MB", flush=True)
     base = rows[BASELINE]["ms_per_img"]
     for row in rows.values():
         row["ratio_to_resnet50"] = round(row["ms_per_img"] / base, 3)
     return dict(
-        bench="latency", device="cpu", threads=threads, cores=_available_cores(), load_avg_1min=load_before, batch=1, repeats=repeats, warmup=3,
+        bench="latency", device="cpu", threads=threads, cores=_available_cores(), load_avg_1min=load_before,
+        batch=1, repeats=repeats, warmup=WARMUP,
         baseline=BASELINE, baseline_ms=base, reference_resnet50_ms=REFERENCE_RESNET50_MS,
         baseline_vs_reference=round(base / REFERENCE_RESNET50_MS, 3),
         ratio_to_resnet50={n: r["ratio_to_resnet50"] for n, r in rows.items()}, models=rows,
