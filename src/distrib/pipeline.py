@@ -1,0 +1,152 @@
+"""The main job, end to end: data -> shards -> stage 1 -> Ray sweeps of the stage-2 experts -> OOF
+embeddings -> LightGBM stack -> thresholds -> cascade on test -> report.
+
+    distrib demo --out runs/demo                 # what `make demo` runs
+    distrib demo --out /tmp/e2e --size tiny      # the end-to-end test setting
+
+Every step calls the same library function as its own subcommand (``distrib data``, ``shard``,
+``train``, ``tune``, ``stack``, ``thresholds``, ``cascade``); the demo only shrinks data sizes and
+epochs through the experiment YAMLs in ``launch/configs/demo_*.yaml`` and dotted overrides.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from distrib.errors import DistribError
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo setting; the experiment files are the same for every setting."""
+    data_size: str  # build_demo_dataset size preset
+    folds: int  # CV folds of the shards and the sweeps
+    shard_size: int  # samples per shard (>= ranks x workers shards per split)
+    overrides: tuple[str, ...] = ()  # dotted overrides applied to every stage
+    stage1_overrides: tuple[str, ...] = ()  # extra overrides for the stage-1 filter
+    expert_overrides: tuple[str, ...] = ()  # extra overrides for the stage-2 sweeps
+    stack_overrides: tuple[str, ...] = field(default_factory=tuple)  # overrides of the stack/thresholds sections
+
+
+PLANS = {
+    "demo": DemoPlan(data_size="full", folds=5, shard_size=200),
+    "tiny": DemoPlan(data_size="tiny", folds=2, shard_size=40,
+                     overrides=("train.epochs=1", "train.max_steps=6", "train.latency_batches=2",
+                                "embed.dim=8", "embed.anchors=16", "embed.fit_samples=64"),
+                     stack_overrides=("stack.folds=2", "stack.n_estimators=30", "thresholds.bootstrap=20")),
+}
+STAGE1 = "demo_stage1.yaml"
+EXPERTS = ("demo_expert_effnetv2.yaml", "demo_expert_genconvit.yaml")
+GRID = "grid_demo.yaml"
+
+
+def _configs_dir(configs: str | Path | None) -> Path:
+    path = Path(configs) if configs else Path("launch/configs")
+    if not (path / STAGE1).is_file():
+        raise DistribError(f"demo configs not found: {path / STAGE1}; run from the repository root "
+                           "or pass --configs DIR (the folder holding demo_*.yaml)")
+    return path
+
+
+class _Steps:
+    """A progress bar over the pipeline's steps plus a timing record of each step."""
+
+    def __init__(self, names: list[str]):
+        self.bar = tqdm(total=len(names), desc="demo", unit="step", dynamic_ncols=True)
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        self.bar.set_description(f"demo: {name}")
+        self.bar.write(f"==> {name}")
+        t0 = time.time()
+        result = fn(*args, **kwargs)
+        self.times[name] = round(time.time() - t0, 1)
+        self.bar.update(1)
+        return result
+
+
+def run_demo(out: str | Path, size: str = "demo", overrides=(), configs: str | Path | None = None) -> dict:
+    """Run the whole pipeline into ``out``; returns the cascade's evaluation results."""
+    from distrib.cascade import run_cascade
+    from distrib.config import load_config
+    from distrib.demo_checks import histogram_leak_check
+    from distrib.demo_data import build_demo_dataset
+    from distrib.shards import write_shards
+    from distrib.stack import fit_stack
+    from distrib.thresholds import fit_thresholds, load_predictions, select_fit_rows
+    from distrib.train import run as train_run
+    from distrib.tune import init_ray, load_grid, run_sweep
+
+    if size not in PLANS:
+        raise DistribError(f"unknown demo size {size!r}; choose one of {', '.join(PLANS)}")
+    plan, cdir, out = PLANS[size], _configs_dir(configs), Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = [*plan.overrides, *overrides]
+    # Resolve every config first: a bad key or value fails before any data, process or cluster starts.
+    data_dir, shard_dir = out / "data", out / "shards"
+    shard_ov = [f"data.shards={shard_dir}", f"tune.folds={plan.folds}"]
+    stage1_cfg = load_config(cdir / STAGE1, [*shard_ov, "data.fold=-1", *plan.stage1_overrides, *common])
+    expert_cfgs = [load_config(cdir / name, [*shard_ov, *plan.expert_overrides, *common, *plan.stack_overrides])
+                   for name in EXPERTS]
+    grid = load_grid(cdir / GRID)
+    steps = _Steps(["data", "shards", "stage 1", *[f"sweep {c.name}" for c in expert_cfgs],
+                    "stack", "thresholds", "cascade"])
+
+    summary = steps("data", build_demo_dataset, data_dir, size=plan.data_size, seed=0)
+    leak = histogram_leak_check(data_dir)
+    steps.bar.write(f"    colour-histogram leak check AUC {leak['auc']:.3f} (chance ~0.5)")
+    steps("shards", write_shards, data_dir / "train_manifest.csv", shard_dir,
+          val=data_dir / "val_manifest.csv", test=data_dir / "test_manifest.csv",
+          folds=plan.folds, seed=0, shard_size=plan.shard_size, workers=2)
+    stage1 = steps("stage 1", train_run, stage1_cfg, out / "stage1", resume=(out / "stage1" / "last_checkpoint").exists())
+
+    oofs, sweeps = [], {}
+    started = init_ray(out, None, None)  # one local cluster for both sweeps
+    try:
+        for cfg in expert_cfgs:
+            sweep_dir = out / f"sweep_{cfg.name}"
+            res = steps(f"sweep {cfg.name}", run_sweep, cfg, grid, sweep_dir)
+            sweeps[cfg.name] = {k: res.get(k) for k in ("best", "rows", "timing") if k in res}
+            oofs.append(sweep_dir / "oof_embeddings.parquet")
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+
+    stack_cfg = expert_cfgs[0]
+    stack = steps("stack", fit_stack, oofs, out / "stack", stack_cfg.stack)
+    meta_pred = out / "stack" / "meta_predictions.parquet"
+    meta_oof = select_fit_rows(load_predictions(meta_pred), "oof", str(meta_pred))
+    thresholds = steps("thresholds", fit_thresholds, meta_oof, stack_cfg.thresholds, out / "thresholds", name="meta")
+
+    cascade_yaml = out / "cascade.yaml"
+    cascade_yaml.write_text(yaml.safe_dump({
+        "name": "demo deepfake cascade",
+        "shards": str(shard_dir),
+        "batch_size": 64,
+        "recall": stack_cfg.thresholds.recall,
+        "specificity": stack_cfg.thresholds.specificity,
+        "bootstrap": stack_cfg.thresholds.bootstrap,
+        "stage1": {"run": str(out / "stage1")},
+        "stack": {"dir": str(out / "stack"), "rule": "youden"},
+    }, sort_keys=False))
+    results = steps("cascade", run_cascade, cascade_yaml, "test", out)
+    steps.bar.close()
+
+    results.setdefault("pipeline", {})
+    results["pipeline"].update({
+        "size": size, "step_seconds": steps.times, "data": summary, "leak_check": leak,
+        "stage1_metrics": {k: v for k, v in stage1.items() if isinstance(v, (int, float, str))},
+        "sweeps": sweeps, "stack": stack.get("cv", stack) if isinstance(stack, dict) else stack,
+        "meta_thresholds": thresholds,
+    })
+    (out / "evaluation_results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nreport: {out / 'report.md'}\nresults: {out / 'evaluation_results.json'}\n"
+          f"TensorBoard: tensorboard --logdir {out} --host 127.0.0.1 --port 6006")
+    return {"report": str(out / "report.md"), "results": str(out / "evaluation_results.json"),
+            "step_seconds": steps.times}
