@@ -15,6 +15,7 @@ import torch
 from distrib.config import ConfigError, ExperimentConfig
 
 _ACCELERATOR = None  # the live Accelerator, so print0/is_main work without passing it around
+_RANK = 0  # this process's global rank; kept after finish() so entry points can still print0
 
 
 def _use_cpu() -> bool:
@@ -63,7 +64,7 @@ def build_accelerator(cfg: ExperimentConfig):
     accelerate config file serves every experiment (PITFALLS: without train_micro_batch_size_per_gpu
     DeepSpeed asserts, and on CPU it needs gloo explicitly).
     """
-    global _ACCELERATOR
+    global _ACCELERATOR, _RANK
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
@@ -75,7 +76,7 @@ def build_accelerator(cfg: ExperimentConfig):
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s)))
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        cpu=_use_cpu(),
+        cpu=_use_cpu() and not _using_deepspeed(),  # cpu=True would switch DeepSpeed off
         # our loader is already split per rank and not prepared, so accumulation counts micro-batches
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,
                                                                 sync_with_dataloader=False),
@@ -90,7 +91,7 @@ def build_accelerator(cfg: ExperimentConfig):
         ds["gradient_clipping"] = cfg.optim.grad_clip
         if cfg.train.mixed_precision in ("bf16", "fp16"):
             ds.setdefault(cfg.train.mixed_precision, {})["enabled"] = True
-    _ACCELERATOR = accelerator
+    _ACCELERATOR, _RANK = accelerator, accelerator.process_index
     return accelerator
 
 
@@ -122,12 +123,12 @@ def is_deepspeed(accelerator) -> bool:
 
 
 def is_main() -> bool:
-    """True on the global rank-0 process (and when no accelerator exists yet)."""
-    return _ACCELERATOR is None or _ACCELERATOR.is_main_process
+    """True on the global rank-0 process (also before and after training)."""
+    return _RANK == 0
 
 
 def rank() -> int:
-    return 0 if _ACCELERATOR is None else _ACCELERATOR.process_index
+    return _RANK
 
 
 def print0(*args, **kwargs) -> None:

@@ -1,0 +1,166 @@
+"""Single-process trainer: every run output exists and parses, TensorBoard reads back, clear errors."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from conftest import PYTHON, REPO, subprocess_env
+from distrib.config import ConfigError, load_config
+from distrib.metrics import binary_metrics, equal_error_rate, optimal_threshold
+
+DEBUG = REPO / "launch" / "configs" / "debug.yaml"
+
+
+@pytest.fixture(scope="module")
+def debug_run(demo_shards, tmp_path_factory):
+    from distrib.train import run
+    out = tmp_path_factory.mktemp("debug_run")
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.epochs=2", "train.ckpt_every_steps=4",
+                              "train.log_every_steps=1", "model.name=resnet10t"])
+    return cfg, out, run(cfg, out)
+
+
+@pytest.mark.timeout(600)
+def test_run_outputs_exist_and_parse(debug_run, demo_shards):
+    cfg, out, result = debug_run
+    assert result["world_size"] == 1 and result["device_type"] == "cpu"
+    for name in ("best_model.pth", "training_log.csv", "training_curves.png", "evaluation_results.json",
+                 "config.yaml", "versions.json", "val_predictions.csv", "last_checkpoint/trainer_state.pt"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader(open(out / "training_log.csv")))
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy",
+                             "precision", "recall", "specificity", "eer", "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    Image.open(out / "training_curves.png").verify()
+    assert load_config(out / "config.yaml") == cfg  # the saved config replays the run
+    versions = json.loads((out / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+
+    preds = list(csv.DictReader(open(out / "val_predictions.csv")))
+    assert list(preds[0]) == ["key", "group", "label", "prob", "fold"]
+    index = json.loads((demo_shards / "index.json").read_text())
+    fold0 = sum(s["count"] for s in index["shards"] if s["split"] == "train" and s["fold"] == 0)
+    assert len(preds) == len({p["key"] for p in preds}) == fold0  # each val sample exactly once
+    assert {p["fold"] for p in preds} == {"0"}
+
+    res = json.loads((out / "evaluation_results.json").read_text())
+    y = np.array([int(p["label"]) for p in preds])
+    prob = np.array([float(p["prob"]) for p in preds])
+    assert res["metrics_at_0.5"]["auc"] == pytest.approx(roc_auc_score(y, prob), abs=1e-6)
+    assert res["metrics_at_0.5"]["threshold"] == 0.5
+    assert 0.0 <= res["optimal_threshold"] <= 1.0
+    assert sum(map(sum, res["metrics_at_0.5"]["confusion"])) == len(preds)
+    assert res["latency_ms_per_img_cpu_bs1"] > 0 and res["parameters"] > 0 and res["model_file_mb"] > 0
+    assert res["backend"] == "none" and res["distributed_type"] == "NO"
+
+
+def test_best_model_loads_weights_only(debug_run):
+    from distrib.train import load_run
+    cfg, out, result = debug_run
+    payload = torch.load(out / "best_model.pth", weights_only=True)
+    assert set(payload) == {"state_dict", "config", "metrics"}
+    assert payload["config"]["model"]["name"] == cfg.model.name
+    assert payload["metrics"]["auc"] == pytest.approx(result["auc"])
+    model, cfg2, metrics = load_run(out)
+    assert cfg2 == cfg and metrics == payload["metrics"]
+    x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
+    assert model(x).shape == (2, 1)
+    ckpt = torch.load(out / "last_checkpoint" / "state.pt", weights_only=True)
+    assert {"model", "optimizer", "scaler"} <= set(ckpt)
+
+
+def test_tensorboard_events_read_back(debug_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, out, result = debug_run
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/auc", "val/val_loss", "val/eer"} <= tags
+    loss = acc.Scalars("train/loss")
+    assert len(loss) == result["steps"] and all(np.isfinite(e.value) for e in loss)
+    assert [e.step for e in acc.Scalars("val/auc")] == [result["steps"] // 2, result["steps"]]
+
+
+def _launch(tmp_path, *overrides):
+    cmd = [PYTHON, "launch/train.py", str(DEBUG), "--out", str(tmp_path / "run"), *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def test_bad_model_name_fails_clearly_through_launch(demo_shards, tmp_path):
+    proc = _launch(tmp_path, f"data.shards={demo_shards}", "model.name=resnet5O")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unknown model name 'resnet5O'" in proc.stderr and "resnet50" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "last_checkpoint").exists()
+
+
+def test_unknown_config_key_fails_clearly_through_launch(tmp_path):
+    proc = _launch(tmp_path, "optim.lrr=1e-3")
+    assert proc.returncode == 2
+    assert "unknown config key 'optim.lrr'" in proc.stderr and "did you mean 'optim.lr'" in proc.stderr
+
+
+def test_missing_shards_and_bad_fold_fail_before_training(demo_shards, tmp_path):
+    proc = _launch(tmp_path, f"data.shards={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2 and "index.json" in proc.stderr
+    proc = _launch(tmp_path, f"data.shards={demo_shards}", "data.fold=7")
+    assert proc.returncode == 2 and "data.fold=7" in proc.stderr and "3 folds" in proc.stderr
+
+
+def test_bf16_with_batchnorm_on_cpu_is_a_config_error(demo_shards, tmp_path):
+    from distrib.trainer_setup import preflight
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.mixed_precision=bf16"])
+    with pytest.raises(ConfigError, match="bf16 with BatchNorm.*train.mixed_precision=no"):
+        preflight(cfg, tmp_path / "run", resume=False)
+
+
+def test_metrics_against_hand_computed_values():
+    y = [0, 0, 0, 0, 1, 1, 1, 1]
+    p = [0.1, 0.2, 0.6, 0.3, 0.7, 0.4, 0.9, 0.8]
+    m = binary_metrics(y, p)
+    # at 0.5: tp=3 (0.7, 0.9, 0.8), fn=1 (0.4), fp=1 (0.6), tn=3
+    assert m["confusion"] == [[3, 1], [1, 3]]
+    assert m["recall"] == pytest.approx(0.75) and m["specificity"] == pytest.approx(0.75)
+    assert m["precision"] == pytest.approx(0.75) and m["accuracy"] == pytest.approx(0.75)
+    assert m["auc"] == pytest.approx(15 / 16)  # one mis-ordered (positive, negative) pair: 0.4 < 0.6
+    eer, _ = equal_error_rate(y, p)
+    assert eer == pytest.approx(0.25)  # one negative above and one positive below the crossing
+    assert binary_metrics(y, p, optimal_threshold(y, p))["accuracy"] >= m["accuracy"]
+    single = binary_metrics([1, 1], [0.2, 0.9])
+    assert np.isnan(single["auc"]) and single["recall"] == 0.5
+
+
+def test_schedules_and_trainable_only_optimizer():
+    from distrib.config import OptimConfig
+    from distrib.optim import build_optimizer, build_scheduler
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    model[0].requires_grad_(False)  # a linear probe's frozen backbone
+    opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1))
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in model[1].parameters()}
+    sched = build_scheduler(opt, OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1),
+                            steps_per_epoch=3, total_steps=90)
+    lrs = []
+    for _ in range(61):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-4) and lrs[29] == pytest.approx(1e-4)  # epochs 0-9
+    assert lrs[30] == pytest.approx(1e-5) and lrs[60] == pytest.approx(1e-6)  # StepLR(10 epochs, 0.1)
+    opt = build_optimizer(model, OptimConfig(lr=1e-3))
+    cos = build_scheduler(opt, OptimConfig(lr=1e-3, warmup_steps=4, min_lr=1e-5), steps_per_epoch=10, total_steps=20)
+    cl = []
+    for _ in range(20):
+        cl.append(cos.get_last_lr()[0])
+        opt.step()
+        cos.step()
+    assert cl[0] == pytest.approx(1e-3 / 5) and cl[4] == pytest.approx(1e-3)  # linear warmup, then peak
+    assert cos.get_last_lr()[0] == pytest.approx(1e-5)  # cosine reaches optim.min_lr at the last step
+    assert cl == sorted(cl[:5]) + sorted(cl[5:], reverse=True)
