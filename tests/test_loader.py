@@ -213,3 +213,19 @@ def test_reads_the_real_shard_writer_output(demo_shards):
     train = build_loader(demo_shards, "train", folds_for(0, index["folds"]), 0, 2, 0, 8, 0, _train_tf(), 0)
     groups = {g for b in train for g in b["group"]}
     assert groups and all(index["groups"][g] != 0 for g in groups)
+
+
+@pytest.mark.timeout(300)
+def test_bench_loader_prints_ratios_as_last_json_line(demo_shards, tmp_path, capsys):
+    """`distrib bench loader` runs all three measurements in one go (timings are not asserted)."""
+    import json
+
+    from distrib.cli import main
+    assert main(["bench", "loader", "--shards", str(demo_shards), "--workers", "0", "--steps", "2",
+                 "--out", str(tmp_path / "scratch")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("images_per_s", "ratio_to_decode_limit", "ratio_to_imagefolder", "decode_limit_images_per_s",
+              "imagefolder_images_per_s"):
+        assert res[k] > 0
+    assert res["images_timed"] == 2 * 32 and set(res["profile_us_per_image"]) >= {"tar_read", "jpeg_decode", "geometric"}
+    assert len(list((tmp_path / "scratch" / "imagefolder").rglob("*.jpg"))) == res["unique_images"]

@@ -1,0 +1,165 @@
+"""Loader benchmark: this loader vs the JPEG decode limit vs torchvision ImageFolder, same images, same workers.
+
+    distrib bench loader --shards shards/ --workers 2 --steps 20
+
+(a) ``build_loader`` with the training transform; (b) a tight single-process loop of JPEG decode +
+resize + float conversion over the same bytes, times the worker count; (c) torchvision ImageFolder +
+PIL with the same augmentations (torchvision v2 per sample, kornia motion blur) over the same images
+written as files. Each rate skips one warm-up batch. ``profile_us_per_image`` splits this loader's
+per-image cost by stage (measured in-process), so a missed target says where the time goes.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from distrib.config import AugmentConfig, DataConfig, load_config
+from distrib.errors import DistribError
+from distrib.loader import _Stats, build_loader, read_index
+from distrib.loader_io import plan_split, read_samples
+from distrib.transforms import build_transform, decode_image, resolve_mean_std
+
+# The augmentation the experiments ask for: flips, rotation up to 180, affine, motion blur, ColorJitter.
+FULL_AUGMENT = dict(hflip=0.5, vflip=0.5, rotate=180.0, translate=0.1, scale_min=0.9, scale_max=1.1,
+                    motion_blur_p=0.5, motion_blur_kernel=5, motion_blur_angle=90.0,
+                    color_jitter=[0.3, 0.3, 0.2, 0.05])
+
+
+def _timed(batches, steps: int) -> tuple[float, int]:
+    """Images/s over ``steps`` batches after one warm-up batch (worker start-up excluded for every method)."""
+    it = iter(batches)
+    next(it)
+    n, t0 = 0, time.perf_counter()
+    for b in itertools.islice(it, steps):
+        n += len(b[1]) if isinstance(b, (list, tuple)) else len(b["key"])
+    return n / (time.perf_counter() - t0), n
+
+
+def _samples(shards: str, limit: int) -> list[dict]:
+    plan = plan_split(shards, "train", None)
+    out = []
+    for s in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats()):
+        if s.get("jpg") is not None:
+            out.append(s)
+        if len(out) >= limit:
+            break
+    if not out:
+        raise DistribError(f"no JPEG samples in the train shards of {shards}; run 'distrib shard' first")
+    return out
+
+
+def _decode_limit(samples: list[dict], size: int, n: int) -> float:
+    """Single-process JPEG decode + resize + float conversion rate (images/s)."""
+    tf = build_transform(None, DataConfig(img_size=size, normalize="none"), train=False)
+    blobs = [s["jpg"] for s in samples]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like a DataLoader worker
+    try:
+        for b in blobs[:8]:
+            tf.prepare(decode_image(b, size)).float()
+        t0 = time.perf_counter()
+        for b in itertools.islice(itertools.cycle(blobs), n):
+            tf.prepare(decode_image(b, size)).float()
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _imagefolder(samples: list[dict], root: Path, size: int, aug: AugmentConfig, mean_std, workers: int,
+                 batch: int, steps: int) -> float:
+    """torchvision ImageFolder + PIL with the same augmentations applied per sample."""
+    import kornia.augmentation as K
+    import torchvision.transforms.v2 as T
+    from torchvision.datasets import ImageFolder
+
+    for s in samples:
+        label = int(s["cls"]) if s.get("cls") is not None else 0
+        d = root / f"class{label}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{s['__key__'].replace('/', '_')}.jpg").write_bytes(s["jpg"])
+    blur = K.RandomMotionBlur(aug.motion_blur_kernel, aug.motion_blur_angle, 0.0, p=aug.motion_blur_p)
+    steps_tf = [T.PILToTensor(), T.RandomHorizontalFlip(aug.hflip), T.RandomVerticalFlip(aug.vflip),
+                T.RandomAffine(aug.rotate, translate=(aug.translate, aug.translate),
+                               scale=(aug.scale_min, aug.scale_max)),
+                T.ColorJitter(*aug.color_jitter), T.Resize(size, antialias=True), T.CenterCrop(size),
+                T.ToDtype(torch.float32, scale=True), T.Lambda(lambda x: blur(x[None])[0])]
+    if mean_std is not None:
+        steps_tf.append(T.Normalize(list(mean_std[0]), list(mean_std[1])))
+    ds = ImageFolder(str(root), transform=T.Compose(steps_tf))
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                     persistent_workers=workers > 0)
+    epochs = math.ceil((steps + 1) / max(1, len(dl))) + 1
+    rate, _ = _timed(itertools.chain.from_iterable(dl for _ in range(epochs)), steps)
+    return rate
+
+
+def _profile(samples: list[dict], shards: str, tf, size: int, batch: int) -> dict:
+    """Per-image microseconds of each stage of this loader, measured in one process on the same data."""
+    plan = plan_split(shards, "train", None)
+    n = len(samples)
+    t0 = time.perf_counter()
+    read = sum(1 for _ in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats()))
+    t_read = (time.perf_counter() - t0) / max(1, read)
+    t0 = time.perf_counter()
+    imgs = [decode_image(s["jpg"], size) for s in samples]
+    t_dec = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    prepped = [tf.prepare(i) for i in imgs]
+    t_prep = (time.perf_counter() - t0) / n
+    x = torch.stack(prepped[:batch]).float()
+    g = torch.Generator().manual_seed(0)
+    stages = {}
+    for name in ("_geometric", "_motion_blur", "_color_jitter"):
+        fn = getattr(tf, name)
+        fn(x, g)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn(x, g)
+        stages[name.strip("_")] = (time.perf_counter() - t0) / (5 * len(x))
+    us = {"tar_read": t_read, "jpeg_decode": t_dec, "resize_to_uint8": t_prep, **stages}
+    return {k: round(v * 1e6, 1) for k, v in us.items()}
+
+
+def run(args) -> dict:
+    if not args.shards:
+        raise DistribError("bench loader needs --shards DIR (a folder written by 'distrib shard')")
+    cfg = load_config(args.config, getattr(args, "overrides", []) or [])
+    aug = cfg.augment if args.config else AugmentConfig(**FULL_AUGMENT)
+    index = read_index(args.shards)
+    size = cfg.data.img_size if args.config else 64
+    data = DataConfig(img_size=size, normalize=cfg.data.normalize if cfg.data.normalize != "model" else "imagenet")
+    mean_std = resolve_mean_std(data)
+    workers, steps = int(args.workers), int(args.steps)
+    batch = cfg.data.batch_size if args.config else 32
+    tf = build_transform(aug, data, train=True, mean_std=mean_std)
+    samples = _samples(args.shards, limit=max(256, batch * 8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # workers run single-threaded; the main process should not steal their cores
+    scratch = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        print(f"bench loader: {len(samples)} images at {size}px, {workers} workers, {steps} steps of {batch}",
+              file=sys.stderr)
+        loader = build_loader(args.shards, "train", None, 0, 1, workers, batch, 0, tf, 0,
+                              samples_per_epoch=(steps + 1) * batch, shuffle_buffer=cfg.data.shuffle_buffer)
+        ours, n = _timed(loader, steps)
+        decode = _decode_limit(samples, size, max(n, 512)) * max(1, workers)
+        folder = _imagefolder(samples, scratch / "imagefolder", size, aug, mean_std, workers, batch, steps)
+        profile = _profile(samples, args.shards, tf, size, batch)
+    finally:
+        torch.set_num_threads(threads)
+        if not args.out:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {"bench": "loader", "images_per_s": round(ours, 1),
+            "ratio_to_decode_limit": round(ours / decode, 3), "ratio_to_imagefolder": round(ours / folder, 3),
+            "decode_limit_images_per_s": round(decode, 1), "imagefolder_images_per_s": round(folder, 1),
+            "workers": workers, "batch_size": batch, "img_size": size, "steps": steps, "images_timed": n,
+            "unique_images": len(samples), "shards": len(index["shards"]), "skipped": loader.skipped,
+            "profile_us_per_image": profile,
+            "targets": {"ratio_to_decode_limit": 0.85, "ratio_to_imagefolder": 2.0}}
