@@ -1,0 +1,115 @@
+"""`distrib bench trainer`: the full trainer's step loop vs a bare torch loop, same model and batches.
+
+    distrib bench trainer [--config launch/configs/debug.yaml] [--steps 20] [overrides]
+
+Both loops train the same freshly seeded model on the same batches already in memory, in the same
+process (so the same process count). The trainer side is the real ``train._train_epoch`` (accumulate,
+backward, clipping, scheduler, TensorBoard/tqdm logging) fed by an in-memory batch list instead of
+shards. Rounds alternate between the two to share the noise of a busy machine; the reported ratio
+is bare-loop time / trainer time per step (1.0 = no overhead; target >= 0.95).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from distrib.config import load_config
+
+ROUNDS = 3
+
+
+def _batches(cfg, steps: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    b, s = cfg.data.batch_size, cfg.data.img_size
+    return [{"image": torch.randn(b, 3, s, s, generator=g), "label": torch.randint(0, 2, (b,), generator=g),
+             "key": [f"k{i}" for i in range(b)], "group": ["g"] * b, "valid": torch.ones(b, dtype=torch.bool)}
+            for _ in range(steps)]
+
+
+def _bare_loop(model, batches, cfg, device) -> float:
+    """The minimal loop: forward, BCE/CE, backward, AdamW step. Seconds per step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss() if cfg.model.num_classes == 1 else torch.nn.CrossEntropyLoss()
+    model.train()
+    t0 = time.perf_counter()
+    for batch in batches:
+        x, y = batch["image"].to(device), batch["label"].to(device)
+        out = model(x)
+        out = out["logits"] if isinstance(out, dict) else out
+        loss = loss_fn(out[:, 0], y.float()) if cfg.model.num_classes == 1 else loss_fn(out, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def _trainer_loop(t, batches) -> float:
+    """The real trainer loop body over in-memory batches. Seconds per step."""
+    from distrib.train import _train_epoch
+    t.epoch_batches = lambda: iter(batches)  # instance attribute shadows the shard-reading method
+    t.micro_per_epoch = t.steps_per_epoch = len(batches)
+    t.pos = 0
+    t0 = time.perf_counter()
+    _train_epoch(t)
+    if t.accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def _build_trainer(cfg, model, out: Path, steps: int):
+    from distrib import dist
+    from distrib.losses import build_loss
+    from distrib.optim import build_optimizer, build_scheduler
+    from distrib.runlog import RunLogger
+    from distrib.trainer_setup import Trainer
+    acc = dist.build_accelerator(cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = acc.prepare(model, optimizer)
+    sched = build_scheduler(optimizer, cfg.optim, steps, steps * (2 * ROUNDS + 2))
+    t = Trainer(cfg, out, acc, model, optimizer, sched, build_loss(cfg.train, cfg.model), None,
+                RunLogger(out, enabled=acc.is_main_process), [], steps, steps)
+    t.loss_sum = t.loss_sum.to(acc.device)
+    return t
+
+
+def run(args) -> dict:
+    from accelerate.utils import set_seed
+
+    from distrib import dist
+    from distrib.models import build_model
+    config = args.config or str(Path(__file__).resolve().parents[3] / "launch" / "configs" / "debug.yaml")
+    cfg = load_config(config, list(args.overrides or []))
+    steps = max(2, int(args.steps))
+    batches = _batches(cfg, steps)
+    set_seed(cfg.train.seed)
+    trainer_model = build_model(cfg.model)
+    set_seed(cfg.train.seed)
+    bare_model = build_model(cfg.model)
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_trainer_"))
+    t = _build_trainer(cfg, trainer_model, out, steps)
+    try:
+        device = t.accelerator.device
+        bare_model.to(device)
+        _bare_loop(bare_model, batches[:2], cfg, device)  # warm-up: allocator, kernels, thread pools
+        _trainer_loop(t, batches[:2])
+        bare, trainer = [], []
+        for _ in range(ROUNDS):
+            bare.append(_bare_loop(bare_model, batches, cfg, device))
+            trainer.append(_trainer_loop(t, batches))
+        info = dist.runtime_info(t.accelerator)
+        t.log.close()
+    finally:
+        dist.finish(t.accelerator)
+    bare_s, trainer_s = statistics.median(bare), statistics.median(trainer)
+    imgs = cfg.data.batch_size * info["world_size"]
+    return {"bench": "trainer", "model": cfg.model.name, "img_size": cfg.data.img_size,
+            "batch_size": cfg.data.batch_size, "steps": steps, "rounds": ROUNDS, **info,
+            "bare_ms_per_step": round(bare_s * 1000, 2), "trainer_ms_per_step": round(trainer_s * 1000, 2),
+            "bare_images_per_s": round(imgs / bare_s, 1), "trainer_images_per_s": round(imgs / trainer_s, 1),
+            "ratio_to_bare_loop": round(bare_s / trainer_s, 4), "target": 0.95}
