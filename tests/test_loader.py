@@ -229,3 +229,24 @@ def test_bench_loader_prints_ratios_as_last_json_line(demo_shards, tmp_path, cap
         assert res[k] > 0
     assert res["images_timed"] == 2 * 32 and set(res["profile_us_per_image"]) >= {"tar_read", "jpeg_decode", "geometric"}
     assert len(list((tmp_path / "scratch" / "imagefolder").rglob("*.jpg"))) == res["unique_images"]
+
+
+@pytest.mark.timeout(120)
+def test_training_on_unusable_shards_raises_instead_of_hanging(tmp_path):
+    """The training stream is endless; with nothing decodable it must fail with a message, not spin."""
+    bad = tmp_path / "bad"
+    write_tiny_shards(bad, [("train", 0, 3), ("train", 0, 2)], bad_jpeg={"f0s0i0", "f0s0i1", "f0s0i2",
+                                                                          "f0s1i0", "f0s1i1"})
+    with pytest.raises(DataError, match="in a row failed to decode.*distrib shard inspect"):
+        list(build_loader(bad, "train", [0], 0, 1, 0, 2, 0, _train_tf(), 0))
+    gone = tmp_path / "gone"
+    write_tiny_shards(gone, [("train", 0, 3), ("train", 0, 2)])
+    for tar in gone.glob("*.tar"):
+        tar.unlink()
+    with pytest.raises(DataError, match="shard reads in a row gave no samples.*FileNotFoundError"):
+        list(build_loader(gone, "train", [0], 0, 1, 0, 2, 0, _train_tf(), 0))
+    # eval over the same missing shards completes: every sample is counted as skipped, all rows padding
+    loader = build_loader(gone, "train", [0], 0, 1, 0, 2, 0, _eval_tf(), 0, mode="eval")
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3 and not any(b["valid"].any() for b in batches)
+    assert loader.report()["skipped_tar"] == 5

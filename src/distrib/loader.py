@@ -23,6 +23,7 @@ skipped and counted in the worker; counts travel with every batch and a final st
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -52,7 +53,7 @@ train_folds = folds_for
 
 
 def _stream_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (Python's hash() of ints/tuples is not salted, but spell it out)."""
+    """A stable 63-bit seed from integers (FNV-style), identical in every process and Python version."""
     h = 1469598103934665603
     for p in parts:
         h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
@@ -123,14 +124,15 @@ class _Stream(IterableDataset):
                 lambda src: read_samples(src, self.plan.counts, stats),
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                             rng=random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker, 2))),
-                lambda src: _decoded(src, decode),
+                lambda src: _decoded(src, decode, self.plan.total + 1),
                 lambda src: _batches(src, self.batch_size, partial=False),
             ).with_epoch(nbatches=nb)
             if nb == 0:
                 pipe = []
         else:
             urls = self.plan.rank_worker_urls(self.rank, worker, self.world_size, self.num_workers)
-            pipe = _batches(_decoded(read_samples(({"url": u} for u in urls), self.plan.counts, stats), decode),
+            samples = read_samples(({"url": u} for u in urls), self.plan.counts, stats)
+            pipe = _batches(_decoded(samples, decode, self.plan.total + 1),
                             self.batch_size, partial=True)
         for rows in pipe:
             yield _collate(rows, self.transform, gen, worker, stats)
@@ -161,17 +163,24 @@ class _Decoder:
 
 
 def _json(raw) -> dict:
-    import json
     if raw is None:
         return {}
     return json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
 
 
-def _decoded(samples, decode: _Decoder):
+def _decoded(samples, decode: _Decoder, limit: int):
+    """Decodable samples only; ``limit`` failures in a row (more than the split holds) means none decode."""
+    bad = 0
     for s in samples:
         out = decode(s)
         if out is not None:
+            bad = 0
             yield out
+        else:
+            bad += 1
+            if bad > limit:
+                raise DataError(f"{bad} samples in a row failed to decode (e.g. {decode.stats.errors[-1]}); the "
+                                f"split has no usable images: check the shards with 'distrib shard inspect'")
 
 
 def _batches(rows, batch_size: int, partial: bool):

@@ -150,9 +150,17 @@ def plan_split(index_or_dir, split: str, folds: list[int] | None = None) -> Spli
 
 
 def read_samples(src, counts: dict[str, int], stats):
-    """Tar samples (dicts of member bytes) from ``{'url': ...}`` items; broken streams counted in ``stats``."""
+    """Tar samples (dicts of member bytes) from ``{'url': ...}`` items; broken streams counted in ``stats``.
+
+    ``src`` may be endless (training); a run of more than twice the number of shards yielding nothing
+    means no shard is readable, which is raised instead of spinning forever.
+    """
+    empty_run, last_error = 0, ""
     for item in src:
         url = item["url"]
+        if empty_run > 2 * max(2, len(counts)):
+            raise DataError(f"{empty_run} shard reads in a row gave no samples (last: {url}: {last_error or 'empty'}); "
+                            f"check the shard location and run 'distrib shard inspect' on it")
         n, finished = 0, False
         stream = None
         try:
@@ -169,7 +177,8 @@ def read_samples(src, counts: dict[str, int], stats):
             raise
         except Exception as e:  # truncated or corrupt tar: the rest of this shard is lost, counted below
             finished = True
-            stats.note("tar", 0, f"{url}: {type(e).__name__}: {e}")
+            last_error = f"{type(e).__name__}: {e}"
+            stats.note("tar", 0, f"{url}: {last_error}")
         finally:
             if stream is not None:
                 try:
@@ -178,3 +187,4 @@ def read_samples(src, counts: dict[str, int], stats):
                     pass
             if finished and n < counts.get(url, 0):  # not on early exit (end of a training epoch)
                 stats.note("tar", counts[url] - n, f"{url}: read {n} of {counts[url]} samples")
+        empty_run = empty_run + 1 if n == 0 else 0
