@@ -129,6 +129,9 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
 
     from distrib.loader import folds_for, read_index
 
+    if embed_cfg.anchors < embed_cfg.dim or embed_cfg.fit_samples < embed_cfg.dim:  # fail before any embedding
+        raise DataError(f"embed.dim={embed_cfg.dim} needs embed.anchors and embed.fit_samples >= dim (got "
+                        f"{embed_cfg.anchors}, {embed_cfg.fit_samples}); lower embed.dim or raise them")
     runs = _load_runs(list(run_dirs))
     k = len(runs)
     shards = runs[0][2].data.shards
