@@ -156,7 +156,7 @@ def run_trial(params: dict, spec: dict) -> None:
 
     if spec.get("workers", 1) > 1:
         from distrib.tune_ddp import run_ddp_trial
-        final = run_ddp_trial(cfg, run_dir, resume, spec)
+        final = run_ddp_trial(spec, overrides, run_dir, resume)
     else:
         final = train.run(cfg, str(run_dir), resume=resume, report=report)
     t_end = time.time()
