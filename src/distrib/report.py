@@ -1,0 +1,89 @@
+"""report.md from a cascade's evaluation_results.json: headline table, cost, thresholds, ablation, complementarity.
+
+The report only formats numbers already in evaluation_results.json (no recomputation), so the two
+can never disagree; figures are linked with paths relative to the report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLS = ("auc", "f1", "accuracy", "recall", "specificity", "eer")
+
+
+def _f(v, digits: int = 4) -> str:
+    return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def headline(results: dict) -> list[str]:
+    """The metrics table (one row per stage/scorer) used at the top of report.md and in the README."""
+    rows = [[name, *[m.get(c) for c in COLS]] for name, m in results["metrics"].items()]
+    return _table(["scorer", *COLS], rows)
+
+
+def write_report(results: dict, out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.md`` and return its path."""
+    out = Path(out_dir)
+    r = results
+    lines = [f"# {r.get('name', 'cascade')}: evaluation on `{r['split']}`", "",
+             f"{r['n']} samples ({r['positives']} positive), {r.get('skipped_samples', 0)} corrupt samples skipped. "
+             f"Escalated to stages 2+3: **{r['escalation_rate']:.1%}** ({r['escalated']}).", "",
+             "## Quality", "", *headline(r),
+             "Thresholds were fit on OOF/val predictions only; stage 1 alone uses its Youden threshold, the cascade "
+             "score maps every decision onto 0.5.", ""]
+    c = r["cost"]
+    cost_rows = [["stage 1 alone", c["stage1_mean_ms"], c["stage1_p95_ms"], 1.0],
+                 ["cascade", c["cascade_mean_ms"], c["cascade_p95_ms"], c["cost_ratio_to_stage1"]]]
+    if "always23_mean_ms" in c:
+        cost_rows.append(["always stage 2+3", c["always23_mean_ms"], c["always23_p95_ms"],
+                          c["always23_mean_ms"] / max(c["stage1_mean_ms"], 1e-9)])
+    lines += ["## Cost per image", "", *_table(["path", "mean ms", "p95 ms", "x stage 1"], cost_rows), c["note"], ""]
+    t = r["thresholds"]
+    band = t["stage1_band"]
+    lines += ["## Thresholds", "",
+              f"- Stage-1 band: {band['message']}" + ("" if band["feasible"] else " (**infeasible**: all samples escalate)"),
+              f"- Stage-3 meta threshold ({t['meta_rule']}, fit on the meta-model's OOF predictions): {_f(t['meta_threshold'])}",
+              f"- Experts' own thresholds (Youden on their OOF rows): "
+              + ", ".join(f"{k} {_f(v)}" for k, v in t["experts_youden_oof"].items()), ""]
+    st = r.get("stack")
+    if st:
+        rows = [[k, v["auc_mean"], v["auc_std"], v.get("n_features")] for k, v in st["ablation"].items()]
+        lines += ["## Stacking ablation (meta-model's own grouped CV on the OOF table)", "",
+                  *_table(["features", "AUC mean", "AUC std", "n features"], rows),
+                  f"Configured feature set: `{st['features']}`; best single expert under the same folds: "
+                  f"`{st['best_expert']}`.", ""]
+    comp = r.get("complementarity")
+    if comp:
+        rows = []
+        for p in comp["pairs"]:
+            a, b = p["experts"]
+            rows.append([f"{a} vs {b}", p["disagreement_rate"], p["yules_q"], p["both_wrong_rate"],
+                         p["mcnemar"]["p_exact"], p["accuracy_where_disagree"][a], p["accuracy_where_disagree"][b]])
+        lines += ["## Complementarity of the stage-2 experts", "",
+                  *_table(["pair", "disagreement", "Yule's Q", "both wrong", "McNemar p (exact)",
+                           "acc. A where disagree", "acc. B where disagree"], rows)]
+        for p in comp["pairs"]:
+            for name, keys in (p.get("only_right") or {}).items():
+                lines.append(f"- Only `{name}` right (first {len(keys)}): " + (", ".join(f"`{k}`" for k in keys) or "none"))
+        lines.append("")
+    lines += ["## Figures", ""]
+    for name, rel in r.get("plots", {}).items():
+        lines += [f"### {name}", "", f"![{name}]({rel})", ""]
+    lines += [f"Raw numbers: `evaluation_results.json`; per-sample decisions: `{r.get('predictions', '')}`.", ""]
+    path = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def report_from_json(path: str | Path) -> Path:
+    """Re-render report.md from an existing evaluation_results.json."""
+    path = Path(path)
+    return write_report(json.loads(path.read_text()), path.parent)
