@@ -195,6 +195,17 @@ def test_shards_over_http(uneven):
         server.server_close()
 
 
+def test_pipe_location_reads_index_and_shards(uneven):
+    """A `pipe:` location with a {} placeholder (as for `aws s3 cp s3://b/{} -`) streams via webdataset's gopen."""
+    out, index = uneven
+    loc = f"pipe:cat {out}/{{}}"
+    assert read_index(loc)["shards"] == index["shards"]
+    loader = build_loader(loc, "val", None, 0, 1, 0, 8, 0, _eval_tf(), 0, mode="eval")
+    assert sorted(k for b in loader for k, v in zip(b["key"], b["valid"]) if v) == sorted(_keys(index, "val"))
+    with pytest.raises(DataError, match="needs a '{}' placeholder"):
+        read_index(f"pipe:cat {out}/index.json")
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass

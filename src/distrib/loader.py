@@ -17,6 +17,9 @@ number below is computed from ``index.json`` alone, so all ranks agree without c
   are padding rows with ``valid=False`` so metrics can drop them. Needs at least
   ``world_size * max(1, num_workers)`` shards, else it fails fast.
 
+No webdataset node/worker splitter reads the rank from the environment: ``split_by_node`` is never
+used, and the (rank, worker) -> shards assignment above is explicit in both modes.
+
 Corrupt data (a tar member that breaks the stream, a truncated shard, an undecodable image) is
 skipped and counted in the worker; counts travel with every batch and a final stats message, and
 ``Loader.report()`` sums them per epoch (also logged as a warning on every rank).
