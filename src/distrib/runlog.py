@@ -42,6 +42,7 @@ class RunLogger:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+        self.out.mkdir(parents=True, exist_ok=True)
         if resume_step is None or not self.csv_path.is_file():
             self._write_rows([])
         else:  # drop rows a killed run logged after its last checkpoint
@@ -86,7 +87,6 @@ class RunLogger:
             for k, v in values.items():
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
                     self._tb.add_scalar(k, float(v), step)
-            self._tb.flush()
 
     def epoch_row(self, row: dict) -> None:
         """Append one evaluation row to training_log.csv and its metrics to TensorBoard."""
@@ -95,6 +95,7 @@ class RunLogger:
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
         self.scalars(int(row["step"]), {f"val/{k}": row[k] for k in LOG_COLUMNS[4:12]})
+        self._tb.flush()  # per-step scalars are flushed by the writer's own timer; evaluations at once
         self.plot_curves()
 
     def plot_curves(self) -> Path | None:
