@@ -10,6 +10,16 @@ from distrib.losses import build_loss
 from distrib.models import build_model, list_models
 from distrib.optim import build_optimizer, trainable_parameters
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches gain nothing from 2 OpenMP threads, and on a loaded 2-core box they spin against other
+    processes (5-20x slower measured here); restore the setting for the rest of the session."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Small ConvNeXt + a 1-block-per-stage Swin: the GenConViT layout at 32 px in about a second.
 TINY_GENCONVIT = dict(convnext="convnext_atto", swin="swin_tiny_patch4_window7_224", head_hidden=32,
                       swin_kwargs=dict(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4))
@@ -199,6 +209,11 @@ def test_genconvit_vae_reparameterizes_in_train_and_is_deterministic_in_eval():
 
 def test_genconvit_rejects_sizes_the_encoder_cannot_mirror():
     model = build_model(ModelConfig(name="genconvit_ed", num_classes=1, img_size=32, kwargs=TINY_GENCONVIT))
+    with pytest.raises(ConfigError, match="model.img_size"):
+        model(torch.randn(1, 3, 64, 64))  # built for 32 px
+    kwargs = dict(TINY_GENCONVIT, swin_kwargs=dict(TINY_GENCONVIT["swin_kwargs"], dynamic_img_size=True))
+    model = build_model(ModelConfig(name="genconvit_ed", num_classes=1, img_size=32, kwargs=kwargs))
+    assert model(torch.randn(1, 3, 64, 64))["recon"].shape == (1, 3, 64, 64)
     with pytest.raises(ConfigError, match="multiple of 32"):
         model(torch.randn(1, 3, 48, 48))
 

@@ -102,6 +102,7 @@ class GenConViT(nn.Module):
             raise ConfigError(f"GenConViT variant must be 'ed' or 'vae', got {variant!r}")
         self.variant = variant
         self.img_size = img_size
+        self.dynamic_size = bool(kw["swin_kwargs"].get("dynamic_img_size", False))
         default_ch = [16, 32, 64, 128, 256] if variant == "ed" else [16, 32, 64, 128]
         channels = list(kw["enc_channels"] or default_ch)
         self.downsample = 2 ** len(channels)
@@ -131,6 +132,10 @@ class GenConViT(nn.Module):
 
     def reconstruct(self, x: torch.Tensor):
         """``(recon, mu, logvar)``; the VAE samples ``z`` in training and uses ``mu`` in eval."""
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size) and not self.dynamic_size:
+            raise ConfigError(f"GenConViT was built for {self.img_size} px (model.img_size) but got a "
+                              f"{tuple(x.shape[-2:])} input; set model.img_size to data.img_size "
+                              "(the Swin path has a fixed token grid)")
         if x.shape[-1] % self.downsample or x.shape[-2] % self.downsample:
             raise ConfigError(f"GenConViT input {tuple(x.shape[-2:])} must be a multiple of {self.downsample} "
                               "(encoder depth); change data.img_size or model.kwargs.enc_channels")
