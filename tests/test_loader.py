@@ -206,6 +206,19 @@ def test_pipe_location_reads_index_and_shards(uneven):
         read_index(f"pipe:cat {out}/index.json")
 
 
+def test_fsspec_location(uneven):
+    """Schemes webdataset's gopen lacks (s3://, gs://, ...) go through fsspec; memory:// stands in for them."""
+    import fsspec
+    out, index = uneven
+    fs = fsspec.filesystem("memory")
+    for f in out.iterdir():
+        fs.pipe(f"/bucket/shards/{f.name}", f.read_bytes())
+    loader = build_loader("memory://bucket/shards", "val", None, 0, 1, 0, 8, 0, _eval_tf(), 0, mode="eval")
+    assert sorted(k for b in loader for k, v in zip(b["key"], b["valid"]) if v) == sorted(_keys(index, "val"))
+    with pytest.raises(DataError, match="no shard index|cannot read shard index"):
+        read_index("memory://bucket/elsewhere")
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep pytest output clean
         pass

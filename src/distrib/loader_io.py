@@ -43,13 +43,21 @@ def _locate(index_or_dir: str) -> tuple[str, str]:
     return os.path.join(loc, "index.json"), os.path.join(os.path.abspath(loc), "{}")
 
 
+_GOPEN_SCHEMES = ("pipe", "http", "https", "file", "sftp", "scp", "ftps", "ais", "hf")
+
+
 def open_url(url: str):
-    """A readable binary stream for a local path, a webdataset gopen URL, or any fsspec URL."""
-    scheme = urlparse(url).scheme
-    if url.startswith("pipe:") or not _has_scheme(url) or scheme in wds_gopen.gopen_schemes or scheme == "file":
+    """A readable binary stream: local paths, pipe: and http(s) via webdataset's gopen; s3://, gs://,
+    memory:// and any other scheme via fsspec (which needs its backend package, e.g. s3fs or gcsfs)."""
+    scheme = "pipe" if url.startswith("pipe:") else urlparse(url).scheme
+    if not _has_scheme(url) or scheme in _GOPEN_SCHEMES:
         return wds_gopen.gopen(url, "rb")
     import fsspec
-    return fsspec.open(url, "rb").open()
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as e:
+        raise DataError(f"cannot open {url}: {e}; install the fsspec backend for '{scheme}://' (e.g. s3fs, gcsfs) "
+                        f"or use a 'pipe:' location such as 'pipe:aws s3 cp {url.rsplit('/', 1)[0]}/{{}} -'") from e
 
 
 def read_index(index_or_dir) -> dict:
@@ -64,6 +72,8 @@ def read_index(index_or_dir) -> dict:
             with open_url(index_url) as f:
                 raw = f.read()
         index = json.loads(raw)
+    except DataError:
+        raise
     except FileNotFoundError as e:
         raise DataError(f"no shard index at {index_url}: point data.shards at a folder written by "
                         f"'distrib shard' (it holds index.json)") from e
