@@ -15,6 +15,7 @@ import io
 import math
 from typing import Sequence
 
+import kornia  # imported here, not lazily: forked DataLoader workers inherit it instead of re-importing
 import numpy as np
 import simplejpeg
 import torch
@@ -164,7 +165,6 @@ class ImageTransform:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def _motion_blur(self, x: torch.Tensor, g) -> torch.Tensor:
-        import kornia
         a, n = self.aug, x.shape[0]
         if a.motion_blur_p <= 0:
             return x
