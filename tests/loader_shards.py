@@ -41,8 +41,8 @@ def write_tiny_shards(out: Path, layout: list[tuple[str, int, int]], size: int =
                 tag = f"f{fold}" if split == "train" else split
                 key = f"{tag}s{si}i{i}"
                 label = int(rng.integers(0, 2))
-                meta = {"key": key, "label": label, "group": f"g{si}_{i // 4}", "fold": fold if split == "train" else -1,
-                        "source_path": f"img/{key}.jpg"}
+                meta = {"key": key, "label": label, "group": f"g{si}_{i // 4}",
+                        "fold": fold if split == "train" else -1, "source_path": f"img/{key}.jpg"}
                 img = b"not a jpeg at all" if key in bad_jpeg else _jpeg(rng, size)
                 w.write({"__key__": key, "jpg": img, "cls": str(label).encode(), "json": json.dumps(meta).encode()})
         if truncate and name in truncate:

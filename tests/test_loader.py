@@ -251,7 +251,8 @@ def test_bench_loader_prints_ratios_as_last_json_line(demo_shards, tmp_path, cap
     for k in ("images_per_s", "ratio_to_decode_limit", "ratio_to_imagefolder", "decode_limit_images_per_s",
               "imagefolder_images_per_s"):
         assert res[k] > 0
-    assert res["images_timed"] == 2 * 32 and set(res["profile_us_per_image"]) >= {"tar_read", "jpeg_decode", "geometric"}
+    assert res["images_timed"] == 2 * 32
+    assert set(res["profile_us_per_image"]) >= {"tar_read", "jpeg_decode", "geometric"}
     assert len(list((tmp_path / "scratch" / "imagefolder").rglob("*.jpg"))) == res["unique_images"]
 
 

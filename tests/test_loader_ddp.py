@@ -1,4 +1,4 @@
-"""A real 2-process gloo run (accelerate launch, CPU): equal training batch counts on uneven shards, exactly-once eval."""
+"""A real 2-process gloo run (accelerate launch, CPU): equal train batch counts on uneven shards, exactly-once eval."""
 from __future__ import annotations
 
 import json

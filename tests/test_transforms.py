@@ -80,7 +80,8 @@ def test_each_augmentation_does_what_it_says():
     assert torch.allclose(hflip, x.float().flip(-1), atol=1e-2)
     vflip = build_transform(AugmentConfig(hflip=0.0, vflip=1.0), data, train=True).batch(x)
     assert torch.allclose(vflip, x.float().flip(-2), atol=1e-2)
-    rot = build_transform(AugmentConfig(hflip=0.0, rotate=180), data, train=True).batch(x, torch.Generator().manual_seed(0))
+    rotate = build_transform(AugmentConfig(hflip=0.0, rotate=180), data, train=True)
+    rot = rotate.batch(x, torch.Generator().manual_seed(0))
     assert (rot == 0).float().mean() > 0.01  # rotated corners are zero-filled
     blur = build_transform(AugmentConfig(hflip=0.0, motion_blur_p=1.0), data, train=True).batch(x)
     # a motion blur keeps the mean but removes high-frequency energy

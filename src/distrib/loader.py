@@ -300,7 +300,8 @@ def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: i
     else:
         if len(plan.urls) < streams:
             fewer = (f"or use fewer workers (data.num_workers={len(plan.urls) // world_size})"
-                     if len(plan.urls) >= world_size else "(fewer workers cannot help: there are fewer shards than ranks)")
+                     if len(plan.urls) >= world_size
+                     else "(fewer workers cannot help: there are fewer shards than ranks)")
             raise DataError(
                 f"{plan.describe()} has {len(plan.urls)} shards but eval reading needs at least world_size x "
                 f"max(1, num_workers) = {world_size} x {max(1, num_workers)} = {streams} (one per rank and "

@@ -101,7 +101,8 @@ class ImageTransform:
             self.std = torch.tensor(mean_std[1], dtype=torch.float32).view(1, 3, 1, 1) * 255.0
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, train={self.train}, normalize={'none' if self.mean is None else 'mean/std'})"
+        norm = "none" if self.mean is None else "mean/std"
+        return f"ImageTransform(size={self.size}, train={self.train}, normalize={norm})"
 
     # ---- per sample (decode side) ----
     def prepare(self, img) -> torch.Tensor:
