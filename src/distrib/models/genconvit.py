@@ -153,7 +153,9 @@ class GenConViT(nn.Module):
         return torch.stack([err.mean(1), err.std(1), err.amax(1)], dim=1)
 
     def _embed(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        both = torch.cat([x, recon], dim=0)  # one backbone pass over input and reconstruction
+        # One backbone pass over input and reconstruction. ConvNeXt/Swin use LayerNorm, so batching the
+        # two does not mix their statistics (a BatchNorm backbone here would, in training mode).
+        both = torch.cat([x, recon], dim=0)
         c, s = self.convnext(both), self.swin(both)
         b = x.shape[0]
         return torch.cat([c[:b], s[:b], c[b:], s[b:], self.recon_error_stats(x, recon)], dim=1)
