@@ -182,3 +182,11 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     assert len(summary) == 3 and (summary["status"] == "done").all(), summary
     assert _events(out / "trials" / "c0_fold0") == ["start", "done"]  # finished trial was not re-run
     assert json.loads((out / "sweep_results.json").read_text())["best"]["config_id"] == "c0"
+
+
+@pytest.mark.parametrize("grid_file", sorted((REPO / "launch" / "configs").glob("grid_*.yaml")), ids=lambda p: p.name)
+def test_shipped_grids_build_every_config(grid_file):
+    configs = grid_configs(load_grid(grid_file))
+    assert len(configs) >= 2
+    for c in configs:
+        load_config(DEBUG, [*c["overrides"], "data.fold=1"])
