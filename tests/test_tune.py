@@ -187,6 +187,6 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
 @pytest.mark.parametrize("grid_file", sorted((REPO / "launch" / "configs").glob("grid_*.yaml")), ids=lambda p: p.name)
 def test_shipped_grids_build_every_config(grid_file):
     configs = grid_configs(load_grid(grid_file))
-    assert len(configs) >= 2
+    assert len(configs) >= 1
     for c in configs:
         load_config(DEBUG, [*c["overrides"], "data.fold=1"])
