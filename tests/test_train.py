@@ -164,3 +164,31 @@ def test_schedules_and_trainable_only_optimizer():
     assert cl[0] == pytest.approx(1e-3 / 5) and cl[4] == pytest.approx(1e-3)  # linear warmup, then peak
     assert cos.get_last_lr()[0] == pytest.approx(1e-5)  # cosine reaches optim.min_lr at the last step
     assert cl == sorted(cl[:5]) + sorted(cl[5:], reverse=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_distillation_from_teacher_run(debug_run, demo_shards, tmp_path):
+    from distrib.train import run
+    _, teacher_dir, _ = debug_run
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "model.name=resnet10t", "data.img_size=48",
+                              f"train.distill_teacher={teacher_dir}", "train.distill_alpha=0.7",
+                              "train.max_steps=2", "train.latency_batches=1"])
+    result = run(cfg, tmp_path / "student")  # student images are resized 48 -> 32 px for the teacher
+    assert result["steps"] == 2 and np.isfinite(result["train_loss"])
+    bad = load_config(DEBUG, [f"data.shards={demo_shards}", f"train.distill_teacher={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="distill_teacher.*best_model.pth"):
+        run(bad, tmp_path / "student2")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_genconvit_saves_reconstruction_samples(demo_shards, tmp_path):
+    from distrib.train import run
+    over = [f"data.shards={demo_shards}", "model.name=genconvit_vae", "train.cls_weight=0.9",
+            "train.recon_weight=0.1", "train.kl_weight=0.01", "train.max_steps=2", "train.latency_batches=1"]
+    with pytest.raises(ConfigError, match="model.img_size"):  # size mismatch caught before training
+        run(load_config(DEBUG, over), tmp_path / "bad")
+    run(load_config(DEBUG, over + ["model.img_size=32"]), tmp_path / "run")
+    img = Image.open(tmp_path / "run" / "reconstruction_samples.png")
+    assert img.size[0] > img.size[1] > 0

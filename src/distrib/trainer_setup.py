@@ -44,7 +44,23 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     dist.check_precision(cfg, model)
+    _dry_forward(cfg, model)
     return model
+
+
+def _dry_forward(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
+    """One batch-1 forward at data.img_size, so a size mismatch fails here and not inside a collective."""
+    size = cfg.data.img_size
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except DistribError:
+        raise
+    except Exception as e:  # shape errors from deep inside a backbone: say which settings to change
+        raise ConfigError(f"model {cfg.model.name!r} cannot take a {size}x{size} input (data.img_size={size}, "
+                          f"model.img_size={cfg.model.img_size}): {e}; change data.img_size or model.img_size") from e
+    finally:
+        model.train()
 
 
 @dataclasses.dataclass
