@@ -60,12 +60,12 @@ class _Steps:
         self.bar = tqdm(total=len(names), desc="demo", unit="step", dynamic_ncols=True)
         self.times: dict[str, float] = {}
 
-    def __call__(self, name: str, fn, *args, **kwargs):
-        self.bar.set_description(f"demo: {name}")
-        self.bar.write(f"==> {name}")
+    def __call__(self, step: str, fn, *args, **kwargs):
+        self.bar.set_description(f"demo: {step}")
+        self.bar.write(f"==> {step}")
         t0 = time.time()
         result = fn(*args, **kwargs)
-        self.times[name] = round(time.time() - t0, 1)
+        self.times[step] = round(time.time() - t0, 1)
         self.bar.update(1)
         return result
 
