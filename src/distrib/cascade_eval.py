@@ -14,21 +14,7 @@ import numpy as np
 import pandas as pd
 
 from distrib.metrics import binary_metrics
-
-
-def _clean(obj):
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
+from distrib.thresholds import json_safe
 
 
 def _stats(values: np.ndarray) -> tuple[float, float]:
@@ -120,7 +106,7 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
         top = max(best, key=lambda k: metrics[k]["auc"] if math.isfinite(metrics[k]["auc"]) else -1)
         results["best_expert"] = top
         results["auc_delta_vs_best_expert"] = metrics["cascade"]["auc"] - metrics[top]["auc"]
-    results = _clean(results)
+    results = json_safe(results)
     path = out / "evaluation_results.json"
     tmp = out / ".evaluation_results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))

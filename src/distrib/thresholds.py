@@ -133,8 +133,8 @@ def fit_band(y: np.ndarray, score: np.ndarray, recall: float, specificity: float
     t_low, t_high = float(cand[i]), float(cand[j])
     out = {"feasible": True, "t_low": t_low, "t_high": t_high, **rates(y, score, t_low, t_high)}
     out["message"] = (f"band [{t_low:.4g}, {t_high:.4g}) routes {out['uncertain_fraction']:.1%} of rows to the next "
-                      f"stage; auto-decided recall {out['recall']:.4f} >= {recall}, "
-                      f"specificity {out['specificity']:.4f} >= {specificity}")
+                      f"stage; auto-decided recall {_fmt(out['recall'])} >= {recall}, "
+                      f"specificity {_fmt(out['specificity'])} >= {specificity}")
     return out
 
 
@@ -161,6 +161,25 @@ def grouped_bootstrap(y: np.ndarray, score: np.ndarray, groups: np.ndarray, rule
             rec, spec = tp / (tp + fn), tn / (tn + fp)
         out[name] = {"recall_ci95": _ci(rec), "specificity_ci95": _ci(spec)}
     return out
+
+
+def json_safe(obj):
+    """Strict-JSON copy: NaN/inf -> None (e.g. specificity when no negative was auto-decided), numpy -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
+def _fmt(v: float) -> str:
+    return "n/a (none auto-decided)" if not np.isfinite(v) else f"{v:.4f}"
 
 
 def _ci(values: np.ndarray) -> list[float] | None:
@@ -210,7 +229,8 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
               "plots": {k: str(Path(p).name) for k, p in plots.items()}}
     path = out / f"{prefix}thresholds.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=True))
+    result = json_safe(result)
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
     tmp.replace(path)
     return result
 
