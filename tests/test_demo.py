@@ -1,0 +1,68 @@
+"""End to end: `distrib demo --size tiny` runs the whole main job and every artifact exists and parses."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import lightgbm as lgb
+import pandas as pd
+import pytest
+import torch
+
+from conftest import PYTHON, REPO, subprocess_env
+from distrib.config import load_config
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    out = tmp / "demo"
+    proc = subprocess.run([PYTHON, "-m", "distrib", "demo", "--out", str(out), "--size", "tiny"],
+                          cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_demo_artifacts_exist_and_parse(demo_run):
+    out, log = demo_run
+    assert "TensorBoard: tensorboard --logdir" in log and "--host 127.0.0.1" in log
+    results = json.loads((out / "evaluation_results.json").read_text())
+    assert results["split"] == "test"
+    for scorer in ("cascade", "stage1"):
+        assert 0.0 <= results["metrics"][scorer]["auc"] <= 1.0
+    assert 0.0 <= results["escalation_rate"] <= 1.0
+    assert results["pipeline"]["leak_check"]["auc"] < 0.65
+
+    report = (out / "report.md").read_text()
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (out / link).is_file(), f"report.md links a missing figure: {link}"
+    assert "## Pipeline" in report
+
+    # stage 1: a real run directory with a weights-only checkpoint and TensorBoard events
+    ckpt = torch.load(out / "stage1" / "best_model.pth", weights_only=True)
+    assert {"state_dict", "config", "metrics"} <= set(ckpt)
+    assert list((out / "stage1" / "tb").rglob("events.out.tfevents.*"))
+    load_config(out / "stage1" / "config.yaml")
+
+    index = json.loads((out / "shards" / "index.json").read_text())
+    n_train = sum(s["count"] for s in index["shards"] if s["split"] == "train")
+    for sweep in out.glob("sweep_*"):
+        summary = pd.read_csv(sweep / "sweep_summary.csv")
+        assert len(summary) == index["folds"]  # one grid config x every fold
+        load_config(sweep / "best_config.yaml")
+        oof = pd.read_parquet(sweep / "oof_embeddings.parquet")
+        rows = oof[oof["split"] == "oof"]
+        assert len(rows) == n_train and rows["key"].is_unique  # each training sample exactly once
+        assert (sweep / "fold_auc.png").is_file()
+
+    booster = lgb.Booster(model_file=str(out / "stack" / "meta_model.txt"))
+    meta = json.loads((out / "stack" / "meta_features.json").read_text())
+    assert booster.num_feature() == len(meta["features"])
+    json.loads((out / "stack" / "stack_results.json").read_text())
+    thresholds = json.loads((out / "thresholds" / "meta_thresholds.json").read_text())
+    assert "band" in thresholds
+    preds = pd.read_csv(out / "cascade_predictions.csv")
+    assert len(preds) == results["n"] and preds["key"].is_unique
