@@ -1,6 +1,7 @@
 """DDP: a real 2-process gloo `accelerate launch launch/train.py` run over real tar shards."""
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import re
@@ -51,7 +52,7 @@ def test_ddp_two_processes_gloo(learnable_shards, tmp_path):
 
     finals = dict(re.findall(r"\[rank (\d)\] final (\{.*\})", proc.stdout))
     assert set(finals) == {"0", "1"}, proc.stdout[-2000:]
-    ranks = {r: eval(v) for r, v in finals.items()}  # a printed dict of str/int
+    ranks = {r: ast.literal_eval(v) for r, v in finals.items()}  # a printed dict of str/int
     assert all(v["world_size"] == 2 and v["backend"] == "gloo" for v in ranks.values())
     assert ranks["0"]["param_checksum"] == ranks["1"]["param_checksum"]  # DDP kept the replicas equal
 

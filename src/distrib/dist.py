@@ -16,6 +16,7 @@ from distrib.config import ConfigError, ExperimentConfig
 
 _ACCELERATOR = None  # the live Accelerator, so print0/is_main work without passing it around
 _RANK = 0  # this process's global rank; kept after finish() so entry points can still print0
+_OWNS_GROUP = True  # False when a host (e.g. Ray Train) created the process group before us
 
 
 def _use_cpu() -> bool:
@@ -64,13 +65,14 @@ def build_accelerator(cfg: ExperimentConfig):
     accelerate config file serves every experiment (PITFALLS: without train_micro_batch_size_per_gpu
     DeepSpeed asserts, and on CPU it needs gloo explicitly).
     """
-    global _ACCELERATOR, _RANK
+    global _ACCELERATOR, _RANK, _OWNS_GROUP
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     backend = resolve_backend(cfg)
     if _using_deepspeed() and _use_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _OWNS_GROUP = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     handlers = []
     if _launched_distributed():  # a backend on a single process would make accelerate expect a process group
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s)))
@@ -156,13 +158,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def finish(accelerator) -> None:
-    """End training: a barrier first, which cures the intermittent gloo-destructor hang at exit (PITFALLS)."""
+def finish(accelerator, ok: bool = True) -> None:
+    """End training: a barrier first, which cures the intermittent gloo-destructor hang at exit (PITFALLS).
+
+    After an error (``ok=False``) there is no barrier: the other ranks may be stuck in a collective
+    and would hold this one until the timeout; tearing the group down lets the launcher fail fast.
+    """
     global _ACCELERATOR
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if ok:
+        accelerator.wait_for_everyone()
+    if _OWNS_GROUP:  # a group created by a host (Ray Train workers) is the host's to destroy
+        accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     _ACCELERATOR = None
     # a following run in the same process (tests, Tune trials) must build a fresh state
     from accelerate.state import AcceleratorState, GradientState, PartialState

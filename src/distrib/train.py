@@ -48,9 +48,12 @@ def run(cfg: ExperimentConfig, out_dir: str | Path, resume: bool = False, report
                 _validate(t, report)
             else:
                 _checkpoint(t)
-        return _finish(t)
-    finally:
-        dist.finish(accelerator)
+        result = _finish(t)
+    except BaseException:
+        dist.finish(accelerator, ok=False)
+        raise
+    dist.finish(accelerator)
+    return result
 
 
 def _train_epoch(t: Trainer) -> None:

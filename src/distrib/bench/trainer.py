@@ -1,6 +1,8 @@
 """`distrib bench trainer`: the full trainer's step loop vs a bare torch loop, same model and batches.
 
     distrib bench trainer [--config launch/configs/debug.yaml] [--steps 20] [overrides]
+    # 2 processes (both loops DDP over gloo):
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 .venv/bin/distrib bench trainer
 
 Both loops train the same freshly seeded model on the same batches already in memory, in the same
 process (so the same process count). The trainer side is the real ``train._train_epoch`` (accumulate,
@@ -10,6 +12,7 @@ is bare-loop time / trainer time per step (1.0 = no overhead; target >= 0.95).
 """
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -19,7 +22,7 @@ import torch
 
 from distrib.config import load_config
 
-ROUNDS = 3
+ROUNDS = 4
 
 
 def _batches(cfg, steps: int) -> list[dict]:
@@ -31,8 +34,13 @@ def _batches(cfg, steps: int) -> list[dict]:
 
 
 def _bare_loop(model, batches, cfg, device) -> float:
-    """The minimal loop: forward, BCE/CE, backward, AdamW step. Seconds per step."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    """The minimal loop: forward, BCE/CE, backward, optimizer step. Seconds per step.
+
+    The optimizer is the trainer's own (same class, param groups and hyper-parameters), so the ratio
+    measures the loop machinery (accelerate wrappers, scheduler, logging), not an optimizer choice.
+    """
+    from distrib.optim import build_optimizer
+    opt = build_optimizer(model.module if hasattr(model, "module") else model, cfg.optim)
     loss_fn = torch.nn.BCEWithLogitsLoss() if cfg.model.num_classes == 1 else torch.nn.CrossEntropyLoss()
     model.train()
     t0 = time.perf_counter()
@@ -82,7 +90,12 @@ def run(args) -> dict:
     from accelerate.utils import set_seed
 
     from distrib import dist
+    from distrib.errors import DistribError
     from distrib.models import build_model
+    if getattr(args, "num_processes", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise DistribError(f"--num-processes {args.num_processes}: launch the bench under accelerate instead: "
+                           f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
+                           f"{args.num_processes} .venv/bin/distrib bench trainer")
     config = args.config or str(Path(__file__).resolve().parents[3] / "launch" / "configs" / "debug.yaml")
     cfg = load_config(config, list(args.overrides or []))
     steps = max(2, int(args.steps))
@@ -96,12 +109,17 @@ def run(args) -> dict:
     try:
         device = t.accelerator.device
         bare_model.to(device)
+        if t.accelerator.num_processes > 1:  # same process count: the bare loop gets plain torch DDP
+            bare_model = torch.nn.parallel.DistributedDataParallel(bare_model)
         _bare_loop(bare_model, batches[:2], cfg, device)  # warm-up: allocator, kernels, thread pools
         _trainer_loop(t, batches[:2])
         bare, trainer = [], []
-        for _ in range(ROUNDS):
+        for i in range(ROUNDS):  # alternate which loop goes first, so drift on a shared machine cancels
+            if i % 2:
+                trainer.append(_trainer_loop(t, batches))
             bare.append(_bare_loop(bare_model, batches, cfg, device))
-            trainer.append(_trainer_loop(t, batches))
+            if not i % 2:
+                trainer.append(_trainer_loop(t, batches))
         info = dist.runtime_info(t.accelerator)
         t.log.close()
     finally:
