@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 on 2 CPU processes (gloo), selected only by launch/deepspeed_zero2.yaml."""
 from __future__ import annotations
 
+import ast
 import json
 import re
 import subprocess
@@ -26,6 +27,9 @@ def test_deepspeed_zero2_two_cpu_processes(demo_shards, tmp_path):
 
     finals = dict(re.findall(r"\[rank (\d)\] final (\{.*\})", proc.stdout))
     assert set(finals) == {"0", "1"}
+    ranks = {r: ast.literal_eval(v) for r, v in finals.items()}
+    # equal weights AND buffers: BatchNorm running stats are synced from rank 0 before evaluating
+    assert ranks["0"]["param_checksum"] == ranks["1"]["param_checksum"]
     results = json.loads((out / "evaluation_results.json").read_text())
     assert results["world_size"] == 2 and results["distributed_type"] == "DEEPSPEED"
     assert results["backend"] == "gloo"

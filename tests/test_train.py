@@ -218,3 +218,31 @@ def test_bench_trainer_prints_ratio(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == json.loads(json.dumps(result))
     assert result["ratio_to_bare_loop"] > 0 and result["world_size"] == 1  # timing is reported, never asserted
+
+
+@pytest.mark.timeout(600)
+def test_corrupt_samples_are_counted_and_reported(demo_shards, tmp_path):
+    import shutil
+    import tarfile
+
+    from distrib.train import run
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    src = shards / "train-f1-00000.tar"
+    members = []
+    with tarfile.open(src) as tar:
+        for m in tar.getmembers():
+            members.append((m, tar.extractfile(m).read()))
+    broken = 0
+    with tarfile.open(src, "w") as tar:
+        for m, data in members:
+            if m.name.endswith(".jpg") and broken < 2:  # two undecodable images, same size as before
+                data, broken = b"\0" * len(data), broken + 1
+            m.size = len(data)
+            tar.addfile(m, __import__("io").BytesIO(data))
+    cfg = load_config(DEBUG, [f"data.shards={shards}", "model.name=resnet10t", "train.epochs=1",
+                              "train.latency_batches=1", "data.shuffle_buffer=8"])
+    result = run(cfg, tmp_path / "run")
+    assert result["skipped_samples"]["train"] >= 1 and result["skipped_samples"]["val"] == 0
+    res = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())
+    assert res["skipped_samples"] == result["skipped_samples"]

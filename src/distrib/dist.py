@@ -124,6 +124,19 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
 
+def sync_buffers(accelerator, model) -> None:
+    """Broadcast module buffers (BatchNorm running stats) from rank 0 under DeepSpeed.
+
+    DDP broadcasts buffers from rank 0 at every forward; DeepSpeed does not, so each rank's running
+    statistics drift with its own batches and rank 1 would evaluate different weights from the ones
+    rank 0 saves in best_model.pth. Called before each evaluation, it restores DDP's semantics.
+    """
+    if accelerator.num_processes == 1 or not is_deepspeed(accelerator):
+        return
+    for buf in accelerator.unwrap_model(model).buffers():
+        torch.distributed.broadcast(buf.data, src=0)
+
+
 def is_main() -> bool:
     """True on the global rank-0 process (also before and after training)."""
     return _RANK == 0

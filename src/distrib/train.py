@@ -88,12 +88,13 @@ def _train_epoch(t: Trainer) -> None:
             break
         if cfg.train.ckpt_every_steps and t.step % cfg.train.ckpt_every_steps == 0 and t.pos < t.micro_per_epoch:
             _checkpoint(t)
-    t.log.end_epoch()
+    t.end_epoch()
 
 
 def _validate(t: Trainer, report: Report | None) -> None:
     """Evaluate, log a CSV/TensorBoard row, keep the best model by val AUC, checkpoint, report."""
     acc = t.accelerator
+    dist.sync_buffers(acc, t.model)  # every rank evaluates the weights best_model.pth will hold
     preds = evaluate(acc, t.model, t.val_loader, t.loss_fn)
     m = preds.metrics()
     total = acc.reduce(torch.stack([t.loss_sum.clone(), torch.tensor(float(t.loss_count), dtype=torch.float64,
@@ -128,7 +129,10 @@ def _checkpoint(t: Trainer) -> None:
 def _finish(t: Trainer) -> dict:
     """evaluation_results.json from the best model's saved predictions; per-rank weight checksums."""
     acc = t.accelerator
-    runtime = dist.runtime_info(acc)
+    runtime = {**dist.runtime_info(acc), "skipped_samples": t.skipped_counts()}
+    if any(runtime["skipped_samples"].values()):
+        dist.print0(f"warning: the loader skipped corrupt samples: {runtime['skipped_samples']} (see the loader "
+                    "warnings above; run 'distrib shard inspect' on data.shards)")
     result = {**t.best_metrics, **runtime, "best_epoch": t.best_epoch, "steps": t.step,
               "param_checksum": param_checksum(acc.unwrap_model(t.model, keep_torch_compile=False))}
     if acc.is_main_process:

@@ -87,6 +87,8 @@ class Trainer:
     done: bool = False
     loss_sum: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     loss_count: int = 0
+    skipped_train: int = 0  # corrupt training samples the loader skipped on this rank (completed epochs)
+    _loader: object = None  # this epoch's training loader (its skip counts are read at epoch end)
     best_auc: float = -math.inf
     best_epoch: int = -1
     best_metrics: dict = dataclasses.field(default_factory=dict)
@@ -118,7 +120,8 @@ class Trainer:
             self.epoch_rng = rng_state()
         else:
             set_rng_state(self.epoch_rng)
-        it = itertools.islice(iter(self._train_loader(self.epoch)), self.micro_per_epoch)
+        self._loader = self._train_loader(self.epoch)
+        it = itertools.islice(iter(self._loader), self.micro_per_epoch)
         for _ in range(self.pos):
             next(it)
         if self.pending_rng is not None:
@@ -166,7 +169,19 @@ class Trainer:
     def rank_state(self) -> dict:
         """Per-rank part of a checkpoint: RNG streams and the running train-loss sum."""
         return {"epoch_start": self.epoch_rng, "now": rng_state(), "loss_sum": self.loss_sum.cpu(),
-                "loss_count": self.loss_count}
+                "loss_count": self.loss_count, "skipped_train": self.skipped_train}
+
+    def end_epoch(self) -> None:
+        """Close the progress bar and count the samples the loader skipped (reported, never silent)."""
+        self.log.end_epoch()
+        self.skipped_train += int(self._loader.skipped) if self._loader is not None else 0
+
+    def skipped_counts(self) -> dict:
+        """Skipped corrupt samples summed over ranks: training (all epochs) and the last validation."""
+        acc = self.accelerator
+        local = torch.tensor([self.skipped_train, int(self.val_loader.skipped)], dtype=torch.int64, device=acc.device)
+        total = acc.reduce(local, "sum").tolist()
+        return {"train": int(total[0]), "val": int(total[1])}
 
 
 def _mean_std(cfg: ExperimentConfig, model: torch.nn.Module):
@@ -254,3 +269,4 @@ def _restore(t: Trainer, ckpt: Path) -> None:
     t.elapsed_before = state["elapsed"]
     t.epoch_rng, t.pending_rng = rank_state["epoch_start"], rank_state["now"]
     t.loss_sum, t.loss_count = rank_state["loss_sum"].to(t.accelerator.device, torch.float64), rank_state["loss_count"]
+    t.skipped_train = rank_state.get("skipped_train", 0)
