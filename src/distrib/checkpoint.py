@@ -132,7 +132,8 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer) -> tupl
 
 def save_best(path: str | Path, state_dict: dict, config: dict, metrics: dict) -> Path:
     """best_model.pth = {state_dict, config, metrics}: tensors and plain Python types only."""
-    clean = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    # torch.compile wraps the module as `_orig_mod`; saved weights must load into a plain model
+    clean = {k.replace("_orig_mod.", ""): v.detach().cpu().contiguous() for k, v in state_dict.items()}
     return atomic_torch_save({"state_dict": clean, "config": config, "metrics": _plain(metrics)}, path)
 
 
