@@ -150,7 +150,10 @@ def _finish(t: Trainer) -> dict:
 
 
 def param_checksum(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer: equal on all DDP ranks when they stayed in sync."""
+    """sha256 over every parameter and buffer: equal on all DDP / ZeRO-2 ranks when they stayed in sync.
+
+    Under ZeRO-3 a rank holds only parameter partitions, so compare best_model.pth (gathered) instead.
+    """
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
