@@ -1,18 +1,14 @@
-"""Cascade: routing sends exactly the band to stage 2; config errors; one real small cascade over the demo shards."""
+"""Cascade: routing sends exactly the band to stage 2; config errors. The real cascade over trained runs is
+checked on the end-to-end demo output (tests/test_demo.py), which trains them once for both."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pandas as pd
 import pytest
 
 from conftest import REPO
 from distrib.cascade import cascade_score, route
 from distrib.cascade_config import load_cascade_config
-from distrib.config import ConfigError, load_config
-
-DEBUG = REPO / "launch" / "configs" / "debug.yaml"
+from distrib.config import ConfigError
 
 
 def test_routing_escalates_exactly_the_band():
@@ -54,51 +50,3 @@ def test_cascade_config_errors_name_the_key(tmp_path):
     for shipped in ("cascade_deepfake.yaml", "cascade_debug.yaml"):
         load_cascade_config(REPO / "launch" / "configs" / shipped)
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_real_cascade_on_demo_shards(demo_shards, tmp_path_factory):
-    """3 tiny fold runs -> two experts' OOF tables -> stack -> cascade on test; every artifact parses."""
-    from distrib.embed import extract_oof
-    from distrib.stack import fit_stack
-    from distrib.train import run
-
-    root = tmp_path_factory.mktemp("cascade")
-    runs = []
-    for k in range(3):
-        run(load_config(DEBUG, [f"data.shards={demo_shards}", f"data.fold={k}", "train.epochs=1",
-                                "data.samples_per_epoch=32", "train.latency_batches=0"]), root / f"fold{k}")
-        runs.append(str(root / f"fold{k}"))
-    # Two experts over the same fold runs but different projections (8-D and 4-D embeddings), so the
-    # cascade has two aligned experts with their own saved alignments; names get disambiguated by stack.
-    for name, dim in (("a", 8), ("b", 4)):
-        embed = load_config(DEBUG, [f"embed.dim={dim}", "embed.anchors=24", "embed.fit_samples=64"]).embed
-        extract_oof(runs, root / f"{name}_oof.parquet", embed)
-    stack_cfg = load_config(DEBUG, ["stack.n_jobs=1", "stack.n_estimators=30"]).stack
-    fit_stack([root / "a_oof.parquet", root / "b_oof.parquet"], root / "stack", stack_cfg)
-    (root / "cascade.yaml").write_text("name: tiny\nbatch_size: 16\nbootstrap: 20\nrecall: 0.9\nspecificity: 0.5\n"
-                                       "stage1: {run: fold0}\nstack: {dir: stack}\n")
-    from distrib.cascade import run_cascade
-    res = run_cascade(root / "cascade.yaml", "test", root / "out")
-
-    out = root / "out"
-    saved = json.loads((out / "evaluation_results.json").read_text())
-    preds = pd.read_csv(out / "cascade_predictions.csv")
-    n_test = int(json.loads((demo_shards / "index.json").read_text())["split_counts"]["test"])
-    assert saved["n"] == len(preds) == n_test and preds["key"].is_unique  # every test sample exactly once
-    band = saved["thresholds"]["stage1_band"]
-    lo, hi = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
-    in_band = (preds["stage1_prob"] >= lo) & (preds["stage1_prob"] < hi)
-    assert (preds["escalated"] == in_band).all()  # exactly the band went to stage 2
-    assert preds.loc[preds["escalated"], "meta_prob_escalated"].notna().all()
-    assert preds.loc[~preds["escalated"], "meta_prob_escalated"].isna().all()
-    assert saved["escalation_rate"] == pytest.approx(in_band.mean())
-    assert set(saved["metrics"]) >= {"cascade", "stage1", "meta (stage 2+3 on all)"}
-    assert sum(k.startswith("expert:") for k in saved["metrics"]) == 2
-    assert saved["cost"]["cascade_mean_ms"] >= saved["cost"]["stage1_mean_ms"] > 0
-    assert saved["complementarity"]["pairs"][0]["n"] == n_test
-    report = (out / "report.md").read_text()
-    assert "## Quality" in report and "## Complementarity" in report
-    for rel in saved["plots"].values():
-        assert (out / rel).is_file(), rel
-    assert res["report"] == str(out / "report.md")

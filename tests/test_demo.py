@@ -6,6 +6,7 @@ import re
 import subprocess
 
 import lightgbm as lgb
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -66,3 +67,26 @@ def test_demo_artifacts_exist_and_parse(demo_run):
     assert "band" in thresholds
     preds = pd.read_csv(out / "cascade_predictions.csv")
     assert len(preds) == results["n"] and preds["key"].is_unique
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_demo_cascade_routes_exactly_the_stage1_band(demo_run):
+    """On the real trained demo runs: every test sample once, and exactly the band goes to stage 2."""
+    out, _ = demo_run
+    saved = json.loads((out / "evaluation_results.json").read_text())
+    preds = pd.read_csv(out / "cascade_predictions.csv")
+    n_test = int(json.loads((out / "shards" / "index.json").read_text())["split_counts"]["test"])
+    assert saved["n"] == len(preds) == n_test and preds["key"].is_unique
+    band = saved["thresholds"]["stage1_band"]
+    lo, hi = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
+    in_band = (preds["stage1_prob"] >= lo) & (preds["stage1_prob"] < hi)
+    assert (preds["escalated"] == in_band).all()
+    assert preds.loc[preds["escalated"], "meta_prob_escalated"].notna().all()
+    assert preds.loc[~preds["escalated"], "meta_prob_escalated"].isna().all()
+    assert saved["escalation_rate"] == pytest.approx(in_band.mean())
+    assert sum(k.startswith("expert:") for k in saved["metrics"]) == 2
+    assert saved["cost"]["cascade_mean_ms"] >= saved["cost"]["stage1_mean_ms"] > 0
+    assert saved["complementarity"]["pairs"][0]["n"] == n_test
+    for rel in saved["plots"].values():
+        assert (out / rel).is_file(), rel
