@@ -151,4 +151,19 @@ def build_timm_classifier(model_cfg: ModelConfig) -> TimmClassifier:
     if model_cfg.img_size:
         kwargs["img_size"] = model_cfg.img_size
     model = create_timm(model_cfg.name, model_cfg.pretrained_file, num_classes=model_cfg.num_classes, **kwargs)
+    if not model_cfg.pretrained_file or model_cfg.num_classes != model.pretrained_cfg.get("num_classes"):
+        _reset_head(model.get_classifier())  # the head is fresh (timm drops a file's head of another size)
     return TimmClassifier(model, drop_rate=model_cfg.drop_rate)
+
+
+def _reset_head(head: nn.Module) -> None:
+    """Re-draw a fresh linear head small: trunc-normal(std 0.01) weights, zero bias.
+
+    Why: timm's EfficientNet/MobileNet init draws the classifier from U(+-1/sqrt(num_classes)), i.e.
+    U(-1, 1) for one logit; over 1280-1536 features that gives initial logits with std ~7-11 and a
+    first-epoch BCE of ~4-7, and the first few hundred steps go into shrinking the head.
+    """
+    if isinstance(head, nn.Linear):
+        nn.init.trunc_normal_(head.weight, std=0.01)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
