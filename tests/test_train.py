@@ -208,6 +208,8 @@ def test_accumulation_clipping_sgd_step_schedule_channels_last(demo_shards, tmp_
     assert state["scheduler"]["last_epoch"] == 2 and state["grad_accum"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_bench_trainer_prints_ratio(tmp_path, capsys):
     import argparse
 
