@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import statistics
 import time
@@ -136,12 +137,23 @@ def write_evaluation_results(path: str | Path, preds: Predictions, *, model: tor
         **runtime,
     }
     result["optimal_threshold"] = result["metrics_at_optimal"]["threshold"]
-    result = _plain(result)
+    result = _json_safe(_plain(result))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=True))
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
     os.replace(tmp, path)
     return result
+
+
+def _json_safe(obj):
+    """Strict JSON: undefined metrics (NaN, e.g. AUC on one class) become null."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def save_reconstruction_samples(path: str | Path, samples: dict) -> Path | None:
