@@ -93,3 +93,20 @@ def test_each_augmentation_does_what_it_says():
     hue_only = build_transform(AugmentConfig(hflip=0.0, color_jitter=[0, 0, 0, 0.05]), data, train=True)
     gray = torch.full((1, 3, 32, 32), 128, dtype=torch.uint8)  # grey has no hue: unchanged
     assert torch.allclose(hue_only.batch(gray), gray.float(), atol=1e-3)
+
+
+def test_highpass_is_laplacian_residual_in_train_and_eval():
+    """data.highpass: flat images map to 0, a pixel checkerboard to +-8*amplitude/std; same in both modes."""
+    data = DataConfig(img_size=16, normalize="imagenet", highpass=True)
+    flat = np.full((16, 16, 3), 120, np.uint8)
+    yy, xx = np.mgrid[0:16, 0:16]
+    checker = np.where((yy + xx) % 2 == 0, 130, 110).astype(np.uint8)[..., None].repeat(3, axis=2)
+    for train in (False, True):
+        tf = build_transform(AugmentConfig(hflip=0.0), data, train=train)
+        assert float(tf(flat).abs().max()) < 1e-4
+        out = tf(checker)
+        inner = out[:, 1:-1, 1:-1]
+        expect = 8 * 10 / (255 * torch.tensor(IMAGENET_STD)).view(3, 1, 1)
+        assert torch.allclose(inner.abs(), expect.expand_as(inner), rtol=1e-4)
+    with pytest.raises(ConfigError):
+        DataConfig(highpass="yes").validate()

@@ -112,6 +112,7 @@ class DataConfig(_Section):
     eval_batch_size: int = 0  # per-process evaluation batch size; 0 means batch_size
     num_workers: int = 0  # DataLoader worker processes per rank
     normalize: str = "imagenet"  # 'imagenet' mean/std, 'model' (timm pretrained_cfg) or 'none' (raw 0-255 floats)
+    highpass: bool = False  # feed the model a 3x3 Laplacian residual of the normalized image (forensic input)
     samples_per_epoch: int = 0  # training samples per epoch across all ranks; 0 = the training folds' size
     shuffle_buffer: int = 1000  # WebDataset shuffle buffer, in samples
     seed: int = 0  # data-order seed; the shuffle depends on (seed, epoch)
@@ -123,6 +124,7 @@ class DataConfig(_Section):
         _check(self.eval_batch_size >= 0, "data.eval_batch_size", self.eval_batch_size, ">= 0")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _check_choice("data.normalize", self.normalize, ("imagenet", "model", "none"))
+        _check(isinstance(self.highpass, bool), "data.highpass", self.highpass, "true or false")
         _check(self.samples_per_epoch >= 0, "data.samples_per_epoch", self.samples_per_epoch, ">= 0")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, ">= 0")
 
