@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from distrib.atomic import atomic_path
 from distrib.errors import DataError
 
 SHOW = 10  # offending keys named in an error message
@@ -118,9 +119,8 @@ def save_alignment(path: str | Path, alignments: list[FoldAlignment], meta: dict
             arrays[f"fold{a.fold}_{name}"] = getattr(a, name)
     info = {"folds": [a.fold for a in alignments], "residuals": [a.residual for a in alignments], **(meta or {})}
     arrays["meta_json"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
     return path
 
 

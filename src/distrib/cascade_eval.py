@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from distrib.atomic import write_text
 from distrib.metrics import binary_metrics
 from distrib.thresholds import json_safe
 
@@ -108,9 +109,7 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
         results["auc_delta_vs_best_expert"] = metrics["cascade"]["auc"] - metrics[top]["auc"]
     results = json_safe(results)
     path = out / "evaluation_results.json"
-    tmp = out / ".evaluation_results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    write_text(path, json.dumps(results, indent=2))
     results["evaluation_results"] = str(path)
     results["report"] = str(write_report(results, out))
     return results

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from distrib import dist
+from distrib.atomic import atomic_path
 from distrib.errors import DistribError
 
 LAST = "last_checkpoint"
@@ -26,11 +27,9 @@ _DS_TAG = "deepspeed"
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to ``path.tmp`` then rename: readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def rng_state() -> dict:

@@ -479,10 +479,5 @@ def config_to_overrides(cfg: ExperimentConfig) -> list[str]:
 
 def save_config(cfg: ExperimentConfig, out_dir: str | Path) -> Path:
     """Write the resolved config to ``out_dir/config.yaml`` (replayable with ``distrib train``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from distrib.atomic import write_text
+    return write_text(Path(out_dir) / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

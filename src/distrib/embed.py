@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distrib.align import check_oof_table, fit_alignments, load_alignment, save_alignment
+from distrib.align import (
+    check_oof_table,
+    fit_alignments,
+    load_alignment,
+    save_alignment,
+)
+from distrib.atomic import atomic_path
 from distrib.config import EmbedConfig, load_config
 from distrib.errors import DataError, DistribError
 
@@ -159,10 +165,8 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
     df = pd.concat(parts, ignore_index=True)
     check_oof_table(df, expected_training_rows(shards), where=str(out_path))
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out_path)
+    with atomic_path(out_path) as tmp:
+        df.to_parquet(tmp, index=False)
     save_alignment(alignment_path(out_path), aligns, {"runs": [r[0] for r in runs], "model": name,
                                                       "dim": embed_cfg.dim, "shards": shards})
     return df

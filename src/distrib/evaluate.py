@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distrib.atomic import atomic_path, save_figure, write_text
 from distrib.checkpoint import _plain
 from distrib.losses import positive_prob
 from distrib.metrics import binary_metrics, metrics_at_optimal
@@ -91,15 +91,12 @@ def _gather_objects(accelerator, obj: list) -> list:
 
 def write_predictions(path: str | Path, preds: Predictions, fold: int) -> Path:
     """val_predictions.csv (key, group, label, prob, fold): consumed by OOF/threshold fitting."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["key", "group", "label", "prob", "fold"])
         for k, g, y, p in zip(preds.keys, preds.groups, preds.labels, preds.probs):
             w.writerow([k, g, int(y), f"{float(p):.8g}", fold])
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 @torch.inference_mode()
@@ -139,9 +136,7 @@ def write_evaluation_results(path: str | Path, preds: Predictions, *, model: tor
     result["optimal_threshold"] = result["metrics_at_optimal"]["threshold"]
     result = _json_safe(_plain(result))
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(result, indent=2, allow_nan=False))
     return result
 
 
@@ -162,7 +157,6 @@ def save_reconstruction_samples(path: str | Path, samples: dict) -> Path | None:
         return None
     import matplotlib.pyplot as plt
 
-    from distrib.runlog import save_figure
 
     images, recon = samples["image"], samples["recon"]
     n = images.shape[0]

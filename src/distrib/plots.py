@@ -5,7 +5,6 @@ link it; curves come from sklearn so the plotted points are the ones the metrics
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,15 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import auc, precision_recall_curve, roc_curve  # noqa: E402
 
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+from distrib.atomic import save_figure  # noqa: E402
 
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
@@ -39,7 +30,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (recall)", title=title)
     ax.legend(loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "Precision-recall") -> Path:
@@ -51,7 +42,7 @@ def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, 
         ax.axhline(float(np.mean(y)), ls=":", color="grey")
     ax.set(xlabel="recall", ylabel="precision", title=title, ylim=(0, 1.02))
     ax.legend(loc="lower left", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_metrics_vs_threshold(y: np.ndarray, score: np.ndarray, path: str | Path,
@@ -79,7 +70,7 @@ def plot_metrics_vs_threshold(y: np.ndarray, score: np.ndarray, path: str | Path
         ax.text(t, 0.02, name, rotation=90, fontsize=7, va="bottom")
     ax.set(xlabel="threshold t (positive if score >= t)", ylabel="metric", title=title, ylim=(0, 1.02))
     ax.legend(loc="center left", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_matrix(matrix: np.ndarray, labels: Sequence[str], path: str | Path, title: str,
@@ -96,7 +87,7 @@ def plot_matrix(matrix: np.ndarray, labels: Sequence[str], path: str | Path, tit
             ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center",
                     color="white" if m[i, j] > 0.6 * hi else "black", fontsize=8)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(values: dict[str, float], path: str | Path, title: str, ylabel: str,
@@ -108,4 +99,4 @@ def plot_bars(values: dict[str, float], path: str | Path, title: str, ylabel: st
            yerr=None if errors is None else list(errors), capsize=3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set(title=title, ylabel=ylabel)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distrib.atomic import write_text
+
 COLS = ("auc", "f1", "accuracy", "recall", "specificity", "eer")
 
 
@@ -49,7 +51,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     lines += ["## Thresholds", "",
               f"- Stage-1 band: {band['message']}" + ("" if band["feasible"] else " (**infeasible**: all samples escalate)"),
               f"- Stage-3 meta threshold ({t['meta_rule']}, fit on the meta-model's OOF predictions): {_f(t['meta_threshold'])}",
-              f"- Experts' own thresholds (Youden on their OOF rows): "
+              "- Experts' own thresholds (Youden on their OOF rows): "
               + ", ".join(f"{k} {_f(v)}" for k, v in t["experts_youden_oof"].items()), ""]
     st = r.get("stack")
     if st:
@@ -77,9 +79,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         lines += [f"### {name}", "", f"![{name}]({rel})", ""]
     lines += [f"Raw numbers: `evaluation_results.json`; per-sample decisions: `{r.get('predictions', '')}`.", ""]
     path = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    write_text(path, "\n".join(lines))
     return path
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -16,18 +15,10 @@ import matplotlib
 matplotlib.use("Agg")  # headless training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from distrib.atomic import atomic_path, save_figure  # noqa: E402
+
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy", "precision",
                "recall", "specificity", "eer", "seconds")
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure atomically (temp + rename) and close it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 class RunLogger:
@@ -51,12 +42,10 @@ class RunLogger:
         self._tb = SummaryWriter(str(self.out / "tb"), purge_step=resume_step)
 
     def _write_rows(self, rows: list[dict]) -> None:
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.csv_path)
 
     def rows(self) -> list[dict]:
         with open(self.csv_path, newline="") as f:

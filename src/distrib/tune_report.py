@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from distrib.atomic import atomic_path, save_figure, write_text
 from distrib.config import ExperimentConfig, config_to_dict, load_config
 from distrib.errors import DistribError
 
@@ -92,18 +92,7 @@ def plot_fold_auc(summary: pd.DataFrame, path: Path, best_id: str | None = None)
                         fmt="s", color="k" if cid != best_id else "crimson", capsize=3)
     ax.set_xticks(range(len(ids)), [f"{c}*" if c == best_id else c for c in ids])
     ax.set(ylabel="validation AUC (held-out fold)", title="Per-fold AUC per config (* = best mean)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return save_figure(fig, path)
 
 
 def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list[str] | None = None,
@@ -112,9 +101,8 @@ def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list
     from distrib.tune import grid_configs
 
     summary = collect_rows(out_dir, grid, cfg.tune.folds)
-    tmp = out_dir / ".sweep_summary.csv.tmp"
-    summary.to_csv(tmp, index=False)
-    tmp.replace(out_dir / "sweep_summary.csv")
+    with atomic_path(out_dir / "sweep_summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
     result: dict = {"sweep_dir": str(out_dir), "trials": len(summary),
                     "done": int((summary["status"] == "done").sum()), "errors": errors or [], **(timing or {})}
     try:
@@ -130,11 +118,11 @@ def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list
         header = (f"# best config {best['config_id']} of the sweep in {out_dir}: mean CV AUC "
                   f"{best['mean']:.4f} +- {best['std']:.4f} (std over {best['folds']} folds)\n"
                   f"# grid overrides: {' '.join(overrides) or '(none)'}\n")
-        _atomic_text(out_dir / "best_config.yaml", header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
+        write_text(out_dir / "best_config.yaml", header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
         runs = summary[summary["config_id"] == best["config_id"]].sort_values("fold")["trial_dir"].tolist()
         result["best"] = {**best, "overrides": overrides, "run_dirs": runs}
     clean = json.loads(json.dumps(result, default=str), parse_constant=lambda c: None)
-    _atomic_text(out_dir / "sweep_results.json", json.dumps(clean, indent=1, default=_nan_none))
+    write_text(out_dir / "sweep_results.json", json.dumps(clean, indent=1, default=_nan_none))
     return result
 
 

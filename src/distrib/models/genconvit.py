@@ -14,7 +14,6 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from distrib.config import ConfigError, ModelConfig
 from distrib.models import register_model

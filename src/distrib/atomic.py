@@ -1,0 +1,45 @@
+"""Atomic file writes: every artifact is written to a temp name beside it and renamed into place.
+
+A reader (or a resumed run after SIGKILL, or a full disk) therefore sees either the old file or the
+complete new one, never a partial file. ``atomic_path`` keeps the suffix, so writers that infer a
+format from it (matplotlib, numpy's savez) still work.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; it replaces ``path`` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # the block failed (e.g. disk full): leave no half-written temp behind
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write ``text`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Atomically save a matplotlib figure (format from the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
