@@ -105,7 +105,7 @@ def _photo_folder(tmp_path: Path, n: int) -> Path:
 def test_own_images_folder_is_deterministic(tmp_path):
     photos = _photo_folder(tmp_path, 6)
     a = build_demo_dataset(tmp_path / "a", images=photos, size="tiny", seed=3)
-    b = build_demo_dataset(tmp_path / "b", images=photos, size="tiny", seed=3)
+    build_demo_dataset(tmp_path / "b", images=photos, size="tiny", seed=3)
     assert a["groups"] == 6
     assert {g for s in a["splits"].values() for g in s["groups"]} == {
         "sub_photo0", "photo1", "photo2", "photo3", "photo4", "photo5"}
