@@ -42,6 +42,10 @@ def test_run_outputs_exist_and_parse(debug_run, demo_shards):
     assert load_config(out / "config.yaml") == cfg  # the saved config replays the run
     versions = json.loads((out / "versions.json").read_text())
     assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
+    protocol = json.loads((out / "fold_protocol.json").read_text())  # which folds this run saw
+    assert protocol["val_fold"] == 0 and 0 not in protocol["train_folds"]
+    assert protocol["folds"] == json.loads((demo_shards / "index.json").read_text())["folds"]
+    assert protocol["seed"] == 0 and len(protocol["group_fold_sha256"]) == 64
 
     preds = list(csv.DictReader(open(out / "val_predictions.csv")))
     assert list(preds[0]) == ["key", "group", "label", "prob", "fold"]

@@ -213,10 +213,11 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     from distrib.losses import build_loss
     from distrib.optim import build_optimizer, build_scheduler
     from distrib.transforms import build_transform
-    from distrib.versions import write_versions
+    from distrib.versions import fold_protocol, write_fold_protocol, write_versions
 
     d, tc = cfg.data, cfg.train
-    k = int(read_index(d.shards)["folds"])
+    index = read_index(d.shards)
+    k = int(index["folds"])
     train_folds = folds_for(d.fold, k) if d.fold >= 0 else list(range(k))
     val_split, val_folds = ("train", [d.fold]) if d.fold >= 0 else ("val", None)
     mean_std = _mean_std(cfg, model)
@@ -252,6 +253,7 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     if accelerator.is_main_process:
         save_config(cfg, out)
         write_versions(out)
+        write_fold_protocol(out, fold_protocol(index, d.shards, d.fold, train_folds))
     dist.print0(f"training {cfg.model.name} on {accelerator.num_processes} process(es) "
                 f"({dist.runtime_info(accelerator)['backend']}): {t.steps_per_epoch} steps/epoch, "
                 f"{tc.epochs} epochs" + (f", resumed at epoch {t.epoch} step {t.step}" if ckpt else ""))

@@ -1,8 +1,9 @@
-"""Package and platform versions written into each run directory (versions.json), for replaying a run."""
+"""Provenance written into each run directory: package versions (versions.json) and the fold protocol
+(fold_protocol.json: which shards, folds, seed and group->fold table the run trained and validated on)."""
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import platform
 import sys
 from importlib import metadata
@@ -30,8 +31,22 @@ def collect_versions() -> dict:
 
 
 def write_versions(out_dir: str | Path) -> Path:
-    path = Path(out_dir) / "versions.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(collect_versions(), indent=2))
-    os.replace(tmp, path)
-    return path
+    from distrib.atomic import write_text
+    return write_text(Path(out_dir) / "versions.json", json.dumps(collect_versions(), indent=2))
+
+
+def fold_protocol(index: dict, shards: str, val_fold: int, train_folds: list[int]) -> dict:
+    """The split a run used, from the shard index: enough to check that two runs used the same folds."""
+    groups = index.get("groups", {})
+    table = json.dumps(sorted(groups.items()), separators=(",", ":")).encode()
+    return {"shards": str(shards), "folds": index.get("folds"), "seed": index.get("seed"),
+            "index_fingerprint": index.get("fingerprint"), "method": "sklearn StratifiedGroupKFold",
+            "val_fold": val_fold, "validation": f"fold {val_fold}" if val_fold >= 0 else "val split",
+            "train_folds": list(train_folds), "n_groups": len(groups),
+            "group_fold_sha256": hashlib.sha256(table).hexdigest(),
+            "fold_label_counts": index.get("fold_label_counts"), "split_counts": index.get("split_counts")}
+
+
+def write_fold_protocol(out_dir: str | Path, protocol: dict) -> Path:
+    from distrib.atomic import write_text
+    return write_text(Path(out_dir) / "fold_protocol.json", json.dumps(protocol, indent=2, default=str))
