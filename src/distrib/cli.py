@@ -11,6 +11,7 @@ Each subcommand imports its module lazily so ``distrib --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Callable
@@ -197,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         result = func(args)
     except DistribError as e:
         print(f"distrib {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"distrib {args.command}: error: no space left on the device while writing "
+              f"{e.filename or 'an output file'}; free space or point --out at a larger disk. Outputs are "
+              "written to temp names and renamed, so no partial file was left; re-run the same command "
+              "(add --resume for train/tune) to continue.", file=sys.stderr)
         return 2
     if isinstance(result, dict) and args.command not in ("bench",):
         print(json.dumps(result, default=str))
