@@ -230,7 +230,8 @@ def _short_temp_dir(out_dir: Path) -> str:
         if len(str(base.resolve())) <= 28:  # + ~12 (mkdtemp) + ~66 (Ray session/sockets)
             base.mkdir(parents=True, exist_ok=True)
             return tempfile.mkdtemp(prefix="ray", dir=base)
-    return tempfile.mkdtemp(prefix="distrib-ray")
+    # both are too deep (e.g. pytest's tmp dirs): Ray's own default root, /tmp, is the only short option
+    return tempfile.mkdtemp(prefix="distrib-ray-", dir="/tmp")
 
 
 def init_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
