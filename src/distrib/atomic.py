@@ -43,3 +43,32 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def json_safe(obj):
+    """Strict-JSON copy: NaN/inf -> None (an undefined metric, e.g. AUC on one class), numpy -> Python,
+    anything else unknown -> str."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    return str(obj)
+
+
+def write_json(path: str | Path, obj, indent: int = 2) -> Path:
+    """Atomically write ``obj`` as strict JSON (see ``json_safe``)."""
+    import json
+
+    return write_text(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False))

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distrib.atomic import write_text
+from distrib.atomic import json_safe, write_json
 from distrib.metrics import binary_metrics
-from distrib.thresholds import json_safe
 
 
 def _stats(values: np.ndarray) -> tuple[float, float]:
@@ -109,7 +108,7 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
         results["auc_delta_vs_best_expert"] = metrics["cascade"]["auc"] - metrics[top]["auc"]
     results = json_safe(results)
     path = out / "evaluation_results.json"
-    write_text(path, json.dumps(results, indent=2))
+    write_json(path, results)
     results["evaluation_results"] = str(path)
     results["report"] = str(write_report(results, out))
     return results

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from distrib.atomic import write_json
 from distrib.demo_manipulations import KINDS, encode_jpeg, manipulate
 from distrib.errors import DataError
 
@@ -227,7 +228,7 @@ def build_demo_dataset(out, images=None, size: str = "full", tile: int = 64, see
     _write_manifests(out, rows)
     summary = _summarise(rows, split_of, params)
     summary.update({"out": str(out), "skipped_flat_tiles": n_flat, "skipped_small_photos": skipped_small})
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 

@@ -8,8 +8,6 @@ are called on rank 0 only by the trainer.
 from __future__ import annotations
 
 import csv
-import json
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distrib.atomic import atomic_path, save_figure, write_text
+from distrib.atomic import atomic_path, json_safe, save_figure, write_json
 from distrib.checkpoint import _plain
 from distrib.losses import positive_prob
 from distrib.metrics import binary_metrics, metrics_at_optimal
@@ -134,21 +132,8 @@ def write_evaluation_results(path: str | Path, preds: Predictions, *, model: tor
         **runtime,
     }
     result["optimal_threshold"] = result["metrics_at_optimal"]["threshold"]
-    result = _json_safe(_plain(result))
-    path = Path(path)
-    write_text(path, json.dumps(result, indent=2, allow_nan=False))
-    return result
-
-
-def _json_safe(obj):
-    """Strict JSON: undefined metrics (NaN, e.g. AUC on one class) become null."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    write_json(path, _plain(result))
+    return json_safe(_plain(result))
 
 
 def save_reconstruction_samples(path: str | Path, samples: dict) -> Path | None:

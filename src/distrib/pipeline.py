@@ -10,7 +10,6 @@ epochs through the experiment YAMLs in ``launch/configs/demo_*.yaml`` and dotted
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
+from distrib.atomic import write_json
 from distrib.errors import DistribError
 
 
@@ -145,7 +145,7 @@ def run_demo(out: str | Path, size: str = "demo", overrides=(), configs: str | P
         "sweeps": sweeps, "stack": stack.get("cv", stack) if isinstance(stack, dict) else stack,
         "meta_thresholds": thresholds,
     })
-    (out / "evaluation_results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_json(out / "evaluation_results.json", results)
     _append_pipeline_report(out / "report.md", results["pipeline"])
     print(f"\nreport: {out / 'report.md'}\nresults: {out / 'evaluation_results.json'}\n"
           f"TensorBoard: tensorboard --logdir {out} --host 127.0.0.1 --port 6006")

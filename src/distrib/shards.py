@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distrib.atomic import write_json
 from distrib import manifest as mf
 from distrib.errors import DataError
 
@@ -191,9 +192,7 @@ def write_shards(train_csv, out, val=None, test=None, folds: int = 5, seed: int 
             entries = list(ex.map(write_one_shard, [str(out)] * len(tasks), tasks))
 
     index = _build_index(rows, entries, classes, folds, seed, fingerprint)
-    tmp = out / f".{INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out / INDEX)  # the index appears last: its presence means the output is complete
+    write_json(out / INDEX, index, indent=1)  # the index appears last: its presence means the output is complete
     return {**index, "written": True}
 
 
@@ -244,7 +243,9 @@ def _inspect_one(base: str, entry: dict) -> dict:
     """Checksum, sample count and member sanity of one shard."""
     res = {"path": entry["path"], "split": entry["split"], "fold": entry["fold"], "count": entry["count"],
            "found": 0, "sha256_ok": False, "problems": [], "groups": set()}
-    from distrib.loader_io import open_url  # lazy: webdataset imports torch, which writers never need
+    from distrib.loader_io import (
+        open_url,  # lazy: webdataset imports torch, which writers never need
+    )
     try:
         with open_url(base.replace("{}", entry["path"])) as raw:
             reader = _HashingReader(raw)

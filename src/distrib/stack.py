@@ -22,6 +22,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
+from distrib.atomic import write_json
 from distrib.config import StackConfig, load_config
 from distrib.errors import DataError, DistribError
 from distrib.metrics import binary_metrics
@@ -224,9 +225,7 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
                "best_expert": best_expert, "ablation": ablation, "final_n_estimators": n_final,
                "splits": split_metrics}
     for name, obj in (("meta_features.json", meta_info), ("stack_results.json", results)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-        tmp.replace(out / name)
+        write_json(out / name, obj)
     plot_bars({k: v["auc_mean"] for k, v in ablation.items()}, out / "stack_ablation.png",
               "Meta-CV AUC by feature set", "AUC (mean over meta folds)",
               errors=[v["auc_std"] for v in ablation.values()])

@@ -12,13 +12,13 @@ Unmet constraints are reported as ``feasible: false`` with a sentence, never sil
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 
+from distrib.atomic import json_safe, write_json
 from distrib.config import ThresholdConfig, load_config
 from distrib.errors import DataError, DistribError
 
@@ -163,21 +163,6 @@ def grouped_bootstrap(y: np.ndarray, score: np.ndarray, groups: np.ndarray, rule
     return out
 
 
-def json_safe(obj):
-    """Strict-JSON copy: NaN/inf -> None (e.g. specificity when no negative was auto-decided), numpy -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    return obj
-
-
 def _fmt(v: float) -> str:
     return "n/a (none auto-decided)" if not np.isfinite(v) else f"{v:.4f}"
 
@@ -228,11 +213,8 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
               "bootstrap": cfg.bootstrap, "single": single, "band": band,
               "plots": {k: str(Path(p).name) for k, p in plots.items()}}
     path = out / f"{prefix}thresholds.json"
-    tmp = path.with_suffix(".json.tmp")
-    result = json_safe(result)
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
-    tmp.replace(path)
-    return result
+    write_json(path, result)
+    return json_safe(result)
 
 
 def select_fit_rows(df: pd.DataFrame, fit_split: str, source: str = "predictions") -> pd.DataFrame:

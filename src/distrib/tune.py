@@ -20,7 +20,6 @@ Summaries and the best-config choice live in ``tune_report.py``.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shlex
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from distrib.atomic import write_json
 from distrib.config import ConfigError, ExperimentConfig, load_config, parse_override, save_config
 from distrib.errors import DistribError
 
@@ -171,9 +171,7 @@ def run_trial(params: dict, spec: dict) -> None:
               "trial_seconds": t_end - t_start, "startup_seconds": t_import - t_start,
               "report_seconds": reports["ckpt_s"], "resumed": resume, "run_dir": str(run_dir),
               "command": trial_command(spec["config_path"], run_dir, overrides)}
-    tmp = run_dir / ".trial_result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(run_dir / "trial_result.json")
+    write_json(run_dir / "trial_result.json", result, indent=1)
     _log_event(run_dir, "done")
 
 

@@ -6,14 +6,13 @@ for a fresh, retried or ``--resume``d sweep and does not depend on Ray's interna
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from distrib.atomic import atomic_path, save_figure, write_text
+from distrib.atomic import atomic_path, save_figure, write_json, write_text
 from distrib.config import ExperimentConfig, config_to_dict, load_config
 from distrib.errors import DistribError
 
@@ -121,10 +120,5 @@ def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list
         write_text(out_dir / "best_config.yaml", header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
         runs = summary[summary["config_id"] == best["config_id"]].sort_values("fold")["trial_dir"].tolist()
         result["best"] = {**best, "overrides": overrides, "run_dirs": runs}
-    clean = json.loads(json.dumps(result, default=str), parse_constant=lambda c: None)
-    write_text(out_dir / "sweep_results.json", json.dumps(clean, indent=1, default=_nan_none))
+    write_json(out_dir / "sweep_results.json", result, indent=1)
     return result
-
-
-def _nan_none(v):
-    return None if isinstance(v, float) and math.isnan(v) else str(v)

@@ -31,8 +31,8 @@ def collect_versions() -> dict:
 
 
 def write_versions(out_dir: str | Path) -> Path:
-    from distrib.atomic import write_text
-    return write_text(Path(out_dir) / "versions.json", json.dumps(collect_versions(), indent=2))
+    from distrib.atomic import write_json
+    return write_json(Path(out_dir) / "versions.json", collect_versions())
 
 
 def fold_protocol(index: dict, shards: str, val_fold: int, train_folds: list[int]) -> dict:
@@ -48,5 +48,5 @@ def fold_protocol(index: dict, shards: str, val_fold: int, train_folds: list[int
 
 
 def write_fold_protocol(out_dir: str | Path, protocol: dict) -> Path:
-    from distrib.atomic import write_text
-    return write_text(Path(out_dir) / "fold_protocol.json", json.dumps(protocol, indent=2, default=str))
+    from distrib.atomic import write_json
+    return write_json(Path(out_dir) / "fold_protocol.json", protocol)
