@@ -23,12 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from distrib.align import (
-    check_oof_table,
-    fit_alignments,
-    load_alignment,
-    save_alignment,
-)
+from distrib.align import check_oof_table, fit_alignments, load_alignment, save_alignment
 from distrib.atomic import atomic_path
 from distrib.config import EmbedConfig, load_config
 from distrib.errors import DataError, DistribError

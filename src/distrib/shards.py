@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distrib.atomic import write_json
 from distrib import manifest as mf
+from distrib.atomic import write_json
 from distrib.errors import DataError
 
 INDEX = "index.json"
@@ -243,9 +243,7 @@ def _inspect_one(base: str, entry: dict) -> dict:
     """Checksum, sample count and member sanity of one shard."""
     res = {"path": entry["path"], "split": entry["split"], "fold": entry["fold"], "count": entry["count"],
            "found": 0, "sha256_ok": False, "problems": [], "groups": set()}
-    from distrib.loader_io import (
-        open_url,  # lazy: webdataset imports torch, which writers never need
-    )
+    from distrib.loader_io import open_url  # lazy: webdataset imports torch, which writers never need
     try:
         with open_url(base.replace("{}", entry["path"])) as raw:
             reader = _HashingReader(raw)
