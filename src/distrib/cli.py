@@ -79,7 +79,7 @@ def _cmd_cascade(a: argparse.Namespace) -> dict:
 
 def _cmd_demo(a: argparse.Namespace) -> dict:
     from distrib.pipeline import run_demo
-    return run_demo(a.out, size=a.size, overrides=a.overrides)
+    return run_demo(a.out, size=a.size, overrides=a.overrides, configs=a.configs)
 
 
 def _cmd_bench(a: argparse.Namespace) -> dict:
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: data -> shards -> stage 1 -> sweep -> OOF -> stack -> cascade -> report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", default="demo", choices=["tiny", "demo"], help="tiny is the test setting")
+    p.add_argument("--configs", default=None, help="folder holding demo_*.yaml (default: launch/configs)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_cmd_demo)
 
