@@ -183,6 +183,42 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     assert json.loads((out / "sweep_results.json").read_text())["best"]["config_id"] == "c0"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ddp_trials_run_2_gloo_workers_each_with_equal_rank_checksums(ray_cluster, demo_data, tmp_path):
+    """tune.workers_per_trial=2: each (config, fold) trial is a Ray Train TorchTrainer of 2 DDP workers.
+
+    0.49 CPU per worker lets both folds' 4 workers plus the 0.01-CPU trial drivers fit the 2-CPU cluster.
+    """
+    from distrib.shards import write_shards
+    shards = tmp_path / "shards2"  # 2 folds: the smallest complete sweep (tune.folds must match the shards)
+    write_shards(demo_data / "train_manifest.csv", shards, val=demo_data / "val_manifest.csv",
+                 test=demo_data / "test_manifest.csv", folds=2, seed=0, shard_size=30, workers=1)
+    cfg = load_config(DEBUG, [f"data.shards={shards}", *TRIAL, "tune.folds=2", "tune.workers_per_trial=2",
+                              "tune.cpus_per_trial=0.49"])
+    out = tmp_path / "sweep"
+    t0 = time.time()
+    result = run_sweep(cfg, {"optim.lr": [1e-3]}, out, address=ray_cluster)
+    print(f"2-worker DDP sweep (1 config x 2 folds): {time.time() - t0:.1f} s")
+
+    assert result["errors"] == [] and result["best"]["config_id"] == "c0", result
+    summary = pd.read_csv(out / "sweep_summary.csv")
+    assert sorted(zip(summary.config_id, summary.fold)) == [("c0", 0), ("c0", 1)]
+    assert (summary["status"] == "done").all() and (summary["epochs"] == 2).all(), summary
+    for _, row in summary.iterrows():
+        run_dir = Path(row.trial_dir)
+        ev = json.loads((run_dir / "evaluation_results.json").read_text())
+        assert ev["world_size"] == 2 and ev["backend"] == "gloo" and ev["distributed_type"] == "MULTI_CPU", ev
+        assert row.auc == pytest.approx(ev["best"]["auc"])  # ranked by the best model's AUC, as 1-worker trials
+        ranks = json.loads((run_dir / "trial_result.json").read_text())["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}, ranks
+        assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"], ranks  # DDP kept the ranks in sync
+        assert {r["steps"] for r in ranks} == {2}, ranks
+        # every epoch's report reached Tune through TuneReportCallback
+        progress = glob.glob(f"{out}/ray_results/sweep/run_trial_*fold={row.fold},*/progress.csv")
+        assert len(progress) == 1 and list(pd.read_csv(progress[0])["epoch"]) == [1, 2], progress
+
+
 @pytest.mark.parametrize("grid_file", sorted((REPO / "launch" / "configs").glob("grid_*.yaml")), ids=lambda p: p.name)
 def test_shipped_grids_build_every_config(grid_file):
     configs = grid_configs(load_grid(grid_file))
