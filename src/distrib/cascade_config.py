@@ -28,9 +28,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from distrib.config import ConfigError, _check, _check_choice, _closest, _Section
+from distrib.config import ConfigError, _check, _check_choice, _closest, _Section, read_yaml_mapping
 
 RULES = ("youden", "f1", "max_specificity_at_recall")
 
@@ -118,14 +116,8 @@ def _resolve(p: str, base: Path) -> str:
 def load_cascade_config(path: str | Path) -> CascadeConfig:
     """Read and validate a cascade YAML (see the module docstring for the format)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"cascade config not found: {path} (see launch/configs/cascade_deepfake.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"cascade config {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"cascade config {path} must be a mapping")
+    data = read_yaml_mapping(path, "cascade config", " (see launch/configs/cascade_deepfake.yaml)",
+                             "a mapping (see launch/configs/cascade_deepfake.yaml)")
     names = [f.name for f in dataclasses.fields(CascadeConfig)]
     for k in data:
         if k not in names:

@@ -408,18 +408,26 @@ def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {origin}: '{parts[0]}.{field_name}' has no sub-keys")
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
-    """Read an experiment YAML; a top-level 'base: other.yaml' is merged underneath it."""
+def read_yaml_mapping(path: str | Path, what: str = "config file", missing_hint: str = "",
+                      shape_hint: str = "a mapping of sections") -> dict:
+    """Read a YAML file that must hold a mapping; each failure names the file and what it should be."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path} includes itself through 'base:'")
+        raise ConfigError(f"{what} not found: {path}{missing_hint}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold {shape_hint}, got {type(data).__name__}")
+    return data
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read an experiment YAML; a top-level 'base: other.yaml' is merged underneath it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base:'")
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     tree: dict = {}
     if base:

@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from distrib.atomic import write_json
-from distrib.config import ConfigError, ExperimentConfig, load_config, parse_override, save_config
+from distrib.config import (ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping,
+                            save_config)
 from distrib.errors import DistribError
 
 EXPERIMENT = "sweep"  # Ray experiment name under the storage path
@@ -39,15 +40,8 @@ FAIL_ONCE_ENV = "DISTRIB_FAIL_ONCE"  # fault injection: path of a marker file; t
 
 def load_grid(path: str | Path) -> dict[str, list]:
     """Read a grid YAML (``dotted.key: [values]``) and check every key against the config schema."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file not found: {path}; pass --grid with a YAML of dotted key -> list of values")
-    try:
-        grid = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"grid file {path} is not valid YAML: {e}") from e
-    if not isinstance(grid, dict):
-        raise ConfigError(f"grid file {path} must map dotted keys to lists, e.g. 'optim.lr: [5.0e-5, 1.0e-4]'")
+    grid = read_yaml_mapping(path, "grid file", "; pass --grid with a YAML of dotted key -> list of values",
+                             "dotted keys mapped to lists, e.g. 'optim.lr: [5.0e-5, 1.0e-4]'")
     if isinstance(grid.get("grid"), dict):  # also accept a 'grid:' wrapper
         grid = grid["grid"]
     return check_grid(grid, str(path))
