@@ -22,6 +22,7 @@ import pytest
 
 from conftest import PYTHON, REPO, subprocess_env
 from distrib.config import ConfigError, load_config
+from distrib.errors import DistribError
 from distrib.tune import FAIL_ONCE_ENV, grid_configs, load_grid, run_sweep, trial_command
 from distrib.tune_report import choose_best
 
@@ -73,6 +74,23 @@ def test_bad_grid_fails_before_ray_starts(tmp_path, demo_shards):
     with pytest.raises(ConfigError, match="tune.folds=5 but the shards"):
         run_sweep(load_config(DEBUG, [f"data.shards={demo_shards}", "tune.folds=5"]), {}, tmp_path / "s2",
                   address="127.0.0.1:1")
+    assert not (tmp_path / "s1").exists()  # a bad grid value writes nothing
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' in the sweep grid.*'optim.lr'"):
+        run_sweep(cfg, {"optim.lrr": [1e-3]}, tmp_path / "s3", address="127.0.0.1:1")
+
+
+def test_sweep_dir_with_other_config_is_refused_without_resume(tmp_path, demo_shards):
+    """Finished trials resume from their run dirs, so a changed config must not silently reuse them."""
+    from distrib.tune import _prepare
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}"])
+    _prepare(cfg, {"optim.lr": [1e-3]}, tmp_path)
+    (tmp_path / "trials").mkdir()  # as after a finished sweep
+    _prepare(load_config(DEBUG, [f"data.shards={demo_shards}"]), {"optim.lr": [1e-3]}, tmp_path)  # same: ok
+    with pytest.raises(DistribError, match="different config or grid.*--resume"):
+        _prepare(load_config(DEBUG, [f"data.shards={demo_shards}", "data.img_size=48"]), {"optim.lr": [1e-3]},
+                 tmp_path)
+    with pytest.raises(DistribError, match="different config or grid"):
+        _prepare(load_config(DEBUG, [f"data.shards={demo_shards}"]), {"optim.lr": [3e-3]}, tmp_path)
 
 
 # ------------------------------------------------------------------------------- real Ray cluster

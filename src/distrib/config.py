@@ -377,7 +377,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
+def set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
     parts = key.split(".")
     if parts[0] not in TOP_LEVEL:
         raise ConfigError(f"unknown config key '{key}' in {origin}{_closest(parts[0], TOP_LEVEL)}")
@@ -392,7 +392,7 @@ def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' in {origin} must be a mapping of {', '.join(names)}")
         for k, v in value.items():
-            _set_dotted(tree, f"{key}.{k}", v, origin)
+            set_dotted(tree, f"{key}.{k}", v, origin)
         return
     field_name = parts[1]
     if field_name not in names:
@@ -442,7 +442,7 @@ def _merge(tree: dict, key: str, value: Any, origin: str) -> None:
         for k, v in value.items():
             _merge(tree, f"{key}.{k}", v, origin)
     else:
-        _set_dotted(tree, key, value, origin)
+        set_dotted(tree, key, value, origin)
 
 
 def build_config(tree: dict) -> ExperimentConfig:
@@ -463,7 +463,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     tree: dict = _read_yaml(Path(path)) if path else {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, "command-line overrides")
+        set_dotted(tree, key, value, "command-line overrides")
     return build_config(tree)
 
 

@@ -19,6 +19,7 @@ Summaries and the best-config choice live in ``tune_report.py``.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -29,12 +30,13 @@ from pathlib import Path
 
 import yaml
 
-from distrib.atomic import write_json
-from distrib.config import (ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping,
-                            save_config)
+from distrib.atomic import write_json, write_text
+from distrib.config import (ConfigError, ExperimentConfig, build_config, config_to_dict, load_config,
+                            parse_override, read_yaml_mapping, save_config, set_dotted)
 from distrib.errors import DistribError
 
 EXPERIMENT = "sweep"  # Ray experiment name under the storage path
+GRID_FILE = "grid.yaml"  # the sweep's grid, saved beside its config.yaml
 FAIL_ONCE_ENV = "DISTRIB_FAIL_ONCE"  # fault injection: path of a marker file; the first trial to report fails once
 
 
@@ -286,13 +288,23 @@ def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
     if shards and "://" not in shards and not shards.startswith("pipe:"):
         cfg.data.shards = str(Path(shards).resolve())
     _check_folds(cfg)
+    base = config_to_dict(cfg)
+    for c in grid_configs(grid):  # a typo or bad value fails here, before any file or trial exists
+        tree = copy.deepcopy(base)
+        for text in trial_overrides(c["overrides"], 0):
+            key, value = parse_override(text)
+            set_dotted(tree, key, value, "the sweep grid")
+        build_config(tree)
+    saved = out_dir / "config.yaml"
+    if saved.is_file() and (out_dir / "trials").is_dir():
+        # trials resume from their run dirs' checkpoints: only the same sweep may reuse them
+        old_grid = read_yaml_mapping(out_dir / GRID_FILE) if (out_dir / GRID_FILE).is_file() else None
+        if config_to_dict(load_config(saved)) != base or old_grid != grid:
+            raise DistribError(f"{out_dir} already holds a sweep with a different config or grid, whose finished "
+                               "trials would be reused; pass --resume to continue that sweep, or choose a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = save_config(cfg, out_dir)
-    for c in grid_configs(grid):  # a typo or bad value fails here, before any trial starts
-        for text in c["overrides"]:
-            parse_override(text)
-        load_config(path, trial_overrides(c["overrides"], 0))
-    return path
+    write_text(out_dir / GRID_FILE, yaml.safe_dump(grid, sort_keys=False))
+    return save_config(cfg, out_dir)
 
 
 def _build_trainable(cfg: ExperimentConfig, spec: dict):
