@@ -118,6 +118,28 @@ def test_missing_shards_and_bad_fold_fail_before_training(demo_shards, tmp_path)
     assert proc.returncode == 2 and "data.fold=7" in proc.stderr and "3 folds" in proc.stderr
 
 
+def test_stray_third_label_fails_before_training(demo_data, tmp_path):
+    """One label '2' in a binary manifest makes a 3-class index: the binary trainer must refuse it."""
+    import warnings
+
+    from distrib.errors import DataError
+    from distrib.shards import write_shards
+    from distrib.trainer_setup import preflight
+    rows = (demo_data / "train_manifest.csv").read_text().splitlines()
+    rows[1] = rows[1].rsplit(",", 2)[0] + ",2," + rows[1].rsplit(",", 1)[1]  # path,label,group -> label 2
+    manifest = demo_data / "stray_label_manifest.csv"  # beside the images: paths are relative to it
+    manifest.write_text("\n".join(rows) + "\n")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn: the stray class has a single member
+            write_shards(manifest, tmp_path / "shards", folds=3, seed=0, shard_size=60, workers=1)
+    finally:
+        manifest.unlink()  # the session's demo dataset is shared with other tests
+    cfg = load_config(DEBUG, [f"data.shards={tmp_path / 'shards'}"])
+    with pytest.raises(DataError, match=r"3 classes.*binary.*re-shard"):
+        preflight(cfg, tmp_path / "run", resume=False)
+
+
 def test_bf16_with_batchnorm_on_cpu_is_a_config_error(demo_shards, tmp_path):
     from distrib.trainer_setup import preflight
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.mixed_precision=bf16"])

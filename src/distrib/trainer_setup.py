@@ -17,7 +17,7 @@ import torch
 from distrib import dist
 from distrib.checkpoint import _plain, find_checkpoint, load_checkpoint, rng_state, set_rng_state
 from distrib.config import ConfigError, ExperimentConfig, save_config
-from distrib.errors import DistribError
+from distrib.errors import DataError, DistribError
 from distrib.runlog import RunLogger
 
 
@@ -33,6 +33,11 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
                           "(written by 'distrib shard')")
     index = read_index(cfg.data.shards)
     folds_for(cfg.data.fold, int(index["folds"]))  # raises DataError naming the valid folds
+    classes = index.get("classes") or {}
+    if classes and len(classes) != 2:  # both head types (1 BCE logit, 2 CE logits) are binary
+        raise DataError(f"{cfg.data.shards}/index.json has {len(classes)} classes {sorted(classes.values())}, but "
+                        f"model.num_classes={cfg.model.num_classes} trains a binary classifier; fix the manifest's "
+                        "labels (a stray label?) and re-shard with 'distrib shard --overwrite'")
     if not resume and find_checkpoint(out) is not None:
         raise DistribError(f"{out} already holds a training checkpoint; pass --resume to continue it "
                            "or choose a new --out directory")
