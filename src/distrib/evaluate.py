@@ -132,8 +132,9 @@ def write_evaluation_results(path: str | Path, preds: Predictions, *, model: tor
         **runtime,
     }
     result["optimal_threshold"] = result["metrics_at_optimal"]["threshold"]
-    write_json(path, _plain(result))
-    return json_safe(_plain(result))
+    result = json_safe(_plain(result))
+    write_json(path, result)
+    return result
 
 
 def save_reconstruction_samples(path: str | Path, samples: dict) -> Path | None:

@@ -213,8 +213,9 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
               "bootstrap": cfg.bootstrap, "single": single, "band": band,
               "plots": {k: str(Path(p).name) for k, p in plots.items()}}
     path = out / f"{prefix}thresholds.json"
+    result = json_safe(result)
     write_json(path, result)
-    return json_safe(result)
+    return result
 
 
 def select_fit_rows(df: pd.DataFrame, fit_split: str, source: str = "predictions") -> pd.DataFrame:
