@@ -152,6 +152,11 @@ def print0(*args, **kwargs) -> None:
         print(*args, flush=True, **kwargs)
 
 
+def on_main(fn, *args, **kwargs):
+    """Call ``fn`` on rank 0 only (file outputs), so the training loop never asks which rank it is on."""
+    return fn(*args, **kwargs) if is_main() else None
+
+
 def print_all(*args, **kwargs) -> None:
     """print() on every rank, prefixed with the rank (for per-rank facts such as weight checksums)."""
     print(f"[rank {rank()}]", *args, flush=True, **kwargs)

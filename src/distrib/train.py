@@ -110,11 +110,10 @@ def _validate(t: Trainer, report: Report | None) -> None:
     if state_dict is not None:
         t.best_auc, t.best_epoch = auc, t.epoch
         t.best_metrics = {**m, "val_loss": preds.loss, "train_loss": train_loss, "epoch": t.epoch, "step": t.step}
-        if acc.is_main_process:
-            save_best(t.out / "best_model.pth", state_dict, config_to_dict(t.cfg), t.best_metrics)
-            write_predictions(t.out / "val_predictions.csv", preds, t.cfg.data.fold)
-    if acc.is_main_process and preds.samples:
-        save_reconstruction_samples(t.out / "reconstruction_samples.png", preds.samples)
+        dist.on_main(save_best, t.out / "best_model.pth", state_dict, config_to_dict(t.cfg), t.best_metrics)
+        dist.on_main(write_predictions, t.out / "val_predictions.csv", preds, t.cfg.data.fold)
+    if preds.samples:
+        dist.on_main(save_reconstruction_samples, t.out / "reconstruction_samples.png", preds.samples)
     _checkpoint(t)
     if report is not None:
         report({"epoch": t.epoch, "step": t.step, "train_loss": train_loss,
@@ -135,18 +134,22 @@ def _finish(t: Trainer) -> dict:
                     "warnings above; run 'distrib shard inspect' on data.shards)")
     result = {**t.best_metrics, **runtime, "best_epoch": t.best_epoch, "steps": t.step,
               "param_checksum": param_checksum(acc.unwrap_model(t.model, keep_torch_compile=False))}
-    if acc.is_main_process:
-        payload = load_best(t.out / "best_model.pth")
-        model, _, _ = _model_from_payload(payload)
-        preds = _read_predictions(t.out / "val_predictions.csv", payload["metrics"].get("val_loss", math.nan))
-        write_evaluation_results(t.out / "evaluation_results.json", preds, model=model,
-                                 model_file=t.out / "best_model.pth", img_size=t.cfg.data.img_size,
-                                 latency_repeats=t.cfg.train.latency_batches, runtime=runtime,
-                                 best={"epoch": t.best_epoch, "auc": t.best_auc, "step": payload["metrics"].get("step")})
-        t.log.plot_curves()
+    dist.on_main(_write_final_outputs, t, runtime)
     t.log.close()
     dist.print_all("final", {k: result[k] for k in ("world_size", "backend", "steps", "param_checksum")})
     return result
+
+
+def _write_final_outputs(t: Trainer, runtime: dict) -> None:
+    """evaluation_results.json of the best model (re-read from best_model.pth) and training_curves.png."""
+    payload = load_best(t.out / "best_model.pth")
+    model, _, _ = _model_from_payload(payload)
+    preds = _read_predictions(t.out / "val_predictions.csv", payload["metrics"].get("val_loss", math.nan))
+    write_evaluation_results(t.out / "evaluation_results.json", preds, model=model,
+                             model_file=t.out / "best_model.pth", img_size=t.cfg.data.img_size,
+                             latency_repeats=t.cfg.train.latency_batches, runtime=runtime,
+                             best={"epoch": t.best_epoch, "auc": t.best_auc, "step": payload["metrics"].get("step")})
+    t.log.plot_curves()
 
 
 def param_checksum(model: torch.nn.Module) -> str:
