@@ -9,13 +9,12 @@ backbones are separate timm models chosen by name (``model.kwargs.convnext`` / `
 """
 from __future__ import annotations
 
-import difflib
 import os
 
 import torch
 import torch.nn as nn
 
-from distrib.config import ConfigError, ModelConfig
+from distrib.config import ConfigError, ModelConfig, _closest
 from distrib.models import register_model
 from distrib.models.timm_models import create_timm
 
@@ -190,8 +189,7 @@ def _build(model_cfg: ModelConfig, variant: str) -> GenConViT:
     kwargs = _nest(model_cfg.kwargs)
     unknown = sorted(set(kwargs) - set(DEFAULTS) - {"img_size"})
     if unknown:
-        hint = difflib.get_close_matches(unknown[0], list(DEFAULTS), n=1, cutoff=0.0)
-        raise ConfigError(f"unknown model.kwargs {unknown} for {model_cfg.name}; did you mean '{hint[0]}'? "
+        raise ConfigError(f"unknown model.kwargs {unknown} for {model_cfg.name}{_closest(unknown[0], DEFAULTS)} "
                           f"valid keys: {', '.join(DEFAULTS)}")
     kw = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k != "img_size"}}
     img_size = model_cfg.img_size or int(kwargs.get("img_size", 224))
