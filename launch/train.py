@@ -2,45 +2,26 @@
 
     # 2 CPU processes over gloo (NOT `--cpu`, which silently starts only one):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/train.py \
-        launch/configs/debug.yaml --out runs/debug data.shards=shards/
+        launch/configs/experiments/debug.yaml --out runs/debug data.shards=shards/
     # GPUs, DDP / DeepSpeed ZeRO-2:
     accelerate launch --config_file accelerate_config.yaml launch/train.py CONFIG --out RUN_DIR
     accelerate launch --config_file launch/deepspeed_zero2.yaml launch/train.py CONFIG --out RUN_DIR
     # continue a killed run from RUN_DIR/last_checkpoint:
     accelerate launch ... launch/train.py CONFIG --out RUN_DIR --resume
-"""
-from __future__ import annotations
 
-import argparse
-import json
+This door is `distrib train` under another name: the same parser, then the same steps in
+distrib.cli's `train` command: resolve the config (errors before any process group exists),
+build, train (distrib.training.trainer.run), close, and print the result once, on rank 0.
+"""
 import sys
 
-from distrib.config import load_config
-from distrib.errors import DistribError
+from distrib.cli import main
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", help="experiment YAML, e.g. launch/configs/debug.yaml")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, best_model.pth)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last_checkpoint")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shards=shards/ optim.lr=3e-4")
-    return p.parse_intermixed_args(argv)  # overrides may follow --out
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)  # validated before any process group exists
-        from distrib.train import run  # heavy imports only after the config is known to be good
-        result = run(cfg, args.out, resume=args.resume)
-    except DistribError as e:
-        print(f"launch/train.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    from distrib.dist import print0
-    print0(json.dumps({k: v for k, v in result.items() if k != "confusion"}, default=str))
-    return 0
+def train(argv: list[str]) -> int:
+    """``launch/train.py CONFIG --out RUN_DIR [--resume] [overrides]``; returns the exit code."""
+    return main(["train", *argv])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train(sys.argv[1:]))

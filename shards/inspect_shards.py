@@ -2,7 +2,7 @@
 
     python shards/inspect_shards.py shards/
 
-Same as ``distrib shard inspect DIR``: both call distrib.shards.inspect_shards.
+Same as ``distrib shard inspect DIR``: both call distrib.data.shards.inspect_shards.
 """
 import sys
 

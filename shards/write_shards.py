@@ -3,7 +3,7 @@
     python shards/write_shards.py --train train_manifest.csv --val val_manifest.csv \
         --test test_manifest.csv --out shards/ --folds 5 [--workers 2] [--overwrite]
 
-Same as ``distrib shard ...``: both call distrib.shards.write_shards.
+Same as ``distrib shard ...``: both call distrib.data.shards.write_shards.
 """
 import sys
 

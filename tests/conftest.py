@@ -23,7 +23,7 @@ def session_tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_data(session_tmp) -> Path:
-    from distrib.demo_data import build_demo_dataset
+    from distrib.demo.data import build_demo_dataset
     out = session_tmp / "demo_data"
     build_demo_dataset(out, size="tiny", seed=0)
     return out
@@ -31,7 +31,7 @@ def demo_data(session_tmp) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_shards(demo_data, session_tmp) -> Path:
-    from distrib.shards import write_shards
+    from distrib.data.shards import write_shards
     out = session_tmp / "demo_shards"
     write_shards(demo_data / "train_manifest.csv", out, val=demo_data / "val_manifest.csv",
                  test=demo_data / "test_manifest.csv", folds=3, seed=0, shard_size=30, workers=1)

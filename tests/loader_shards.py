@@ -1,6 +1,6 @@
 """Test helper: tiny WebDataset shards in the DESIGN.md layout with chosen (uneven/corrupt) shard sizes.
 
-``distrib.shards.write_shards`` makes balanced shards from manifests; the loader tests need exact
+``distrib.data.shards.write_shards`` makes balanced shards from manifests; the loader tests need exact
 layouts (one 3-sample shard next to a 40-sample one, a truncated tar, a garbage JPEG), so they write
 the same format directly with webdataset's TarWriter.
 """

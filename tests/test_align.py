@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
-from distrib.align import (average_aligned, check_oof_table, fit_alignments, fit_rotation, load_alignment,
+from distrib.stacking.align import (average_aligned, check_oof_table, fit_alignments, fit_rotation, load_alignment,
                            save_alignment)
 from distrib.errors import DataError
 

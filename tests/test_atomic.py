@@ -30,7 +30,7 @@ def test_cli_reports_a_full_disk_clearly(tmp_path, monkeypatch, capsys):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "shard.tar"))
 
     # under test is the CLI's reporting, so the full disk is simulated at the writer's boundary
-    monkeypatch.setattr("distrib.shards.write_shards", full_disk)
+    monkeypatch.setattr("distrib.data.shards.write_shards", full_disk)
     rc = cli.main(["shard", "--train", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from distrib.cascade import cascade_score, route
-from distrib.cascade_config import load_cascade_config
+from distrib.cascade.run import cascade_score, route
+from distrib.cascade.config import load_cascade_config
 from distrib.config import ConfigError
 
 
@@ -47,6 +47,8 @@ def test_cascade_config_errors_name_the_key(tmp_path):
     cfg.write_text("stage1: {run: s1}\nstack: {dir: st}\n")
     c = load_cascade_config(cfg)
     assert c.stage1.run == str(tmp_path / "s1") and c.stack.dir == str(tmp_path / "st")  # relative to the YAML
-    for shipped in ("cascade_deepfake.yaml", "cascade_debug.yaml"):
-        load_cascade_config(REPO / "launch" / "configs" / shipped)
+    shipped = sorted((REPO / "launch" / "configs" / "cascades").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"deepfake.yaml", "debug.yaml"}
+    for path in shipped:
+        load_cascade_config(path)
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from distrib.complementarity import analyse, contingency, mcnemar, pair_report, yules_q
+from distrib.cascade.complementarity import analyse, contingency, mcnemar, pair_report, yules_q
 
 # 10 samples, all positive: A right on 0-7, B right on 0-4 and 8 -> n11=5, n10=3, n01=1, n00=1.
 Y = np.ones(10, dtype=int)

@@ -5,7 +5,9 @@ import pytest
 
 from distrib.config import ConfigError, config_to_overrides, load_config, save_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "launch" / "configs").glob("*.yaml"))
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "launch" / "configs"
+CONFIGS = sorted((CONFIG_ROOT / "experiments").glob("*.yaml"))
+LOADED_BY_A_TEST = ("experiments", "grids", "cascades")  # test_config, test_tune, test_cascade
 
 
 def test_resolution_order(tmp_path):
@@ -53,3 +55,9 @@ def test_saved_config_replays(tmp_path):
     path = save_config(cfg, tmp_path)
     assert load_config(path) == cfg
     assert load_config(None, config_to_overrides(cfg)) == cfg
+
+
+def test_every_shipped_config_folder_is_loaded_by_a_test():
+    folders = {p.parent.name for p in CONFIG_ROOT.rglob("*.yaml")}
+    assert folders <= set(LOADED_BY_A_TEST), f"config folders no test loads: {folders - set(LOADED_BY_A_TEST)}"
+    assert not list(CONFIG_ROOT.glob("*.yaml")), "configs live in a folder that says what they are"

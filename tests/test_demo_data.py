@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distrib.demo_checks import LEAK_AUC_LIMIT, histogram_leak_check, residual_features
-from distrib.demo_data import build_demo_dataset
+from distrib.demo.checks import LEAK_AUC_LIMIT, histogram_leak_check, residual_features
+from distrib.demo.data import build_demo_dataset
 from distrib.errors import DataError
 
 

@@ -6,20 +6,21 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from distrib.align import check_oof_table
+from distrib.stacking.align import check_oof_table
 from distrib.cli import main as cli_main
 from distrib.config import load_config
-from distrib.embed import AlignedExpert, alignment_path, expected_training_rows, extract_oof
+from distrib.stacking.embed import AlignedExpert, alignment_path, expected_training_rows, extract_oof
 from distrib.errors import DataError
-from distrib.loader import build_loader, read_index
-from distrib.transforms import build_transform
+from distrib.data.index import read_index
+from distrib.data.loader import build_loader
+from distrib.data.transforms import build_transform
 
-DEBUG = REPO / "launch" / "configs" / "debug.yaml"
+DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 
 
 @pytest.fixture(scope="module")
 def fold_runs(demo_shards, tmp_path_factory):
-    from distrib.train import run
+    from distrib.training.trainer import run
 
     root = tmp_path_factory.mktemp("fold_runs")
     runs = []

@@ -11,8 +11,9 @@ import torch
 
 from distrib.config import AugmentConfig, DataConfig
 from distrib.errors import DataError
-from distrib.loader import build_loader, folds_for, read_index
-from distrib.transforms import build_transform
+from distrib.data.index import read_index
+from distrib.data.loader import build_loader, folds_for
+from distrib.data.transforms import build_transform
 from loader_shards import write_tiny_shards
 
 UNEVEN = [("train", 0, 40), ("train", 0, 3), ("train", 1, 17), ("train", 1, 5), ("train", 2, 9),
@@ -148,7 +149,7 @@ def test_corrupt_members_are_counted_and_skipped(tmp_path, caplog):
     # cut the second val shard in the middle of its members (as a broken copy would)
     full = (tmp_path / "val-00001.tar").stat().st_size
     (tmp_path / "val-00001.tar").write_bytes((tmp_path / "val-00001.tar").read_bytes()[: full // 2 + 100])
-    caplog.set_level("WARNING", logger="distrib.loader")
+    caplog.set_level("WARNING", logger="distrib.data.loader")
     for workers in (0, 1):
         lens, skipped, valid = [], 0, 0
         for rank in range(2):
@@ -226,7 +227,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.mark.timeout(300)
 def test_reads_the_real_shard_writer_output(demo_shards):
-    """The shards written by distrib.shards.write_shards (conftest fixture) load in both modes."""
+    """The shards written by distrib.data.shards.write_shards (conftest fixture) load in both modes."""
     index = read_index(demo_shards)
     n_val = sum(s["count"] for s in index["shards"] if s["split"] == "val")
     keys = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distrib.config import ConfigError, ModelConfig, TrainConfig
-from distrib.losses import build_loss, distill_loss, kl_divergence, positive_prob
+from distrib.training.losses import build_loss, distill_loss, kl_divergence, positive_prob
 
 
 def _sig(z: float) -> float:

@@ -6,9 +6,9 @@ import torch
 
 from distrib.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from distrib.errors import DistribError
-from distrib.losses import build_loss
+from distrib.training.losses import build_loss
 from distrib.models import build_model, list_models
-from distrib.optim import build_optimizer, trainable_parameters
+from distrib.training.optim import build_optimizer, trainable_parameters
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -83,7 +83,7 @@ def test_timm_wrapper_matches_the_bare_timm_model():
 
 @pytest.mark.parametrize("num_classes", [1, 2])
 def test_both_head_types(num_classes):
-    from distrib.losses import positive_prob
+    from distrib.training.losses import positive_prob
     model = build_model(ModelConfig(name="resnet18", num_classes=num_classes))
     logits = model(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, num_classes)

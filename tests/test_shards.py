@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import PYTHON, REPO, subprocess_env
 from distrib.cli import main as cli_main
 from distrib.errors import DataError
-from distrib.shards import inspect_shards, write_shards
+from distrib.data.shards import format_inspection, inspect_shards, write_shards
 
 
 def _members(tar_path: Path) -> dict[str, dict[str, bytes]]:
@@ -99,7 +99,7 @@ def test_inspect_verifies_checksums_and_detects_corruption(demo_shards, tmp_path
     good = inspect_shards(demo_shards)
     assert good["ok"] and not good["problems"]
     assert all(r["sha256_ok"] and r["found"] == r["count"] for r in good["shards"])
-    assert "sha256" in capsys.readouterr().out  # the printed table
+    assert "sha256" in format_inspection(good)  # the table 'distrib shard inspect' prints
     bad_dir = tmp_path / "shards"
     shutil.copytree(demo_shards, bad_dir)
     victim = bad_dir / "val-00000.tar"
@@ -107,10 +107,10 @@ def test_inspect_verifies_checksums_and_detects_corruption(demo_shards, tmp_path
     data[700] ^= 0xFF  # flip one byte inside the first JPEG: the tar still parses, the hash does not match
     victim.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"val-00000\.tar: sha256 differs"):
-        inspect_shards(bad_dir, verbose=False)
+        inspect_shards(bad_dir)
     truncated = bad_dir / "test-00000.tar"
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    report = inspect_shards(bad_dir, strict=False, verbose=False)
+    report = inspect_shards(bad_dir, strict=False)
     assert not report["ok"]
     bad = {r["path"] for r in report["shards"] if r["problems"]}
     assert bad == {"val-00000.tar", "test-00000.tar"}
@@ -273,10 +273,10 @@ def test_inspect_over_http(demo_shards):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        report = inspect_shards(f"http://127.0.0.1:{server.server_address[1]}/", verbose=False)
+        report = inspect_shards(f"http://127.0.0.1:{server.server_address[1]}/")
     finally:
         server.shutdown()
         server.server_close()
     assert report["ok"] and report["location"].startswith("http://127.0.0.1")
-    local = inspect_shards(demo_shards, verbose=False)
+    local = inspect_shards(demo_shards)
     assert [(r["path"], r["found"]) for r in report["shards"]] == [(r["path"], r["found"]) for r in local["shards"]]

@@ -1,7 +1,6 @@
 """Stacking with real LightGBM on OOF tables with a planted signal: meta-CV beats each expert, groups never leak."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,7 +9,8 @@ import pytest
 
 from distrib.config import StackConfig
 from distrib.errors import DataError
-from distrib.stack import cross_validate, group_folds, load_experts, load_meta, predict_meta, stack_cli
+from distrib.cli import main as cli_main
+from distrib.stacking.stack import cross_validate, group_folds, load_experts, load_meta, predict_meta
 
 DIM = 8
 
@@ -48,11 +48,11 @@ CFG_OVERRIDES = ["stack.folds=3", "stack.n_estimators=150", "stack.learning_rate
                  "stack.early_stopping_rounds=20", "stack.min_child_samples=10"]
 
 
-def test_meta_cv_beats_each_expert_and_keeps_groups_whole(tmp_path):
+def test_meta_cv_beats_each_expert_and_keeps_groups_whole(tmp_path, capsys):
     paths = _tables(tmp_path)
     out = tmp_path / "stack"
-    res = stack_cli(argparse.Namespace(oof=[str(p) for p in paths], out=str(out), config=None,
-                                       overrides=CFG_OVERRIDES))
+    assert cli_main(["stack", "--oof", *map(str, paths), "--out", str(out), *CFG_OVERRIDES]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     results = json.loads((out / "stack_results.json").read_text())
     abl = results["ablation"]
     meta = results["cv"]["auc_mean"]

@@ -1,7 +1,6 @@
 """Thresholds: constrained threshold meets recall on its fit data, exact band on hand-built scores, test rows refused."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,9 +9,10 @@ import pytest
 from sklearn.metrics import recall_score
 
 from distrib.config import ThresholdConfig
+from distrib.cli import main as cli_main
 from distrib.errors import DistribError
-from distrib.thresholds import (decide, fit_band, fit_thresholds, grouped_bootstrap, rates,
-                                select_fit_rows, threshold_max_specificity, thresholds_cli)
+from distrib.stacking.thresholds import (decide, fit_band, fit_thresholds, grouped_bootstrap, rates,
+                                           select_fit_rows, threshold_max_specificity)
 
 # Hand-built: negatives at 0.1..0.4 and 0.6, positives at 0.5 and 0.7..0.95.
 NEG = [0.1, 0.2, 0.3, 0.4, 0.6]
@@ -121,8 +121,9 @@ def test_cli_prints_infeasible(tmp_path, capsys):
     pred = tmp_path / "pred.csv"
     pd.DataFrame({"label": [1, 0, 1, 0, 1, 0], "prob": [0.0, 0.3, 0.4, 0.5, 0.6, 1.0],
                   "group": list("abcdef")}).to_csv(pred, index=False)
-    args = argparse.Namespace(pred=str(pred), out=str(tmp_path / "out"), config=None,
-                              overrides=["thresholds.recall=1.0", "thresholds.specificity=1.0", "thresholds.bootstrap=20"])
-    res = thresholds_cli(args)
+    assert cli_main(["thresholds", "--pred", str(pred), "--out", str(tmp_path / "out"), "thresholds.recall=1.0",
+                     "thresholds.specificity=1.0", "thresholds.bootstrap=20"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
     assert res["band"]["feasible"] is False
-    assert "INFEASIBLE" in capsys.readouterr().out
+    assert "INFEASIBLE" in out

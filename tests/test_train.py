@@ -15,12 +15,12 @@ from conftest import PYTHON, REPO, subprocess_env
 from distrib.config import ConfigError, load_config
 from distrib.metrics import binary_metrics, equal_error_rate, optimal_threshold
 
-DEBUG = REPO / "launch" / "configs" / "debug.yaml"
+DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 
 
 @pytest.fixture(scope="module")
 def debug_run(demo_shards, tmp_path_factory):
-    from distrib.train import run
+    from distrib.training.trainer import run
     out = tmp_path_factory.mktemp("debug_run")
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.epochs=2", "train.ckpt_every_steps=4",
                               "train.log_every_steps=1", "model.name=resnet10t"])
@@ -66,7 +66,7 @@ def test_run_outputs_exist_and_parse(debug_run, demo_shards):
 
 
 def test_best_model_loads_weights_only(debug_run):
-    from distrib.train import load_run
+    from distrib.runs import load_run
     cfg, out, result = debug_run
     payload = torch.load(out / "best_model.pth", weights_only=True)
     assert set(payload) == {"state_dict", "config", "metrics"}
@@ -123,8 +123,8 @@ def test_stray_third_label_fails_before_training(demo_data, tmp_path):
     import warnings
 
     from distrib.errors import DataError
-    from distrib.shards import write_shards
-    from distrib.trainer_setup import preflight
+    from distrib.data.shards import write_shards
+    from distrib.training.setup import preflight
     rows = (demo_data / "train_manifest.csv").read_text().splitlines()
     rows[1] = rows[1].rsplit(",", 2)[0] + ",2," + rows[1].rsplit(",", 1)[1]  # path,label,group -> label 2
     manifest = demo_data / "stray_label_manifest.csv"  # beside the images: paths are relative to it
@@ -141,7 +141,7 @@ def test_stray_third_label_fails_before_training(demo_data, tmp_path):
 
 
 def test_bf16_with_batchnorm_on_cpu_is_a_config_error(demo_shards, tmp_path):
-    from distrib.trainer_setup import preflight
+    from distrib.training.setup import preflight
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.mixed_precision=bf16"])
     with pytest.raises(ConfigError, match="bf16 with BatchNorm.*train.mixed_precision=no"):
         preflight(cfg, tmp_path / "run", resume=False)
@@ -165,7 +165,7 @@ def test_metrics_against_hand_computed_values():
 
 def test_schedules_and_trainable_only_optimizer():
     from distrib.config import OptimConfig
-    from distrib.optim import build_optimizer, build_scheduler
+    from distrib.training.optim import build_optimizer, build_scheduler
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     model[0].requires_grad_(False)  # a linear probe's frozen backbone
     opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1))
@@ -195,7 +195,7 @@ def test_schedules_and_trainable_only_optimizer():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_distillation_from_teacher_run(debug_run, demo_shards, tmp_path):
-    from distrib.train import run
+    from distrib.training.trainer import run
     _, teacher_dir, _ = debug_run
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "model.name=resnet10t", "data.img_size=48",
                               f"train.distill_teacher={teacher_dir}", "train.distill_alpha=0.7",
@@ -210,7 +210,7 @@ def test_distillation_from_teacher_run(debug_run, demo_shards, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_genconvit_saves_reconstruction_samples(demo_shards, tmp_path):
-    from distrib.train import run
+    from distrib.training.trainer import run
     over = [f"data.shards={demo_shards}", "model.name=genconvit_vae", "train.cls_weight=0.9",
             "train.recon_weight=0.1", "train.kl_weight=0.01", "train.max_steps=2", "train.latency_batches=1"]
     with pytest.raises(ConfigError, match="model.img_size"):  # size mismatch caught before training
@@ -222,7 +222,7 @@ def test_genconvit_saves_reconstruction_samples(demo_shards, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_accumulation_clipping_sgd_step_schedule_channels_last(demo_shards, tmp_path):
-    from distrib.train import run
+    from distrib.training.trainer import run
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "model.name=resnet10t", "train.epochs=1",
                               "train.grad_accum=2", "optim.grad_clip=1.0", "optim.name=sgd",
                               "optim.scheduler=step", "optim.step_size=1", "train.channels_last=true",
@@ -237,14 +237,10 @@ def test_accumulation_clipping_sgd_step_schedule_channels_last(demo_shards, tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_trainer_prints_ratio(tmp_path, capsys):
-    import argparse
-
-    from distrib.bench import run_bench
-    args = argparse.Namespace(config=str(DEBUG), steps=2, out=str(tmp_path / "bench"), num_processes=1,
-                              overrides=["model.name=resnet10t", "data.batch_size=4"])
-    result = run_bench("trainer", args)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last) == json.loads(json.dumps(result))
+    from distrib.cli import main
+    assert main(["bench", "trainer", "--config", str(DEBUG), "--steps", "2", "--out", str(tmp_path / "bench"),
+                 "model.name=resnet10t", "data.batch_size=4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line is the JSON
     assert result["ratio_to_bare_loop"] > 0 and result["world_size"] == 1  # timing is reported, never asserted
 
 
@@ -253,7 +249,7 @@ def test_corrupt_samples_are_counted_and_reported(demo_shards, tmp_path):
     import shutil
     import tarfile
 
-    from distrib.train import run
+    from distrib.training.trainer import run
     shards = tmp_path / "shards"
     shutil.copytree(demo_shards, shards)
     src = shards / "train-f1-00000.tar"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from distrib.config import AugmentConfig, ConfigError, DataConfig
 from distrib.errors import DataError
-from distrib.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, decode_image, resolve_mean_std
+from distrib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, decode_image, resolve_mean_std
 
 FULL = AugmentConfig(hflip=0.5, vflip=0.5, rotate=180, translate=0.1, scale_min=0.9, scale_max=1.1,
                      motion_blur_p=0.5, color_jitter=[0.3, 0.3, 0.2, 0.05], random_resized_crop=True)

@@ -23,10 +23,12 @@ import pytest
 from conftest import PYTHON, REPO, subprocess_env
 from distrib.config import ConfigError, load_config
 from distrib.errors import DistribError
-from distrib.tune import FAIL_ONCE_ENV, grid_configs, load_grid, run_sweep, trial_command
-from distrib.tune_report import choose_best
+from distrib.sweep.driver import run_sweep
+from distrib.sweep.grid import grid_configs, load_grid, trial_command
+from distrib.sweep.trial import FAIL_ONCE_ENV
+from distrib.sweep.report import choose_best
 
-DEBUG = REPO / "launch" / "configs" / "debug.yaml"
+DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 TRIAL = ["train.epochs=2", "data.samples_per_epoch=32", "train.latency_batches=1", "tune.embed_best=false"]
 
 
@@ -81,7 +83,7 @@ def test_bad_grid_fails_before_ray_starts(tmp_path, demo_shards):
 
 def test_sweep_dir_with_other_config_is_refused_without_resume(tmp_path, demo_shards):
     """Finished trials resume from their run dirs, so a changed config must not silently reuse them."""
-    from distrib.tune import _prepare
+    from distrib.sweep.driver import _prepare
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}"])
     _prepare(cfg, {"optim.lr": [1e-3]}, tmp_path)
     (tmp_path / "trials").mkdir()  # as after a finished sweep
@@ -208,7 +210,7 @@ def test_ddp_trials_run_2_gloo_workers_each_with_equal_rank_checksums(ray_cluste
 
     0.49 CPU per worker lets both folds' 4 workers plus the 0.01-CPU trial drivers fit the 2-CPU cluster.
     """
-    from distrib.shards import write_shards
+    from distrib.data.shards import write_shards
     shards = tmp_path / "shards2"  # 2 folds: the smallest complete sweep (tune.folds must match the shards)
     write_shards(demo_data / "train_manifest.csv", shards, val=demo_data / "val_manifest.csv",
                  test=demo_data / "test_manifest.csv", folds=2, seed=0, shard_size=30, workers=1)
@@ -237,7 +239,7 @@ def test_ddp_trials_run_2_gloo_workers_each_with_equal_rank_checksums(ray_cluste
         assert len(progress) == 1 and list(pd.read_csv(progress[0])["epoch"]) == [1, 2], progress
 
 
-@pytest.mark.parametrize("grid_file", sorted((REPO / "launch" / "configs").glob("grid_*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("grid_file", sorted((REPO / "launch" / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_grids_build_every_config(grid_file):
     configs = grid_configs(load_grid(grid_file))
     assert len(configs) >= 1

@@ -1,7 +1,7 @@
 """Entry point for the K-fold x grid Ray Tune sweep (same library function as ``distrib tune``).
 
-    python tune/sweep.py launch/configs/debug.yaml data.shards=shards/ \
-        --grid launch/configs/grid_debug.yaml --out runs/sweep [--address HOST:PORT] [--num-cpus 2] [--resume]
+    python tune/sweep.py launch/configs/experiments/debug.yaml data.shards=shards/ \
+        --grid launch/configs/grids/debug.yaml --out runs/sweep [--address HOST:PORT] [--num-cpus 2] [--resume]
 """
 from __future__ import annotations
 

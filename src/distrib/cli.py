@@ -1,90 +1,138 @@
-"""The ``distrib`` console script: thin argument parsing over the library's functions.
+"""The ``distrib`` console script: the one argument parser, a table of subcommand -> library function.
 
     distrib data demo --out data/demo
     distrib shard --train train_manifest.csv --val val_manifest.csv --out shards/ --folds 5
-    distrib train launch/configs/debug.yaml --out runs/debug data.shards=shards/
-    distrib tune launch/configs/debug.yaml --grid launch/configs/grid_debug.yaml --out runs/sweep
+    distrib train launch/configs/experiments/debug.yaml --out runs/debug data.shards=shards/
+    distrib tune launch/configs/experiments/debug.yaml --grid launch/configs/grids/debug.yaml --out runs/sweep
     distrib bench loader --shards shards/
 
-Each subcommand imports its module lazily so ``distrib --help`` stays fast.
+Library functions take plain values and return dicts; everything printed, and every exit code, is
+decided here. Each command imports its stage lazily so ``distrib --help`` stays fast.
 """
 from __future__ import annotations
 
 import argparse
 import errno
 import json
+import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from distrib.errors import DistribError
 
-
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-    if config_required:
-        p.add_argument("config", help="experiment YAML (launch/configs/*.yaml)")
-    else:
-        p.add_argument("--config", default=None, help="experiment YAML (launch/configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 data.fold=2")
+DEMO_EXPERIMENTS = ("demo_stage1.yaml", "demo_expert_effnetv2.yaml", "demo_expert_genconvit.yaml")
+DEMO_GRID = "demo.yaml"
 
 
 def _cmd_data(a: argparse.Namespace) -> dict:
-    from distrib.demo_data import build_demo_dataset
-    return build_demo_dataset(a.out, images=a.images, size=a.size, tile=a.tile, seed=a.seed,
-                              overwrite=a.overwrite)
+    from distrib.demo.data import build_demo_dataset
+    return build_demo_dataset(a.out, images=a.images, size=a.size, tile=a.tile, seed=a.seed, overwrite=a.overwrite)
 
 
 def _cmd_shard(a: argparse.Namespace) -> dict:
-    from distrib.shards import write_shards
+    from distrib.data.shards import write_shards
     return write_shards(a.train, a.out, val=a.val, test=a.test, folds=a.folds, seed=a.seed,
                         shard_size=a.shard_size, shard_bytes=a.shard_bytes, workers=a.workers,
                         overwrite=a.overwrite)
 
 
 def _cmd_shard_inspect(a: argparse.Namespace) -> dict:
-    from distrib.shards import inspect_shards
-    return inspect_shards(a.dir)
+    from distrib.data.shards import format_inspection, inspect_shards
+    summary = inspect_shards(a.dir, strict=False)
+    print(format_inspection(summary))
+    if summary["problems"]:
+        raise DistribError(f"{summary['location']}: {len(summary['problems'])} shard problem(s), first: "
+                           f"{summary['problems'][0]}; re-run 'distrib shard ... --overwrite' to rewrite the shards")
+    return summary
 
 
 def _cmd_train(a: argparse.Namespace) -> dict:
     from distrib.config import load_config
-    from distrib.train import run
-    cfg = load_config(a.config, a.overrides)
-    return run(cfg, a.out, resume=a.resume)
+    cfg = load_config(a.config, a.overrides)  # validated before any heavy import or process group
+    from distrib.training.dist import is_main
+    from distrib.training.trainer import run
+    result = run(cfg, a.out, resume=a.resume)
+    return {k: v for k, v in result.items() if k != "confusion"} if is_main() else None  # one JSON line per run
 
 
 def _cmd_tune(a: argparse.Namespace) -> dict:
-    from distrib.tune import run_sweep_cli
-    return run_sweep_cli(a)
+    from distrib.config import load_config
+    from distrib.sweep.driver import run_sweep
+    from distrib.sweep.grid import check_grid, load_grid
+    cfg = load_config(a.config, a.overrides)
+    grid = load_grid(a.grid) if a.grid else check_grid(cfg.tune.grid)
+    return run_sweep(cfg, grid, a.out, address=a.address, storage=a.storage, resume=a.resume, num_cpus=a.num_cpus)
 
 
 def _cmd_embed(a: argparse.Namespace) -> dict:
-    from distrib.embed import embed_cli
-    return embed_cli(a)
+    from distrib.config import load_config
+    from distrib.stacking.embed import alignment_path, extract_oof
+    from distrib.sweep.report import best_run_dirs
+    if bool(a.sweep) == bool(a.runs):
+        raise DistribError("distrib embed: pass exactly one of --sweep SWEEP_DIR or --runs RUN0 RUN1 ...")
+    runs = best_run_dirs(a.sweep) if a.sweep else list(a.runs)
+    cfg = load_config(Path(runs[0]) / "config.yaml", a.overrides)
+    df = extract_oof(runs, a.out, cfg.embed)
+    return {"out": str(a.out), "rows": len(df), "alignment": str(alignment_path(a.out)),
+            "splits": df["split"].value_counts().to_dict()}
 
 
 def _cmd_stack(a: argparse.Namespace) -> dict:
-    from distrib.stack import stack_cli
-    return stack_cli(a)
+    from distrib.config import load_config
+    from distrib.stacking.stack import fit_stack
+    res = fit_stack(a.oof, a.out, load_config(a.config, a.overrides).stack)
+    for name, r in res["ablation"].items():
+        print(f"stack: {name:<28} meta-CV AUC {r['auc_mean']:.4f} +- {r['auc_std']:.4f}")
+    return {"out": str(a.out), "cv_auc_mean": res["cv"]["auc_mean"], "best_expert": res["best_expert"]}
 
 
 def _cmd_thresholds(a: argparse.Namespace) -> dict:
-    from distrib.thresholds import thresholds_cli
-    return thresholds_cli(a)
+    from distrib.config import load_config
+    from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
+    cfg = load_config(a.config, a.overrides).thresholds
+    result = fit_thresholds(select_fit_rows(load_predictions(a.pred), cfg.fit_split, str(a.pred)), cfg, a.out)
+    print(f"thresholds: {result['single']['max_specificity_at_recall']['message']}")
+    print(f"thresholds: {'' if result['band']['feasible'] else 'INFEASIBLE: '}{result['band']['message']}")
+    return {"thresholds": str(Path(a.out) / "thresholds.json"), "band": result["band"]}
 
 
 def _cmd_cascade(a: argparse.Namespace) -> dict:
-    from distrib.cascade import cascade_cli
-    return cascade_cli(a)
+    from distrib.cascade.run import run_cascade
+    res = run_cascade(a.config, a.split, a.out)
+    m, cost = res["metrics"]["cascade"], res["cost"]
+    print(f"cascade: AUC {m['auc']:.4f} F1 {m['f1']:.4f} recall {m['recall']:.4f} specificity {m['specificity']:.4f}; "
+          f"escalation {res['escalation_rate']:.1%}; cost {cost['cascade_mean_ms']:.2f} ms/img "
+          f"(x{cost['cost_ratio_to_stage1']:.2f} stage 1); report: {res['report']}")
+    return {"report": res["report"], "evaluation_results": res["evaluation_results"]}
 
 
 def _cmd_demo(a: argparse.Namespace) -> dict:
-    from distrib.pipeline import run_demo
-    return run_demo(a.out, size=a.size, overrides=a.overrides, configs=a.configs)
+    from distrib.demo.pipeline import run_demo
+    root = Path(a.configs) if a.configs else Path("launch/configs")
+    stage1, *experts = [root / "experiments" / name for name in DEMO_EXPERIMENTS]
+    missing = [str(p) for p in (stage1, *experts, root / "grids" / DEMO_GRID) if not p.is_file()]
+    if missing:
+        raise DistribError(f"demo configs not found: {', '.join(missing)}; run from the repository root "
+                           "or pass --configs DIR (the folder holding experiments/ and grids/)")
+    res = run_demo(a.out, stage1, experts, root / "grids" / DEMO_GRID, size=a.size, overrides=a.overrides)
+    print(f"\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}")
+    return res
 
 
 def _cmd_bench(a: argparse.Namespace) -> dict:
     from distrib.bench import run_bench
-    return run_bench(a.name, a)
+    if a.steps < 1 or a.workers < 0 or a.num_processes < 1:
+        raise DistribError(f"distrib bench: --steps {a.steps}, --workers {a.workers} and --num-processes "
+                           f"{a.num_processes} must be >= 1, >= 0 and >= 1")
+    result = run_bench(a.name, shards=a.shards, config=a.config, out=a.out, workers=a.workers, steps=a.steps,
+                       num_processes=a.num_processes, overrides=a.overrides)
+    print(json.dumps(result, default=float), flush=True)  # the last line is the benchmark's JSON
+    return result
+
+
+def _add_overrides(p: argparse.ArgumentParser, example: str = "optim.lr=3e-4 data.fold=2") -> None:
+    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,14 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_shard_inspect)
 
     p = sub.add_parser("train", help="train one model (single process; use accelerate launch for several)")
-    _add_config_args(p)
+    p.add_argument("config", help="experiment YAML (launch/configs/experiments/*.yaml)")
+    _add_overrides(p)
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="resume from the run directory's last checkpoint")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep: folds x hyper-parameter grid")
-    _add_config_args(p)
-    p.add_argument("--grid", default=None, help="YAML of dotted key -> list of values")
+    p.add_argument("config", help="experiment YAML (launch/configs/experiments/*.yaml)")
+    _add_overrides(p)
+    p.add_argument("--grid", default=None, help="YAML of dotted key -> list of values (launch/configs/grids/)")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--address", default=None, help="existing Ray cluster address (default: start a local one)")
     p.add_argument("--storage", default=None, help="shared storage path for multi-node sweeps")
@@ -138,25 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, help="sweep directory (uses its best config's fold runs)")
     p.add_argument("--runs", nargs="*", default=None, help="fold run directories, one per fold")
     p.add_argument("--out", required=True, help="output parquet (oof_embeddings.parquet)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides (embed.dim=256 ...)")
+    _add_overrides(p, "embed.dim=256")
     p.set_defaults(func=_cmd_embed)
 
     p = sub.add_parser("stack", help="LightGBM meta-learner on OOF embeddings")
     p.add_argument("--oof", nargs="+", required=True, help="oof_embeddings.parquet files, one per expert")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="experiment YAML for the stack section")
-    p.add_argument("overrides", nargs="*", help="dotted overrides (stack.features=[prob] ...)")
+    _add_overrides(p, "stack.features=[prob]")
     p.set_defaults(func=_cmd_stack)
 
     p = sub.add_parser("thresholds", help="fit decision thresholds on OOF/val predictions (never test)")
     p.add_argument("--pred", required=True, help="predictions file (csv/parquet with label, prob[, group, split])")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None)
-    p.add_argument("overrides", nargs="*", help="dotted overrides (thresholds.recall=0.99 ...)")
+    _add_overrides(p, "thresholds.recall=0.99")
     p.set_defaults(func=_cmd_thresholds)
 
     p = sub.add_parser("cascade", help="run the 3-stage cascade on a split")
-    p.add_argument("--config", required=True, help="cascade YAML")
+    p.add_argument("--config", required=True, help="cascade YAML (launch/configs/cascades/)")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", default=None, help="output directory (default: next to the cascade YAML)")
     p.set_defaults(func=_cmd_cascade)
@@ -164,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: data -> shards -> stage 1 -> sweep -> OOF -> stack -> cascade -> report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", default="demo", choices=["tiny", "demo"], help="tiny is the test setting")
-    p.add_argument("--configs", default=None, help="folder holding demo_*.yaml (default: launch/configs)")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--configs", default=None, help="folder holding experiments/demo_*.yaml and grids/ "
+                                                   "(default: launch/configs)")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
@@ -176,24 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("overrides", nargs="*")
+    _add_overrides(p, "repeats=5 threads=1")
     p.set_defaults(func=_cmd_bench)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["shard", "inspect"]:  # 'distrib shard inspect DIR'
-        argv = ["shard-inspect", *argv[2:]]
-    parser = build_parser()
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     # argparse cannot put positional overrides after an option ('train CFG --out D a.b=1'):
     # collect the leftover 'key=value' words into the subcommand's overrides instead of failing
     args, extra = parser.parse_known_args(argv)
     bad = [w for w in extra if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    if extra:
+    if hasattr(args, "overrides"):
         args.overrides = list(args.overrides or []) + extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["shard", "inspect"]:  # 'distrib shard inspect DIR'
+        argv = ["shard-inspect", *argv[2:]]
+    args = _parse(build_parser(), argv)
+    log = logging.getLogger("distrib")  # the library's notes and warnings reach the user on stderr
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+        log.setLevel(logging.INFO)
     func: Callable = args.func
     try:
         result = func(args)
@@ -208,6 +267,6 @@ def main(argv: list[str] | None = None) -> int:
               "written to temp names and renamed, so no partial file was left; re-run the same command "
               "(add --resume for train/tune) to continue.", file=sys.stderr)
         return 2
-    if isinstance(result, dict) and args.command not in ("bench",):
+    if isinstance(result, dict) and args.command != "bench":
         print(json.dumps(result, default=str))
     return 0

@@ -7,3 +7,7 @@ class DistribError(Exception):
 
 class DataError(DistribError, ValueError):
     """A manifest, image, shard or index is missing, malformed or inconsistent."""
+
+
+class ConfigError(DistribError, ValueError):
+    """A config key or value is invalid; the message names the key, the value and the fix."""

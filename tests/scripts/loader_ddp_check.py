@@ -14,8 +14,8 @@ import torch.distributed as dist
 from accelerate import PartialState
 
 from distrib.config import AugmentConfig, DataConfig
-from distrib.loader import build_loader
-from distrib.transforms import build_transform
+from distrib.data.loader import build_loader
+from distrib.data.transforms import build_transform
 
 p = argparse.ArgumentParser()
 p.add_argument("--shards", required=True)

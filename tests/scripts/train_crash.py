@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-import distrib.checkpoint as checkpoint
+import distrib.training.checkpoint as checkpoint
 
 kill_at = int(sys.argv.pop(1))
 calls = {"n": 0}

@@ -15,9 +15,9 @@ from distrib.errors import DistribError
 DEFAULT_CONFIGS = ("runs/demo/cascade.yaml", "runs/demo/cascade/cascade.yaml")
 
 
-def _find_config(args) -> Path:
-    if getattr(args, "config", None):
-        return Path(args.config)
+def _find_config(config: str | None) -> Path:
+    if config:
+        return Path(config)
     for cand in DEFAULT_CONFIGS:
         if Path(cand).is_file():
             return Path(cand)
@@ -25,19 +25,19 @@ def _find_config(args) -> Path:
                        f"writes; looked for {', '.join(DEFAULT_CONFIGS)})")
 
 
-def run(args) -> dict:
-    from distrib.cascade import run_cascade
-    from distrib.cascade_config import load_cascade_config
+def run(config: str | None = None, out: str | None = None, overrides=()) -> dict:
+    from distrib.cascade.run import run_cascade
+    from distrib.cascade.config import load_cascade_config
 
-    path = _find_config(args)
+    path = _find_config(config)
     if not load_cascade_config(path).evaluate_all_stages:
         raise DistribError(f"{path}: bench cascade compares against the experts on every sample; "
                            "set evaluate_all_stages: true")
     split = "test"
-    for o in getattr(args, "overrides", None) or []:
+    for o in overrides or []:
         if o.startswith("split="):
             split = o.split("=", 1)[1]
-    out = Path(args.out) if getattr(args, "out", None) else path.parent / f"bench_cascade_{split}"
+    out = Path(out) if out else path.parent / f"bench_cascade_{split}"
     res = run_cascade(path, split, out)
     cost, m = res["cost"], res["metrics"]
     best = res.get("best_expert")

@@ -10,16 +10,14 @@ ResNet50 from ~130 ms to ~800 ms here, which measures the load, not the model.
 """
 from __future__ import annotations
 
-import io
 import os
 import statistics
-import time
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from distrib.config import ConfigError, ModelConfig
+from distrib.models.measure import forward_ms, model_size_mb
 
 BASELINE = "resnet50.a1_in1k"
 REFERENCE_RESNET50_MS = 16.0  # the pit plan's ResNet50 latency target
@@ -37,32 +35,6 @@ SEED_MODELS: dict[str, tuple[int, dict]] = {
     "genconvit_ed": (224, {"img_size": 224}),
     "genconvit_vae": (224, {"img_size": 224}),
 }
-
-
-def _forward_ms(model: nn.Module, x: torch.Tensor) -> float:
-    t0 = time.perf_counter()
-    model(x)
-    return (time.perf_counter() - t0) * 1000.0
-
-
-def cpu_latency_ms(model: nn.Module, img_size: int, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time in ms of a batch-1 eval forward pass (after ``warmup`` untimed passes)."""
-    was_training = model.training
-    model.eval()
-    x = torch.randn(1, 3, img_size, img_size)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = [_forward_ms(model, x) for _ in range(repeats)]
-    model.train(was_training)
-    return statistics.median(times)
-
-
-def model_size_mb(model: nn.Module) -> float:
-    """Size of the serialized state dict (what best_model.pth holds for weights), in MiB."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes / 2**20
 
 
 def _available_cores() -> int:
@@ -90,10 +62,10 @@ def _parse(overrides) -> tuple[int, int, list[str]]:
     return repeats, threads, names
 
 
-def run(args) -> dict:
+def run(overrides=()) -> dict:
     """Time every requested seed model; ``run_bench`` prints the returned dict as the last line."""
     from distrib.models import build_model
-    repeats, threads, names = _parse(getattr(args, "overrides", None))
+    repeats, threads, names = _parse(overrides)
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.manual_seed(0)
@@ -113,7 +85,7 @@ def run(args) -> dict:
                 models[name](inputs[name])
         for _ in tqdm(range(repeats), desc="latency rounds", leave=False):
             for name in names:
-                times[name].append(_forward_ms(models[name], inputs[name]))
+                times[name].append(forward_ms(models[name], inputs[name]))
     for name in names:
         rows[name].update(ms_per_img=round(statistics.median(times[name]), 2), ms_min=round(min(times[name]), 2))
         r = rows[name]

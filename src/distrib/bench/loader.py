@@ -23,9 +23,10 @@ import torch
 
 from distrib.config import AugmentConfig, DataConfig, load_config
 from distrib.errors import DistribError
-from distrib.loader import _Stats, build_loader, read_index
-from distrib.loader_io import plan_split, read_samples
-from distrib.transforms import build_transform, decode_image, resolve_mean_std
+from distrib.data.index import read_index
+from distrib.data.loader import _Stats, build_loader
+from distrib.data.index import plan_split, read_samples
+from distrib.data.transforms import build_transform, decode_image, resolve_mean_std
 
 # Without --config: the augmentation the experiments ask for (flips, rotation up to 180, affine, motion
 # blur, ColorJitter) at the demo tiles' 64 px; dotted overrides (data.img_size=224 ...) still apply.
@@ -131,40 +132,41 @@ def _profile(samples: list[dict], shards: str, tf, size: int, batch: int) -> dic
     return {k: round(v * 1e6, 1) for k, v in us.items()}
 
 
-def run(args) -> dict:
-    if not args.shards:
+def run(shards: str | None = None, config: str | None = None, out: str | None = None, workers: int = 2,
+        steps: int = 20, overrides=()) -> dict:
+    if not shards:
         raise DistribError("bench loader needs --shards DIR (a folder written by 'distrib shard')")
-    overrides = list(getattr(args, "overrides", []) or [])
-    cfg = load_config(args.config, overrides if args.config else BENCH_DEFAULTS + overrides)
+    overrides = list(overrides or [])
+    cfg = load_config(config, overrides if config else BENCH_DEFAULTS + overrides)
     aug, size, batch = cfg.augment, cfg.data.img_size, cfg.data.batch_size
-    index = read_index(args.shards)
+    index = read_index(shards)
     data = DataConfig(img_size=size, normalize=cfg.data.normalize if cfg.data.normalize != "model" else "imagenet")
     mean_std = resolve_mean_std(data)
-    workers, steps = int(args.workers), int(args.steps)
+    workers, steps = int(workers), int(steps)
     # past the shuffle buffer's fill (it reads 2 samples per yield until full): steady state only
     warmup = 1 + math.ceil(cfg.data.shuffle_buffer / batch)
     tf = build_transform(aug, data, train=True, mean_std=mean_std)
-    samples = _samples(args.shards, limit=max(256, batch * 8))
+    samples = _samples(shards, limit=max(256, batch * 8))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # workers run single-threaded; the main process should not steal their cores
-    scratch = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    scratch = Path(out) if out else Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
         print(f"bench loader: {len(samples)} images at {size}px, {workers} workers, {steps} steps of {batch}",
               file=sys.stderr)
-        loader = build_loader(args.shards, "train", None, 0, 1, workers, batch, 0, tf, 0,
+        loader = build_loader(shards, "train", None, 0, 1, workers, batch, 0, tf, 0,
                               samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=cfg.data.shuffle_buffer)
         ours, n = _timed(loader, steps, warmup)
         # the same pipeline without augmentation: separates loader overhead from augmentation cost
-        plain = build_loader(args.shards, "train", None, 0, 1, workers, batch, 0,
+        plain = build_loader(shards, "train", None, 0, 1, workers, batch, 0,
                              build_transform(None, data, train=False, mean_std=mean_std), 0,
                              samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=cfg.data.shuffle_buffer)
         no_aug, _ = _timed(plain, steps, warmup)
         decode = _decode_limit(samples, size, max(n, 512)) * max(1, workers)
         folder = _imagefolder(samples, scratch / "imagefolder", size, aug, mean_std, workers, batch, steps)
-        profile = _profile(samples, args.shards, tf, size, batch)
+        profile = _profile(samples, shards, tf, size, batch)
     finally:
         torch.set_num_threads(threads)
-        if not args.out:
+        if not out:
             shutil.rmtree(scratch, ignore_errors=True)
     return {"bench": "loader", "images_per_s": round(ours, 1),
             "ratio_to_decode_limit": round(ours / decode, 3), "ratio_to_imagefolder": round(ours / folder, 3),

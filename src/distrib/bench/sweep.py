@@ -1,6 +1,6 @@
 """`distrib bench sweep`: a K=5 debug sweep on 2 parallel slots, wall time vs the ideal schedule.
 
-    distrib bench sweep [--config launch/configs/debug.yaml] [--out /tmp/bench_sweep] [--workers 2] [overrides]
+    distrib bench sweep [--config launch/configs/experiments/debug.yaml] [--out /tmp/bench_sweep] [--workers 2] [overrides]
 
 Ideal = sum of the trials' own ``train.run`` seconds / slots (perfect packing, zero overhead). The
 measured wall time is Ray start-up + ``Tuner.fit``. The breakdown attributes the gap: Ray start-up,
@@ -20,8 +20,8 @@ FOLDS = 5
 
 
 def _shards(root: Path) -> Path:
-    from distrib.demo_data import build_demo_dataset
-    from distrib.shards import write_shards
+    from distrib.demo.data import build_demo_dataset
+    from distrib.data.shards import write_shards
 
     data, shards = root / "data", root / "shards"
     if not (shards / "index.json").is_file():
@@ -31,20 +31,20 @@ def _shards(root: Path) -> Path:
     return shards
 
 
-def run(args) -> dict:
+def run(config: str | None = None, out: str | None = None, workers: int = 2, overrides=()) -> dict:
     from distrib.config import load_config
-    from distrib.tune import run_sweep
+    from distrib.sweep.driver import run_sweep
 
     repo = Path(__file__).resolve().parents[3]
-    config = args.config or str(repo / "launch" / "configs" / "debug.yaml")
-    root = Path(args.out or tempfile.mkdtemp(prefix="bench_sweep"))
-    slots = max(1, int(args.workers or 2))
+    config = config or str(repo / "launch" / "configs" / "experiments" / "debug.yaml")
+    root = Path(out or tempfile.mkdtemp(prefix="bench_sweep"))
+    slots = max(1, int(workers or 2))
     shards = _shards(root)
     sweep_dir = root / "sweep"
     shutil.rmtree(sweep_dir, ignore_errors=True)
     cfg = load_config(config, [f"data.shards={shards}", f"tune.folds={FOLDS}", "tune.cpus_per_trial=1",
                                "tune.embed_best=false", "train.epochs=2", "data.samples_per_epoch=64",
-                               "train.latency_batches=1", *list(args.overrides or [])])
+                               "train.latency_batches=1", *list(overrides or [])])
     t0 = time.time()
     res = run_sweep(cfg, {}, sweep_dir, num_cpus=slots)
     wall = res["ray_init_s"] + res["fit_s"]

@@ -1,11 +1,11 @@
 """`distrib bench trainer`: the full trainer's step loop vs a bare torch loop, same model and batches.
 
-    distrib bench trainer [--config launch/configs/debug.yaml] [--steps 20] [overrides]
+    distrib bench trainer [--config launch/configs/experiments/debug.yaml] [--steps 20] [overrides]
     # 2 processes (both loops DDP over gloo):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 .venv/bin/distrib bench trainer
 
 Both loops train the same freshly seeded model on the same batches already in memory, in the same
-process (so the same process count). The trainer side is the real ``train._train_epoch`` (accumulate,
+process (so the same process count). The trainer side is the real ``train.train_epoch`` (accumulate,
 backward, clipping, scheduler, TensorBoard/tqdm logging) fed by an in-memory batch list instead of
 shards. Rounds alternate between the two to share the noise of a busy machine; the reported ratio
 is bare-loop time / trainer time per step (1.0 = no overhead; target >= 0.95).
@@ -39,7 +39,7 @@ def _bare_loop(model, batches, cfg, device) -> float:
     The optimizer is the trainer's own (same class, param groups and hyper-parameters), so the ratio
     measures the loop machinery (accelerate wrappers, scheduler, logging), not an optimizer choice.
     """
-    from distrib.optim import build_optimizer
+    from distrib.training.optim import build_optimizer
     opt = build_optimizer(model.module if hasattr(model, "module") else model, cfg.optim)
     loss_fn = torch.nn.BCEWithLogitsLoss() if cfg.model.num_classes == 1 else torch.nn.CrossEntropyLoss()
     model.train()
@@ -59,23 +59,23 @@ def _bare_loop(model, batches, cfg, device) -> float:
 
 def _trainer_loop(t, batches) -> float:
     """The real trainer loop body over in-memory batches. Seconds per step."""
-    from distrib.train import _train_epoch
+    from distrib.training.trainer import train_epoch
     t.epoch_batches = lambda: iter(batches)  # instance attribute shadows the shard-reading method
     t.micro_per_epoch = t.steps_per_epoch = len(batches)
     t.pos = 0
     t0 = time.perf_counter()
-    _train_epoch(t)
+    train_epoch(t)
     if t.accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / len(batches)
 
 
 def _build_trainer(cfg, model, out: Path, steps: int):
-    from distrib import dist
-    from distrib.losses import build_loss
-    from distrib.optim import build_optimizer, build_scheduler
-    from distrib.runlog import RunLogger
-    from distrib.trainer_setup import Trainer
+    from distrib.training import dist
+    from distrib.training.losses import build_loss
+    from distrib.training.optim import build_optimizer, build_scheduler
+    from distrib.training.runlog import RunLogger
+    from distrib.training.state import Trainer
     acc = dist.build_accelerator(cfg)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = acc.prepare(model, optimizer)
@@ -86,25 +86,26 @@ def _build_trainer(cfg, model, out: Path, steps: int):
     return t
 
 
-def run(args) -> dict:
+def run(config: str | None = None, out: str | None = None, steps: int = 20, num_processes: int = 1,
+        overrides=()) -> dict:
     from accelerate.utils import set_seed
 
-    from distrib import dist
+    from distrib.training import dist
     from distrib.errors import DistribError
     from distrib.models import build_model
-    if getattr(args, "num_processes", 1) > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        raise DistribError(f"--num-processes {args.num_processes}: launch the bench under accelerate instead: "
+    if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise DistribError(f"--num-processes {num_processes}: launch the bench under accelerate instead: "
                            f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
-                           f"{args.num_processes} .venv/bin/distrib bench trainer")
-    config = args.config or str(Path(__file__).resolve().parents[3] / "launch" / "configs" / "debug.yaml")
-    cfg = load_config(config, list(args.overrides or []))
-    steps = max(2, int(args.steps))
+                           f"{num_processes} .venv/bin/distrib bench trainer")
+    config = config or str(Path(__file__).resolve().parents[3] / "launch" / "configs" / "experiments" / "debug.yaml")
+    cfg = load_config(config, list(overrides or []))
+    steps = max(2, int(steps))
     batches = _batches(cfg, steps)
     set_seed(cfg.train.seed)
     trainer_model = build_model(cfg.model)
     set_seed(cfg.train.seed)
     bare_model = build_model(cfg.model)
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_trainer_"))
+    out = Path(out or tempfile.mkdtemp(prefix="bench_trainer_"))
     t = _build_trainer(cfg, trainer_model, out, steps)
     try:
         device = t.accelerator.device

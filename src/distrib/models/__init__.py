@@ -3,6 +3,9 @@
 Registered builders take the ``ModelConfig`` and return a plain ``nn.Module`` exposing
 ``forward``, ``forward_features``, ``forward_head``, ``get_classifier`` and ``num_features``.
 Wrapping (the linear-probe freeze) happens here, outside the model classes.
+
+Public face: ``build_model(cfg.model)``, ``register_model``, ``list_models``; ``measure.cpu_latency_ms``
+and ``measure.model_size_mb`` (what a model costs to deploy).
 """
 from __future__ import annotations
 
@@ -79,6 +82,6 @@ def build_model(model_cfg: ModelConfig) -> nn.Module:
     return model
 
 
-# The optimizer receives only parameters with requires_grad (distrib.optim.trainable_parameters), so a
+# The optimizer receives only parameters with requires_grad (distrib.training.optim.trainable_parameters), so a
 # linear probe's frozen backbone never reaches it.
 __all__ = ["register_model", "build_model", "list_models", "check_model_name"]

@@ -14,7 +14,8 @@ import os
 import torch
 import torch.nn as nn
 
-from distrib.config import ConfigError, ModelConfig, _closest
+from distrib.config import ConfigError, ModelConfig
+from distrib.config.schema import closest_key
 from distrib.models import register_model
 from distrib.models.timm_models import create_timm
 
@@ -189,7 +190,7 @@ def _build(model_cfg: ModelConfig, variant: str) -> GenConViT:
     kwargs = _nest(model_cfg.kwargs)
     unknown = sorted(set(kwargs) - set(DEFAULTS) - {"img_size"})
     if unknown:
-        raise ConfigError(f"unknown model.kwargs {unknown} for {model_cfg.name}{_closest(unknown[0], DEFAULTS)} "
+        raise ConfigError(f"unknown model.kwargs {unknown} for {model_cfg.name}{closest_key(unknown[0], DEFAULTS)} "
                           f"valid keys: {', '.join(DEFAULTS)}")
     kw = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k != "img_size"}}
     img_size = model_cfg.img_size or int(kwargs.get("img_size", 224))

@@ -1,0 +1,357 @@
+"""The config schema: one dataclass per concern (data, augment, model, optim, train, dist, tune, ...).
+
+Every field carries a one-line comment; every dataclass validates itself in ``__post_init__`` so a bad
+value fails before any process group, Ray cluster or output file is created.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from distrib.errors import ConfigError
+
+
+def closest_key(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def check_value(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
+
+
+def check_choice(key: str, value: Any, choices) -> None:
+    check_value(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+class Section:
+    """Base for config sections: type-checks fields against their annotations after construction."""
+
+    _prefix = ""
+
+    def _typecheck(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = hints[f.name]
+            key = f"{self._prefix}.{f.name}" if self._prefix else f.name
+            setattr(self, f.name, _coerce(key, value, want))
+
+    def __post_init__(self) -> None:
+        self._typecheck()
+        self.validate()
+
+    def validate(self) -> None:  # overridden per section
+        pass
+
+
+def _coerce(key: str, value: Any, want) -> Any:
+    origin = typing.get_origin(want)
+    if want is Any:
+        return value
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(want) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if want is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a number)")
+        return float(value)
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"invalid value for '{key}': {value!r} (expected an integer)")
+        return value
+    if want is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (expected true or false)")
+        return value
+    if want is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a string)")
+        return str(value)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a list)")
+        (inner,) = typing.get_args(want) or (Any,)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a mapping)")
+        return dict(value)
+    return value
+
+
+@dataclass
+class DataConfig(Section):
+    _prefix = "data"
+    shards: str = ""  # shard directory or URL holding index.json (local path, http(s)://, pipe:, s3://, gs://)
+    fold: int = 0  # held-out validation fold; -1 trains on every fold and validates on the 'val' split
+    img_size: int = 64  # square input size fed to the model, in pixels
+    batch_size: int = 32  # per-process micro-batch size
+    eval_batch_size: int = 0  # per-process evaluation batch size; 0 means batch_size
+    num_workers: int = 0  # DataLoader worker processes per rank
+    normalize: str = "imagenet"  # 'imagenet' mean/std, 'model' (timm pretrained_cfg) or 'none' (raw 0-255 floats)
+    highpass: bool = False  # feed the model a 3x3 Laplacian residual of the normalized image (forensic input)
+    samples_per_epoch: int = 0  # training samples per epoch across all ranks; 0 = the training folds' size
+    shuffle_buffer: int = 1000  # WebDataset shuffle buffer, in samples
+    seed: int = 0  # data-order seed; the shuffle depends on (seed, epoch)
+
+    def validate(self) -> None:
+        check_value(self.fold >= -1, "data.fold", self.fold, "-1 or a fold index >= 0")
+        check_value(16 <= self.img_size <= 1024, "data.img_size", self.img_size, "16..1024")
+        check_value(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
+        check_value(self.eval_batch_size >= 0, "data.eval_batch_size", self.eval_batch_size, ">= 0")
+        check_value(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        check_choice("data.normalize", self.normalize, ("imagenet", "model", "none"))
+        check_value(isinstance(self.highpass, bool), "data.highpass", self.highpass, "true or false")
+        check_value(self.samples_per_epoch >= 0, "data.samples_per_epoch", self.samples_per_epoch, ">= 0")
+        check_value(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, ">= 0")
+
+
+@dataclass
+class AugmentConfig(Section):
+    _prefix = "augment"
+    hflip: float = 0.5  # probability of a horizontal flip
+    vflip: float = 0.0  # probability of a vertical flip
+    rotate: float = 0.0  # maximum rotation in degrees (uniform in +-rotate)
+    translate: float = 0.0  # maximum affine translation as a fraction of the size
+    scale_min: float = 1.0  # lower bound of the affine scale
+    scale_max: float = 1.0  # upper bound of the affine scale
+    motion_blur_p: float = 0.0  # probability of kornia motion blur
+    motion_blur_kernel: int = 5  # motion-blur kernel size (odd)
+    motion_blur_angle: float = 90.0  # motion-blur angle range in degrees (+-)
+    color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # brightness, contrast, saturation, hue
+    random_resized_crop: bool = False  # RandomResizedCrop(scale 0.8-1) instead of a plain resize
+
+    def validate(self) -> None:
+        for name in ("hflip", "vflip", "motion_blur_p"):
+            v = getattr(self, name)
+            check_value(0.0 <= v <= 1.0, f"augment.{name}", v, "a probability in 0..1")
+        check_value(0.0 <= self.rotate <= 180.0, "augment.rotate", self.rotate, "0..180 degrees")
+        check_value(0.0 <= self.translate <= 0.5, "augment.translate", self.translate, "0..0.5")
+        check_value(0.1 <= self.scale_min <= self.scale_max <= 4.0, "augment.scale_min/scale_max",
+               (self.scale_min, self.scale_max), "0.1 <= scale_min <= scale_max <= 4")
+        check_value(self.motion_blur_kernel >= 3 and self.motion_blur_kernel % 2 == 1,
+               "augment.motion_blur_kernel", self.motion_blur_kernel, "an odd integer >= 3")
+        check_value(0.0 <= self.motion_blur_angle <= 180.0, "augment.motion_blur_angle", self.motion_blur_angle, "0..180")
+        check_value(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter) and self.color_jitter[3] <= 0.5,
+               "augment.color_jitter", self.color_jitter, "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
+
+
+@dataclass
+class ModelConfig(Section):
+    _prefix = "model"
+    name: str = "resnet18"  # registered distrib model (e.g. 'genconvit_ed') or any timm model name
+    num_classes: int = 1  # 1 = a single logit with BCE, 2 = two logits with cross-entropy
+    pretrained_file: str = ""  # local weights file loaded via timm pretrained_cfg_overlay; '' = random init
+    freeze_backbone: bool = False  # linear probe: freeze everything but the classifier head
+    drop_rate: float = 0.0  # dropout before the classifier
+    img_size: int = 0  # passed to timm as img_size for ViT/Swin models; 0 = not passed
+    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model constructor
+
+    def validate(self) -> None:
+        check_value(bool(self.name), "model.name", self.name, "a registered or timm model name")
+        check_choice("model.num_classes", self.num_classes, (1, 2))
+        check_value(0.0 <= self.drop_rate < 1.0, "model.drop_rate", self.drop_rate, "0..1")
+        check_value(self.img_size >= 0, "model.img_size", self.img_size, ">= 0")
+
+
+@dataclass
+class OptimConfig(Section):
+    _prefix = "optim"
+    name: str = "adamw"  # adamw, adam or sgd
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 1e-4  # decoupled (AdamW) or L2 (Adam/SGD) weight decay
+    momentum: float = 0.9  # SGD momentum
+    scheduler: str = "cosine"  # cosine, step or none (applied per optimizer step)
+    step_size: int = 10  # StepLR period in epochs
+    gamma: float = 0.1  # StepLR decay factor
+    warmup_steps: int = 0  # linear warmup optimizer steps
+    min_lr: float = 0.0  # cosine floor
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+
+    def validate(self) -> None:
+        check_choice("optim.name", self.name, ("adamw", "adam", "sgd"))
+        check_value(0.0 < self.lr < 10.0, "optim.lr", self.lr, "0 < lr < 10")
+        check_value(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
+        check_value(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "0..1")
+        check_choice("optim.scheduler", self.scheduler, ("cosine", "step", "none"))
+        check_value(self.step_size >= 1, "optim.step_size", self.step_size, ">= 1")
+        check_value(0.0 < self.gamma <= 1.0, "optim.gamma", self.gamma, "0 < gamma <= 1")
+        check_value(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
+        check_value(self.min_lr >= 0, "optim.min_lr", self.min_lr, ">= 0")
+        check_value(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0")
+
+
+@dataclass
+class TrainConfig(Section):
+    _prefix = "train"
+    epochs: int = 1  # passes over samples_per_epoch
+    max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
+    grad_accum: int = 1  # micro-batches per optimizer step
+    label_smoothing: float = 0.0  # label smoothing for BCE/CE targets
+    cls_weight: float = 1.0  # weight of the classification loss (GenConViT seed: 0.9)
+    recon_weight: float = 0.0  # weight of the reconstruction MSE (GenConViT seed: 0.1)
+    kl_weight: float = 0.0  # weight of the VAE KL term (GenConViT-VAE seed: 0.01)
+    mixed_precision: str = "no"  # no, bf16 or fp16 (bf16 with BatchNorm fails on CPU)
+    channels_last: bool = False  # NHWC memory format for convnets on GPU
+    compile: bool = False  # torch.compile the model
+    seed: int = 0  # global seed: a fixed seed reproduces a CPU run
+    ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = only at epoch end
+    log_every_steps: int = 10  # TensorBoard / progress-bar logging period
+    eval_every_epochs: int = 1  # validate every N epochs (and always after the last)
+    distill_teacher: str = ""  # run dir of a trained teacher for knowledge distillation; '' = off
+    distill_alpha: float = 0.5  # weight of the KD term: alpha*KD(T) + (1-alpha)*CE
+    distill_temperature: float = 2.0  # KD softmax/sigmoid temperature
+    latency_batches: int = 20  # batch-1 forward passes timed for evaluation_results.json
+
+    def validate(self) -> None:
+        check_value(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
+        check_value(self.max_steps >= 0, "train.max_steps", self.max_steps, ">= 0")
+        check_value(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, ">= 1")
+        check_value(0.0 <= self.label_smoothing < 0.5, "train.label_smoothing", self.label_smoothing, "0 <= x < 0.5")
+        for name in ("cls_weight", "recon_weight", "kl_weight"):
+            check_value(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_value(self.ckpt_every_steps >= 0, "train.ckpt_every_steps", self.ckpt_every_steps, ">= 0")
+        check_value(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, ">= 1")
+        check_value(self.eval_every_epochs >= 1, "train.eval_every_epochs", self.eval_every_epochs, ">= 1")
+        check_value(0.0 <= self.distill_alpha <= 1.0, "train.distill_alpha", self.distill_alpha, "0..1")
+        check_value(self.distill_temperature > 0, "train.distill_temperature", self.distill_temperature, "> 0")
+        check_value(self.latency_batches >= 0, "train.latency_batches", self.latency_batches, ">= 0")
+
+
+@dataclass
+class DistConfig(Section):
+    _prefix = "dist"
+    backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl
+    timeout_s: int = 300  # collective timeout; a hang fails after this many seconds
+
+    def validate(self) -> None:
+        check_choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
+        check_value(self.timeout_s >= 10, "dist.timeout_s", self.timeout_s, ">= 10")
+
+
+@dataclass
+class TuneConfig(Section):
+    _prefix = "tune"
+    folds: int = 5  # number of CV folds swept as a search-space axis
+    grid: dict = field(default_factory=dict)  # dotted override -> list of values (cross product)
+    cpus_per_trial: float = 1.0  # Ray CPUs per trial
+    gpus_per_trial: float = 0.0  # Ray GPUs per trial; fractions share one GPU
+    workers_per_trial: int = 1  # > 1 runs each trial as a Ray Train TorchTrainer with DDP inside
+    max_concurrent: int = 0  # parallel trials; 0 = as many as resources allow
+    max_failures: int = 1  # retries of a failed trial from its last checkpoint
+    asha: bool = False  # ASHA early stopping (biases fold comparisons; off by default)
+    metric: str = "val_auc"  # metric that ranks configs (mean over folds)
+    embed_best: bool = True  # extract OOF embeddings for the best config after the sweep
+
+    def validate(self) -> None:
+        check_value(self.folds >= 2, "tune.folds", self.folds, ">= 2")
+        check_value(self.cpus_per_trial > 0, "tune.cpus_per_trial", self.cpus_per_trial, "> 0")
+        check_value(self.gpus_per_trial >= 0, "tune.gpus_per_trial", self.gpus_per_trial, ">= 0")
+        check_value(self.workers_per_trial >= 1, "tune.workers_per_trial", self.workers_per_trial, ">= 1")
+        check_value(self.max_concurrent >= 0, "tune.max_concurrent", self.max_concurrent, ">= 0")
+        check_value(self.max_failures >= 0, "tune.max_failures", self.max_failures, ">= 0")
+        for k, v in self.grid.items():
+            check_value(isinstance(v, list) and len(v) >= 1, f"tune.grid['{k}']", v, "a non-empty list of values")
+
+
+@dataclass
+class EmbedConfig(Section):
+    _prefix = "embed"
+    dim: int = 256  # projected embedding size (PCA fit on the fold model's own training folds)
+    anchors: int = 256  # shared unlabeled anchor samples used for Procrustes alignment across folds
+    fit_samples: int = 2048  # training-fold samples used to fit each fold's PCA
+    batch_size: int = 64  # extraction batch size
+
+    def validate(self) -> None:
+        check_value(self.dim >= 2, "embed.dim", self.dim, ">= 2")
+        check_value(self.anchors >= 2, "embed.anchors", self.anchors, ">= 2")
+        check_value(self.fit_samples >= 2, "embed.fit_samples", self.fit_samples, ">= 2")
+        check_value(self.batch_size >= 1, "embed.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass
+class StackConfig(Section):
+    _prefix = "stack"
+    features: list[str] = field(default_factory=lambda: ["prob", "emb", "recon"])  # feature sets: prob, emb, recon
+    folds: int = 5  # group K-fold CV of the meta-model on the OOF table
+    n_estimators: int = 400  # maximum boosting rounds
+    learning_rate: float = 0.05  # LightGBM learning rate
+    num_leaves: int = 15  # LightGBM leaves per tree
+    min_child_samples: int = 20  # LightGBM minimum samples per leaf
+    early_stopping_rounds: int = 30  # early stopping on the inner folds
+    n_jobs: int = 2  # LightGBM threads
+    seed: int = 0  # meta-model seed
+
+    def validate(self) -> None:
+        for f in self.features:
+            check_choice("stack.features", f, ("prob", "emb", "recon"))
+        check_value(self.folds >= 2, "stack.folds", self.folds, ">= 2")
+        check_value(self.n_estimators >= 1, "stack.n_estimators", self.n_estimators, ">= 1")
+        check_value(0 < self.learning_rate <= 1, "stack.learning_rate", self.learning_rate, "0 < lr <= 1")
+        check_value(self.num_leaves >= 2, "stack.num_leaves", self.num_leaves, ">= 2")
+        check_value(self.early_stopping_rounds >= 0, "stack.early_stopping_rounds", self.early_stopping_rounds, ">= 0")
+
+
+@dataclass
+class ThresholdConfig(Section):
+    _prefix = "thresholds"
+    recall: float = 0.99  # hard recall constraint R (pit plan default 0.99)
+    specificity: float = 0.95  # specificity constraint S for the 3-way band
+    bootstrap: int = 1000  # grouped bootstrap resamples for confidence intervals
+    seed: int = 0  # bootstrap seed
+    fit_split: str = "oof"  # rows thresholds are fit on: oof, val or oof+val (never test)
+
+    def validate(self) -> None:
+        check_choice("thresholds.fit_split", self.fit_split, ("oof", "val", "oof+val"))
+        check_value(0 < self.recall <= 1, "thresholds.recall", self.recall, "0 < R <= 1")
+        check_value(0 < self.specificity <= 1, "thresholds.specificity", self.specificity, "0 < S <= 1")
+        check_value(self.bootstrap >= 0, "thresholds.bootstrap", self.bootstrap, ">= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "dist": DistConfig,
+    "tune": TuneConfig,
+    "embed": EmbedConfig,
+    "stack": StackConfig,
+    "thresholds": ThresholdConfig,
+}
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"  # experiment name, used in run folders and reports
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+
+
+TOP_LEVEL = ("name", *SECTIONS)

@@ -1,0 +1,313 @@
+"""DDP-safe WebDataset loader: equal batch counts on every rank, exactly-once eval, counted corrupt samples.
+
+Method. ``rank``/``world_size`` are arguments (never read from env or torch.distributed); every
+number below is computed from ``index.json`` alone, so all ranks agree without communicating.
+
+* Training (``mode="train"``): each (rank, DataLoader worker) pair is one *stream* ``i`` of
+  ``S = world_size * max(1, num_workers)``. The shard order is an endless chain of permutations of
+  the training shards, permutation ``r`` drawn from ``(seed, epoch, r)``; stream ``i`` reads
+  positions ``i, i+S, i+2S, ...`` (a chunked shard sampler: resampled, but near-uniform coverage even
+  with few shards). Samples go through a shuffle buffer seeded by ``(seed, epoch, rank, worker)``
+  and each stream stops after a fixed number of batches (webdataset ``with_epoch``), so every rank
+  yields exactly ``ceil(samples_per_epoch / (world_size * batch_size))`` full batches whatever the
+  shard sizes, and skipped corrupt samples are simply replaced by the next ones.
+* Eval (``mode="eval"``): shards are assigned to ranks, then to workers, by a deterministic
+  greedy balance of their index counts; every sample is read exactly once across ranks. Every
+  batch has ``batch_size`` rows; short batches and extra batches (up to the largest rank's count)
+  are padding rows with ``valid=False`` so metrics can drop them. Needs at least
+  ``world_size * max(1, num_workers)`` shards, else it fails fast.
+
+No webdataset node/worker splitter reads the rank from the environment: ``split_by_node`` is never
+used, and the (rank, worker) -> shards assignment above is explicit in both modes.
+
+Corrupt data (a tar member that breaks the stream, a truncated shard, an undecodable image) is
+skipped and counted in the worker; counts travel with every batch and a final stats message, and
+``Loader.report()`` sums them per epoch (also logged as a warning on every rank).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from typing import Callable
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distrib.errors import DataError
+from distrib.data.index import SplitPlan, plan_split, read_samples
+from distrib.data.transforms import decode_image
+
+log = logging.getLogger("distrib.data.loader")
+_STATS = "__stats__"
+
+
+def folds_for(split_fold: int, k: int) -> list[int]:
+    """Training folds when fold ``split_fold`` is the validation fold (-1: train on all ``k`` folds)."""
+    if split_fold >= k:
+        raise DataError(f"data.fold={split_fold} but the shards have {k} folds (0..{k - 1}); pick one of those "
+                        f"or -1 to train on every fold and validate on the 'val' split")
+    return [f for f in range(k) if f != split_fold]
+
+
+train_folds = folds_for
+
+
+def _stream_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (FNV-style), identical in every process and Python version."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class _ShardChain(IterableDataset):
+    """Endless shard URLs for one training stream: permutation r of all shards, every S-th position."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, stream: int, streams: int):
+        self.urls, self.seed, self.epoch, self.stream, self.streams = urls, seed, epoch, stream, streams
+
+    def __iter__(self):
+        n, pos, rnd = len(self.urls), self.stream, 0
+        perm = []
+        while True:
+            while pos >= len(perm):  # extend the chain by one epoch-seeded permutation
+                order = list(range(n))
+                random.Random(_stream_seed(self.seed, self.epoch, rnd)).shuffle(order)
+                perm.extend(order)
+                rnd += 1
+            yield {"url": self.urls[perm[pos]]}
+            pos += self.streams
+            if pos > 4 * n + self.streams:  # drop the consumed prefix so memory stays bounded
+                drop = (pos // n - 1) * n
+                perm, pos = perm[drop:], pos - drop
+
+
+class _Stats:
+    """Per-worker corrupt-sample counters; shipped to the main process with each batch."""
+
+    def __init__(self):
+        self.tar = 0  # samples lost to a broken/truncated tar stream (index count minus samples read)
+        self.decode = 0  # samples read but without a decodable image / label
+        self.errors: list[str] = []
+
+    def note(self, kind: str, n: int, msg: str) -> None:
+        setattr(self, kind, getattr(self, kind) + n)
+        if len(self.errors) < 20:
+            self.errors.append(msg)
+
+    def as_dict(self) -> dict:
+        return {"tar": self.tar, "decode": self.decode, "errors": list(self.errors)}
+
+
+class _Stream(IterableDataset):
+    """One rank's dataset; ``__iter__`` runs inside each DataLoader worker (or the main process)."""
+
+    def __init__(self, plan: SplitPlan, mode: str, transform: Callable, batch_size: int, seed: int,
+                 epoch: int, rank: int, world_size: int, num_workers: int, batches: int, shuffle_buffer: int):
+        self.plan, self.mode, self.transform = plan, mode, transform
+        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.batches, self.shuffle_buffer = batches, shuffle_buffer
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stats = _Stats()
+        gen = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch, self.rank, worker, 1))
+        size = getattr(self.transform, "size", 0)
+        decode = _Decoder(self.transform, stats, size)
+        if self.mode == "train":
+            stream = self.rank * self.num_workers + worker
+            nb = self.batches // self.num_workers + (1 if worker < self.batches % self.num_workers else 0)
+            pipe = wds.DataPipeline(
+                _ShardChain(self.plan.urls, self.seed, self.epoch, stream, self.world_size * self.num_workers),
+                lambda src: read_samples(src, self.plan.counts, stats),
+                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+                            rng=random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker, 2))),
+                lambda src: _decoded(src, decode, self.plan.total + 1),
+                lambda src: _batches(src, self.batch_size, partial=False),
+            ).with_epoch(nbatches=nb)
+            if nb == 0:
+                pipe = []
+        else:
+            urls = self.plan.rank_worker_urls(self.rank, worker, self.world_size, self.num_workers)
+            samples = read_samples(({"url": u} for u in urls), self.plan.counts, stats)
+            pipe = _batches(_decoded(samples, decode, self.plan.total + 1),
+                            self.batch_size, partial=True)
+        for rows in pipe:
+            yield _collate(rows, self.transform, gen, worker, stats)
+        yield {_STATS: stats.as_dict(), "worker": worker}
+
+
+class _Decoder:
+    """bytes sample -> (uint8 CHW image, label, key, group), or None (counted) when it cannot be used."""
+
+    def __init__(self, transform, stats: _Stats, size: int):
+        self.transform, self.stats, self.size = transform, stats, size
+        self.prepare = getattr(transform, "prepare", None)
+
+    def __call__(self, sample: dict):
+        key = sample.get("__key__", "?")
+        try:
+            data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
+            if data is None:
+                raise DataError(f"no .jpg/.png member (members: {sorted(k for k in sample if not k.startswith('__'))})")
+            meta = _json(sample.get("json"))
+            label = int(sample["cls"]) if sample.get("cls") is not None else int(meta["label"])
+            img = decode_image(data, self.size)
+            img = self.prepare(img) if self.prepare is not None else self.transform(img)
+        except Exception as e:  # counted and reported; the stream goes on
+            self.stats.note("decode", 1, f"{sample.get('__url__', '?')}:{key}: {type(e).__name__}: {e}")
+            return None
+        return img, label, str(meta.get("key", key)), str(meta.get("group", key))
+
+
+def _json(raw) -> dict:
+    if raw is None:
+        return {}
+    return json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
+
+
+def _decoded(samples, decode: _Decoder, limit: int):
+    """Decodable samples only; ``limit`` failures in a row (more than the split holds) means none decode."""
+    bad = 0
+    for s in samples:
+        out = decode(s)
+        if out is not None:
+            bad = 0
+            yield out
+        else:
+            bad += 1
+            if bad > limit:
+                raise DataError(f"{bad} samples in a row failed to decode (e.g. {decode.stats.errors[-1]}); the "
+                                f"split has no usable images: check the shards with 'distrib shard inspect'")
+
+
+def _batches(rows, batch_size: int, partial: bool):
+    buf = []
+    for r in rows:
+        buf.append(r)
+        if len(buf) == batch_size:
+            yield buf
+            buf = []
+    if buf and partial:
+        yield buf
+
+
+def _collate(rows, transform, gen, worker: int, stats: _Stats) -> dict:
+    imgs = torch.stack([r[0] for r in rows])
+    if hasattr(transform, "batch"):
+        imgs = transform.batch(imgs, gen)
+    return {"image": imgs, "label": torch.tensor([r[1] for r in rows], dtype=torch.long),
+            "key": [r[2] for r in rows], "group": [r[3] for r in rows],
+            "valid": torch.ones(len(rows), dtype=torch.bool), "worker": worker, _STATS: stats.as_dict()}
+
+
+class Loader:
+    """Iterable over one epoch of dict batches; every rank yields exactly ``len(self)`` batches."""
+
+    def __init__(self, stream: _Stream, num_workers: int, batches: int, mode: str, batch_size: int):
+        self.stream, self.num_workers, self.batches = stream, num_workers, batches
+        self.mode, self.batch_size = mode, batch_size
+        self._worker_stats: dict[int, dict] = {}
+        self._template: dict | None = None
+        self.samples = 0  # real (valid) samples yielded in the last iteration
+        self.padding = 0  # padding rows (valid=False) yielded in the last iteration
+
+    def __len__(self) -> int:
+        return self.batches
+
+    @property
+    def skipped(self) -> int:
+        return sum(s["tar"] + s["decode"] for s in self._worker_stats.values())
+
+    def report(self) -> dict:
+        """Corrupt/skipped counts and sizes of the last epoch on this rank."""
+        tar = sum(s["tar"] for s in self._worker_stats.values())
+        dec = sum(s["decode"] for s in self._worker_stats.values())
+        errors = [e for s in self._worker_stats.values() for e in s["errors"]]
+        return {"rank": self.stream.rank, "epoch": self.stream.epoch, "mode": self.mode, "batches": self.batches,
+                "samples": self.samples, "padding": self.padding, "skipped": tar + dec,
+                "skipped_tar": tar, "skipped_decode": dec, "errors": errors[:20]}
+
+    def __iter__(self):
+        self._worker_stats, self.samples, self.padding = {}, 0, 0
+        dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                        persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        done = 0
+        for item in dl:
+            self._worker_stats[int(item.pop("worker"))] = item.pop(_STATS)
+            if "image" not in item:
+                continue
+            if done >= self.batches:
+                raise DataError(f"rank {self.stream.rank} read more batches than index.json promises "
+                                f"({self.batches}); the index is stale: re-run 'distrib shard --overwrite'")
+            item = self._pad(item)
+            self.samples += int(item["valid"].sum())
+            done += 1
+            yield item
+        if done < self.batches and self.mode == "train":
+            raise DataError(f"rank {self.stream.rank}: training stream ended after {done} of {self.batches} "
+                            f"batches: every shard is empty or unreadable ({self.report()['errors'][:3]})")
+        while done < self.batches:  # eval: top up to the common batch count with padding
+            item = self._pad(None)
+            done += 1
+            yield item
+        rep = self.report()
+        if rep["skipped"]:
+            log.warning("rank %d epoch %d: skipped %d corrupt samples (%d lost in broken tar streams, %d "
+                        "undecodable); first: %s", rep["rank"], rep["epoch"], rep["skipped"], rep["skipped_tar"],
+                        rep["skipped_decode"], rep["errors"][:1])
+
+    def _pad(self, item: dict | None) -> dict:
+        if item is not None and self._template is None:
+            self._template = {"image": torch.zeros_like(item["image"][:1])}
+        n = 0 if item is None else len(item["key"])
+        pad = self.batch_size - n
+        if pad <= 0:
+            return item
+        if self._template is None:  # no real batch on this rank yet: learn the shape from the transform
+            import numpy as np
+            probe = self.stream.transform(np.zeros((8, 8, 3), dtype=np.uint8))
+            self._template = {"image": torch.zeros_like(probe)[None]}
+        self.padding += pad
+        fill = {"image": self._template["image"].expand(pad, *self._template["image"].shape[1:]),
+                "label": torch.zeros(pad, dtype=torch.long), "key": [""] * pad, "group": [""] * pad,
+                "valid": torch.zeros(pad, dtype=torch.bool)}
+        if item is None:
+            return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in fill.items()}
+        return {k: (torch.cat([item[k], fill[k]]) if torch.is_tensor(fill[k]) else item[k] + fill[k]) for k in fill}
+
+
+def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: int, world_size: int,
+                 num_workers: int, batch_size: int, epoch: int, transform: Callable, seed: int,
+                 mode: str = "train", samples_per_epoch: int = 0, shuffle_buffer: int = 1000) -> Loader:
+    """One epoch of ``split`` (``folds`` for split='train') for ``rank`` of ``world_size``; see the module doc."""
+    if mode not in ("train", "eval"):
+        raise DataError(f"build_loader mode={mode!r}; use 'train' or 'eval'")
+    if not (0 <= rank < world_size):
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    if batch_size < 1 or num_workers < 0:
+        raise DataError(f"batch_size={batch_size} and num_workers={num_workers}; need batch_size >= 1, workers >= 0")
+    plan = plan_split(index_or_dir, split, folds)
+    streams = world_size * max(1, num_workers)
+    if mode == "train":
+        total = samples_per_epoch or plan.total
+        batches = max(1, math.ceil(total / (world_size * batch_size)))
+    else:
+        if len(plan.urls) < streams:
+            fewer = (f"or use fewer workers (data.num_workers={len(plan.urls) // world_size})"
+                     if len(plan.urls) >= world_size
+                     else "(fewer workers cannot help: there are fewer shards than ranks)")
+            raise DataError(
+                f"{plan.describe()} has {len(plan.urls)} shards but eval reading needs at least world_size x "
+                f"max(1, num_workers) = {world_size} x {max(1, num_workers)} = {streams} (one per rank and "
+                f"worker, so every sample is read exactly once); re-shard smaller with 'distrib shard "
+                f"--shard-size N' (N <= {max(1, plan.total // streams)}) {fewer}")
+        batches = max(plan.eval_batches(r, world_size, max(1, num_workers), batch_size) for r in range(world_size))
+    stream = _Stream(plan, mode, transform, batch_size, seed, epoch, rank, world_size, num_workers, batches,
+                     shuffle_buffer)
+    return Loader(stream, num_workers, batches, mode, batch_size)

@@ -1,0 +1,7 @@
+"""Stage 4 of the pipeline: aligned out-of-fold embeddings, the LightGBM meta-learner and thresholds.
+
+Public face: ``embed.extract_oof`` (each sample once in ``oof_embeddings.parquet``, K fold models
+aligned into one space by ``align``), ``stack.fit_stack`` / ``stack.load_meta`` / ``stack.predict_meta``
+(the meta-model, chosen by grouped CV), and ``thresholds.fit_thresholds`` / ``thresholds.decide``
+(decision bands fit on OOF or val rows, never on test).
+"""

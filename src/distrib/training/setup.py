@@ -1,0 +1,159 @@
+"""Builds everything the training loop touches (``Trainer``) and restores it from a checkpoint.
+
+Kept apart from the loop (``trainer.py``) so the loop stays one screen. ``preflight`` runs before the process group
+starts and turns bad shards, folds, model names, teacher runs and precision settings into clear
+errors on every rank at once, instead of one rank failing inside a collective.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from distrib.training import dist
+from distrib.training.checkpoint import load_checkpoint
+from distrib.config import ConfigError, ExperimentConfig, save_config
+from distrib.errors import DataError, DistribError
+from distrib.runs import find_checkpoint, load_run
+from distrib.training.runlog import RunLogger
+from distrib.training.state import Trainer
+
+
+def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module:
+    """Validate data, output dir, teacher and precision; return the freshly seeded, built model."""
+    from accelerate.utils import set_seed
+
+    from distrib.data.index import read_index
+
+    from distrib.data.loader import folds_for
+    from distrib.models import build_model
+
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty; pass the shard directory, e.g. data.shards=shards/ "
+                          "(written by 'distrib shard')")
+    index = read_index(cfg.data.shards)
+    folds_for(cfg.data.fold, int(index["folds"]))  # raises DataError naming the valid folds
+    classes = index.get("classes") or {}
+    if classes and len(classes) != 2:  # both head types (1 BCE logit, 2 CE logits) are binary
+        raise DataError(f"{cfg.data.shards}/index.json has {len(classes)} classes {sorted(classes.values())}, but "
+                        f"model.num_classes={cfg.model.num_classes} trains a binary classifier; fix the manifest's "
+                        "labels (a stray label?) and re-shard with 'distrib shard --overwrite'")
+    if not resume and find_checkpoint(out) is not None:
+        raise DistribError(f"{out} already holds a training checkpoint; pass --resume to continue it "
+                           "or choose a new --out directory")
+    teacher = cfg.train.distill_teacher
+    if teacher and not (Path(teacher) / "best_model.pth").is_file():
+        raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
+                          "run directory (e.g. the DINOv2 probe run)")
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model)
+    dist.check_precision(cfg, model)
+    _dry_forward(cfg, model)
+    return model
+
+
+def _dry_forward(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
+    """One batch-1 forward at data.img_size, so a size mismatch fails here and not inside a collective."""
+    size = cfg.data.img_size
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except DistribError:
+        raise
+    except Exception as e:  # shape errors from deep inside a backbone: say which settings to change
+        raise ConfigError(f"model {cfg.model.name!r} cannot take a {size}x{size} input (data.img_size={size}, "
+                          f"model.img_size={cfg.model.img_size}): {e}; change data.img_size or model.img_size") from e
+    finally:
+        model.train()
+
+
+def _mean_std(cfg: ExperimentConfig, model: torch.nn.Module):
+    from distrib.data.transforms import resolve_mean_std
+    if cfg.data.normalize != "model":
+        return resolve_mean_std(cfg.data)
+    try:
+        return resolve_mean_std(cfg.data, cfg.model.name)
+    except Exception:  # registered (non-timm) names have no pretrained_cfg: read it from the module
+        return resolve_mean_std(cfg.data, model)
+
+
+def _load_teacher(cfg: ExperimentConfig, device) -> tuple[torch.nn.Module, int]:
+    teacher, tcfg, _ = load_run(cfg.train.distill_teacher)
+    if tcfg.data.normalize != cfg.data.normalize:
+        raise ConfigError(f"the teacher in {cfg.train.distill_teacher} was trained with data.normalize="
+                          f"{tcfg.data.normalize!r} but the student uses {cfg.data.normalize!r}; set "
+                          f"data.normalize={tcfg.data.normalize} for the student")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval(), tcfg.data.img_size
+
+
+def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn.Module, resume: bool) -> Trainer:
+    """Optimizer, schedule, loaders, teacher, logger; restored from ``out/last_checkpoint`` on resume."""
+    from accelerate.utils import set_seed
+
+    from distrib.data.index import read_index
+
+    from distrib.data.loader import build_loader, folds_for
+    from distrib.training.losses import build_loss
+    from distrib.training.optim import build_optimizer, build_scheduler
+    from distrib.data.transforms import build_transform
+    from distrib.versions import fold_protocol, write_fold_protocol, write_versions
+
+    d, tc = cfg.data, cfg.train
+    index = read_index(d.shards)
+    k = int(index["folds"])
+    train_folds = folds_for(d.fold, k) if d.fold >= 0 else list(range(k))
+    val_split, val_folds = ("train", [d.fold]) if d.fold >= 0 else ("val", None)
+    mean_std = _mean_std(cfg, model)
+    val_loader = build_loader(d.shards, val_split, val_folds, accelerator.process_index, accelerator.num_processes,
+                              d.num_workers, d.eval_batch_size or d.batch_size, 0,
+                              build_transform(None, d, train=False, mean_std=mean_std), d.seed, mode="eval")
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    if tc.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    t = Trainer(cfg, out, accelerator, model, optimizer, None, build_loss(tc, cfg.model), val_loader,
+                None, train_folds, 0, 0, mean_std)
+    t.loss_sum = t.loss_sum.to(accelerator.device)
+    per_epoch = len(t._train_loader(0))
+    t.micro_per_epoch = per_epoch // tc.grad_accum * tc.grad_accum  # a partial accumulation is dropped
+    if t.micro_per_epoch == 0:
+        raise ConfigError(f"train.grad_accum={tc.grad_accum} exceeds the {per_epoch} batches per epoch and rank; "
+                          "lower train.grad_accum or data.batch_size, or raise data.samples_per_epoch")
+    t.steps_per_epoch = t.micro_per_epoch // tc.grad_accum
+    total = tc.epochs * t.steps_per_epoch
+    t.scheduler = build_scheduler(optimizer, cfg.optim, t.steps_per_epoch, min(total, tc.max_steps or total))
+    if tc.distill_teacher:
+        t.teacher, t.teacher_size = _load_teacher(cfg, accelerator.device)
+    set_seed(tc.seed, device_specific=True)  # distinct dropout/augment streams per rank
+    ckpt = find_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        dist.print0(f"--resume: no checkpoint in {out} yet; starting from scratch")
+    if ckpt is not None:
+        _restore(t, ckpt)
+    t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+        write_versions(out)
+        write_fold_protocol(out, fold_protocol(index, d.shards, d.fold, train_folds))
+    dist.print0(f"training {cfg.model.name} on {accelerator.num_processes} process(es) "
+                f"({dist.runtime_info(accelerator)['backend']}): {t.steps_per_epoch} steps/epoch, "
+                f"{tc.epochs} epochs" + (f", resumed at epoch {t.epoch} step {t.step}" if ckpt else ""))
+    return t
+
+
+def _restore(t: Trainer, ckpt: Path) -> None:
+    state, rank_state = load_checkpoint(t.accelerator, ckpt, t.model, t.optimizer)
+    if state["world_size"] != t.accelerator.num_processes or state["grad_accum"] != t.cfg.train.grad_accum:
+        raise DistribError(f"checkpoint {ckpt} was written with {state['world_size']} processes and grad_accum "
+                           f"{state['grad_accum']}; resume with the same settings or start a new run dir")
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.epoch, t.pos, t.step, t.done = state["epoch"], state["pos"], state["step"], state["done"]
+    t.best_auc, t.best_epoch, t.best_metrics = state["best_auc"], state["best_epoch"], state["best_metrics"]
+    t.elapsed_before = state["elapsed"]
+    t.epoch_rng, t.pending_rng = rank_state["epoch_start"], rank_state["now"]
+    t.loss_sum, t.loss_count = rank_state["loss_sum"].to(t.accelerator.device, torch.float64), rank_state["loss_count"]
+    t.skipped_train = rank_state.get("skipped_train", 0)

@@ -1,0 +1,50 @@
+"""The layout's rules, checked: imports point down (import-linter), no CLI glue below cli.py, small files."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+SRC = REPO / "src" / "distrib"
+# printing is the CLI's job; the benchmarks print their tables and the distributed module its rank-0 helper
+MAY_PRINT = {"cli.py", "bench/cascade.py", "bench/latency.py", "bench/loader.py", "training/dist.py"}
+
+
+def _modules() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_import_layers_contract_holds():
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--config", str(REPO / "setup.cfg")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "2 kept, 0 broken" in proc.stdout
+
+
+def test_no_argparse_print_or_exit_below_the_cli():
+    offenders = []
+    for path in _modules():
+        rel = path.relative_to(SRC).as_posix()
+        text = path.read_text()
+        if rel != "cli.py" and re.search(r"^\s*import argparse|argparse\.Namespace|sys\.exit\(|\bexit\(", text, re.M):
+            offenders.append(f"{rel}: argparse/exit")
+        if rel not in MAY_PRINT and re.search(r"(?<![\w.])print\(", text):
+            offenders.append(f"{rel}: print")
+    assert not offenders, offenders
+
+
+def test_no_module_over_400_lines_and_every_package_says_what_it_does():
+    sizes = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in _modules()}
+    assert max(sizes.values()) <= 400, {k: v for k, v in sizes.items() if v > 400}
+    for init in SRC.rglob("__init__.py"):
+        if init.parent != SRC:
+            doc = init.read_text().lstrip()
+            assert doc.startswith('"""') and "Public face" in doc, f"{init}: say what the stage does and its face"
+
+
+def test_library_never_imports_the_entry_point_folders():
+    for path in _modules():
+        assert not re.search(r"^\s*(from|import) (launch|shards|tune)\b", path.read_text(), re.M), path
