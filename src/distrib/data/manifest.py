@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,7 @@ def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, s
             pos = "fake"
         else:
             raise DataError(f"{train[0]['csv']}: labels {seen} do not say which class is positive (label 1); "
-                            f"pass --positive NAME to 'distrib shard' (e.g. --positive {seen[-1]!r}). Only "
+                            f"pass --positive NAME to 'distrib shard' (e.g. --positive {shlex.quote(seen[-1])}). Only "
                             "real/fake (fake = 1) and integer 0/1 labels are mapped without it")
         ids = {k: int(k == pos) for k in by}
         names = {i: display[k] for k, i in ids.items()}
