@@ -118,9 +118,10 @@ def test_missing_shards_and_bad_fold_fail_before_training(demo_shards, tmp_path)
     assert proc.returncode == 2 and "data.fold=7" in proc.stderr and "3 folds" in proc.stderr
 
 
-def test_stray_third_label_fails_before_training(demo_data, tmp_path):
-    """One label '2' in a binary manifest makes a 3-class index: the binary trainer must refuse it."""
-    import warnings
+def test_stray_third_label_fails_before_training(demo_data, demo_shards, tmp_path):
+    """One label '2' in a binary manifest is refused at shard time (naming the row); an index that
+    still holds 3 classes (written by hand or an older version) is refused by the binary trainer."""
+    import shutil
 
     from distrib.errors import DataError
     from distrib.data.shards import write_shards
@@ -130,11 +131,14 @@ def test_stray_third_label_fails_before_training(demo_data, tmp_path):
     manifest = demo_data / "stray_label_manifest.csv"  # beside the images: paths are relative to it
     manifest.write_text("\n".join(rows) + "\n")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # sklearn: the stray class has a single member
+        with pytest.raises(DataError, match=r"row 1: label '2' makes a third class"):
             write_shards(manifest, tmp_path / "shards", folds=3, seed=0, shard_size=60, workers=1)
     finally:
         manifest.unlink()  # the session's demo dataset is shared with other tests
+    shutil.copytree(demo_shards, tmp_path / "shards")
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    index["classes"]["2"] = "other"
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
     cfg = load_config(DEBUG, [f"data.shards={tmp_path / 'shards'}"])
     with pytest.raises(DataError, match=r"3 classes.*binary.*re-shard"):
         preflight(cfg, tmp_path / "run", resume=False)
