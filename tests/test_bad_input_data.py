@@ -249,8 +249,7 @@ def test_max_skipped_fraction_fails_the_run_with_the_count(demo_shards, tmp_path
     res = json.loads((tmp_path / "strict" / "evaluation_results.json").read_text())
     assert res["skipped_samples"]["train"] >= 1  # outputs are written, then the run fails
     assert res["classes"] == {"0": "real", "1": "fake"} and res["positive"] == "fake"
-    result = run(load_config(DEBUG, over + ["train.max_skipped_fraction=0.5"]), tmp_path / "lenient")
-    assert 1 <= result["skipped_samples"]["train"] <= 3 and result["positive"] == "fake"
+    # (test_train's corrupt-sample test runs the same shards under a lenient fraction to success)
 
 
 # 5. one-line errors instead of tracebacks -----------------------------------------------------------

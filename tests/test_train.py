@@ -262,14 +262,15 @@ def test_corrupt_samples_are_counted_and_reported(demo_shards, tmp_path):
         for m in tar.getmembers():
             members.append((m, tar.extractfile(m).read()))
     broken = 0
-    with tarfile.open(src, "w") as tar:
+    with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:  # same size: data.verify=size passes
         for m, data in members:
             if m.name.endswith(".jpg") and broken < 2:  # two undecodable images, same size as before
                 data, broken = b"\0" * len(data), broken + 1
             m.size = len(data)
             tar.addfile(m, __import__("io").BytesIO(data))
     cfg = load_config(DEBUG, [f"data.shards={shards}", "model.name=resnet10t", "train.epochs=1",
-                              "train.latency_batches=1", "data.shuffle_buffer=8"])
+                              "train.latency_batches=1", "data.shuffle_buffer=8", "data.verify=size",
+                              "train.max_skipped_fraction=0.5"])  # the sha256 check would refuse the edited shard
     result = run(cfg, tmp_path / "run")
     assert result["skipped_samples"]["train"] >= 1 and result["skipped_samples"]["val"] == 0
     res = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())
