@@ -311,3 +311,17 @@ def test_failed_validation_leaves_no_output_dir(demo_shards, tmp_path):
     with pytest.raises(DataError, match="do not say which class"):
         write_shards(_manifest(tmp_path, ["cat", "dog"] * 6), tmp_path / "shards", folds=3, workers=1)
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
+
+
+def test_cascade_report_names_the_positive_class(tmp_path):
+    from distrib.cascade.report import write_report
+    cost = {"stage1_mean_ms": 1.0, "stage1_p95_ms": 1.0, "cascade_mean_ms": 1.0, "cascade_p95_ms": 1.0,
+            "cost_ratio_to_stage1": 1.0, "note": "model compute"}
+    band = {"message": "band", "feasible": True, "t_low": 0.1, "t_high": 0.9}
+    results = {"name": "c", "split": "test", "n": 10, "positives": 4, "escalation_rate": 0.1, "escalated": 1,
+               "metrics": {"cascade": {"auc": 0.9}}, "cost": cost, "plots": {},
+               "thresholds": {"stage1_band": band, "meta_rule": "mean", "meta_threshold": 0.5,
+                              "stage1_single_youden": 0.5, "experts_youden_oof": {}},
+               "classes": {"0": "Real", "1": "deepfake"}, "positive": "deepfake"}
+    text = write_report(results, tmp_path).read_text()
+    assert "Positive class (label 1): **deepfake**; classes 0 = Real, 1 = deepfake." in text
