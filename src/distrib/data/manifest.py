@@ -143,7 +143,8 @@ def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, s
             pos = "fake"
         else:
             raise DataError(f"{train[0]['csv']}: labels {seen} do not say which class is positive (label 1); "
-                            f"pass --positive NAME to 'distrib shard' (e.g. --positive {shlex.quote(seen[-1])}). Only "
+                            f"pass --positive NAME to 'distrib shard', NAME being the class to detect (--positive "
+                            f"{' or --positive '.join(shlex.quote(n) for n in seen)}). Only "
                             "real/fake (fake = 1) and integer 0/1 labels are mapped without it")
         ids = {k: int(k == pos) for k in by}
         names = {i: display[k] for k, i in ids.items()}
