@@ -239,7 +239,6 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
         raise DataError("stack.features includes 'stage1' but no --stage1 file was given; pass key,prob stage-1 "
                         "predictions (out-of-fold for training rows) or drop 'stage1' from stack.features")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table, experts = load_experts(oof_paths)
     stage1_source = None
     if stage1 and "stage1" in cfg.features:
@@ -256,6 +255,7 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
         raise DataError(f"no rows with split == 'oof' in {[e['path'] for e in experts]}; stacking needs OOF rows")
     y, groups = oof["label"].to_numpy().astype(int), oof["group"].astype(str).to_numpy()
     folds = group_folds(y, groups, cfg.folds, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs passed their checks
 
     ablation = {f"expert:{e['name']}": _per_fold(y, oof[f"{e['name']}__prob"].to_numpy(), folds) for e in experts}
     if STAGE1 in oof:
@@ -332,17 +332,17 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
     return results
 
 
-def verdict(cmp: dict, split: str, best_expert: str) -> str:
-    """One plain line: is the meta-model better than the best expert on this split, and how sure."""
+def verdict(cmp: dict, split: str, best_expert: str, who: str = "the meta-model") -> str:
+    """One plain line: is ``who`` better than the best expert on this split, and how sure."""
     ci = cmp.get("diff_ci95")
     ci_txt = f", 95% grouped-bootstrap CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
     nums = f"AUC {cmp['auc']:.4f} vs {cmp['baseline_auc']:.4f}, difference {cmp['diff']:+.4f}{ci_txt}"
     name = best_expert.split(":", 1)[-1]
     if cmp["diff"] <= 0:
-        return f"On {split} the meta-model is NOT better than the best expert ({name}): {nums}."
+        return f"On {split} {who} is NOT better than the best expert ({name}): {nums}."
     if ci and ci[0] > 0:
-        return f"On {split} the meta-model beats the best expert ({name}): {nums}."
-    return f"On {split} the meta-model is higher than the best expert ({name}) but not clearly: {nums}."
+        return f"On {split} {who} beats the best expert ({name}): {nums}."
+    return f"On {split} {who} is higher than the best expert ({name}) but not clearly (the CI includes 0): {nums}."
 
 
 def load_meta(stack_dir: str | Path) -> tuple[MetaModel, dict]:
