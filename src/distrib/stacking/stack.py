@@ -226,6 +226,28 @@ def _per_fold(y, p, folds) -> dict:
             "per_fold": per, "n_features": 1}
 
 
+def _leaderboard(cand_runs: dict[str, dict]) -> dict[str, dict]:
+    """Each candidate's CV summary plus its paired per-fold differences from the best expert."""
+    base = np.asarray(cand_runs["best_expert"]["per_fold"])
+    out = {}
+    for k, r in cand_runs.items():
+        diff = np.asarray(r["per_fold"]) - base
+        out[k] = {**{m: v for m, v in r.items() if m != "pred"}, "diff_vs_best_expert": diff.tolist(),
+                  "diff_mean": float(diff.mean()), "folds_above_best_expert": int((diff > 0).sum())}
+    return out
+
+
+def _versus_best_expert(part: pd.DataFrame, split: str, best_expert: str, cfg: StackConfig) -> dict | None:
+    """Val/test: meta AUC, every expert's AUC, and AUC(meta) - AUC(best expert) with its grouped CI."""
+    if part["label"].nunique() < 2:
+        return None
+    experts = [c for c in part.columns if c.startswith("prob_")]
+    cmp = auc_difference(part["label"], part["prob"], part[f"prob_{best_expert.split(':', 1)[1]}"], part["group"],
+                         cfg.bootstrap, cfg.seed)
+    return {"meta_auc": cmp["auc"], **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in experts},
+            "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)}}
+
+
 def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig,
               stage1: list[str | Path] | None = None) -> dict:
     """Candidates and ablation on one set of grouped meta folds, the chosen model refit on every OOF row.
@@ -271,15 +293,9 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
     cand_runs = {"best_expert": {"pred": oof[best_col].to_numpy(), **ablation[best_expert]},
                  "lightgbm": runs[configured]}
     for kind in ("weighted", "logistic"):
-        cols = _candidate_columns(kind, features, best_col)
-        if cols:
+        if cols := _candidate_columns(kind, features, best_col):
             cand_runs[kind] = cross_validate(oof[cols], y, groups, folds, cfg, kind=kind)
-    base = np.asarray(cand_runs["best_expert"]["per_fold"])
-    candidates = {k: {**{m: v for m, v in r.items() if m != "pred"},
-                      "diff_vs_best_expert": (np.asarray(r["per_fold"]) - base).tolist(),
-                      "diff_mean": float(np.mean(np.asarray(r["per_fold"]) - base)),
-                      "folds_above_best_expert": int((np.asarray(r["per_fold"]) > base).sum())}
-                  for k, r in cand_runs.items()}
+    candidates = _leaderboard(cand_runs)
     auto_pick = choose(candidates, cfg.tie)
     kind = auto_pick if cfg.meta == "auto" else cfg.meta
     if kind not in cand_runs:
@@ -303,15 +319,9 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
     ], ignore_index=True)
     preds.to_parquet(out / "meta_predictions.parquet", index=False)
 
-    split_metrics = {}
-    for split in sorted(rest["split"].unique()):
-        part = preds[preds["split"] == split]
-        if part["label"].nunique() == 2:
-            cmp = auc_difference(part["label"], part["prob"], part[f"prob_{best_expert[7:]}"], part["group"],
-                                 cfg.bootstrap, cfg.seed)
-            split_metrics[split] = {"meta_auc": cmp["auc"],
-                                    **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in expert_cols},
-                                    "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)}}
+    split_metrics = {split: _versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
+                     for split in sorted(rest["split"].unique())}
+    split_metrics = {k: v for k, v in split_metrics.items() if v}
     meta_info = {"experts": experts, "features": cols, "feature_sets": list(cfg.features), "meta": kind,
                  "stage1_source": stage1_source, "config": dataclasses.asdict(cfg), "n_estimators": n_final,
                  "model": {k: v for k, v in spec.items() if k != "params"},
