@@ -147,7 +147,11 @@ def fit_logistic(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, cfg: StackC
     cols = list(X.columns)
     scaler = StandardScaler().fit(_design(X, cols))
     Z = scaler.transform(_design(X, cols))
-    inner = folds_fn(y, groups, min(cfg.inner_folds, len(pd.unique(groups))), cfg.seed + 1)
+    inner = [(tr, te) for tr, te in folds_fn(y, groups, min(cfg.inner_folds, len(pd.unique(groups))), cfg.seed + 1)
+             if len(np.unique(y[te])) == 2]  # a one-class inner fold has no AUC (tiny tables)
+    if not inner:
+        raise DataError(f"logistic meta-learner: no inner grouped fold of {len(y)} rows holds both classes; "
+                        "use more groups or stack.meta=weighted")
     clf = LogisticRegressionCV(Cs=cfg.logistic_cs, l1_ratios=(0.0,), cv=inner, scoring="roc_auc",
                                solver="newton-cholesky", max_iter=200, random_state=cfg.seed, n_jobs=1,
                                use_legacy_attributes=False).fit(Z, y)

@@ -292,14 +292,19 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
 
     cand_runs = {"best_expert": {"pred": oof[best_col].to_numpy(), **ablation[best_expert]},
                  "lightgbm": runs[configured]}
+    skipped = {}
     for kind in ("weighted", "logistic"):
         if cols := _candidate_columns(kind, features, best_col):
-            cand_runs[kind] = cross_validate(oof[cols], y, groups, folds, cfg, kind=kind)
+            try:
+                cand_runs[kind] = cross_validate(oof[cols], y, groups, folds, cfg, kind=kind)
+            except DataError as err:  # e.g. too few groups for the inner C search: leave it off the board
+                log.warning(f"stack: candidate {kind} skipped: {err}")
+                skipped[kind] = str(err)
     candidates = _leaderboard(cand_runs)
     auto_pick = choose(candidates, cfg.tie)
     kind = auto_pick if cfg.meta == "auto" else cfg.meta
     if kind not in cand_runs:
-        raise DataError(f"stack.meta={kind} has no input columns with stack.features={cfg.features}")
+        raise DataError(skipped.get(kind) or f"stack.meta={kind} has no input columns with stack.features={cfg.features}")
     cv_main = cand_runs[kind]
     cols = _candidate_columns(kind, features, best_col)
     n_final = int(np.median(cv_main["best_iterations"])) if kind == "lightgbm" else None
@@ -331,7 +336,8 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
                "features": configured, "n_features": len(cols), "stage1_source": stage1_source,
                "cv": {k: v for k, v in cv_main.items() if k != "pred"},
                "cv_oof_metrics": binary_metrics(y, cv_main["pred"]),
-               "best_expert": best_expert, "candidates": candidates, "ablation": ablation,
+               "best_expert": best_expert, "candidates": candidates, "candidates_skipped": skipped,
+               "ablation": ablation,
                "final_n_estimators": n_final, "splits": split_metrics}
     for name, obj in (("meta_features.json", meta_info), ("stack_results.json", results)):
         write_json(out / name, obj)
