@@ -325,7 +325,7 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
     preds.to_parquet(out / "meta_predictions.parquet", index=False)
 
     split_metrics = {split: _versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
-                     for split in sorted(rest["split"].unique())}
+                     for split in sorted(rest["split"].unique(), key=lambda v: (v != "val", v))}
     split_metrics = {k: v for k, v in split_metrics.items() if v}
     meta_info = {"experts": experts, "features": cols, "feature_sets": list(cfg.features), "meta": kind,
                  "stage1_source": stage1_source, "config": dataclasses.asdict(cfg), "n_estimators": n_final,
