@@ -120,6 +120,10 @@ def test_every_candidate_saves_loads_and_predicts(tmp_path, kind):
     test = wide[wide["split"] == "test"]
     saved = pd.read_parquet(tmp_path / kind / "meta_predictions.parquet").set_index("key")
     np.testing.assert_allclose(predict_meta(model, info, test), saved.loc[test["key"], "prob"], rtol=1e-6)
+    if kind == "lightgbm":  # a stack dir from before meta_model.json (LightGBM txt only) still loads
+        (tmp_path / kind / "meta_model.json").unlink()
+        old, _ = load_meta(tmp_path / kind)
+        np.testing.assert_allclose(predict_meta(old, info, test), saved.loc[test["key"], "prob"], rtol=1e-6)
 
 
 def test_weighted_never_below_best_expert_on_its_fit_rows():
