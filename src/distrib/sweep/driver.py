@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -156,11 +158,9 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
         else:
             tuner = tune.Tuner(trainable, param_space=_param_space(grid, cfg.tune.folds),
                                tune_config=_tune_config(cfg), run_config=_run_config(cfg, storage_path))
-        results = tuner.fit()
+        results, stopped = _fit(tuner)
         t_fit = time.time() - t0 - t_ray
         errors = [str(r.error) for r in results if r.error]
-        # Tune's SIGINT handler ends fit() early and leaves the remaining trials pending/paused
-        stopped = len(results) - results.num_terminated - results.num_errors
     finally:
         if started:
             sig = stop_ray()
@@ -177,6 +177,25 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
         extract_oof(runs, out_dir / "oof_embeddings.parquet", cfg.embed)
         summary["oof_embeddings"] = str(out_dir / "oof_embeddings.parquet")
     return summary
+
+
+def _fit(tuner):
+    """``tuner.fit()``; also says whether a SIGINT stopped it early (Tune then returns normally)."""
+    def on_sigint(signum, frame):
+        raise KeyboardInterrupt
+
+    # Tune swaps in its own SIGINT handler for the run and, on the first SIGINT, puts back the one it
+    # found: if ours is back in place afterwards, the run was interrupted.
+    main = threading.current_thread() is threading.main_thread()
+    main = main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        results = tuner.fit()
+    finally:
+        interrupted = main and signal.getsignal(signal.SIGINT) is on_sigint
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    return results, interrupted
 
 
 def _param_space(grid: dict, folds: int) -> dict:
