@@ -55,8 +55,6 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
         raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
                           "run directory (e.g. the DINOv2 probe run)")
     out.mkdir(parents=True, exist_ok=True)
-    for tmp in dist.on_main(remove_stale_tmp, out) or []:
-        log.info("removed %s, a checkpoint write interrupted by a crash (the complete checkpoint is kept)", tmp)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     dist.check_precision(cfg, model)
@@ -64,12 +62,12 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     return model
 
 
-def check_resume_config(cfg: ExperimentConfig, out: Path) -> list[dict]:
-    """Refuse a --resume whose config changes what the checkpoint trained; log the allowed changes.
+def check_resume_config(cfg: ExperimentConfig, out: Path, record: bool = False) -> list[dict]:
+    """Refuse a --resume whose config changes what the checkpoint trained; return the allowed changes.
 
     The old config is the one stored in the checkpoint (older checkpoints: the run dir's config.yaml).
-    Allowed changes (config.changes.RESUME_SAFE) are appended to ``resume_changes.json``, printed, and
-    ``build_trainer`` then rewrites config.yaml to the new resolved config.
+    With ``record`` (rank 0, in ``build_trainer``) allowed changes (config.changes.RESUME_SAFE) are
+    printed and appended to ``resume_changes.json``; ``build_trainer`` then rewrites config.yaml.
     """
     ckpt = find_checkpoint(out)
     state = saved_state(ckpt)
@@ -83,13 +81,12 @@ def check_resume_config(cfg: ExperimentConfig, out: Path) -> list[dict]:
     changes = check_resume(config_to_dict(build_config(old)), config_to_dict(cfg), where,
                            f"pass the original values (e.g. 'distrib train {out / 'config.yaml'} --out {out} "
                            "--resume') or train the new settings into a new --out directory")
-    if changes:
+    if changes and record:
         text = ", ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in changes)
         dist.print0(f"--resume: allowed config changes from step {state['step']}: {text} (logged in "
                     f"{out / RESUME_CHANGES})")
-        dist.on_main(_append_changes, out / RESUME_CHANGES, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                             "step": state["step"], "epoch": state["epoch"],
-                                                             "changes": changes})
+        _append_changes(out / RESUME_CHANGES, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": state["step"],
+                                               "epoch": state["epoch"], "changes": changes})
     return changes
 
 
@@ -178,6 +175,11 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     ckpt = find_checkpoint(out) if resume else None
     if resume and ckpt is None:
         dist.print0(f"--resume: no checkpoint in {out} yet; starting from scratch")
+    if accelerator.is_main_process:
+        for tmp in remove_stale_tmp(out):
+            log.info("removed %s, a checkpoint write interrupted by a crash (the complete checkpoint is kept)", tmp)
+        if ckpt is not None:
+            check_resume_config(cfg, out, record=True)
     if ckpt is not None:
         _restore(t, ckpt)
     t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None)
