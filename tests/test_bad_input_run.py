@@ -27,9 +27,9 @@ DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 SHORT = ["data.samples_per_epoch=32", "train.latency_batches=1"]  # 2 steps per epoch
 
 
-def _distrib(*args, tmp: Path, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "distrib", *map(str, args)], cwd=REPO, env=subprocess_env(tmp),
-                          capture_output=True, text=True, timeout=timeout)
+def _distrib(*args, tmp: Path, timeout=600, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "distrib", *map(str, args)], cwd=REPO,
+                          env={**subprocess_env(tmp), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def _popen(*args, tmp: Path) -> subprocess.Popen:
@@ -243,3 +243,34 @@ def test_next_tune_stops_orphans_of_a_sigkilled_driver_and_stale_checkpoint_tmps
     assert not list(sweep.glob("trials/*/last_checkpoint.tmp"))
     assert [p.name for p in sweep.iterdir() if p.name.startswith("ray")] == ["ray_results"]
     assert yaml.safe_load((sweep / "grid.yaml").read_text()) == {"optim.lr": [1e-3]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_stops_the_sweep_and_its_cluster_with_exit_143(demo_shards, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _popen("tune", *_sweep_args(demo_shards, tmp_path), tmp=tmp_path)
+    record = _wait_for(lambda: _pid_record(sweep, proc.pid), proc, 300, "the Ray PID file")
+    _wait_for(lambda: (sweep / "trials" / "c0_fold0" / "trial_events.log").is_file(), proc, 300, "a trial")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr and "continue with: distrib tune" in stderr, stderr[-3000:]
+    time.sleep(1)
+    assert _alive(record["procs"]) == [] and not Path(record["temp_dir"]).exists()
+    assert not (sweep / PID_FILE).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_with_a_trial_that_failed_for_good_exits_1(demo_shards, tmp_path):
+    """Decided (README): failed trials make the sweep exit 1, so `tune && stack` stops; outputs are written."""
+    from distrib.sweep.trial import FAIL_ONCE_ENV
+    res = _distrib("tune", *_sweep_args(demo_shards, tmp_path), "tune.max_failures=0", tmp=tmp_path,
+                   env={FAIL_ONCE_ENV: str(tmp_path / "fail_once.marker")})
+    assert res.returncode == 1, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["status"] == "incomplete" and result["done"] == 2 and result["best"] is None, result
+    assert "1 of 3 trials failed" in res.stderr and "no best config" in res.stderr, res.stderr[-3000:]
+    assert res.stderr.rstrip().endswith("--resume")  # the last line: how to retry the failed trial
+    assert (tmp_path / "sweep" / "sweep_summary.csv").is_file()

@@ -257,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable = args.func
     try:
         result = func(args)
-    except KeyboardInterrupt:  # Ctrl-C: where things stand and how to continue, not a traceback
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM in tune): where things stand, how to continue
         dist = sys.modules.get("distrib.training.dist")
         if dist is None or dist.is_main():  # one message for a multi-process run, from rank 0
             print(f"distrib {args.command}: interrupted. {_resume_hint(args)}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except DistribError as e:
         print(f"distrib {args.command}: error: {e}", file=sys.stderr)
         return 2

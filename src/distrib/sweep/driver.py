@@ -183,6 +183,7 @@ def _fit(tuner):
     """``tuner.fit()``; also says whether a SIGINT stopped it early (Tune then returns normally)."""
     def on_sigint(signum, frame):
         raise KeyboardInterrupt
+    on_sigint.raises = True  # local_ray's SIGTERM handler raises Interrupted(SIGTERM) instead of calling it
 
     # Tune swaps in its own SIGINT handler for the run and, on the first SIGINT, puts back the one it
     # found: if ours is back in place afterwards, the run was interrupted.

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from distrib.atomic import write_json
-from distrib.errors import DistribError
+from distrib.errors import DistribError, Interrupted
 
 log = logging.getLogger(__name__)
 PID_FILE = "ray_pids.json"  # in the sweep dir: this driver and the Ray processes it started
@@ -137,6 +137,9 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
 
 def _sigterm_as_sigint(signum, frame) -> None:
     _STATE["signal"] = signum
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is signal.default_int_handler or getattr(handler, "raises", False):  # not Tune's graceful stop
+        raise Interrupted(signum)  # a KeyboardInterrupt: `finally` blocks stop the cluster
     signal.raise_signal(signal.SIGINT)  # Tune's handler stops the experiment and saves its state
 
 
