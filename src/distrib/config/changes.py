@@ -26,6 +26,9 @@ RESUME_SAFE = (
     "train.latency_batches",      # how long evaluation_results.json times the model
     "data.num_workers",           # loader parallelism; the sample order is fixed by data.seed and epoch
     "data.eval_batch_size",       # evaluation batching; metrics do not depend on it
+    "data.verify",                # how the shards are checked before training, not which shards
+    "data.classes",               # a check of the index's label mapping; the mapping itself is fixed by data.shards
+    "train.max_skipped_fraction",  # when skipped corrupt samples fail the run; the data read is the same
     "dist.",                      # process-group backend and timeout: transport only
     "tune.",                      # sweep-level settings; a single run does not read them
     "embed.",                     # later stages read these from the finished run

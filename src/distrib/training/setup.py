@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distrib.atomic import write_json
+from distrib.atomic import writable_dir, write_json
 from distrib.training import dist
 from distrib.training.checkpoint import load_checkpoint, remove_stale_tmp, saved_state
 from distrib.config import (ConfigError, ExperimentConfig, build_config, check_resume, config_to_dict,
@@ -31,8 +31,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     from accelerate.utils import set_seed
 
     from distrib.data.index import read_index
-
     from distrib.data.loader import folds_for
+    from distrib.data.verify import check_classes, verify_shards
     from distrib.models import build_model
 
     if not cfg.data.shards:
@@ -40,6 +40,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
                           "(written by 'distrib shard')")
     index = read_index(cfg.data.shards)
     folds_for(cfg.data.fold, int(index["folds"]))  # raises DataError naming the valid folds
+    verify_shards(index, cfg.data.verify)  # every indexed shard exists; sha256 or size + tar header
+    check_classes(index, cfg.data.classes)
     classes = index.get("classes") or {}
     if classes and len(classes) != 2:  # both head types (1 BCE logit, 2 CE logits) are binary
         raise DataError(f"{cfg.data.shards}/index.json has {len(classes)} classes {sorted(classes.values())}, but "
@@ -54,11 +56,11 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     if teacher and not (Path(teacher) / "best_model.pth").is_file():
         raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
                           "run directory (e.g. the DINOv2 probe run)")
-    out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     dist.check_precision(cfg, model)
     _dry_forward(cfg, model)
+    writable_dir(out, "--out")  # only once everything else passed: a failed check leaves no empty run dir
     return model
 
 
