@@ -181,13 +181,19 @@ def _pid_record(sweep: Path, driver: int):
     return data if data["driver"] == driver and data["procs"] else None
 
 
+def _start_sweep(shards: Path, tmp: Path, args: list | None = None) -> tuple[subprocess.Popen, Path, dict]:
+    """`distrib tune` with its own local cluster, returned once its PID file is written and a trial runs."""
+    sweep = tmp / "sweep"
+    proc = _popen("tune", *(args or _sweep_args(shards, tmp)), tmp=tmp)
+    record = _wait_for(lambda: _pid_record(sweep, proc.pid), proc, 300, "the Ray PID file")
+    _wait_for(lambda: (sweep / "trials" / "c0_fold0" / "trial_events.log").is_file(), proc, 300, "a trial")
+    return proc, sweep, record
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_sweep_ray_is_loopback_only_and_sigint_exits_130_and_cleans_up(demo_shards, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = _popen("tune", *_sweep_args(demo_shards, tmp_path), tmp=tmp_path)
-    record = _wait_for(lambda: _pid_record(sweep, proc.pid), proc, 300, "the Ray PID file")
-    _wait_for(lambda: (sweep / "trials" / "c0_fold0" / "trial_events.log").is_file(), proc, 300, "a trial")
+    proc, sweep, record = _start_sweep(demo_shards, tmp_path)
     cluster = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     cluster += [psutil.Process(r["pid"]) for r in _alive(record["procs"]) if r["pid"] not in {p.pid for p in cluster}]
     listeners = listening_sockets(cluster)
@@ -216,12 +222,9 @@ def test_sweep_ray_is_loopback_only_and_sigint_exits_130_and_cleans_up(demo_shar
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_next_tune_stops_orphans_of_a_sigkilled_driver_and_stale_checkpoint_tmps(demo_shards, tmp_path):
-    sweep = tmp_path / "sweep"
     args = _sweep_args(demo_shards, tmp_path)
-    proc = _popen("tune", *args, tmp=tmp_path)
-    record = _wait_for(lambda: _pid_record(sweep, proc.pid), proc, 300, "the Ray PID file")
+    proc, sweep, record = _start_sweep(demo_shards, tmp_path, args)
     trial = sweep / "trials" / "c0_fold0"
-    _wait_for(lambda: (trial / "trial_events.log").is_file(), proc, 300, "a trial")
     proc.kill()
     proc.communicate()
     time.sleep(3)
@@ -248,10 +251,7 @@ def test_next_tune_stops_orphans_of_a_sigkilled_driver_and_stale_checkpoint_tmps
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigterm_stops_the_sweep_and_its_cluster_with_exit_143(demo_shards, tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = _popen("tune", *_sweep_args(demo_shards, tmp_path), tmp=tmp_path)
-    record = _wait_for(lambda: _pid_record(sweep, proc.pid), proc, 300, "the Ray PID file")
-    _wait_for(lambda: (sweep / "trials" / "c0_fold0" / "trial_events.log").is_file(), proc, 300, "a trial")
+    proc, sweep, record = _start_sweep(demo_shards, tmp_path)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
