@@ -15,6 +15,7 @@ import argparse
 import errno
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -268,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable = args.func
     try:
         result = func(args)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM in tune): where things stand, how to continue
+        dist = sys.modules.get("distrib.training.dist")
+        if dist is None or dist.is_main():  # one message for a multi-process run, from rank 0
+            print(f"distrib {args.command}: interrupted. {_resume_hint(args)}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
     except DistribError as e:
         print(f"distrib {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -281,4 +287,48 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if isinstance(result, dict) and args.command != "bench":
         print(json.dumps(result, default=str))
+    if args.command == "tune":
+        return _sweep_exit(args, result)
+    return 0
+
+
+def _resume_command(a: argparse.Namespace) -> str:
+    """The command that continues an interrupted train/tune: the same arguments plus --resume."""
+    words = ["distrib", a.command, a.config, *a.overrides, "--out", a.out]
+    for flag in ("grid", "address", "storage", "num_cpus"):
+        if getattr(a, flag, None) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+    return shlex.join([*words, "--resume"])
+
+
+def _resume_hint(a: argparse.Namespace) -> str:
+    if a.command == "train":
+        from distrib.runs import find_checkpoint
+        from distrib.training.checkpoint import saved_state
+        ckpt = find_checkpoint(a.out)
+        if ckpt is None:
+            return f"No checkpoint was written yet; start again with: {_resume_command(a)}"
+        state = saved_state(ckpt)
+        return (f"The last checkpoint is {ckpt} (epoch {state['epoch']}, step {state['step']}); "
+                f"continue with: {_resume_command(a)}")
+    if a.command == "tune" and (Path(a.out) / "config.yaml").is_file():
+        return f"Finished trials are kept; continue with: {_resume_command(a)}"
+    return "Nothing was resumed or left half-written (outputs are written to temp names and renamed)."
+
+
+def _sweep_exit(a: argparse.Namespace, result: dict) -> int:
+    """0 for a finished sweep; 128+signal when it was interrupted; 1 when trials failed (see README)."""
+    status = result.get("status", "done")
+    if status == "interrupted":
+        sig = result.get("signal") or 2
+        print(f"distrib tune: interrupted (signal {sig}) with {result['done']} of {result['trials']} trials "
+              f"finished; {_resume_hint(a)}", file=sys.stderr)
+        return 128 + sig
+    if status == "incomplete":
+        best = (f"the best config was chosen among the configs that finished every fold only"
+                if result.get("best") else "no config finished every fold, so there is no best config")
+        print(f"distrib tune: {result['trials'] - result['done']} of {result['trials']} trials failed "
+              f"({len(result['errors'])} error(s); see sweep_summary.csv and the trial dirs' logs); {best}. "
+              f"Fix the cause, then retry the failed trials with: {_resume_command(a)}", file=sys.stderr)
+        return 1
     return 0

@@ -70,7 +70,7 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
     from distrib.stacking.stack import fit_stack
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
     from distrib.training.trainer import run as train_run
-    from distrib.sweep.driver import init_ray, run_sweep
+    from distrib.sweep.driver import init_ray, run_sweep, stop_ray
     from distrib.sweep.grid import load_grid
 
     if size not in PLANS:
@@ -106,8 +106,7 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
             oofs.append(sweep_dir / "oof_embeddings.parquet")
     finally:
         if started:
-            import ray
-            ray.shutdown()
+            stop_ray()
 
     stack_cfg = expert_cfgs[0]
     stack = steps("stack", fit_stack, oofs, out / "stack", stack_cfg.stack)
