@@ -325,7 +325,7 @@ def _sweep_exit(a: argparse.Namespace, result: dict) -> int:
               f"finished; {_resume_hint(a)}", file=sys.stderr)
         return 128 + sig
     if status == "incomplete":
-        best = (f"the best config was chosen among the configs that finished every fold only"
+        best = ("the best config was chosen among the configs that finished every fold only"
                 if result.get("best") else "no config finished every fold, so there is no best config")
         print(f"distrib tune: {result['trials'] - result['done']} of {result['trials']} trials failed "
               f"({len(result['errors'])} error(s); see sweep_summary.csv and the trial dirs' logs); {best}. "
