@@ -140,7 +140,8 @@ def _cmd_demo(a: argparse.Namespace) -> dict:
         raise DistribError(f"demo configs not found: {', '.join(missing)}; run from the repository root "
                            "or pass --configs DIR (the folder holding experiments/ and grids/)")
     res = run_demo(a.out, stage1, experts, root / "grids" / DEMO_GRID, size=a.size, overrides=a.overrides)
-    print(f"\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}")
+    print(f"\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}\n"
+          f"predictions for the folder {res['predicted_images']}: {res['predictions']}")
     return res
 
 
