@@ -58,10 +58,6 @@ class ImageSource:
     total: int = 0  # images that will be tried
     skipped: list = field(default_factory=list)  # [{"path", "reason"}]
 
-    @property
-    def has_labels(self) -> bool:
-        return self.kind == "shards" or bool((self.items.get("label", pd.Series(dtype=int)) >= 0).any())
-
     def batches(self, transform, batch_size: int, workers: int):
         yield from (self._file_batches if self.kind == "files" else self._shard_batches)(transform, batch_size, workers)
 
