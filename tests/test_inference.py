@@ -39,6 +39,15 @@ def test_empty_folder_and_missing_model_are_clear_errors(demo_data, tmp_path):
                      "--out", str(tmp_path / "p.csv")]) == 2
 
 
+def test_export_refuses_bad_requests_before_loading(tmp_path):
+    from distrib.errors import DistribError
+    from distrib.inference.export import export_run
+    with pytest.raises(DistribError, match="--int8 .*--format onnx"):
+        export_run(tmp_path, fmt="torchscript", int8=True)
+    with pytest.raises(DataError, match="best_model.pth"):
+        export_run(tmp_path)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_predict_folder_skips_corrupt_and_non_images(tiny_run, demo_data, tmp_path, capsys):
@@ -107,3 +116,8 @@ def test_export_onnx_matches_pytorch_and_reports_costs(tiny_run, tmp_path, capsy
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     prob = sess.run(None, {"image": np.zeros((3, 3, 32, 32), np.uint8)})[0]
     assert prob.shape == (3,) and np.isfinite(prob).all()
+
+    from distrib.inference.export import export_run
+    ts = export_run(tiny_run, fmt="torchscript", out=tmp_path / "m.pt",
+                    overrides=["export.latency_repeats=3", "export.validate_samples=16"])
+    assert ts["artifacts"]["fp32"]["max_abs_prob_diff"] <= 1e-4 and ts["exporter"] == "torch.jit.trace"
