@@ -274,3 +274,13 @@ def test_sweep_with_a_trial_that_failed_for_good_exits_1(demo_shards, tmp_path):
     assert "1 of 3 trials failed" in res.stderr and "no best config" in res.stderr, res.stderr[-3000:]
     assert res.stderr.rstrip().endswith("--resume")  # the last line: how to retry the failed trial
     assert (tmp_path / "sweep" / "sweep_summary.csv").is_file()
+
+
+def test_a_field_added_after_a_checkpoint_at_its_default_is_no_change():
+    from distrib.config import config_changes, config_to_dict, load_config
+    new = config_to_dict(load_config(None))
+    old = {k: (dict(v) if isinstance(v, dict) else v) for k, v in new.items()}
+    del old["export"], old["train"]["max_skipped_fraction"]  # as saved by an older distrib
+    assert config_changes(old, new) == []
+    new["train"]["max_skipped_fraction"] = 0.5
+    assert [c[0] for c in config_changes(old, new)] == ["train.max_skipped_fraction"]

@@ -9,11 +9,12 @@ Values resolve as defaults, then the experiment YAML, then dotted overrides (``o
 from distrib.config.changes import RESUME_SAFE, SWEEP_RESUME_SAFE, check_resume, config_changes
 from distrib.config.resolve import (build_config, config_to_dict, config_to_overrides, load_config,
                                     parse_override, read_yaml_mapping, save_config, set_dotted)
-from distrib.config.schema import (SECTIONS, AugmentConfig, DataConfig, DistConfig, EmbedConfig, ExperimentConfig,
+from distrib.config.schema import (SECTIONS, AugmentConfig, DataConfig, DistConfig, EmbedConfig, ExperimentConfig, ExportConfig,
                                    ModelConfig, OptimConfig, StackConfig, ThresholdConfig, TrainConfig, TuneConfig)
 from distrib.errors import ConfigError
 
 __all__ = ["load_config", "build_config", "save_config", "config_to_dict", "config_to_overrides", "parse_override",
            "read_yaml_mapping", "set_dotted", "SECTIONS", "ExperimentConfig", "DataConfig", "AugmentConfig",
            "ModelConfig", "OptimConfig", "TrainConfig", "DistConfig", "TuneConfig", "EmbedConfig", "StackConfig",
-           "ThresholdConfig", "ConfigError", "RESUME_SAFE", "SWEEP_RESUME_SAFE", "check_resume", "config_changes"]
+           "ThresholdConfig", "ExportConfig", "ConfigError", "RESUME_SAFE", "SWEEP_RESUME_SAFE", "check_resume",
+           "config_changes"]

@@ -9,10 +9,11 @@ Public: ``RESUME_SAFE``, ``SWEEP_RESUME_SAFE``, ``config_changes``, ``check_resu
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from distrib.config.schema import SECTIONS
+from distrib.config.schema import SECTIONS, ExperimentConfig
 from distrib.errors import ConfigError
 
 # THE allow-list (one place). Everything not named here is refused on --resume. Why each is safe:
@@ -34,6 +35,7 @@ RESUME_SAFE = (
     "embed.",                     # later stages read these from the finished run
     "stack.",
     "thresholds.",
+    "export.",                    # deployment targets read by `distrib export`, after training
 )
 # A sweep's trials must all train the same thing, and finished trials are not re-run on --resume, so a
 # new train.epochs/max_steps would only reach the unfinished ones: narrower than RESUME_SAFE.
@@ -68,9 +70,11 @@ def _same_location(a: Any, b: Any) -> bool:
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(dotted key, old, new) for every field whose value differs between two config dicts."""
     fo, fn = _flatten(old), _flatten(new)
+    # a field added after ``old`` was saved held its default then: absent-and-default is no change
+    defaults = _flatten(dataclasses.asdict(ExperimentConfig()))
     changes = []
     for key in sorted(set(fo) | set(fn)):
-        a, b = fo.get(key, "<unset>"), fn.get(key, "<unset>")
+        a, b = fo.get(key, defaults.get(key, "<unset>")), fn.get(key, defaults.get(key, "<unset>"))
         if a != b and not (key == "data.shards" and _same_location(a, b)):
             changes.append((key, a, b))
     return changes

@@ -365,6 +365,27 @@ class ThresholdConfig(Section):
         check_value(self.bootstrap >= 0, "thresholds.bootstrap", self.bootstrap, ">= 0")
 
 
+@dataclass
+class ExportConfig(Section):
+    _prefix = "export"
+    max_latency_ms: float = 16.0  # deployment target: ONNX Runtime CPU median latency at batch 1 (pit plan)
+    max_size_mb: float = 100.0  # deployment target: exported file size in MiB (pit plan)
+    max_prob_diff: float = 1.0e-4  # fp32 export must match PyTorch's probabilities to this (max abs)
+    validate_samples: int = 512  # real val images compared between PyTorch and the export
+    latency_repeats: int = 50  # timed batch-1 runs (after 5 warm-up runs)
+    exporter: str = "dynamo"  # torch.onnx exporter: dynamo (torch.export) or legacy (TorchScript tracing)
+    opset: int = 18  # ONNX opset
+
+    def validate(self) -> None:
+        check_value(self.max_latency_ms > 0, "export.max_latency_ms", self.max_latency_ms, "> 0")
+        check_value(self.max_size_mb > 0, "export.max_size_mb", self.max_size_mb, "> 0")
+        check_value(self.max_prob_diff > 0, "export.max_prob_diff", self.max_prob_diff, "> 0")
+        check_value(self.validate_samples >= 2, "export.validate_samples", self.validate_samples, ">= 2")
+        check_value(self.latency_repeats >= 1, "export.latency_repeats", self.latency_repeats, ">= 1")
+        check_choice("export.exporter", self.exporter, ("dynamo", "legacy"))
+        check_value(13 <= self.opset <= 21, "export.opset", self.opset, "13..21")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "augment": AugmentConfig,
@@ -376,6 +397,7 @@ SECTIONS: dict[str, type] = {
     "embed": EmbedConfig,
     "stack": StackConfig,
     "thresholds": ThresholdConfig,
+    "export": ExportConfig,
 }
 
 
@@ -392,6 +414,7 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 TOP_LEVEL = ("name", *SECTIONS)
