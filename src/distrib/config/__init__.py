@@ -9,8 +9,9 @@ Values resolve as defaults, then the experiment YAML, then dotted overrides (``o
 from distrib.config.changes import RESUME_SAFE, SWEEP_RESUME_SAFE, check_resume, config_changes
 from distrib.config.resolve import (build_config, config_to_dict, config_to_overrides, load_config,
                                     parse_override, read_yaml_mapping, save_config, set_dotted)
-from distrib.config.schema import (SECTIONS, AugmentConfig, DataConfig, DistConfig, EmbedConfig, ExperimentConfig, ExportConfig,
-                                   ModelConfig, OptimConfig, StackConfig, ThresholdConfig, TrainConfig, TuneConfig)
+from distrib.config.downstream import EmbedConfig, ExportConfig, StackConfig, ThresholdConfig
+from distrib.config.schema import (SECTIONS, AugmentConfig, DataConfig, DistConfig, ExperimentConfig, ModelConfig,
+                                   OptimConfig, TrainConfig, TuneConfig)
 from distrib.errors import ConfigError
 
 __all__ = ["load_config", "build_config", "save_config", "config_to_dict", "config_to_overrides", "parse_override",
