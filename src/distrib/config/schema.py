@@ -109,8 +109,10 @@ class DataConfig(Section):
     samples_per_epoch: int = 0  # training samples per epoch across all ranks; 0 = the training folds' size
     shuffle_buffer: int = 1000  # WebDataset shuffle buffer, in samples
     seed: int = 0  # data-order seed; the shuffle depends on (seed, epoch)
+    decode_device: str = "cpu"  # JPEG decode: cpu (loader workers) or cuda (batched nvjpeg in the step; augment on the model's device)
 
     def validate(self) -> None:
+        check_choice("data.decode_device", self.decode_device, ("cpu", "cuda"))
         check_value(self.fold >= -1, "data.fold", self.fold, "-1 or a fold index >= 0")
         check_value(16 <= self.img_size <= 1024, "data.img_size", self.img_size, "16..1024")
         check_value(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
@@ -136,8 +138,10 @@ class AugmentConfig(Section):
     motion_blur_angle: float = 90.0  # motion-blur angle range in degrees (+-)
     color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # brightness, contrast, saturation, hue
     random_resized_crop: bool = False  # RandomResizedCrop(scale 0.8-1) instead of a plain resize
+    device: str = "auto"  # where batch augmentation + normalization run: loader (workers), model (in the step, on the model's device) or auto (model on CUDA, else loader)
 
     def validate(self) -> None:
+        check_choice("augment.device", self.device, ("auto", "loader", "model"))
         for name in ("hflip", "vflip", "motion_blur_p"):
             v = getattr(self, name)
             check_value(0.0 <= v <= 1.0, f"augment.{name}", v, "a probability in 0..1")
