@@ -232,10 +232,13 @@ def decode_batch(blobs: Sequence[torch.Tensor], size: int, device) -> torch.Tens
     One batched ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), then per distinct input shape one
     antialiased bilinear resize of the shorter side to ``size`` and a centre crop.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
+    import warnings
     dev = torch.device(device)
     try:
-        imgs = decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=dev)
+        with warnings.catch_warnings():  # torchvision 0.29 flags its image codecs as moving to torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+            imgs = decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=dev)
     except RuntimeError as e:
         raise DataError(f"batched JPEG decode on {dev} failed ({e}); check the shards with 'distrib shard "
                         f"inspect' or use data.decode_device=cpu") from e
