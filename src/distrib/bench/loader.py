@@ -1,6 +1,6 @@
 """Loader benchmark: this loader vs the JPEG decode limit vs torchvision ImageFolder, same images, same workers.
 
-    distrib bench loader --shards shards/ --workers 2 --steps 20
+    distrib bench loader --shards shards/ --workers 2 --steps 20 [sizes=64,128,224] [device=cuda]
 
 (a) ``build_loader`` with the training transform; (b) a tight single-process loop of JPEG decode +
 resize + float conversion over the same bytes, times the worker count; (c) torchvision ImageFolder +
@@ -8,6 +8,11 @@ PIL with the same augmentations (torchvision v2 per sample, kornia motion blur) 
 written as files. Each rate skips one warm-up batch. ``profile_us_per_image`` splits this loader's
 per-image cost by stage (measured in-process), and the same loader without augmentation is timed too,
 so a missed target says where the time goes (pipeline overhead vs augmentation).
+
+Per image size (``sizes=``, default data.img_size), the augment.device=model split is measured too:
+``cpu_side`` is the loader that only reads, decodes and resizes to uint8 (its ``ratio_to_decode_limit``
+is the target figure); ``device_augment`` is the fused augmentation + normalization alone on ``device``
+(cuda when available, else cpu); ``together`` is the loader feeding ``Loader.to_device`` on that device.
 """
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def _timed(batches, steps: int, warmup: int = 1) -> tuple[float, int]:
 def _samples(shards: str, limit: int) -> list[dict]:
     plan = plan_split(shards, "train", None)
     out = []
-    for s in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats()):
+    for s in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats(), plan.offsets):
         if s.get("jpg") is not None:
             out.append(s)
         if len(out) >= limit:
@@ -110,7 +115,7 @@ def _profile(samples: list[dict], shards: str, tf, size: int, batch: int) -> dic
     plan = plan_split(shards, "train", None)
     n = len(samples)
     t0 = time.perf_counter()
-    read = sum(1 for _ in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats()))
+    read = sum(1 for _ in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats(), plan.offsets))
     t_read = (time.perf_counter() - t0) / max(1, read)
     t0 = time.perf_counter()
     imgs = [decode_image(s["jpg"], size) for s in samples]
@@ -132,11 +137,78 @@ def _profile(samples: list[dict], shards: str, tf, size: int, batch: int) -> dic
     return {k: round(v * 1e6, 1) for k, v in us.items()}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_augment(samples: list[dict], tf, device: torch.device, batch: int, reps: int) -> float:
+    """Images/s of the fused augmentation + normalization alone on ``device`` (uint8 batch already there)."""
+    x = torch.stack([tf.prepare(decode_image(s["jpg"], tf.size)) for s in samples[:batch]]).to(device)
+    g = torch.Generator().manual_seed(0)
+    tf.batch(x, g)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        tf.batch(x, g)
+    _sync(device)
+    return reps * len(x) / (time.perf_counter() - t0)
+
+
+def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean_std, size: int, batch: int,
+                   workers: int, steps: int, warmup: int, shuffle: int, device: torch.device) -> dict:
+    """augment.device=model at one size: (a) the uint8 CPU side, (b) device augmentation, (c) both together.
+
+    One torch thread throughout (as in a DataLoader worker): on a CPU ``device`` the step's augmentation
+    then shares the cores with the workers the way a CPU-only run does.
+    """
+    data = DataConfig(img_size=size, normalize=data.normalize)
+    tf = build_transform(aug, data, train=True, mean_std=mean_std)
+
+    def loader():
+        return build_loader(shards, "train", None, 0, 1, workers, batch, 0, tf, 0, augment_on="model",
+                            samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=shuffle,
+                            pin_memory=device.type == "cuda")
+    cpu_side, n = _timed(loader(), steps, warmup)
+    decode = _decode_limit(samples, size, max(n, 512)) * max(1, workers)
+    dev_rate = _device_augment(samples, tf, device, batch, max(3, steps // 2))
+    feed = loader()
+
+    def fed():
+        for b in feed:
+            feed.to_device(b, device)
+            _sync(device)
+            yield b
+    together, _ = _timed(fed(), steps, warmup)
+    return {"img_size": size, "decode_limit_images_per_s": round(decode, 1),
+            "cpu_side": {"images_per_s": round(cpu_side, 1), "ratio_to_decode_limit": round(cpu_side / decode, 3)},
+            "device_augment": {"device": str(device), "images_per_s": round(dev_rate, 1)},
+            "together": {"device": str(device), "images_per_s": round(together, 1),
+                         "ratio_to_decode_limit": round(together / decode, 3)}}
+
+
+def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.device]:
+    """Split the bench's own ``sizes=64,128,224`` / ``device=cuda`` options from config overrides."""
+    rest, sizes, device = [], None, "cuda" if torch.cuda.is_available() else "cpu"
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "sizes":
+            try:
+                sizes = [int(v) for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            except ValueError:
+                raise DistribError(f"bench loader: sizes={value!r}; use a comma list of pixels, e.g. sizes=64,128,224")
+        elif key == "device":
+            device = value
+        else:
+            rest.append(o)
+    return rest, sizes, torch.device(device)
+
+
 def run(shards: str | None = None, config: str | None = None, out: str | None = None, workers: int = 2,
         steps: int = 20, overrides=()) -> dict:
     if not shards:
         raise DistribError("bench loader needs --shards DIR (a folder written by 'distrib shard')")
-    overrides = list(overrides or [])
+    overrides, sizes, device = _options(list(overrides or []))
     cfg = load_config(config, overrides if config else BENCH_DEFAULTS + overrides)
     aug, size, batch = cfg.augment, cfg.data.img_size, cfg.data.batch_size
     index = read_index(shards)
@@ -164,6 +236,8 @@ def run(shards: str | None = None, config: str | None = None, out: str | None = 
         decode = _decode_limit(samples, size, max(n, 512)) * max(1, workers)
         folder = _imagefolder(samples, scratch / "imagefolder", size, aug, mean_std, workers, batch, steps)
         profile = _profile(samples, shards, tf, size, batch)
+        split = [_split_figures(shards, samples, aug, data, mean_std, s, batch, workers, steps, warmup,
+                                cfg.data.shuffle_buffer, device) for s in (sizes or [size])]
     finally:
         torch.set_num_threads(threads)
         if not out:
@@ -177,5 +251,6 @@ def run(shards: str | None = None, config: str | None = None, out: str | None = 
             "workers": workers, "batch_size": batch, "img_size": size, "steps": steps, "warmup_batches": warmup,
             "images_timed": n,
             "unique_images": len(samples), "shards": len(index["shards"]), "skipped": loader.skipped,
-            "profile_us_per_image": profile,
-            "targets": {"ratio_to_decode_limit": 0.85, "ratio_to_imagefolder": 2.0}}
+            "profile_us_per_image": profile, "augment_on_model": split,
+            "targets": {"ratio_to_decode_limit": 0.85, "ratio_to_imagefolder": 2.0,
+                        "cpu_side.ratio_to_decode_limit": 0.85}}

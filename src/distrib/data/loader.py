@@ -237,6 +237,11 @@ def _collate(rows, transform, gen, worker: int, stats: _Stats, index: int) -> di
             "valid": torch.ones(len(rows), dtype=torch.bool), "worker": worker, _STATS: stats.as_dict()}
 
 
+def _as_is(item):
+    """The DataLoader's collate_fn: batches are already collated (its default_convert would walk every key string)."""
+    return item
+
+
 class Loader:
     """Iterable over one epoch of dict batches; every rank yields exactly ``len(self)`` batches."""
 
@@ -286,7 +291,7 @@ class Loader:
     def __iter__(self):
         self._worker_stats, self.samples, self.padding = {}, 0, 0
         dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+                        collate_fn=_as_is, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         done = 0
         for item in dl:
             self._worker_stats[int(item.pop("worker"))] = item.pop(_STATS)
@@ -295,8 +300,9 @@ class Loader:
             if done >= self.batches:
                 raise DataError(f"rank {self.stream.rank} read more batches than index.json promises "
                                 f"({self.batches}); the index is stale: re-run 'distrib shard --overwrite'")
+            real = len(item["key"])
             item = self._pad(item)
-            self.samples += int(item["valid"].sum())
+            self.samples += real
             done += 1
             yield item
         if done < self.batches and self.mode == "train":

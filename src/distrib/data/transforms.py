@@ -121,7 +121,9 @@ class ImageTransform:
                 arr = np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BILINEAR))
             top, left = (nh - s) // 2, (nw - s) // 2
             arr = arr[top:top + s, left:left + s]
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        if not arr.flags.writeable:  # torch.from_numpy wants a writable array (Pillow's are read-only)
+            arr = arr.copy()
+        return torch.from_numpy(arr).permute(2, 0, 1)  # a CHW view: the batch's torch.stack makes the one copy
 
     def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.batch(self.prepare(img)[None], generator)[0]
