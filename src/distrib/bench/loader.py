@@ -2,8 +2,8 @@
 
     distrib bench loader --shards shards/ --workers 2 --steps 20 [sizes=64,128,224] [device=cuda]
 
-(a) ``build_loader`` with the training transform; (b) a tight single-process loop of JPEG decode +
-resize + float conversion over the same bytes, times the worker count; (c) torchvision ImageFolder +
+(a) ``build_loader`` with the training transform; (b) the decode limit: tight loops of JPEG decode +
+resize + float conversion over the same bytes in as many processes as workers, at the same time; (c) torchvision ImageFolder +
 PIL with the same augmentations (torchvision v2 per sample, kornia motion blur) over the same images
 written as files. Each rate skips one warm-up batch. ``profile_us_per_image`` splits this loader's
 per-image cost by stage (measured in-process), and the same loader without augmentation is timed too,
@@ -80,6 +80,20 @@ def _decode_limit(samples: list[dict], size: int, n: int) -> float:
         return n / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
+
+
+def _parallel_decode_limit(samples: list[dict], size: int, n: int, workers: int) -> float:
+    """The decode limit of ``workers`` processes decoding at the same time (sum of their rates).
+
+    Measured, not ``workers x`` one process: on a machine whose cores are shared (or fewer than the
+    workers) the product would promise a rate no loader could reach.
+    """
+    if workers <= 1:
+        return _decode_limit(samples, size, n)
+    import multiprocessing
+    blobs = [{"jpg": s["jpg"]} for s in samples]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked like DataLoader workers
+        return sum(pool.starmap(_decode_limit, [(blobs, size, n)] * workers))
 
 
 def _imagefolder(samples: list[dict], root: Path, size: int, aug: AugmentConfig, mean_std, workers: int,
@@ -170,7 +184,7 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
                             samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=shuffle,
                             pin_memory=device.type == "cuda")
     cpu_side, n = _timed(loader(), steps, warmup)
-    decode = _decode_limit(samples, size, max(n, 512)) * max(1, workers)
+    decode = _parallel_decode_limit(samples, size, max(n, 512), workers)
     dev_rate = _device_augment(samples, tf, device, batch, max(3, steps // 2))
     feed = loader()
 
@@ -233,7 +247,7 @@ def run(shards: str | None = None, config: str | None = None, out: str | None = 
                              build_transform(None, data, train=False, mean_std=mean_std), 0,
                              samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=cfg.data.shuffle_buffer)
         no_aug, _ = _timed(plain, steps, warmup)
-        decode = _decode_limit(samples, size, max(n, 512)) * max(1, workers)
+        decode = _parallel_decode_limit(samples, size, max(n, 512), workers)
         folder = _imagefolder(samples, scratch / "imagefolder", size, aug, mean_std, workers, batch, steps)
         profile = _profile(samples, shards, tf, size, batch)
         split = [_split_figures(shards, samples, aug, data, mean_std, s, batch, workers, steps, warmup,

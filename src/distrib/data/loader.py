@@ -232,9 +232,10 @@ def _collate(rows, transform, gen, worker: int, stats: _Stats, index: int) -> di
         imgs = torch.stack([r[0] for r in rows])
     if hasattr(transform, "batch"):
         imgs = transform.batch(imgs, gen)
-    return {"image": imgs, "label": torch.tensor([r[1] for r in rows], dtype=torch.long),
-            "key": [r[2] for r in rows], "group": [r[3] for r in rows], "index": index,
-            "valid": torch.ones(len(rows), dtype=torch.bool), "worker": worker, _STATS: stats.as_dict()}
+    # labels travel as a list: every tensor a worker sends costs a shared-memory segment + fd; the main
+    # process makes the label/valid tensors (Loader.__iter__)
+    return {"image": imgs, "label": [r[1] for r in rows], "key": [r[2] for r in rows],
+            "group": [r[3] for r in rows], "index": index, "worker": worker, _STATS: stats.as_dict()}
 
 
 def _as_is(item):
@@ -301,6 +302,8 @@ class Loader:
                 raise DataError(f"rank {self.stream.rank} read more batches than index.json promises "
                                 f"({self.batches}); the index is stale: re-run 'distrib shard --overwrite'")
             real = len(item["key"])
+            item["label"] = torch.tensor(item["label"], dtype=torch.long)
+            item["valid"] = torch.ones(real, dtype=torch.bool)
             item = self._pad(item)
             self.samples += real
             done += 1
