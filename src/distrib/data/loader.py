@@ -156,7 +156,8 @@ class _Stream(IterableDataset):
         for i, rows in enumerate(pipe):
             index = i * self.num_workers + worker  # DataLoader takes batches from its workers round-robin
             gen = None if self.on_device else batch_generator(self.seed, self.epoch, self.rank, index)
-            yield _collate(rows, self.transform if gen is not None else None, gen, worker, stats, index)
+            yield _collate(rows, self.transform if gen is not None else None, gen, worker, stats, index,
+                           raw=self.decode_on_device)
         yield {_STATS: stats.as_dict(), "worker": worker}
 
 
@@ -224,12 +225,12 @@ def _batches(rows, batch_size: int, partial: bool):
         yield buf
 
 
-def _collate(rows, transform, gen, worker: int, stats: _Stats, index: int) -> dict:
+def _collate(rows, transform, gen, worker: int, stats: _Stats, index: int, raw: bool = False) -> dict:
     """A batch dict; ``transform.batch`` runs here unless it is deferred to the step (``transform`` None)."""
     first = rows[0][0]
-    if first.ndim == 1:  # JPEG bytes of different lengths (decode_device=cuda): a list, decoded in the step
+    if raw:  # JPEG bytes of different lengths (decode_device=cuda): a list, decoded in the step
         imgs = [r[0] for r in rows]
-    elif first.permute(1, 2, 0).is_contiguous():  # CHW views of HWC arrays (ImageTransform.prepare)
+    elif first.ndim == 3 and first.permute(1, 2, 0).is_contiguous():  # CHW views of HWC arrays (ImageTransform.prepare)
         # stack the HWC memory (a plain copy) and view it as NCHW in channels_last layout: stacking the
         # CHW views would transpose every image (~50 us at 64 px, more than the JPEG decode)
         imgs = torch.stack([r[0].permute(1, 2, 0) for r in rows]).permute(0, 3, 1, 2)
