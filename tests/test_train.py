@@ -118,9 +118,10 @@ def test_missing_shards_and_bad_fold_fail_before_training(demo_shards, tmp_path)
     assert proc.returncode == 2 and "data.fold=7" in proc.stderr and "3 folds" in proc.stderr
 
 
-def test_stray_third_label_fails_before_training(demo_data, tmp_path):
-    """One label '2' in a binary manifest makes a 3-class index: the binary trainer must refuse it."""
-    import warnings
+def test_stray_third_label_fails_before_training(demo_data, demo_shards, tmp_path):
+    """One label '2' in a binary manifest is refused at shard time (naming the row); an index that
+    still holds 3 classes (written by hand or an older version) is refused by the binary trainer."""
+    import shutil
 
     from distrib.errors import DataError
     from distrib.data.shards import write_shards
@@ -130,11 +131,14 @@ def test_stray_third_label_fails_before_training(demo_data, tmp_path):
     manifest = demo_data / "stray_label_manifest.csv"  # beside the images: paths are relative to it
     manifest.write_text("\n".join(rows) + "\n")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # sklearn: the stray class has a single member
+        with pytest.raises(DataError, match=r"row 1: label '2' makes a third class"):
             write_shards(manifest, tmp_path / "shards", folds=3, seed=0, shard_size=60, workers=1)
     finally:
         manifest.unlink()  # the session's demo dataset is shared with other tests
+    shutil.copytree(demo_shards, tmp_path / "shards")
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    index["classes"]["2"] = "other"
+    (tmp_path / "shards" / "index.json").write_text(json.dumps(index))
     cfg = load_config(DEBUG, [f"data.shards={tmp_path / 'shards'}"])
     with pytest.raises(DataError, match=r"3 classes.*binary.*re-shard"):
         preflight(cfg, tmp_path / "run", resume=False)
@@ -258,14 +262,15 @@ def test_corrupt_samples_are_counted_and_reported(demo_shards, tmp_path):
         for m in tar.getmembers():
             members.append((m, tar.extractfile(m).read()))
     broken = 0
-    with tarfile.open(src, "w") as tar:
+    with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:  # same size: data.verify=size passes
         for m, data in members:
             if m.name.endswith(".jpg") and broken < 2:  # two undecodable images, same size as before
                 data, broken = b"\0" * len(data), broken + 1
             m.size = len(data)
             tar.addfile(m, __import__("io").BytesIO(data))
     cfg = load_config(DEBUG, [f"data.shards={shards}", "model.name=resnet10t", "train.epochs=1",
-                              "train.latency_batches=1", "data.shuffle_buffer=8"])
+                              "train.latency_batches=1", "data.shuffle_buffer=8", "data.verify=size",
+                              "train.max_skipped_fraction=0.5"])  # the sha256 check would refuse the edited shard
     result = run(cfg, tmp_path / "run")
     assert result["skipped_samples"]["train"] >= 1 and result["skipped_samples"]["val"] == 0
     res = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from distrib.errors import DistribError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -24,6 +26,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():  # the block failed (e.g. disk full): leave no half-written temp behind
             tmp.unlink()
+
+
+def writable_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Create ``path`` (parents too) and prove a file can be written in it; else a one-line DistribError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DistribError(f"cannot write to {what} {path}: {e.strerror or e} ({e.filename or path}); "
+                           "choose a directory you can write to, or fix its permissions") from None
+    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:

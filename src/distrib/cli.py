@@ -34,7 +34,7 @@ def _cmd_shard(a: argparse.Namespace) -> dict:
     from distrib.data.shards import write_shards
     return write_shards(a.train, a.out, val=a.val, test=a.test, folds=a.folds, seed=a.seed,
                         shard_size=a.shard_size, shard_bytes=a.shard_bytes, workers=a.workers,
-                        overwrite=a.overwrite)
+                        overwrite=a.overwrite, positive=a.positive)
 
 
 def _cmd_shard_inspect(a: argparse.Namespace) -> dict:
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-bytes", type=int, default=256 * 1024 * 1024, help="max bytes per shard")
     p.add_argument("--workers", type=int, default=2, help="writer processes")
     p.add_argument("--overwrite", action="store_true", help="rewrite a complete output directory")
+    p.add_argument("--positive", default=None, help="class name that becomes label 1 (case-insensitive); needed "
+                                                    "for names other than real/fake")
     p.set_defaults(func=_cmd_shard)
 
     p = sub.add_parser("shard-inspect", help="verify a shard directory's checksums and counts")

@@ -44,7 +44,8 @@ def _copy_figures(out: Path, runs: dict, stack_dir: str) -> dict[str, str]:
 
 
 def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th3: dict, tau: float,
-                     expert_thresholds: dict[str, float], skipped: int = 0, runs: dict | None = None) -> dict:
+                     expert_thresholds: dict[str, float], skipped: int = 0, runs: dict | None = None,
+                     classes: dict | None = None) -> dict:
     """Write evaluation_results.json + plots + report.md from the per-sample cascade table; return the results."""
     from distrib.cascade.complementarity import analyse
     from distrib.plots import plot_bars, plot_pr, plot_roc
@@ -96,7 +97,8 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
 
     stack_results = Path(cfg.stack.dir) / "stack_results.json"
     results = {"name": cfg.name, "split": split, "n": int(len(df)), "positives": int(y.sum()),
-               "skipped_samples": int(skipped), "escalation_rate": float(esc.mean()), "escalated": int(esc.sum()),
+               **(classes or {}), "skipped_samples": int(skipped), "escalation_rate": float(esc.mean()),
+               "escalated": int(esc.sum()),
                "evaluate_all_stages": all_stages, "metrics": metrics, "thresholds": thresholds_used, "cost": cost,
                "complementarity": comp, "plots": plots,
                "stack": json.loads(stack_results.read_text()) if stack_results.is_file() else None,

@@ -36,6 +36,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     lines = [f"# {r.get('name', 'cascade')}: evaluation on `{r['split']}`", "",
              f"{r['n']} samples ({r['positives']} positive), {r.get('skipped_samples', 0)} corrupt samples skipped. "
              f"Escalated to stages 2+3: **{r['escalation_rate']:.1%}** ({r['escalated']}).", "",
+             *([f"Positive class (label 1): **{r['positive']}**; classes "
+                f"{', '.join(f'{k} = {v}' for k, v in sorted(r.get('classes', {}).items()))}.", ""]
+               if r.get("positive") else []),
              "## Quality", "", *headline(r),
              "Thresholds were fit on OOF/val predictions only; stage 1 alone uses its Youden threshold, the cascade "
              "score maps every decision onto 0.5.", ""]

@@ -247,8 +247,10 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     df.to_csv(out / "cascade_predictions.csv", index=False)
 
     from distrib.cascade.evaluate import evaluate_cascade
+    from distrib.data.index import read_index
+    from distrib.data.verify import class_mapping
     results = evaluate_cascade(df, cfg, split, out, th1, th3, tau, {e.name: e.threshold for e in experts},
-                               skipped=loader.skipped, runs={"stage1": cfg.stage1.run,
+                               skipped=loader.skipped, classes=class_mapping(read_index(shards)), runs={"stage1": cfg.stage1.run,
                                                              **{e.name: e.expert.meta.get("runs", []) for e in experts}})
     return results
 

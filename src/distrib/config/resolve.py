@@ -74,15 +74,16 @@ def read_yaml_mapping(path: str | Path, what: str = "config file", missing_hint:
     return data
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+def _read_yaml(path: Path, seen: tuple = (), parent: Path | None = None) -> dict:
     """Read an experiment YAML; a top-level 'base: other.yaml' is merged underneath it."""
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'base:'")
-    data = read_yaml_mapping(path)
+    hint = f" (named by 'base: {path.name}' in {parent}; the path is relative to that file's folder)" if parent else ""
+    data = read_yaml_mapping(path, missing_hint=hint)
     base = data.pop("base", None)
     tree: dict = {}
     if base:
-        tree = _read_yaml((path.parent / base), seen + (path.resolve(),))
+        tree = _read_yaml((path.parent / base), seen + (path.resolve(),), parent=path)
     for k, v in data.items():
         _merge(tree, k, v, str(path))
     return tree

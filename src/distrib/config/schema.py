@@ -14,8 +14,21 @@ from typing import Any
 from distrib.errors import ConfigError
 
 
+def _initials(word: str) -> str:
+    return "".join(w[0] for w in word.replace("-", "_").split("_") if w)
+
+
 def closest_key(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    """'; did you mean X?' for the nearest option, compared on the last dotted part; an abbreviation
+    either way round wins (learning_rate -> lr, wd -> weight_decay) before difflib's similarity."""
+    options = list(options)
+    last = name.rsplit(".", 1)[-1].lower()
+    tails = {o: o.rsplit(".", 1)[-1].lower() for o in options}
+    match = [o for o, t in tails.items() if len(t) > 1 and len(last) > 1 and (t == _initials(last) or
+                                                                               last == _initials(t))]
+    if not match:
+        by_tail = difflib.get_close_matches(last, list(tails.values()), n=1, cutoff=0.0)
+        match = [o for o, t in tails.items() if by_tail and t == by_tail[0]]
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
@@ -109,10 +122,17 @@ class DataConfig(Section):
     samples_per_epoch: int = 0  # training samples per epoch across all ranks; 0 = the training folds' size
     shuffle_buffer: int = 1000  # WebDataset shuffle buffer, in samples
     seed: int = 0  # data-order seed; the shuffle depends on (seed, epoch)
+    classes: dict = field(default_factory=dict)  # {negative: NAME, positive: NAME}: must match the index's mapping; {} = no check
+    verify: str = "auto"  # shard check before training: full (sha256), size (size + tar header), auto (full up to 1 GiB)
     decode_device: str = "cpu"  # JPEG decode: cpu (loader workers) or cuda (batched nvjpeg in the step; augment on the model's device)
 
     def validate(self) -> None:
         check_choice("data.decode_device", self.decode_device, ("cpu", "cuda"))
+        check_choice("data.verify", self.verify, ("auto", "full", "size"))
+        check_value(not self.classes or (set(self.classes) == {"negative", "positive"} and all(
+            isinstance(v, str) and v.strip() for v in self.classes.values()) and
+            self.classes["negative"].strip().casefold() != self.classes["positive"].strip().casefold()),
+            "data.classes", self.classes, "{negative: NAME, positive: NAME} with two different names, or {}")
         check_value(self.fold >= -1, "data.fold", self.fold, "-1 or a fold index >= 0")
         check_value(16 <= self.img_size <= 1024, "data.img_size", self.img_size, "16..1024")
         check_value(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
@@ -222,6 +242,7 @@ class TrainConfig(Section):
     distill_alpha: float = 0.5  # weight of the KD term: alpha*KD(T) + (1-alpha)*CE
     distill_temperature: float = 2.0  # KD softmax/sigmoid temperature
     latency_batches: int = 20  # batch-1 forward passes timed for evaluation_results.json
+    max_skipped_fraction: float = 0.01  # a run whose loader skipped more corrupt samples (train or val) fails
 
     def validate(self) -> None:
         check_value(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -237,6 +258,8 @@ class TrainConfig(Section):
         check_value(0.0 <= self.distill_alpha <= 1.0, "train.distill_alpha", self.distill_alpha, "0..1")
         check_value(self.distill_temperature > 0, "train.distill_temperature", self.distill_temperature, "> 0")
         check_value(self.latency_batches >= 0, "train.latency_batches", self.latency_batches, ">= 0")
+        check_value(0.0 <= self.max_skipped_fraction <= 1.0, "train.max_skipped_fraction",
+                    self.max_skipped_fraction, "0..1")
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,36 +15,61 @@ import numpy as np
 from distrib.errors import DataError
 
 REQUIRED = ("path", "label")
-BINARY_NAMES = {"real": 0, "fake": 1}  # name labels 'real'/'fake' keep label 1 = manipulated
+COLUMNS = ("path", "label", "group")
+BINARY_NAMES = {"real": 0, "fake": 1}  # the one name pair mapped without --positive: label 1 = manipulated
+# unknown columns that look like a grouping: refused when there is no 'group' column, never ignored
+GROUP_LIKE = {"groupid", "groups", "grp", "video", "videoid", "videoname", "source", "sourceid", "src", "clip",
+              "clipid", "subject", "subjectid", "identity", "person", "personid", "speaker", "scene",
+              "sequence", "seq", "origin", "original", "movie", "film", "camera", "session"}
 _INT = re.compile(r"^-?\d+$")
+
+
+def _check_columns(csv_path: Path, raw: list) -> None:
+    """Columns are matched exactly: near-misses of path/label/group and group-like names are errors."""
+    cols = [c for c in raw if c]
+    for c in cols:
+        near = c.strip().lower()
+        if c not in COLUMNS and near in COLUMNS:
+            raise DataError(f"{csv_path}: column {c!r} must be spelled exactly {near!r} (lower case, no spaces); "
+                            f"rename it in the header line")
+    missing = [c for c in REQUIRED if c not in cols]
+    if missing:
+        raise DataError(f"{csv_path}: missing column '{missing[0]}' (found {cols or 'no header'}); "
+                        "the first line must be a header with columns path,label[,group]")
+    if "group" not in cols:
+        grouping = [c for c in cols if re.sub(r"[^a-z]", "", c.lower()) in GROUP_LIKE]
+        if grouping:
+            raise DataError(f"{csv_path}: column {grouping[0]!r} looks like a group id, but only a column named "
+                            "exactly 'group' is read (without it every image is its own group and frames of one "
+                            f"source cross folds); rename {grouping[0]!r} to 'group', or drop the column")
 
 
 def read_manifest(csv_path, split: str) -> list[dict]:
     """Rows of one manifest as dicts: split, csv, row (1-based data row), path (absolute), source_path,
-    label (raw text), group (defaults to the path)."""
+    label (raw text), group (defaults to the path). UTF-8, with or without a BOM (Excel's 'CSV UTF-8')."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"{split} manifest {csv_path} does not exist; pass an existing CSV with columns path,label[,group]")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        for col in REQUIRED:
-            if col not in cols:
-                raise DataError(f"{csv_path}: missing column '{col}' (found {cols or 'no header'}); "
-                                "the first line must be a header with columns path,label[,group]")
-        reader.fieldnames = cols
-        rows = []
-        for i, rec in enumerate(reader, start=1):
-            src = (rec.get("path") or "").strip()
-            label = (rec.get("label") or "").strip()
-            if not src or not label:
-                raise DataError(f"{csv_path} row {i}: empty {'path' if not src else 'label'}; "
-                                "every row needs a path and a label")
-            p = Path(src)
-            full = p if p.is_absolute() else csv_path.parent / p
-            group = (rec.get("group") or "").strip() or src
-            rows.append({"split": split, "csv": str(csv_path), "row": i, "path": str(full),
-                         "source_path": src, "label": label, "group": group})
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            _check_columns(csv_path, list(reader.fieldnames or []))
+            records = list(reader)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{csv_path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8) and re-run") from None
+    rows = []
+    for i, rec in enumerate(records, start=1):
+        src = (rec.get("path") or "").strip()
+        label = (rec.get("label") or "").strip()
+        if not src or not label:
+            raise DataError(f"{csv_path} row {i}: empty {'path' if not src else 'label'}; "
+                            "every row needs a path and a label")
+        p = Path(src)
+        full = p if p.is_absolute() else csv_path.parent / p
+        group = (rec.get("group") or "").strip() or src
+        rows.append({"split": split, "csv": str(csv_path), "row": i, "path": str(full),
+                     "source_path": src, "label": label, "group": group})
     if not rows:
         raise DataError(f"{csv_path}: the manifest has a header but no rows; add one row per image "
                         "(path,label[,group])")
@@ -62,40 +88,73 @@ def _where(r: dict) -> str:
     return f"{r['csv']} row {r['row']}"
 
 
-def resolve_labels(rows: list[dict]) -> dict[str, str]:
-    """Map raw labels to ids in place (``r['label_id']``); returns classes {id: name}.
+def _binary_check(train: list[dict], key) -> dict[str, list[dict]]:
+    """Train rows by class key; more or fewer than two classes is an error naming the odd rows."""
+    by: dict[str, list[dict]] = {}
+    for r in train:
+        by.setdefault(key(r), []).append(r)
+    if len(by) > 2:
+        rare = min(by.values(), key=len)[0]
+        seen = ", ".join(f"{by[k][0]['label']!r} ({len(v)} rows)" for k, v in sorted(by.items()))
+        raise DataError(f"{_where(rare)}: label {rare['label']!r} makes a third class; labels must be binary "
+                        f"(seen: {seen}); fix that row's label (a typo?) or drop the row")
+    if len(by) < 2:
+        only = next(iter(by.values()))[0]
+        raise DataError(f"{only['csv']}: the train manifest has only label {only['label']!r}; a binary "
+                        "classifier needs both classes in train; add rows of the other class")
+    return by
 
-    Integer labels must be 0..C-1; names are numbered from the train split ('real' -> 0, 'fake' -> 1,
-    otherwise sorted). A val/test label that train never has is an unknown label.
+
+def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, str]:
+    """Map raw labels to ids in place (``r['label_id']``); returns classes {"0": negative, "1": positive}.
+
+    Labels are binary: integers 0/1 (1 = positive), or two class names matched case-insensitively,
+    where ``positive`` names the class that becomes 1. Without it only 'real'/'fake' are mapped
+    ('fake' = 1); any other names are an error listing them. Val/test labels must occur in train.
     """
     is_int = [bool(_INT.match(r["label"])) for r in rows]
     if any(is_int) and not all(is_int):
         bad = rows[is_int.index(False)] if is_int[0] else rows[is_int.index(True)]
         raise DataError(f"{_where(bad)}: label {bad['label']!r} mixes integer labels and class names; "
-                        "use only integers 0..C-1 or only class names in every manifest")
+                        "use only integers 0/1 or only class names in every manifest")
     train = [r for r in rows if r["split"] == "train"]
     if all(is_int):
-        known = sorted({int(r["label"]) for r in train})
-        if known != list(range(len(known))):
-            bad = next(r for r in train if int(r["label"]) < 0 or int(r["label"]) >= len(known))
-            raise DataError(f"{_where(bad)}: unknown label {bad['label']}; integer labels must be 0..C-1 "
-                            f"without gaps (train has {known}); renumber the labels")
-        names = {i: ("real", "fake")[i] if len(known) == 2 else str(i) for i in known}
-        ids = {str(i): i for i in known}
         for r in rows:  # normalise '01' and friends
             r["label"] = str(int(r["label"]))
+        by = _binary_check(train, lambda r: r["label"])
+        if set(by) != {"0", "1"}:
+            bad = next(r for r in train if r["label"] not in ("0", "1"))
+            raise DataError(f"{_where(bad)}: unknown label {bad['label']}; integer labels must be 0 (negative) "
+                            f"and 1 (positive) (train has {sorted(by)}); renumber the labels")
+        if positive is not None and positive.strip() != "1":
+            raise DataError(f"--positive {positive!r}: the manifests use integer labels, where 1 is always the "
+                            "positive class; drop --positive or write class names in the label column")
+        ids, names = {"0": 0, "1": 1}, {0: "real", 1: "fake"}
     else:
-        found = sorted({r["label"] for r in train})
-        if set(found) <= set(BINARY_NAMES):
-            ids = {n: BINARY_NAMES[n] for n in found}
+        by = _binary_check(train, lambda r: r["label"].casefold())
+        display = {k: v[0]["label"] for k, v in by.items()}
+        seen = sorted(display.values())
+        if positive is not None:
+            pos = positive.strip().casefold()
+            if pos not in by:
+                raise DataError(f"--positive {positive!r} is not a label of the train manifest (labels seen: "
+                                f"{seen}); pass one of them, matched case-insensitively")
+        elif set(by) == set(BINARY_NAMES):
+            pos = "fake"
         else:
-            ids = {n: i for i, n in enumerate(found)}
-        names = {i: n for n, i in ids.items()}
+            raise DataError(f"{train[0]['csv']}: labels {seen} do not say which class is positive (label 1); "
+                            f"pass --positive NAME to 'distrib shard', NAME being the class to detect (--positive "
+                            f"{' or --positive '.join(shlex.quote(n) for n in seen)}). Only "
+                            "real/fake (fake = 1) and integer 0/1 labels are mapped without it")
+        ids = {k: int(k == pos) for k in by}
+        names = {i: display[k] for k, i in ids.items()}
     for r in rows:
-        if r["label"] not in ids:
+        k = r["label"] if all(is_int) else r["label"].casefold()
+        if k not in ids:
             raise DataError(f"{_where(r)}: unknown label {r['label']!r}; the train manifest only has "
-                            f"{sorted(ids)}; fix the label or add that class to the train manifest")
-        r["label_id"] = ids[r["label"]]
+                            f"{sorted(names.values()) if not all(is_int) else sorted(ids)}; fix the label "
+                            "or add that class to the train manifest")
+        r["label_id"] = ids[k]
     return {str(i): n for i, n in sorted(names.items())}
 
 

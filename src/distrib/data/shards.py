@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from distrib.data import manifest as mf
-from distrib.atomic import write_json
+from distrib.atomic import writable_dir, write_json
 from distrib.errors import DataError
 
 INDEX = "index.json"
@@ -28,8 +28,10 @@ _TAR_OVERHEAD = 3 * 1024 + 512  # three member headers + padding per sample, for
 _MEMBER_EXTS = ("jpg", "cls", "json")
 
 
-def _fingerprint(paths: dict, folds: int, seed: int, shard_size: int, shard_bytes: int) -> str:
-    h = hashlib.sha256(json.dumps([folds, seed, shard_size, shard_bytes]).encode())
+def _fingerprint(paths: dict, folds: int, seed: int, shard_size: int, shard_bytes: int,
+                 positive: str | None = None) -> str:
+    settings = [folds, seed, shard_size, shard_bytes] + ([positive.strip().casefold()] if positive else [])
+    h = hashlib.sha256(json.dumps(settings).encode())
     for split in ("train", "val", "test"):
         if paths.get(split):
             h.update(split.encode() + str(Path(paths[split]).resolve()).encode())
@@ -49,7 +51,13 @@ def _existing(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
     index_path = out / INDEX
     if overwrite or not index_path.exists():
         return None
-    index = json.loads(index_path.read_text())
+    try:
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            raise ValueError(f"a JSON {type(index).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{index_path} is corrupt ({type(e).__name__}: {e}), so the shards in {out} cannot be "
+                        "trusted; pass --overwrite to rewrite them, or choose another --out") from None
     complete = all((out / s["path"]).is_file() for s in index.get("shards", []))
     if index.get("fingerprint") == fingerprint and complete:
         return index
@@ -77,13 +85,17 @@ def _plan(rows: list[dict], split: str, fold: int, shard_size: int, shard_bytes:
 
 
 def _jpeg_bytes(path: str) -> bytes:
-    """The file's own bytes when it already is a JPEG (no generation loss), else a quality-95 JPEG."""
-    data = Path(path).read_bytes()
-    if data[:3] == b"\xff\xd8\xff":
-        return data
+    """The file's own bytes when it already is an RGB or grey JPEG (no generation loss), else a
+    quality-95 JPEG of its 8-bit RGB conversion (16-bit, float, CMYK, palette, alpha: data.images)."""
     import simplejpeg
     from PIL import Image
-    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    from distrib.data.images import to_rgb8
+    data = Path(path).read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        if data[:3] == b"\xff\xd8\xff" and im.mode in ("RGB", "L"):
+            return data
+        rgb = to_rgb8(im)
     return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=95, colorspace="RGB")
 
 
@@ -155,22 +167,23 @@ def _clean(out: Path, overwrite: bool) -> None:
 
 def write_shards(train_csv, out, val=None, test=None, folds: int = 5, seed: int = 0,
                  shard_size: int = 1000, shard_bytes: int = 256 * 1024 * 1024, workers: int = 2,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, positive: str | None = None) -> dict:
     """Shard train (StratifiedGroupKFold folds) and val/test (fold -1) manifests into ``out``.
 
     Returns the index dict (also written to ``out/index.json``) plus ``"written"``: False when the
-    output was already complete for the same inputs and nothing was done.
+    output was already complete for the same inputs and nothing was done. ``positive`` names the class
+    label that becomes 1 (manifest.resolve_labels); the mapping is recorded as ``classes``/``positive``.
     """
     _check_args(folds, shard_size, shard_bytes, workers)
     out = Path(out)
     paths = {"train": train_csv, "val": val, "test": test}
     rows = [r for split, p in paths.items() if p for r in mf.read_manifest(p, split)]
-    fingerprint = _fingerprint(paths, folds, seed, shard_size, shard_bytes)
+    fingerprint = _fingerprint(paths, folds, seed, shard_size, shard_bytes, positive)
     done = _existing(out, fingerprint, overwrite)
     if done is not None:
         return {**done, "written": False}
 
-    classes = mf.resolve_labels(rows)
+    classes = mf.resolve_labels(rows, positive)
     mf.assign_keys_and_check(rows)
     train = [r for r in rows if r["split"] == "train"]
     mf.assign_folds(train, folds, seed)
@@ -187,7 +200,7 @@ def write_shards(train_csv, out, val=None, test=None, folds: int = 5, seed: int 
         if sub:
             tasks += _plan(sub, split, -1, shard_size, shard_bytes, rng)
 
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "--out")
     _clean(out, overwrite or not (out / INDEX).exists())
     if workers == 1 or len(tasks) == 1:
         entries = [write_one_shard(str(out), t) for t in tasks]
@@ -215,7 +228,7 @@ def _build_index(rows, entries, classes, folds, seed, fingerprint) -> dict:
             groups[r["group"]] = r["fold"]
         else:
             heldout.setdefault(r["split"], set()).add(r["group"])
-    return {"version": 1, "folds": folds, "seed": seed, "classes": classes, "shards": entries,
+    return {"version": 1, "folds": folds, "seed": seed, "classes": classes, "positive": classes["1"], "shards": entries,
             "groups": groups, "heldout_groups": {s: sorted(g) for s, g in heldout.items()},
             "fold_label_counts": fold_counts, "split_counts": split_counts,
             "split_label_counts": label_counts, "fingerprint": fingerprint}

@@ -24,6 +24,7 @@ from PIL import Image
 
 from distrib.config import AugmentConfig, ConfigError, DataConfig
 from distrib.errors import DataError
+from distrib.data.images import to_rgb8
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,7 +45,7 @@ def decode_image(data: bytes, min_size: int = 0) -> np.ndarray:
         pass
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return to_rgb8(im)  # 16-bit, float, CMYK, palette and alpha by data.images' rules
     except Exception as e:
         raise DataError(f"cannot decode image ({len(data)} bytes): {e}; re-encode it as JPEG/PNG "
                         f"and re-run 'distrib shard'") from e

@@ -106,12 +106,18 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
 def _user_photos(images: Path) -> list[tuple[str, str, Callable[[], np.ndarray]]]:
     if not images.is_dir():
         raise DataError(f"--images {images}: not a directory; pass a folder of your own photos")
+    from distrib.data.images import to_rgb8
+    from distrib.data.manifest import check_image
     files = sorted(p for p in images.rglob("*") if p.suffix.lower() in PHOTO_EXTS)
+    bad = [f"{p} is {why}" for p in files if (why := check_image(str(p))) is not None]
+    if bad:  # refused, not skipped: a photo silently missing from the dataset would change the splits
+        raise DataError(f"--images {images}: {len(bad)} photo(s) cannot be read, first: {bad[0]}; remove or "
+                        "re-save them (nothing was written)")
     photos = []
     for p in files:
         group = "_".join(p.relative_to(images).with_suffix("").parts)
         group = "".join(c if c.isalnum() or c in "-_" else "_" for c in group)
-        photos.append((group, group, lambda p=p: np.asarray(Image.open(p).convert("RGB"))))
+        photos.append((group, group, lambda p=p: to_rgb8(Image.open(p))))
     if len(photos) < 6:
         raise DataError(f"--images {images}: found {len(photos)} photos ({', '.join(PHOTO_EXTS)}); "
                         "need at least 6 so train/val/test each get whole photos; add more photos")

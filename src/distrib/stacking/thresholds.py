@@ -43,6 +43,11 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
         raise DataError(f"{path}: label must be 0/1, found {sorted(df.loc[bad, 'label'].unique().tolist())[:5]}")
     if df["prob"].isna().any():
         raise DataError(f"{path}: {int(df['prob'].isna().sum())} rows have no prob; re-run the step that wrote it")
+    out = (df["prob"] < 0) | (df["prob"] > 1)
+    if out.any():
+        hint = " (a 0-100 percentage? divide by 100)" if df["prob"].max() <= 100 and df["prob"].min() >= 0 else ""
+        raise DataError(f"{path}: prob must be a probability in 0..1, but {int(out.sum())} rows are outside it "
+                        f"(min {df['prob'].min():g}, max {df['prob'].max():g}){hint}; fix the column and re-run")
     return df
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from distrib.atomic import writable_dir
 from distrib.training import dist
 from distrib.training.checkpoint import load_checkpoint
 from distrib.config import ConfigError, ExperimentConfig, save_config
@@ -24,8 +25,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     from accelerate.utils import set_seed
 
     from distrib.data.index import read_index
-
     from distrib.data.loader import folds_for
+    from distrib.data.verify import check_classes, verify_shards
     from distrib.models import build_model
 
     if not cfg.data.shards:
@@ -33,6 +34,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
                           "(written by 'distrib shard')")
     index = read_index(cfg.data.shards)
     folds_for(cfg.data.fold, int(index["folds"]))  # raises DataError naming the valid folds
+    verify_shards(index, cfg.data.verify)  # every indexed shard exists; sha256 or size + tar header
+    check_classes(index, cfg.data.classes)
     classes = index.get("classes") or {}
     if classes and len(classes) != 2:  # both head types (1 BCE logit, 2 CE logits) are binary
         raise DataError(f"{cfg.data.shards}/index.json has {len(classes)} classes {sorted(classes.values())}, but "
@@ -47,11 +50,11 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
                           "run directory (e.g. the DINOv2 probe run)")
     from distrib.data.transforms import augment_placement
     augment_placement(cfg.augment, cfg.data, "cuda" if torch.cuda.is_available() else "cpu")  # decode_device check
-    out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     dist.check_precision(cfg, model)
     _dry_forward(cfg, model)
+    writable_dir(out, "--out")  # only once everything else passed: a failed check leaves no empty run dir
     return model
 
 

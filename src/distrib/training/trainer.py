@@ -126,8 +126,11 @@ def _checkpoint(t: Trainer) -> None:
 
 def _finish(t: Trainer) -> dict:
     """evaluation_results.json from the best model's saved predictions; per-rank weight checksums."""
+    from distrib.data.index import read_index
+    from distrib.data.verify import class_mapping
     acc = t.accelerator
-    runtime = {**dist.runtime_info(acc), "skipped_samples": t.skipped_counts()}
+    runtime = {**dist.runtime_info(acc), "skipped_samples": t.skipped_counts(),
+               **class_mapping(read_index(t.cfg.data.shards))}  # which class is positive (label 1)
     if any(runtime["skipped_samples"].values()):
         dist.print0(f"warning: the loader skipped corrupt samples: {runtime['skipped_samples']} (see the loader "
                     "warnings above; run 'distrib shard inspect' on data.shards)")
@@ -136,7 +139,22 @@ def _finish(t: Trainer) -> dict:
     dist.on_main(_write_final_outputs, t, runtime)
     t.log.close()
     dist.print_all("final", {k: result[k] for k in ("world_size", "backend", "steps", "param_checksum")})
+    _check_skipped(t, runtime["skipped_samples"])
     return result
+
+
+def _check_skipped(t: Trainer, skipped: dict) -> None:
+    """Fail (after writing the outputs) when more than train.max_skipped_fraction of a split was skipped."""
+    from distrib.errors import DataError
+    tc = t.cfg.train
+    read = {"train": skipped["train"] + t.step * tc.grad_accum * t.cfg.data.batch_size * t.accelerator.num_processes,
+            "val": t.val_loader.stream.plan.total}
+    for split, n in skipped.items():
+        if n > tc.max_skipped_fraction * max(read[split], 1):
+            raise DataError(f"the loader skipped {n} corrupt {split} samples of {read[split]} read "
+                            f"({n / max(read[split], 1):.1%} > train.max_skipped_fraction={tc.max_skipped_fraction}); "
+                            f"the metrics in {t.out} are not trustworthy: run 'distrib shard inspect "
+                            f"{t.cfg.data.shards}' and re-shard, or raise train.max_skipped_fraction")
 
 
 def _write_final_outputs(t: Trainer, runtime: dict) -> None:

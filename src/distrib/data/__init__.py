@@ -1,0 +1,10 @@
+"""Stage 1 of the pipeline, the data: manifests -> group-aware K-fold WebDataset shards -> batches.
+
+Public face: ``manifest.read_manifest`` (path,label[,group] CSVs) and ``manifest.resolve_labels``
+(binary labels, explicit positive class), ``shards.write_shards`` and ``shards.inspect_shards`` (the
+shard writer and its verifier), ``images.to_rgb8`` (one defined 8-bit RGB conversion for every image
+mode), ``verify.verify_shards`` (what training checks before it trusts an index),
+``index.read_index`` and ``index.plan_split`` (which shards a rank and worker read),
+``loader.build_loader`` (streams a split to one rank) and ``transforms.build_transform`` (decode,
+resize, augment, normalize).
+"""
