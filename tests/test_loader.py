@@ -265,6 +265,11 @@ def test_bench_loader_prints_ratios_as_last_json_line(demo_shards, tmp_path, cap
         assert res[k] > 0
     assert res["images_timed"] == 2 * 32
     assert set(res["profile_us_per_image"]) >= {"tar_read", "jpeg_decode", "geometric"}
+    (split,) = res["augment_on_model"]  # augment.device=model: uint8 CPU side, device augmentation, both
+    assert split["img_size"] == 64 and split["cpu_side"]["ratio_to_decode_limit"] > 0
+    assert len(split["cpu_side"]["ratio_per_round"]) == 3
+    assert split["device_augment"]["images_per_s"] > 0 and split["together"]["images_per_s"] > 0
+    assert split["device_augment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert len(list((tmp_path / "scratch" / "imagefolder").rglob("*.jpg"))) == res["unique_images"]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,8 @@ from distrib.data.index import read_index
 from distrib.data.loader import _Stats, build_loader
 from distrib.data.index import plan_split, read_samples
 from distrib.data.transforms import build_transform, decode_image, resolve_mean_std
+
+ROUNDS = 3  # loader / decode-limit alternations per size for the cpu_side ratio (the median is reported)
 
 # Without --config: the augmentation the experiments ask for (flips, rotation up to 180, affine, motion
 # blur, ColorJitter) at the demo tiles' 64 px; dotted overrides (data.img_size=224 ...) still apply.
@@ -173,6 +176,8 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
                    workers: int, steps: int, warmup: int, shuffle: int, device: torch.device) -> dict:
     """augment.device=model at one size: (a) the uint8 CPU side, (b) device augmentation, (c) both together.
 
+    (a) is the median over ``ROUNDS`` alternations of loader run and decode-limit run (their ratio per round too).
+
     One torch thread throughout (as in a DataLoader worker): on a CPU ``device`` the step's augmentation
     then shares the cores with the workers the way a CPU-only run does.
     """
@@ -183,8 +188,12 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
         return build_loader(shards, "train", None, 0, 1, workers, batch, 0, tf, 0, augment_on="model",
                             samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=shuffle,
                             pin_memory=device.type == "cuda")
-    cpu_side, n = _timed(loader(), steps, warmup)
-    decode = _parallel_decode_limit(samples, size, max(n, 512), workers)
+    rounds = []  # alternate loader and decode-limit runs: on a shared machine the load drifts between them
+    for _ in range(ROUNDS):
+        rate, n = _timed(loader(), steps, warmup)
+        rounds.append((rate, _parallel_decode_limit(samples, size, max(n, 512), workers)))
+    cpu_side, decode = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+    ratio = statistics.median(r[0] / r[1] for r in rounds)
     dev_rate = _device_augment(samples, tf, device, batch, max(3, steps // 2))
     feed = loader()
 
@@ -195,7 +204,8 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
             yield b
     together, _ = _timed(fed(), steps, warmup)
     return {"img_size": size, "decode_limit_images_per_s": round(decode, 1),
-            "cpu_side": {"images_per_s": round(cpu_side, 1), "ratio_to_decode_limit": round(cpu_side / decode, 3)},
+            "cpu_side": {"images_per_s": round(cpu_side, 1), "ratio_to_decode_limit": round(ratio, 3),
+                         "ratio_per_round": [round(r[0] / r[1], 3) for r in rounds]},
             "device_augment": {"device": str(device), "images_per_s": round(dev_rate, 1)},
             "together": {"device": str(device), "images_per_s": round(together, 1),
                          "ratio_to_decode_limit": round(together / decode, 3)}}
