@@ -4,6 +4,7 @@
     distrib shard --train train_manifest.csv --val val_manifest.csv --out shards/ --folds 5
     distrib train launch/configs/experiments/debug.yaml --out runs/debug data.shards=shards/
     distrib tune launch/configs/experiments/debug.yaml --grid launch/configs/grids/debug.yaml --out runs/sweep
+    distrib run launch/recipes/deepfake_cascade.yaml --out runs/deepfake data.train=train.csv
     distrib bench loader --shards shards/
 
 Library functions take plain values and return dicts; everything printed, and every exit code, is
@@ -21,8 +22,7 @@ from typing import Callable
 
 from distrib.errors import DistribError
 
-DEMO_EXPERIMENTS = ("demo_stage1.yaml", "demo_expert_effnetv2.yaml", "demo_expert_genconvit.yaml")
-DEMO_GRID = "demo.yaml"
+DEMO_RECIPE = "launch/recipes/demo.yaml"
 
 
 def _cmd_data(a: argparse.Namespace) -> dict:
@@ -109,13 +109,25 @@ def _cmd_cascade(a: argparse.Namespace) -> dict:
 
 def _cmd_demo(a: argparse.Namespace) -> dict:
     from distrib.demo.pipeline import run_demo
-    root = Path(a.configs) if a.configs else Path("launch/configs")
-    stage1, *experts = [root / "experiments" / name for name in DEMO_EXPERIMENTS]
-    missing = [str(p) for p in (stage1, *experts, root / "grids" / DEMO_GRID) if not p.is_file()]
-    if missing:
-        raise DistribError(f"demo configs not found: {', '.join(missing)}; run from the repository root "
-                           "or pass --configs DIR (the folder holding experiments/ and grids/)")
-    res = run_demo(a.out, stage1, experts, root / "grids" / DEMO_GRID, size=a.size, overrides=a.overrides)
+    recipe = Path(a.recipe or DEMO_RECIPE)
+    if not recipe.is_file():
+        raise DistribError(f"demo recipe not found: {recipe}; run from the repository root or pass --recipe "
+                           "launch/recipes/demo.yaml")
+    overrides = list(a.overrides)
+    if a.configs:  # the older flag: experiment and grid YAMLs from another folder
+        root = Path(a.configs).resolve()
+        experts = [{"experiment": str(root / "experiments" / n), "grid": str(root / "grids" / "demo.yaml")}
+                   for n in ("demo_expert_effnetv2.yaml", "demo_expert_genconvit.yaml")]
+        overrides = [f"stage1.experiment={root / 'experiments' / 'demo_stage1.yaml'}",
+                     f"experts={json.dumps(experts)}", *overrides]
+    res = run_demo(a.out, recipe, size=a.size, overrides=overrides)
+    print(f"\n{res['leak_check']}\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}")
+    return res
+
+
+def _cmd_run(a: argparse.Namespace) -> dict:
+    from distrib.recipes import run_recipe
+    res = run_recipe(a.recipe, a.out, a.overrides, overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus)
     print(f"\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}")
     return res
 
@@ -216,10 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: data -> shards -> stage 1 -> sweep -> OOF -> stack -> cascade -> report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", default="demo", choices=["tiny", "demo"], help="tiny is the test setting")
-    p.add_argument("--configs", default=None, help="folder holding experiments/demo_*.yaml and grids/ "
-                                                   "(default: launch/configs)")
-    _add_overrides(p)
+    p.add_argument("--configs", default=None, help="folder holding experiments/demo_*.yaml and grids/demo.yaml "
+                                                   "to use instead of the recipe's")
+    p.add_argument("--recipe", default=None, help=f"the demo recipe (default: {DEMO_RECIPE})")
+    _add_overrides(p, "train.epochs=2 stack.n_estimators=100")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run a recipe: shard -> train -> tune + embed -> stack -> thresholds -> cascade -> report")
+    p.add_argument("recipe", help="recipe YAML (launch/recipes/*.yaml)")
+    p.add_argument("--out", required=True, help="output directory; re-run the same command to continue a killed run")
+    p.add_argument("--overwrite", action="store_true", help="clear the outputs of a different recipe in --out and start over")
+    p.add_argument("--address", default=None, help="existing Ray cluster address for the sweeps (default: a local one)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
+    _add_overrides(p, "data.folds=3 train.epochs=2 stack.n_estimators=100")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
     p.add_argument("name", choices=["loader", "trainer", "latency", "sweep", "cascade"])

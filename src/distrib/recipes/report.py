@@ -1,0 +1,39 @@
+"""The recipe's own section of ``report.md``: sweeps, stack, step times (under the cascade's report)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+MARK = "## Pipeline"
+
+
+def _f(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def pipeline_lines(info: dict) -> list[str]:
+    lines = ["", MARK, "", f"Recipe `{info['name']}` ({info['recipe']})."]
+    if "leak_check" in info:
+        lines += ["", f"Demo size `{info.get('size', '')}`; colour-histogram leak check AUC "
+                  f"**{info['leak_check']['auc']:.3f}** (a colour-only classifier near 0.5 means colour does not "
+                  "give the label away)."]
+    s1 = info.get("stage1_metrics", {})
+    lines += ["", f"Stage 1: val AUC {_f(s1.get('auc'))}.", "",
+              "| expert sweep | best config | mean CV AUC | std | folds |", "|---|---|---|---|---|"]
+    for name, sweep in info["sweeps"].items():
+        best = sweep.get("best") or {}
+        lines.append(f"| {name} | `{' '.join(best.get('overrides', [])) or '(base)'}` | {_f(best.get('mean'))} | "
+                     f"{_f(best.get('std'))} | {len(best.get('run_dirs', []))} |")
+    cv = info.get("stack") or {}
+    lines += ["", f"Stack meta-CV AUC {_f(cv.get('auc_mean'))} +- {_f(cv.get('auc_std'))}.",
+              "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v}{' (earlier run)' if k in info.get('skipped', []) else ''} |"
+              for k, v in info["step_seconds"].items()]
+    return lines
+
+
+def append_pipeline_report(report: Path, info: dict) -> None:
+    """Put the pipeline section under the cascade's report, replacing one a previous run appended."""
+    text = report.read_text() if report.is_file() else f"# {info['name']}\n"
+    text = text.split("\n" + MARK + "\n", 1)[0].rstrip("\n") + "\n"
+    from distrib.atomic import write_text
+    write_text(report, text + "\n".join(pipeline_lines(info)) + "\n")
