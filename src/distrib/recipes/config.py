@@ -165,6 +165,9 @@ def _apply(tree: dict, text: str) -> None:
     if len(parts) == 1:
         tree[key] = _resolve({key: value}, Path.cwd())[key]
     elif len(parts) == 2 and parts[0] in SECTIONS:
+        if parts[1] not in _names(SECTIONS[parts[0]]):
+            names = [f"{parts[0]}.{n}" for n in _names(SECTIONS[parts[0]])]
+            raise ConfigError(f"unknown recipe key '{key}' in command-line overrides{closest_key(key, names)}")
         tree.setdefault(parts[0], {})
         if not isinstance(tree[parts[0]], dict):
             raise ConfigError(f"recipe key '{parts[0]}' must be a mapping")
