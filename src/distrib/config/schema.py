@@ -178,6 +178,7 @@ class ModelConfig(Section):
     name: str = "resnet18"  # registered distrib model (e.g. 'genconvit_ed') or any timm model name
     num_classes: int = 1  # 1 = a single logit with BCE, 2 = two logits with cross-entropy
     pretrained_file: str = ""  # local weights file loaded via timm pretrained_cfg_overlay; '' = random init
+    pretrained: bool = False  # timm's own weights for model.name from the Hugging Face hub cache (HF_HOME); pretrained_file wins
     freeze_backbone: bool = False  # linear probe: freeze everything but the classifier head
     drop_rate: float = 0.0  # dropout before the classifier
     img_size: int = 0  # passed to timm as img_size for ViT/Swin models; 0 = not passed
