@@ -260,6 +260,15 @@ class TrainConfig(Section):
 
 
 @dataclass
+class EvalConfig(Section):
+    _prefix = "eval"
+    group_agg: str = "none"  # group-level AUC/EER/AP from each group's sample probabilities: none, mean or max
+
+    def validate(self) -> None:
+        check_choice("eval.group_agg", self.group_agg, ("none", "mean", "max"))
+
+
+@dataclass
 class DistConfig(Section):
     _prefix = "dist"
     backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl
@@ -360,6 +369,7 @@ SECTIONS: dict[str, type] = {
     "embed": EmbedConfig,
     "stack": StackConfig,
     "thresholds": ThresholdConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -376,6 +386,7 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 TOP_LEVEL = ("name", *SECTIONS)
