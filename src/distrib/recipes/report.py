@@ -6,8 +6,8 @@ from pathlib import Path
 MARK = "## Pipeline"
 
 
-def _f(v) -> str:
-    return f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
+def _f(v, digits: int = 4) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "n/a"
 
 
 def pipeline_lines(info: dict) -> list[str]:
@@ -17,7 +17,8 @@ def pipeline_lines(info: dict) -> list[str]:
                   f"**{info['leak_check']['auc']:.3f}** (a colour-only classifier near 0.5 means colour does not "
                   "give the label away)."]
     s1 = info.get("stage1_metrics", {})
-    lines += ["", f"Stage 1: val AUC {_f(s1.get('auc'))}.", "",
+    lines += ["", f"Stage 1: val AUC {_f(s1.get('auc'))}, AP {_f(s1.get('ap'))}, "
+              f"{_f(s1.get('latency_ms_per_img_cpu_bs1'), 2)} ms/img (CPU, batch 1).", "",
               "| expert sweep | best config | mean CV AUC | std | folds |", "|---|---|---|---|---|"]
     for name, sweep in info["sweeps"].items():
         best = sweep.get("best") or {}

@@ -137,6 +137,13 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _stage1_metrics(res: dict) -> dict:
+    """Stage 1's val metrics (threshold-free ones from metrics_at_0.5) plus its scalar facts."""
+    m = res.get("metrics_at_0.5", {})
+    return {**{k: m.get(k) for k in ("auc", "eer", "ap", "n")},
+            **{k: v for k, v in res.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}}
+
+
 def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool = False, address: str | None = None,
                num_cpus: int | None = None, extra: dict | None = None) -> dict:
     """Run the recipe at ``path`` into ``out``; returns where the report and results are and each step's seconds.
@@ -202,8 +209,7 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
             **(extra or {}), "recipe": str(Path(path).resolve()), "name": recipe.name,
             "step_seconds": dict(steps.times), "skipped": list(steps.skipped),
             "wall_seconds_this_run": round(time.time() - t_start, 1),
-            "stage1_metrics": {k: v for k, v in _read_json(s1 / "evaluation_results.json").items()
-                               if isinstance(v, (int, float, str))},
+            "stage1_metrics": _stage1_metrics(_read_json(s1 / "evaluation_results.json")),
             "sweeps": {c.name: {k: v for k, v in _read_json(out / f"sweep_{c.name}" / "sweep_results.json").items()
                                 if k in ("best", "trials", "done", "fit_s")} for c, _ in res["experts"]},
             "stack": _read_json(stack_dir / "stack_results.json").get("cv"),
