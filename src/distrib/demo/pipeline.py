@@ -10,6 +10,7 @@ passes to the recipe) and shrinks sizes for ``--size tiny`` through recipe overr
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,10 @@ def run_demo(out: str | Path, recipe: str | Path, size: str = "demo", overrides=
     recipe_overrides = [*(f"data.{k}={data_dir / f'{k}_manifest.csv'}" for k in ("train", "val", "test")),
                         *plan.overrides, *overrides]
     load_recipe(recipe, recipe_overrides)  # a bad key or value fails before the data is built
+    t0 = time.time()
     summary = build_demo_dataset(data_dir, size=plan.data_size, seed=0)
     leak = histogram_leak_check(data_dir)
+    summary = {**summary, "build_and_leak_check_seconds": round(time.time() - t0, 1)}
     log_line = f"colour-histogram leak check AUC {leak['auc']:.3f} (chance ~0.5)"
     return {**run_recipe(recipe, out, recipe_overrides, extra={"size": size, "data": summary, "leak_check": leak}),
             "leak_check": log_line}

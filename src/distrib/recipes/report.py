@@ -16,6 +16,8 @@ def pipeline_lines(info: dict) -> list[str]:
         lines += ["", f"Demo size `{info.get('size', '')}`; colour-histogram leak check AUC "
                   f"**{info['leak_check']['auc']:.3f}** (a colour-only classifier near 0.5 means colour does not "
                   "give the label away)."]
+        if isinstance(info.get("data"), dict) and "build_and_leak_check_seconds" in info["data"]:
+            lines[-1] += f" Data build + leak check: {info['data']['build_and_leak_check_seconds']} s."
     s1 = info.get("stage1_metrics", {})
     lines += ["", f"Stage 1: val AUC {_f(s1.get('auc'))}, AP {_f(s1.get('ap'))}, "
               f"{_f(s1.get('latency_ms_per_img_cpu_bs1'), 2)} ms/img (CPU, batch 1).", "",
