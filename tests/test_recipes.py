@@ -98,6 +98,19 @@ def _tiny_recipe(root: Path) -> Path:
     return path
 
 
+def test_missing_hub_weights_fail_before_anything_starts(tmp_path):
+    """An expert with model.pretrained: true and no cached weights (offline): the hub error, nothing written."""
+    _manifests(tmp_path)
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    env = {**subprocess_env(tmp_path), "HF_HOME": str(tmp_path / "empty_hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([PYTHON, "-m", "distrib", "run", str(recipe), "--out", str(out), "model.pretrained=true"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "pretrained weights for 'test_resnet'" in proc.stderr and "model.pretrained_file" in proc.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):

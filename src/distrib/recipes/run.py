@@ -68,6 +68,19 @@ def resolve(recipe: Recipe, out: Path) -> dict:
                       "manifests": {k: _sha(getattr(d, k)) for k in ("train", "val", "test")}}}
 
 
+def fetch_pretrained(res: dict) -> list[str]:
+    """Build each ``model.pretrained`` model once, here: a missing hub weight (offline, empty cache) fails
+    with its clear error before any file, process group or Ray trial exists, and online the weights land
+    in the Hugging Face cache once instead of in every trial at the same time."""
+    from distrib.models import build_model
+    names = []
+    for cfg in [res["stage1"], *(c for c, _ in res["experts"])]:
+        if cfg.model.pretrained and not cfg.model.pretrained_file and cfg.model.name not in names:
+            build_model(cfg.model)
+            names.append(cfg.model.name)
+    return names
+
+
 def _check_saved(out: Path, saved: dict, overwrite: bool) -> None:
     path = out / SAVED
     old = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -161,6 +174,7 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
     t_start, out = time.time(), Path(out).resolve()
     recipe = load_recipe(path, overrides)
     res = resolve(recipe, out)  # every config and grid validated before anything is written or started
+    fetch_pretrained(res)
     _check_saved(out, res["saved"], overwrite)
     d, shard_dir = recipe.data, Path(res["shard_dir"])
     names = [*([] if d.shards else ["shards"]), "stage 1", *[f"sweep {c.name}" for c, _ in res["experts"]],
