@@ -32,8 +32,10 @@ def test_shipped_recipes_exist():
 def test_every_shipped_recipe_loads_with_its_experiments_and_grids(path):
     recipe = load_recipe(path)
     for experiment, overrides in [(recipe.stage1.experiment, recipe.stage1.overrides),
+                                  (recipe.shootout.student, recipe.shootout.student_overrides),
                                   *[(e.experiment, e.overrides) for e in recipe.experts]]:
-        load_config(experiment, [*recipe.overrides, *overrides])
+        if experiment:
+            load_config(experiment, [*recipe.overrides, *overrides])
     for e in recipe.experts:
         if e.grid:
             load_grid(e.grid)
@@ -162,3 +164,31 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
                              timeout=300)
     assert changed.returncode == 2 and "--overwrite" in changed.stderr and "recipe" in changed.stderr
     assert json.loads((out / "evaluation_results.json").read_text()) == results  # nothing was touched
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_pit_recipe_shootout_table_and_decision_line(tmp_path):
+    """launch/recipes/pit.yaml itself with tiny overrides: four candidates, the table, the student, the line."""
+    m = _manifests(tmp_path)
+    out = tmp_path / "pit"
+    tiny = [f"data.train={m['train']}", f"data.val={m['val']}", f"data.test={m['test']}", "data.positive=fake",
+            "data.folds=2", "data.shard_size=12", "data.workers=1", "thresholds.bootstrap=5",
+            "shootout.latency_ms=0.0001",  # nobody meets it: the most accurate one gets a distilled student
+            "model.name=test_resnet", "model.img_size=0", "model.pretrained=false", "data.img_size=32",
+            "data.batch_size=8", "train.epochs=1", "train.max_steps=2", "train.latency_batches=1",
+            "embed.dim=4", "embed.anchors=8", "embed.fit_samples=16", "tune.max_failures=0"]
+    proc = subprocess.run([PYTHON, "-m", "distrib", "run", str(REPO / "launch" / "recipes" / "pit.yaml"), "--out",
+                           str(out), "--num-cpus", "2", *tiny], cwd=REPO, env=subprocess_env(tmp_path),
+                          capture_output=True, text=True, timeout=1400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads((out / "evaluation_results.json").read_text())
+    names = [c["name"] for c in res["candidates"]]
+    assert names[:4] == ["pit_baseline_resnet50", "pit_exp002_convnextv2_tiny", "pit_exp003_effnet_b2_unnormalized",
+                         "pit_exp006_dinov2_probe"] and "student of" in names[4]
+    assert res["decision"]["action"] == "distill" and "latency" in res["decision"]["line"]
+    for c in res["candidates"]:
+        assert c["latency_ms"] > 0 and c["size_mb"] > 0 and 0 <= c["oof_auc"] <= 1
+    report = (out / "report.md").read_text()
+    assert "## Shoot-out" in report and "**Decision:**" in report and report.count("| pit_") >= 4
+    print(f"\n{report}")

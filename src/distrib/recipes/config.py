@@ -70,8 +70,6 @@ class RecipeStage1(Section):
     experiment: str = ""  # stage-1 (filter) experiment YAML; trained on every fold, validated on val
     overrides: list[str] = field(default_factory=list)  # dotted overrides of that experiment
 
-    def validate(self) -> None:
-        check_value(bool(self.experiment), "stage1.experiment", self.experiment, "an experiment YAML")
 
 
 @dataclass
@@ -100,8 +98,22 @@ class RecipeCascade(Section):
 
 
 @dataclass
+class RecipeShootout(Section):
+    _prefix = "shootout"
+    latency_ms: float = 0.0  # CPU latency target at batch 1, ms/img; 0 = no target
+    size_mb: float = 0.0  # model file size target in MB; 0 = no target
+    student: str = ""  # experiment YAML of the distilled student (train.distill_teacher is set); '' = none
+    student_overrides: list[str] = field(default_factory=list)  # dotted overrides of the student experiment
+
+    def validate(self) -> None:
+        check_value(self.latency_ms >= 0, "shootout.latency_ms", self.latency_ms, ">= 0")
+        check_value(self.size_mb >= 0, "shootout.size_mb", self.size_mb, ">= 0")
+
+
+@dataclass
 class Recipe:
     name: str = "recipe"  # report title
+    mode: str = "cascade"  # cascade (stage 1 -> experts -> stack) or shootout (candidates side by side)
     data: RecipeData = field(default_factory=RecipeData)
     overrides: list[str] = field(default_factory=list)
     stage1: RecipeStage1 = field(default_factory=RecipeStage1)
@@ -109,12 +121,14 @@ class Recipe:
     stack: StackConfig = field(default_factory=StackConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     cascade: RecipeCascade = field(default_factory=RecipeCascade)
+    shootout: RecipeShootout = field(default_factory=RecipeShootout)
 
 
 SECTIONS = {"data": RecipeData, "stage1": RecipeStage1, "stack": StackConfig, "thresholds": ThresholdConfig,
-            "cascade": RecipeCascade}
-TOP = ("name", "overrides", "experts", *SECTIONS)
-PATHS = {"data": ("train", "val", "test", "shards"), "stage1": ("experiment",), "experts": ("experiment", "grid")}
+            "cascade": RecipeCascade, "shootout": RecipeShootout}
+TOP = ("name", "mode", "overrides", "experts", *SECTIONS)
+PATHS = {"data": ("train", "val", "test", "shards"), "stage1": ("experiment",), "experts": ("experiment", "grid"),
+         "shootout": ("student",)}
 
 
 EXPERIMENT_ONLY = tuple(k for k in EXPERIMENT_SECTIONS if k not in SECTIONS)
@@ -194,10 +208,18 @@ def build_recipe(tree: dict, origin: str = "recipe") -> Recipe:
         if k not in TOP:
             raise ConfigError(f"unknown recipe key '{k}' in {origin}{closest_key(k, TOP)}")
     kwargs: dict[str, Any] = {k: _section(cls, tree.get(k) or {}, k, origin) for k, cls in SECTIONS.items()}
+    mode = tree.get("mode") or "cascade"
+    check_choice("mode", mode, ("cascade", "shootout"))
+    kwargs["mode"] = mode
     experts = tree.get("experts") or []
-    if not isinstance(experts, list) or len(experts) < 2:
+    if not isinstance(experts, list) or len(experts) < (2 if mode == "cascade" else 1):
         raise ConfigError(f"recipe key 'experts' in {origin} must list two or more experts "
-                          "({experiment: YAML, grid: YAML}); the stack combines them")
+                          "({experiment: YAML, grid: YAML}); the stack combines them" if mode == "cascade" else
+                          f"recipe key 'experts' in {origin} must list the shoot-out's candidates "
+                          "({experiment: YAML, grid: YAML})")
+    if mode == "cascade" and not kwargs["stage1"].experiment:
+        raise ConfigError(f"recipe key 'stage1.experiment' in {origin} is empty; a cascade needs its stage-1 "
+                          "experiment YAML (or set mode: shootout)")
     kwargs["experts"] = [_section(RecipeExpert, e, f"experts[{i}]", origin) for i, e in enumerate(experts)]
     for key in ("overrides",):
         value = tree.get(key) or []

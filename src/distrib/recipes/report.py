@@ -18,17 +18,17 @@ def pipeline_lines(info: dict) -> list[str]:
                   "give the label away)."]
         if isinstance(info.get("data"), dict) and "build_and_leak_check_seconds" in info["data"]:
             lines[-1] += f" Data build + leak check: {info['data']['build_and_leak_check_seconds']} s."
-    s1 = info.get("stage1_metrics", {})
-    lines += ["", f"Stage 1: val AUC {_f(s1.get('auc'))}, AP {_f(s1.get('ap'))}, "
-              f"{_f(s1.get('latency_ms_per_img_cpu_bs1'), 2)} ms/img (CPU, batch 1).", "",
-              "| expert sweep | best config | mean CV AUC | std | folds |", "|---|---|---|---|---|"]
+    s1 = info.get("stage1_metrics")
+    lines += [] if not s1 else ["", f"Stage 1: val AUC {_f(s1.get('auc'))}, AP {_f(s1.get('ap'))}, "
+              f"{_f(s1.get('latency_ms_per_img_cpu_bs1'), 2)} ms/img (CPU, batch 1)."]
+    lines += ["", "| expert sweep | best config | mean CV AUC | std | folds |", "|---|---|---|---|---|"]
     for name, sweep in info["sweeps"].items():
         best = sweep.get("best") or {}
         lines.append(f"| {name} | `{' '.join(best.get('overrides', [])) or '(base)'}` | {_f(best.get('mean'))} | "
                      f"{_f(best.get('std'))} | {len(best.get('run_dirs', []))} |")
-    cv = info.get("stack") or {}
-    lines += ["", f"Stack meta-CV AUC {_f(cv.get('auc_mean'))} +- {_f(cv.get('auc_std'))}.",
-              "", "| step | seconds |", "|---|---|"]
+    cv = info.get("stack")
+    lines += [] if not cv else ["", f"Stack meta-CV AUC {_f(cv.get('auc_mean'))} +- {_f(cv.get('auc_std'))}."]
+    lines += ["", "| step | seconds |", "|---|---|"]
     lines += [f"| {k} | {v}{' (earlier run)' if k in info.get('skipped', []) else ''} |"
               for k, v in info["step_seconds"].items()]
     return lines

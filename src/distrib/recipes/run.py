@@ -32,7 +32,7 @@ from distrib.recipes.report import append_pipeline_report
 log = logging.getLogger(__name__)
 SAVED, STATE = "recipe.yaml", "recipe_state.json"
 OWNED = ("shards", "stage1", "stack", "thresholds", "cascade.yaml", "cascade_predictions.csv", "report.md",
-         "evaluation_results.json", "stage1_thresholds", "stage3", STATE)  # cleared by overwrite (plus sweep_*)
+         "evaluation_results.json", "stage1_thresholds", "stage3", "student", STATE)  # cleared by overwrite (plus sweep_*)
 
 
 def _sha(path: str) -> str:
@@ -53,7 +53,10 @@ def resolve(recipe: Recipe, out: Path) -> dict:
             raise DistribError(f"recipe data.{key}: manifest not found: {path} (paths resolve against the recipe's "
                                "folder; on the command line, against the current one)")
     common = [f"data.shards={shard_dir}", f"tune.folds={folds}", *recipe.overrides]
-    stage1 = load_config(recipe.stage1.experiment, [*common, "data.fold=-1", *recipe.stage1.overrides])
+    stage1 = load_config(recipe.stage1.experiment, [*common, "data.fold=-1", *recipe.stage1.overrides]) \
+        if recipe.stage1.experiment else None
+    sh = recipe.shootout
+    student = load_config(sh.student, [*common, "data.fold=-1", *sh.student_overrides]) if sh.student else None
     experts = []
     for e in recipe.experts:
         cfg = load_config(e.experiment, [*common, *e.overrides])
@@ -62,8 +65,10 @@ def resolve(recipe: Recipe, out: Path) -> dict:
     if len(set(names)) != len(names):
         raise DistribError(f"recipe experts share a name ({names}); give each a distinct 'name' "
                            "(e.g. overrides: [name=expert_b]), it names its sweep folder")
-    return {"shard_dir": shard_dir, "folds": folds, "stage1": stage1, "experts": experts,
-            "saved": {"recipe": recipe_to_dict(recipe), "stage1": config_to_dict(stage1),
+    return {"shard_dir": shard_dir, "folds": folds, "stage1": stage1, "experts": experts, "student": student,
+            "common": common,
+            "saved": {"recipe": recipe_to_dict(recipe), "stage1": stage1 and config_to_dict(stage1),
+                      "student": student and config_to_dict(student),
                       "experts": [{"config": config_to_dict(c), "grid": g} for c, g in experts],
                       "manifests": {k: _sha(getattr(d, k)) for k in ("train", "val", "test")}}}
 
@@ -74,8 +79,8 @@ def fetch_pretrained(res: dict) -> list[str]:
     in the Hugging Face cache once instead of in every trial at the same time."""
     from distrib.models import build_model
     names = []
-    for cfg in [res["stage1"], *(c for c, _ in res["experts"])]:
-        if cfg.model.pretrained and not cfg.model.pretrained_file and cfg.model.name not in names:
+    for cfg in [res["stage1"], res["student"], *(c for c, _ in res["experts"])]:
+        if cfg is not None and cfg.model.pretrained and not cfg.model.pretrained_file and cfg.model.name not in names:
             build_model(cfg.model)
             names.append(cfg.model.name)
     return names
@@ -177,8 +182,11 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
     fetch_pretrained(res)
     _check_saved(out, res["saved"], overwrite)
     d, shard_dir = recipe.data, Path(res["shard_dir"])
-    names = [*([] if d.shards else ["shards"]), "stage 1", *[f"sweep {c.name}" for c, _ in res["experts"]],
-             "stack", "thresholds", "cascade", "report"]
+    shootout = recipe.mode == "shootout"
+    tail = ([f"thresholds {c.name}" for c, _ in res["experts"]] + (["student"] if recipe.shootout.student else [])
+            if shootout else ["stack", "thresholds", "cascade"])
+    names = [*([] if d.shards else ["shards"]), *(["stage 1"] if res["stage1"] else []),
+             *[f"sweep {c.name}" for c, _ in res["experts"]], *tail, "report"]
     steps = Steps(out, names, recipe.name)
 
     if not d.shards:
@@ -186,8 +194,9 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
               test=d.test or None, folds=d.folds, seed=d.seed, shard_size=d.shard_size, workers=d.workers,
               positive=d.positive or None)
     s1 = out / "stage1"
-    steps("stage 1", [s1 / "evaluation_results.json", s1 / "best_model.pth"],
-          lambda: train_run(res["stage1"], s1, resume=find_checkpoint(s1) is not None))
+    if res["stage1"]:
+        steps("stage 1", [s1 / "evaluation_results.json", s1 / "best_model.pth"],
+              lambda: train_run(res["stage1"], s1, resume=find_checkpoint(s1) is not None))
 
     started, oofs = False, []
     try:
@@ -207,6 +216,9 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
             import ray
             ray.shutdown()
 
+    if shootout:
+        from distrib.recipes.shootout import run_shootout_steps
+        return run_shootout_steps(recipe, res, out, steps, path, t_start, extra)
     stack_dir = out / "stack"
     steps("stack", [stack_dir / n for n in ("meta_model.txt", "meta_features.json", "stack_results.json",
                                             "meta_predictions.parquet")], fit_stack, oofs, stack_dir, recipe.stack)
@@ -233,6 +245,10 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
         append_pipeline_report(out / "report.md", results["pipeline"])
         return results
     steps("report", [], report)
+    return finish(steps, out)
+
+
+def finish(steps: Steps, out: Path) -> dict:
     steps.bar.close()
     return {"report": str(out / "report.md"), "results": str(out / "evaluation_results.json"),
             "tensorboard": f"tensorboard --logdir {out} --host 127.0.0.1 --port 6006",
