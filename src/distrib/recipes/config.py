@@ -4,6 +4,7 @@ Format (relative paths resolve against the recipe's own folder; unknown keys are
 closest valid key)::
 
     name: my_cascade
+    mode: cascade               # or shootout: the experts are candidates compared side by side (recipes/shootout.py)
     data:                       # the manifests, or existing shards (then the shard settings are unused)
       train: data/train.csv     # train manifest CSV (path,label[,group])
       val: data/val.csv
@@ -23,6 +24,7 @@ closest valid key)::
     stack: {}                   # the stack section of an experiment config (features, folds, n_estimators, ...)
     thresholds: {}              # the thresholds section (recall, specificity, bootstrap, ...)
     cascade: {batch_size: 64, rule: youden}
+    shootout: {latency_ms: 16.0, size_mb: 0, student: ""}   # mode: shootout only (targets; distilled student YAML)
 
 Dotted overrides on the command line address the recipe's keys (``data.folds=2``,
 ``stack.n_estimators=30``); an experiment-only key (``train.epochs=1``, ``data.img_size=32``) or
