@@ -53,6 +53,25 @@ def test_recipe_unknown_key_names_the_closest(tmp_path):
     assert Path(recipe.stage1.experiment).is_absolute() and Path(recipe.stage1.experiment).is_file()
 
 
+def _row(name, auc, feasible=True, latency=5.0, size=10.0):
+    return {"name": name, "oof_auc": auc, "band_feasible": feasible, "latency_ms": latency, "size_mb": size}
+
+
+def test_shootout_decision_follows_the_plan():
+    from distrib.recipes.shootout import decide
+    a, b = _row("a", 0.9, latency=30.0), _row("b", 0.8)
+    assert decide([b, _row("a", 0.9)], 16.0, 0)["line"].startswith("Deploy `a`: the most accurate")
+    d = decide([a, b], 16.0, 0)
+    assert d["action"] == "distill" and d["model"] == "a" and "misses latency" in d["line"]
+    good, slow = _row("a student", 0.85), _row("a student", 0.85, latency=20.0)
+    assert "deploy the student" in decide([a, b], 16.0, 0, good)["line"]
+    assert "the student misses latency too" in decide([a, b], 16.0, 0, slow)["line"]
+    d = decide([_row("a", 0.9, feasible=False), b], 16.0, 0)  # the top one fails the thresholds: next that passes
+    assert d["action"] == "deploy" and d["model"] == "b" and "misses thresholds" in d["line"]
+    d = decide([_row("a", 0.9, feasible=False), _row("b", 0.8, size=500.0)], 16.0, 100.0)
+    assert d["action"] == "none" and d["line"].startswith("All candidates fail") and "`b` misses size" in d["line"]
+
+
 def _texture(rng: np.random.Generator, fake: bool, base: np.ndarray) -> np.ndarray:
     img = base + rng.normal(0, 6, base.shape)
     if fake:  # a fine checkerboard: the kind of upsampling trace the models must find
@@ -176,7 +195,7 @@ def test_pit_recipe_shootout_table_and_decision_line(tmp_path):
             "data.folds=2", "data.shard_size=12", "data.workers=1", "thresholds.bootstrap=5",
             "shootout.latency_ms=0.0001",  # nobody meets it: the most accurate one gets a distilled student
             "model.name=test_resnet", "model.img_size=0", "model.pretrained=false", "data.img_size=32",
-            "data.batch_size=8", "train.epochs=1", "train.max_steps=2", "train.latency_batches=1",
+            "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "train.max_steps=2", "train.latency_batches=1",
             "embed.dim=4", "embed.anchors=8", "embed.fit_samples=16", "tune.max_failures=0"]
     proc = subprocess.run([PYTHON, "-m", "distrib", "run", str(REPO / "launch" / "recipes" / "pit.yaml"), "--out",
                            str(out), "--num-cpus", "2", *tiny], cwd=REPO, env=subprocess_env(tmp_path),
