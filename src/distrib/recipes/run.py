@@ -32,7 +32,7 @@ from distrib.recipes.report import append_pipeline_report
 log = logging.getLogger(__name__)
 SAVED, STATE = "recipe.yaml", "recipe_state.json"
 OWNED = ("shards", "stage1", "stack", "thresholds", "cascade.yaml", "cascade_predictions.csv", "report.md",
-         "evaluation_results.json", "stage1_thresholds", "stage3", "student", STATE)  # cleared by overwrite (plus sweep_*)
+         "evaluation_results.json", "stage1_thresholds", "stage3", "student", STATE)  # cleared by overwrite (+ sweep_*, thresholds_*)
 
 
 def _sha(path: str) -> str:
@@ -96,7 +96,7 @@ def _check_saved(out: Path, saved: dict, overwrite: bool) -> None:
                                f"{path} was saved); pass --overwrite to clear its outputs and start over, "
                                "or choose a new --out")
     if overwrite and out.is_dir():
-        for p in [*(out / n for n in OWNED), *out.glob("sweep_*")]:
+        for p in [*(out / n for n in OWNED), *out.glob("sweep_*"), *out.glob("thresholds_*")]:
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
