@@ -34,7 +34,7 @@ def candidate_row(name: str, sweep_dir: Path, thresholds: dict) -> dict:
     return {"name": name, "oof_auc": m["auc"], "oof_ap": m["ap"], "cv_auc_mean": best["mean"],
             "cv_auc_std": best["std"], "config": " ".join(best.get("overrides", [])) or "(base)",
             "band_feasible": bool(band["feasible"]), "band_message": band["message"],
-            "escalated_fraction": band.get("escalated_fraction", band.get("uncertain_fraction")),
+            "uncertain_fraction": band.get("uncertain_fraction"),
             "latency_ms": _mean(r.get("latency_ms_per_img_cpu_bs1") for r in runs),
             "size_mb": _mean(r.get("model_file_mb") for r in runs), "teacher_run": best["run_dirs"][0]}
 
@@ -86,7 +86,7 @@ def student_row(run_dir: Path, name: str, recall: float, specificity: float) -> 
     m = res["metrics_at_0.5"]
     return {"name": name, "oof_auc": m["auc"], "oof_ap": m.get("ap"), "cv_auc_mean": None, "cv_auc_std": None,
             "config": "distilled (val split)", "band_feasible": bool(band["feasible"]), "band_message": band["message"],
-            "latency_ms": res.get("latency_ms_per_img_cpu_bs1"), "size_mb": res.get("model_file_mb")}
+            "uncertain_fraction": band.get("uncertain_fraction"), "latency_ms": res.get("latency_ms_per_img_cpu_bs1"), "size_mb": res.get("model_file_mb")}
 
 
 def shootout_lines(rows: list[dict], decision: dict, targets: dict) -> list[str]:
@@ -95,12 +95,13 @@ def shootout_lines(rows: list[dict], decision: dict, targets: dict) -> list[str]
     lines = ["## Shoot-out", "", f"Targets: recall >= {targets['recall']}, specificity >= {targets['specificity']} "
              f"(3-way band on OOF rows), CPU latency <= {targets['latency_ms'] or 'any'} ms/img at batch 1, "
              f"size <= {targets['size_mb'] or 'any'} MB.", "",
-             "| candidate | best config | OOF AUC | OOF AP | CV AUC | 3-way band | ms/img | MB | misses |",
+             "| candidate | best config | OOF AUC | OOF AP | CV AUC | 3-way band (uncertain) | ms/img | MB | misses |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         miss = misses(r, targets["latency_ms"], targets["size_mb"])
         lines.append(f"| {r['name']} | `{r['config']}` | {f(r['oof_auc'])} | {f(r['oof_ap'])} | "
-                     f"{f(r['cv_auc_mean'])} | {'feasible' if r['band_feasible'] else 'infeasible'} | "
+                     f"{f(r['cv_auc_mean'])} | {'feasible' if r['band_feasible'] else 'infeasible'} "
+                     f"({f(r.get('uncertain_fraction'), 2)}) | "
                      f"{f(r['latency_ms'], 2)} | {f(r['size_mb'], 1)} | {', '.join(miss) or '-'} |")
     return lines + ["", f"**Decision:** {decision['line']}", ""]
 
