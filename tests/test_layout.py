@@ -1,4 +1,4 @@
-"""The layout's rules, checked: imports point down (import-linter), no CLI glue below cli.py, small files."""
+"""The layout's rules, checked: imports point down (import-linter), no CLI glue outside cli/, small files."""
 from __future__ import annotations
 
 import re
@@ -10,7 +10,7 @@ from conftest import REPO
 
 SRC = REPO / "src" / "distrib"
 # printing is the CLI's job; the benchmarks print their tables and the distributed module its rank-0 helper
-MAY_PRINT = {"cli.py", "bench/cascade.py", "bench/latency.py", "bench/loader.py", "training/dist.py"}
+MAY_PRINT = {"bench/cascade.py", "bench/latency.py", "bench/loader.py", "training/dist.py"}
 
 
 def _modules() -> list[Path]:
@@ -29,9 +29,10 @@ def test_no_argparse_print_or_exit_below_the_cli():
     for path in _modules():
         rel = path.relative_to(SRC).as_posix()
         text = path.read_text()
-        if rel != "cli.py" and re.search(r"^\s*import argparse|argparse\.Namespace|sys\.exit\(|\bexit\(", text, re.M):
+        in_cli = rel.startswith("cli/")
+        if not in_cli and re.search(r"^\s*import argparse|argparse\.Namespace|sys\.exit\(|\bexit\(", text, re.M):
             offenders.append(f"{rel}: argparse/exit")
-        if rel not in MAY_PRINT and re.search(r"(?<![\w.])print\(", text):
+        if not in_cli and rel not in MAY_PRINT and re.search(r"(?<![\w.])print\(", text):
             offenders.append(f"{rel}: print")
     assert not offenders, offenders
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import PYTHON, REPO, subprocess_env
 from distrib.config import ConfigError, load_config
@@ -23,7 +23,7 @@ def debug_run(demo_shards, tmp_path_factory):
     from distrib.training.trainer import run
     out = tmp_path_factory.mktemp("debug_run")
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.epochs=2", "train.ckpt_every_steps=4",
-                              "train.log_every_steps=1", "model.name=resnet10t"])
+                              "train.log_every_steps=1", "model.name=resnet10t", "eval.group_agg=max"])
     return cfg, out, run(cfg, out)
 
 
@@ -36,7 +36,7 @@ def test_run_outputs_exist_and_parse(debug_run, demo_shards):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "training_log.csv")))
     assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy",
-                             "precision", "recall", "specificity", "eer", "seconds"]
+                             "precision", "recall", "specificity", "eer", "ap", "seconds"]
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     Image.open(out / "training_curves.png").verify()
     assert load_config(out / "config.yaml") == cfg  # the saved config replays the run
@@ -63,6 +63,17 @@ def test_run_outputs_exist_and_parse(debug_run, demo_shards):
     assert sum(map(sum, res["metrics_at_0.5"]["confusion"])) == len(preds)
     assert res["latency_ms_per_img_cpu_bs1"] > 0 and res["parameters"] > 0 and res["model_file_mb"] > 0
     assert res["backend"] == "none" and res["distributed_type"] == "NO"
+    assert res["metrics_at_0.5"]["ap"] == pytest.approx(average_precision_score(y, prob), abs=1e-9)
+    # eval.group_agg=max: each group (source photo; its real and its manipulated crops are two units)
+    # scored by its most suspicious sample, next to sample level
+    units = {(p["group"], int(p["label"])) for p in preds}
+    g_y = {u: u[1] for u in units}
+    g_p = {u: max(float(p["prob"]) for p in preds if (p["group"], int(p["label"])) == u) for u in units}
+    gm, order = res["group_metrics"], sorted(g_y)
+    assert gm["agg"] == "max" and gm["n_groups"] == len(order)
+    assert gm["auc"] == pytest.approx(roc_auc_score([g_y[g] for g in order], [g_p[g] for g in order]), abs=1e-9)
+    assert gm["ap"] == pytest.approx(average_precision_score([g_y[g] for g in order], [g_p[g] for g in order]))
+    assert 0.0 <= gm["eer"] <= 1.0
 
 
 def test_best_model_loads_weights_only(debug_run):

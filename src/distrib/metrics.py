@@ -8,10 +8,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_score, recall_score,
-                             roc_auc_score, roc_curve)
+from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score, precision_score,
+                             recall_score, roc_auc_score, roc_curve)
 
-METRIC_NAMES = ("auc", "f1", "accuracy", "precision", "recall", "specificity", "eer")
+METRIC_NAMES = ("auc", "f1", "accuracy", "precision", "recall", "specificity", "eer", "ap")
 
 
 def _as_arrays(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +57,8 @@ def optimal_threshold(y_true, prob) -> float:
 
 
 def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict:
-    """auc, f1, accuracy, precision, recall, specificity, eer and the confusion matrix at ``threshold``.
+    """auc, f1, accuracy, precision, recall, specificity, eer, ap (average precision, sklearn) and the
+    confusion matrix at ``threshold``.
 
     ``confusion`` is ``[[tn, fp], [fn, tp]]`` as plain ints (JSON-ready).
     """
@@ -76,6 +77,7 @@ def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict:
         # specificity is the recall of the negative class
         "specificity": float(recall_score(y, pred, pos_label=0, zero_division=0)),
         "eer": equal_error_rate(y, p)[0],
+        "ap": float(average_precision_score(y, p)) if _two_classes(y) else math.nan,
         "threshold": float(threshold),
         "confusion": [[tn, fp], [fn, tp]],
         "n": int(y.size),
@@ -87,3 +89,30 @@ def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict:
 def metrics_at_optimal(y_true, prob) -> dict:
     """binary_metrics at the val-optimal (Youden J) threshold, for evaluation_results.json."""
     return binary_metrics(y_true, prob, optimal_threshold(y_true, prob))
+
+
+def group_scores(groups, y_true, prob, agg: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One score per group (video, source photo, item): the ``agg`` ('mean' or 'max') of its samples'
+    probabilities. A group is one unit per label: a video's frames share its label; a group whose
+    samples carry both labels (e.g. real and manipulated crops of one photo) is scored as two units.
+    Returns (unit ids 'group' or 'group|label', labels, scores)."""
+    import pandas as pd
+    if agg not in ("mean", "max"):
+        raise ValueError(f"group aggregation must be 'mean' or 'max', got {agg!r}")
+    y, p = _as_arrays(y_true, prob)
+    frame = pd.DataFrame({"group": np.asarray(groups).astype(str), "label": y, "prob": p})
+    g = frame.groupby(["group", "label"], sort=True)["prob"].agg(agg).reset_index()
+    mixed = g["group"].duplicated(keep=False)
+    ids = np.where(mixed, g["group"] + "|" + g["label"].astype(str), g["group"])
+    return ids, g["label"].to_numpy().astype(int), g["prob"].to_numpy()
+
+
+def group_metrics(groups, y_true, prob, agg: str) -> dict:
+    """AUC, EER and AP on group scores (``group_scores``), next to the sample-level ones."""
+    ids, y, p = group_scores(groups, y_true, prob, agg)
+    two = _two_classes(y)
+    mixed = int(sum("|" in str(i) for i in ids) // 2)
+    return {"agg": agg, "n_groups": int(ids.size), "mixed_label_groups": mixed, "positives": int(y.sum()),
+            "auc": float(roc_auc_score(y, p)) if two else math.nan,
+            "eer": equal_error_rate(y, p)[0] if two else math.nan,
+            "ap": float(average_precision_score(y, p)) if two else math.nan}

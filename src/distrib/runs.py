@@ -54,7 +54,7 @@ def model_from_payload(payload: dict):
     from distrib.models import build_model
     cfg = build_config(payload["config"])
     # the weights come from the payload, so never re-read a pretrained file that may not exist here
-    model_cfg = dataclasses.replace(cfg.model, pretrained_file="")
+    model_cfg = dataclasses.replace(cfg.model, pretrained_file="", pretrained=False)
     model = build_model(model_cfg)
     model.load_state_dict(payload["state_dict"])
     return model.eval(), cfg, payload["metrics"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from distrib.atomic import write_text
 
-COLS = ("auc", "f1", "accuracy", "recall", "specificity", "eer")
+COLS = ("auc", "f1", "accuracy", "recall", "specificity", "eer", "ap")
 
 
 def _f(v, digits: int = 4) -> str:

@@ -36,6 +36,7 @@ RESUME_SAFE = (
     "stack.",
     "thresholds.",
     "export.",                    # deployment targets read by `distrib export`, after training
+    "eval.",                      # how finished predictions are aggregated into group metrics
 )
 # A sweep's trials must all train the same thing, and finished trials are not re-run on --resume, so a
 # new train.epochs/max_steps would only reach the unfinished ones: narrower than RESUME_SAFE.

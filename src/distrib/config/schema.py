@@ -85,6 +85,7 @@ class ModelConfig(Section):
     name: str = "resnet18"  # registered distrib model (e.g. 'genconvit_ed') or any timm model name
     num_classes: int = 1  # 1 = a single logit with BCE, 2 = two logits with cross-entropy
     pretrained_file: str = ""  # local weights file loaded via timm pretrained_cfg_overlay; '' = random init
+    pretrained: bool = False  # timm's own weights for model.name from the Hugging Face hub cache (HF_HOME); pretrained_file wins
     freeze_backbone: bool = False  # linear probe: freeze everything but the classifier head
     drop_rate: float = 0.0  # dropout before the classifier
     img_size: int = 0  # passed to timm as img_size for ViT/Swin models; 0 = not passed
@@ -166,6 +167,15 @@ class TrainConfig(Section):
 
 
 @dataclass
+class EvalConfig(Section):
+    _prefix = "eval"
+    group_agg: str = "none"  # group-level AUC/EER/AP from each group's sample probabilities: none, mean or max
+
+    def validate(self) -> None:
+        check_choice("eval.group_agg", self.group_agg, ("none", "mean", "max"))
+
+
+@dataclass
 class DistConfig(Section):
     _prefix = "dist"
     backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl
@@ -213,6 +223,7 @@ SECTIONS: dict[str, type] = {
     "stack": StackConfig,
     "thresholds": ThresholdConfig,
     "export": ExportConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -230,6 +241,7 @@ class ExperimentConfig:
     stack: StackConfig = field(default_factory=StackConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 TOP_LEVEL = ("name", *SECTIONS)

@@ -25,7 +25,7 @@ DEFAULTS = dict(
     swin="swin_tiny_patch4_window7_224",  # timm name of the Swin/attention path (gets img_size)
     convnext_kwargs={},  # extra timm kwargs for the ConvNeXt path (e.g. dims for a tiny debug net)
     swin_kwargs={},  # extra timm kwargs for the attention path (e.g. embed_dim, depths, num_heads)
-    convnext_file="",  # local pretrained weights for the ConvNeXt path ('' = random init)
+    convnext_file="",  # local pretrained weights for the ConvNeXt path ('' = random init, or model.pretrained: hub)
     swin_file="",  # local pretrained weights for the attention path ('' = random init)
     enc_channels=None,  # encoder widths; default ED (16, 32, 64, 128, 256), VAE (16, 32, 64, 128)
     latent_channels=16,  # VAE latent channels at 1/16 resolution (ED uses the last encoder width)
@@ -111,9 +111,10 @@ class GenConViT(nn.Module):
         else:
             self.encoder = _VAEEncoder(channels, kw["latent_channels"])
             self.decoder = _ConvDecoder(kw["latent_channels"], channels)
+        hub = bool(kw.get("pretrained"))  # model.pretrained: each backbone from timm's hub cache unless a *_file
         self.convnext = create_timm(kw["convnext"], kw["convnext_file"], key="model.kwargs.convnext",
-                                    num_classes=0, **kw["convnext_kwargs"])
-        self.swin = create_timm(kw["swin"], kw["swin_file"], key="model.kwargs.swin",
+                                    pretrained=hub, num_classes=0, **kw["convnext_kwargs"])
+        self.swin = create_timm(kw["swin"], kw["swin_file"], key="model.kwargs.swin", pretrained=hub,
                                 num_classes=0, img_size=img_size, **kw["swin_kwargs"])
         self.num_features = 2 * (_pooled_width(self.convnext) + _pooled_width(self.swin)) + 3
         self.head = nn.Sequential(
@@ -194,7 +195,8 @@ def _build(model_cfg: ModelConfig, variant: str) -> GenConViT:
                           f"valid keys: {', '.join(DEFAULTS)}")
     kw = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k != "img_size"}}
     img_size = model_cfg.img_size or int(kwargs.get("img_size", 224))
-    model = GenConViT(variant, model_cfg.num_classes, img_size, drop_rate=model_cfg.drop_rate, **kw)
+    model = GenConViT(variant, model_cfg.num_classes, img_size, drop_rate=model_cfg.drop_rate,
+                      pretrained=model_cfg.pretrained and not model_cfg.pretrained_file, **kw)
     if model_cfg.pretrained_file:
         _load_full_weights(model, model_cfg.pretrained_file)
     return model

@@ -1,7 +1,9 @@
-"""timm backbones behind one uniform interface (TimmClassifier) and local-file-only pretrained loading.
+"""timm backbones behind one uniform interface (TimmClassifier) and pretrained loading.
 
-Weights never come from the network: a pretrained file is handed to timm through
-``pretrained_cfg_overlay=dict(file=...)`` with every remote source blanked out.
+Two sources: ``model.pretrained_file``, a local file handed to timm through
+``pretrained_cfg_overlay=dict(file=...)`` with every remote source blanked out; or ``model.pretrained``,
+timm's own source for the name (the Hugging Face hub and its cache, honouring ``HF_HOME``,
+``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``), exactly as ``timm.create_model(name, pretrained=True)``.
 """
 from __future__ import annotations
 
@@ -17,16 +19,41 @@ from distrib.config import ConfigError, ModelConfig
 from distrib.errors import DistribError
 
 
-def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", **kwargs) -> nn.Module:
-    """``timm.create_model`` with random init, or weights from a local file only.
+def hub_cache_hint(name: str) -> str:
+    """Where timm's hub weights for ``name`` live in the Hugging Face cache (HF_HOME/hub by default)."""
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - a name without a pretrained tag; the message still names the cache
+        cfg = None
+    repo = getattr(cfg, "hf_hub_id", None) or f"timm/{name}"
+    return os.path.join(constants.HF_HUB_CACHE, "models--" + repo.split("@")[0].replace("/", "--"))
+
+
+def _hub_error(name: str, key: str, e: Exception) -> DistribError:
+    return DistribError(
+        f"could not load timm's pretrained weights for '{name}' ({key}, model.pretrained: true): "
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Looked in the Hugging Face cache at "
+        f"{hub_cache_hint(name)} (HF_HOME/HF_HUB_CACHE; HF_HUB_OFFLINE=1 reads only the cache, HF_ENDPOINT picks a "
+        f"mirror). Two ways out: set model.pretrained_file=/path/to/weights.safetensors (a local file), or "
+        f"pre-fetch into the cache on a connected machine with "
+        f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy its HF_HOME here")
+
+
+def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", pretrained: bool = False,
+                **kwargs) -> nn.Module:
+    """``timm.create_model`` with random init, weights from a local file, or (``pretrained``, when no
+    file is given) timm's own pretrained source through the Hugging Face hub cache.
 
     ``key`` names the config entry in error messages. Bad keyword arguments (e.g. ``img_size`` on a
     convnet) become a ConfigError instead of a bare TypeError.
     """
     import timm
-    pretrained = bool(pretrained_file)
+    hub = pretrained and not pretrained_file
+    pretrained = bool(pretrained_file) or hub
     extra: dict = {}
-    if pretrained:
+    if pretrained_file:
         path = os.path.abspath(os.path.expanduser(pretrained_file))
         if not os.path.isfile(path):
             raise ConfigError(f"pretrained weights file not found: {path} (for {key}='{name}'); "
@@ -42,14 +69,17 @@ def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", *
         raise ConfigError(f"timm model '{name}' ({key}) rejected keyword arguments {sorted(kwargs)}: {e}. "
                           "Remove them from model.kwargs, or set model.img_size=0 for models without a "
                           "fixed token grid (convnets)") from e
-    except (RuntimeError, KeyError, ValueError) as e:
-        if not pretrained:
+    except Exception as e:  # noqa: BLE001 - the hub raises OSError/HTTP/offline errors of several kinds
+        if hub:
+            raise _hub_error(name, key, e) from e
+        if not pretrained or not isinstance(e, (RuntimeError, KeyError, ValueError)):
             raise
         raise DistribError(f"could not load pretrained weights from {extra['pretrained_cfg_overlay']['file']} "
                            f"into timm model '{name}': {e}. The file must be a timm/PyTorch state dict "
                            "(.pth/.bin/.safetensors) of the same architecture") from e
     if pretrained:
-        _check_loaded(model, name, extra["pretrained_cfg_overlay"]["file"], report)
+        _check_loaded(model, name, extra["pretrained_cfg_overlay"]["file"] if pretrained_file
+                      else f"the hub cache {hub_cache_hint(name)}", report)
     return model
 
 
@@ -143,15 +173,16 @@ class TimmClassifier(nn.Module):
 def build_timm_classifier(model_cfg: ModelConfig) -> TimmClassifier:
     """Build ``model_cfg.name`` from timm with a ``num_classes``-logit head (1 = BCE, 2 = CE)."""
     kwargs = dict(model_cfg.kwargs)
-    reserved = {"num_classes": "model.num_classes", "pretrained": "model.pretrained_file",
+    reserved = {"num_classes": "model.num_classes", "pretrained": "model.pretrained or model.pretrained_file",
                 "drop_rate": "model.drop_rate", "img_size": "model.img_size"}
     for k, use in reserved.items():
         if k in model_cfg.kwargs:
             raise ConfigError(f"model.kwargs.{k} is set by distrib; use {use} instead")
     if model_cfg.img_size:
         kwargs["img_size"] = model_cfg.img_size
-    model = create_timm(model_cfg.name, model_cfg.pretrained_file, num_classes=model_cfg.num_classes, **kwargs)
-    if not model_cfg.pretrained_file or model_cfg.num_classes != model.pretrained_cfg.get("num_classes"):
+    model = create_timm(model_cfg.name, model_cfg.pretrained_file, pretrained=model_cfg.pretrained,
+                        num_classes=model_cfg.num_classes, **kwargs)
+    if not (model_cfg.pretrained_file or model_cfg.pretrained) or model_cfg.num_classes != model.pretrained_cfg.get("num_classes"):
         _reset_head(model.get_classifier())  # the head is fresh (timm drops a file's head of another size)
     return TimmClassifier(model, drop_rate=model_cfg.drop_rate)
 

@@ -17,7 +17,7 @@ from distrib.config import ExperimentConfig, config_to_dict, load_config
 from distrib.errors import DistribError
 from distrib.sweep.grid import grid_configs, trial_command, trial_overrides
 
-METRICS = ("auc", "f1", "recall", "specificity")
+METRICS = ("auc", "f1", "recall", "specificity", "ap")
 COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command"]
 
 

@@ -18,7 +18,7 @@ from distrib.atomic import atomic_path, json_safe, save_figure, write_json
 from distrib.training.checkpoint import plain
 from distrib.models.measure import cpu_latency_ms
 from distrib.training.losses import positive_prob
-from distrib.metrics import binary_metrics, metrics_at_optimal
+from distrib.metrics import binary_metrics, group_metrics, metrics_at_optimal
 
 
 @dataclass
@@ -100,8 +100,9 @@ def write_predictions(path: str | Path, preds: Predictions, fold: int) -> Path:
 @torch.inference_mode()
 def write_evaluation_results(path: str | Path, preds: Predictions, *, model: torch.nn.Module,
                              model_file: Path, img_size: int, latency_repeats: int, runtime: dict,
-                             best: dict) -> dict:
-    """evaluation_results.json: metrics at 0.5 and at the val-optimal threshold, latency, size, runtime."""
+                             best: dict, group_agg: str = "none") -> dict:
+    """evaluation_results.json: metrics at 0.5 and at the val-optimal threshold, latency, size, runtime;
+    with ``group_agg`` mean/max also ``group_metrics`` (AUC/EER/AP of per-group scores)."""
     result = {
         "metrics_at_0.5": binary_metrics(preds.labels, preds.probs, 0.5),
         "metrics_at_optimal": metrics_at_optimal(preds.labels, preds.probs),
@@ -116,6 +117,8 @@ def write_evaluation_results(path: str | Path, preds: Predictions, *, model: tor
         **runtime,
     }
     result["optimal_threshold"] = result["metrics_at_optimal"]["threshold"]
+    if group_agg != "none":
+        result["group_metrics"] = group_metrics(preds.groups, preds.labels, preds.probs, group_agg)
     result = json_safe(plain(result))
     write_json(path, result)
     return result

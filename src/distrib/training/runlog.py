@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from distrib.atomic import atomic_path, save_figure  # noqa: E402
 
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy", "precision",
-               "recall", "specificity", "eer", "seconds")
+               "recall", "specificity", "eer", "ap", "seconds")
 
 
 class RunLogger:
@@ -83,7 +83,7 @@ class RunLogger:
             return
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-        self.scalars(int(row["step"]), {f"val/{k}": row[k] for k in LOG_COLUMNS[4:12]})
+        self.scalars(int(row["step"]), {f"val/{k}": row[k] for k in LOG_COLUMNS[4:13]})
         self._tb.flush()  # per-step scalars are flushed by the writer's own timer; evaluations at once
         self.plot_curves()
 

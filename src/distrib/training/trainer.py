@@ -101,7 +101,7 @@ def _validate(t: Trainer, report: Report | None) -> None:
     train_loss = float(total[0] / total[1].clamp(min=1))
     t.loss_sum, t.loss_count = torch.zeros_like(t.loss_sum), 0
     row = {"epoch": t.epoch, "step": t.step, "lr": t.lr(), "train_loss": train_loss, "val_loss": preds.loss,
-           **{k: m[k] for k in ("auc", "f1", "accuracy", "precision", "recall", "specificity", "eer")},
+           **{k: m[k] for k in ("auc", "f1", "accuracy", "precision", "recall", "specificity", "eer", "ap")},
            "seconds": t.elapsed()}
     t.log.epoch_row(row)
     auc = -math.inf if math.isnan(m["auc"]) else m["auc"]
@@ -165,7 +165,8 @@ def _write_final_outputs(t: Trainer, runtime: dict) -> None:
     write_evaluation_results(t.out / "evaluation_results.json", preds, model=model,
                              model_file=t.out / "best_model.pth", img_size=t.cfg.data.img_size,
                              latency_repeats=t.cfg.train.latency_batches, runtime=runtime,
-                             best={"epoch": t.best_epoch, "auc": t.best_auc, "step": payload["metrics"].get("step")})
+                             best={"epoch": t.best_epoch, "auc": t.best_auc, "step": payload["metrics"].get("step")},
+                             group_agg=t.cfg.eval.group_agg)
     t.log.plot_curves()
 
 
