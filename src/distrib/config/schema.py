@@ -41,6 +41,9 @@ def check_choice(key: str, value: Any, choices) -> None:
     check_value(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive")  # accelerate LoggerTypes
+
+
 class Section:
     """Base for config sections: type-checks fields against their annotations after construction."""
 
@@ -239,6 +242,7 @@ class TrainConfig(Section):
     distill_temperature: float = 2.0  # KD softmax/sigmoid temperature
     latency_batches: int = 20  # batch-1 forward passes timed for evaluation_results.json
     max_skipped_fraction: float = 0.01  # a run whose loader skipped more corrupt samples (train or val) fails
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard + any accelerate log_with name
 
     def validate(self) -> None:
         check_value(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -256,6 +260,8 @@ class TrainConfig(Section):
         check_value(self.latency_batches >= 0, "train.latency_batches", self.latency_batches, ">= 0")
         check_value(0.0 <= self.max_skipped_fraction <= 1.0, "train.max_skipped_fraction",
                     self.max_skipped_fraction, "0..1")
+        for name in self.trackers:
+            check_choice("train.trackers", name, TRACKERS)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from distrib.training.checkpoint import load_checkpoint
 from distrib.config import ConfigError, ExperimentConfig, save_config
 from distrib.errors import DataError, DistribError
 from distrib.runs import find_checkpoint, load_run
-from distrib.training.runlog import RunLogger
+from distrib.training.runlog import RunLogger, check_trackers
 from distrib.training.state import Trainer
 
 
@@ -48,6 +48,7 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     if teacher and not (Path(teacher) / "best_model.pth").is_file():
         raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
                           "run directory (e.g. the DINOv2 probe run)")
+    check_trackers(cfg.train.trackers)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     dist.check_precision(cfg, model)
@@ -137,7 +138,8 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
         dist.print0(f"--resume: no checkpoint in {out} yet; starting from scratch")
     if ckpt is not None:
         _restore(t, ckpt)
-    t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None)
+    t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None,
+                      accelerator=accelerator, cfg=cfg)
     if accelerator.is_main_process:
         save_config(cfg, out)
         write_versions(out)
