@@ -63,3 +63,38 @@ def test_tracker_config_errors_before_training(demo_shards, tmp_path, monkeypatc
         check_trackers(["tensorboard", "mlflow"])
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     check_trackers(["tensorboard", "mlflow"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_is_one_parent_run_with_one_child_per_trial(demo_shards, tmp_path, monkeypatch):
+    from distrib.config import load_config
+    from distrib.sweep.driver import run_sweep
+    import mlflow
+    for key, value in _mlflow_env(tmp_path).items():
+        if key.startswith("MLFLOW_"):
+            monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(f"file:{tmp_path / 'mlruns'}")  # this process's store (another test may have set one)
+    cfg = load_config(REPO / "launch/configs/experiments/debug.yaml",
+                      [f"data.shards={demo_shards}", "model.name=resnet10t", "train.epochs=1",
+                       "data.samples_per_epoch=32", "train.latency_batches=1", "tune.embed_best=false",
+                       "train.trackers=[tensorboard, mlflow]"])
+    out = tmp_path / "sweep"
+    result = run_sweep(cfg, {"optim.lr": [1e-3]}, out, num_cpus=2)
+    assert result["best"]["config_id"] == "c0"
+
+    runs = mlflow.search_runs(experiment_names=["debug"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags["distrib.sweep_dir"] == str(out.resolve())
+    assert parent.data.metrics["best/mean"] == pytest.approx(result["best"]["mean"])
+    children = mlflow.search_runs(experiment_names=["debug"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["c0_fold0", "c0_fold1", "c0_fold2"]
+    assert all(c.info.status == "FINISHED" and c.data.params["optim.lr"] == "0.001" for c in children)
+    for c in children:  # each trial's run dir and its evaluation_results.json artifact
+        assert c.data.tags["distrib.run_dir"] == str(out.resolve() / "trials" / c.info.run_name)
+        assert "evaluation_results.json" in [a.path for a in mlflow.MlflowClient().list_artifacts(c.info.run_id)]
+    names = [a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)]
+    assert {"sweep_summary.csv", "best_config.yaml"} <= set(names)

@@ -80,8 +80,9 @@ class RunLogger:
         if cfg is None or "tensorboard" in cfg.train.trackers:
             self._tb = SummaryWriter(str(self.out / "tb"), purge_step=resume_step)
         if self._acc is not None:  # MLFLOW_EXPERIMENT_NAME / MLFLOW_TAGS in the environment win (sweeps)
-            self._acc.init_trackers(cfg.name, config=_flat(config_to_dict(cfg)), init_kwargs={
-                "mlflow": {"run_name": self.out.name, "tags": {"distrib.run_dir": str(self.out.resolve())}}})
+            self._acc.init_trackers(cfg.name, config=_flat(config_to_dict(cfg)),
+                                    init_kwargs={"mlflow": {"run_name": self.out.name}})
+            self._mlflow(lambda client, run_id: client.set_tag(run_id, "distrib.run_dir", str(self.out.resolve())))
 
     def _write_rows(self, rows: list[dict]) -> None:
         with atomic_path(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
@@ -155,12 +156,19 @@ class RunLogger:
     def close(self) -> None:
         self.end_epoch()
         if self._acc is not None:  # the final results as an artifact, then end the tracker runs
+            results = self.out / "evaluation_results.json"
+            if results.is_file():
+                self._mlflow(lambda client, run_id: client.log_artifact(run_id, str(results)))
             for tracker in self._acc.trackers:
-                if tracker.name == "mlflow" and (self.out / "evaluation_results.json").is_file():
-                    from mlflow import MlflowClient
-                    MlflowClient().log_artifact(tracker.tracker.info.run_id, str(self.out / "evaluation_results.json"))
                 tracker.finish()
             self._acc = None
+
+    def _mlflow(self, action) -> None:
+        """``action(MlflowClient(), run_id)`` on this run's MLflow run, if MLflow is a tracker."""
+        for tracker in self._acc.trackers:
+            if tracker.name == "mlflow":
+                from mlflow import MlflowClient
+                action(MlflowClient(), tracker.tracker.info.run_id)
         if self._tb is not None:
             self._tb.close()
             self._tb = None
