@@ -57,6 +57,10 @@ def test_tracker_config_errors_before_training(demo_shards, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"train.trackers.*'tensorbord'.*one of tensorboard, mlflow"):
         load_config(REPO / "launch/configs/experiments/debug.yaml", ["train.trackers=[tensorbord]"])
     assert load_config(REPO / "launch/configs/experiments/debug.yaml").train.trackers == ["tensorboard"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is not set"):
+        check_trackers(["mlflow"])
+    check_trackers(["tensorboard"])  # no MLflow, no requirement
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path}")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):

@@ -35,12 +35,16 @@ def check_trackers(trackers: list[str]) -> None:
         if name != "tensorboard" and not getattr(imports, f"is_{name}_available")():
             raise ConfigError(f"train.trackers lists {name!r} but its package is not installed; "
                               f"pip install {_PACKAGES.get(name, name)}, or drop it from train.trackers")
+    if "mlflow" not in trackers:
+        return
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if "mlflow" in trackers and (uri.startswith("file:") or "://" not in uri) \
-            and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
-        raise ConfigError(f"train.trackers lists 'mlflow' with a local file store (MLFLOW_TRACKING_URI={uri!r}), "
-                          "which MLflow 3 refuses by default; set MLFLOW_ALLOW_FILE_STORE=true, or point "
-                          "MLFLOW_TRACKING_URI at a server (http://127.0.0.1:5000) or sqlite:////abs/path/mlflow.db")
+    fix = ("set MLFLOW_TRACKING_URI=file:/shared/mlruns with MLFLOW_ALLOW_FILE_STORE=true, or point it at a "
+           "server you started (http://127.0.0.1:5000)")
+    if not uri:  # MLflow 3 would use sqlite:///mlflow.db in the working directory, which Ray trials change
+        raise ConfigError(f"train.trackers lists 'mlflow' but MLFLOW_TRACKING_URI is not set; {fix}")
+    if (uri.startswith("file:") or ":" not in uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise ConfigError(f"train.trackers lists 'mlflow' with the local file store MLFLOW_TRACKING_URI={uri!r}, "
+                          f"which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; {fix}")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
