@@ -5,7 +5,6 @@ import json
 import re
 import subprocess
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from conftest import PYTHON, REPO, subprocess_env
 from distrib.config import load_config
+from distrib.stacking.stack import load_meta
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +59,12 @@ def test_demo_artifacts_exist_and_parse(demo_run):
         assert len(rows) == n_train and rows["key"].is_unique  # each training sample exactly once
         assert (sweep / "fold_auc.png").is_file()
 
-    booster = lgb.Booster(model_file=str(out / "stack" / "meta_model.txt"))
-    meta = json.loads((out / "stack" / "meta_features.json").read_text())
-    assert booster.num_feature() == len(meta["features"])
-    json.loads((out / "stack" / "stack_results.json").read_text())
+    model, meta = load_meta(out / "stack")  # whichever candidate stack.meta: auto chose
+    assert model.columns == meta["features"] and model.kind == meta["meta"]
+    stack = json.loads((out / "stack" / "stack_results.json").read_text())
+    assert stack["meta_setting"] == "auto" and set(stack["candidates"]) >= {"best_expert", "weighted", "lightgbm"}
+    assert stack["cv"]["auc_mean"] >= stack["candidates"]["best_expert"]["auc_mean"]
+    assert "## Meta-learner leaderboard" in report and "## Does stage 3 earn its place?" in report
     thresholds = json.loads((out / "thresholds" / "meta_thresholds.json").read_text())
     assert "band" in thresholds
     preds = pd.read_csv(out / "cascade_predictions.csv")

@@ -68,7 +68,7 @@ def test_meta_cv_beats_each_expert_and_keeps_groups_whole(tmp_path, capsys):
     assert oof["meta_fold"].min() == 0 and set(preds.loc[preds["split"] != "oof", "meta_fold"]) == {-1}
 
     booster, info = load_meta(out)
-    assert info["features"][0] == "cnn__prob" and "genconvit_ed__recon_error" in info["features"]
+    assert info["features"][0] == "cnn__prob" and info["meta"] == results["meta"] == res["meta"]
     wide, _ = load_experts(paths)
     test = wide[wide["split"] == "test"]
     np.testing.assert_allclose(predict_meta(booster, info, test),

@@ -81,10 +81,17 @@ def _cmd_embed(a: argparse.Namespace) -> dict:
 def _cmd_stack(a: argparse.Namespace) -> dict:
     from distrib.config import load_config
     from distrib.stacking.stack import fit_stack
-    res = fit_stack(a.oof, a.out, load_config(a.config, a.overrides).stack)
+    res = fit_stack(a.oof, a.out, load_config(a.config, a.overrides).stack, stage1=a.stage1)
     for name, r in res["ablation"].items():
         print(f"stack: {name:<28} meta-CV AUC {r['auc_mean']:.4f} +- {r['auc_std']:.4f}")
-    return {"out": str(a.out), "cv_auc_mean": res["cv"]["auc_mean"], "best_expert": res["best_expert"]}
+    for name, r in res["candidates"].items():
+        mark = " <- chosen" if name == res["meta"] else ""
+        print(f"stack: meta {name:<23} meta-CV AUC {r['auc_mean']:.4f} +- {r['auc_std']:.4f} "
+              f"(vs best expert {r['diff_mean']:+.4f}){mark}")
+    for split in res["splits"].values():
+        print(f"stack: {split['vs_best_expert']['verdict']}")
+    return {"out": str(a.out), "meta": res["meta"], "cv_auc_mean": res["cv"]["auc_mean"],
+            "best_expert": res["best_expert"]}
 
 
 def _cmd_thresholds(a: argparse.Namespace) -> dict:
@@ -193,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "embed.dim=256")
     p.set_defaults(func=_cmd_embed)
 
-    p = sub.add_parser("stack", help="LightGBM meta-learner on OOF embeddings")
+    p = sub.add_parser("stack", help="meta-learner (auto: best of weighted/logistic/LightGBM by grouped CV)")
     p.add_argument("--oof", nargs="+", required=True, help="oof_embeddings.parquet files, one per expert")
+    p.add_argument("--stage1", nargs="+", default=None,
+                   help="key,prob CSV/parquet of stage-1 probabilities (out-of-fold on training rows, e.g. the "
+                        "stage-1 fold runs' val_predictions.csv; plus val/test rows) for stack.features=[...,stage1]")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="experiment YAML for the stack section")
     _add_overrides(p, "stack.features=[prob]")

@@ -18,7 +18,7 @@ closest valid key)::
                               #   {name, oof, runs, alignment}: oof_embeddings.parquet, fold run dirs
                               #   (default: those saved in the alignment), alignment .npz (default: next to oof)
     stack:
-      dir: runs/demo/stack    # meta_model.txt + meta_features.json + meta_predictions.parquet
+      dir: runs/demo/stack    # meta_model.json (+ .txt) + meta_features.json + meta_predictions.parquet
       rule: youden            # which OOF-fit threshold decides stage 3: youden, f1 or max_specificity_at_recall
       thresholds: ""          # a thresholds.json to use instead of fitting on the stack's OOF rows
 """
@@ -60,7 +60,7 @@ class ExpertConfig(Section):
 @dataclass
 class MetaStageConfig(Section):
     _prefix = "stack"
-    dir: str = ""  # stack output dir (meta_model.txt, meta_features.json, meta_predictions.parquet)
+    dir: str = ""  # stack output dir (meta_model.json/.txt, meta_features.json, meta_predictions.parquet)
     rule: str = "youden"  # threshold rule deciding stage 3, fit on the meta-model's OOF predictions
     thresholds: str = ""  # optional thresholds.json; '' = fit on dir/meta_predictions.parquet (split == 'oof')
 

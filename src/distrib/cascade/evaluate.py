@@ -43,6 +43,28 @@ def _copy_figures(out: Path, runs: dict, stack_dir: str) -> dict[str, str]:
     return found
 
 
+def _versus_best_expert(df: pd.DataFrame, stack: dict | None, split: str, n_boot: int) -> dict | None:
+    """The meta-model (on every sample) and the cascade against the expert that was best in meta-CV.
+
+    The expert is chosen on the OOF table (stack_results.json), never on this split; the CI is a
+    grouped bootstrap of the paired AUC difference (``thresholds.auc_difference``).
+    """
+    from distrib.stacking.stack import verdict
+    from distrib.stacking.thresholds import auc_difference
+
+    if not stack or "meta_prob" not in df.columns:
+        return None
+    best = stack["best_expert"]
+    col = f"prob_{best.split(':', 1)[1]}"
+    if col not in df.columns or df["label"].nunique() < 2:
+        return None
+    out = {"best_expert": best, "meta": stack.get("meta", "lightgbm"), "split": split}
+    for who, score in (("the meta-model", "meta_prob"), ("the cascade", "cascade_score")):
+        cmp = auc_difference(df["label"], df[score], df[col], df["group"], n_boot, seed=0)
+        out[score] = {**cmp, "verdict": verdict(cmp, f"{split} (cascade run)", best, who)}
+    return out
+
+
 def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th3: dict, tau: float,
                      expert_thresholds: dict[str, float], skipped: int = 0, runs: dict | None = None,
                      classes: dict | None = None) -> dict:
@@ -96,12 +118,13 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
     plots.update(_copy_figures(out, runs or {}, cfg.stack.dir))
 
     stack_results = Path(cfg.stack.dir) / "stack_results.json"
+    stack = json.loads(stack_results.read_text()) if stack_results.is_file() else None
     results = {"name": cfg.name, "split": split, "n": int(len(df)), "positives": int(y.sum()),
                **(classes or {}), "skipped_samples": int(skipped), "escalation_rate": float(esc.mean()),
                "escalated": int(esc.sum()),
                "evaluate_all_stages": all_stages, "metrics": metrics, "thresholds": thresholds_used, "cost": cost,
                "complementarity": comp, "plots": plots,
-               "stack": json.loads(stack_results.read_text()) if stack_results.is_file() else None,
+               "stack": stack, "stage3_vs_best_expert": _versus_best_expert(df, stack, split, cfg.bootstrap),
                "predictions": "cascade_predictions.csv"}
     best = [k for k in metrics if k.startswith("expert:")]
     if best:

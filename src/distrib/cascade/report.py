@@ -29,6 +29,39 @@ def headline(results: dict) -> list[str]:
     return _table(["scorer", *COLS], rows)
 
 
+def _ci(c) -> str:
+    return "n/a" if not c else f"[{c[0]:+.4f}, {c[1]:+.4f}]"
+
+
+def stage3_sections(st: dict, live: dict | None) -> list[str]:
+    """The meta-learner leaderboard (meta-CV) and the honest val/test comparison with the best expert."""
+    best = st["best_expert"].split(":", 1)[-1]
+    rows = []
+    for name, c in (st.get("candidates") or {}).items():
+        diffs = " ".join(f"{d:+.3f}" for d in c["diff_vs_best_expert"])
+        rows.append([f"**{name}** (chosen)" if name == st.get("meta") else name, c["auc_mean"], c["auc_std"],
+                     f"{c['diff_mean']:+.4f}", diffs, f"{c['folds_above_best_expert']}/{len(c['per_fold'])}"])
+    lines = []
+    if rows:
+        lines += ["## Meta-learner leaderboard (grouped meta-CV on the OOF table, same folds for all)", "",
+                  *_table(["candidate", "CV AUC mean", "CV AUC std", f"mean diff vs {best}",
+                           "per-fold diff", "folds above"], rows),
+                  f"`stack.meta: {st.get('meta_setting', 'lightgbm')}` -> **{st.get('meta', 'lightgbm')}** "
+                  f"(auto picks the best mean CV AUC; within {st.get('tie', 0)} the simpler one wins). "
+                  f"Best expert: `{best}`.", ""]
+    comp = [(split, s["vs_best_expert"]) for split, s in (st.get("splits") or {}).items() if "vs_best_expert" in s]
+    if live:
+        comp += [(f"{live['split']} (cascade run, {who})", live[key]) for who, key in
+                 (("meta on all", "meta_prob"), ("cascade", "cascade_score"))]
+    if comp:
+        lines += ["## Does stage 3 earn its place? (vs the best expert in meta-CV)", "",
+                  *_table(["rows", "AUC", f"AUC {best}", "difference", "95% CI (grouped bootstrap)"],
+                          [[name, c["auc"], c["baseline_auc"], f"{c['diff']:+.4f}", _ci(c.get("diff_ci95"))]
+                           for name, c in comp]),
+                  *[f"- {c['verdict']}" for _, c in comp], ""]
+    return lines
+
+
 def write_report(results: dict, out_dir: str | Path) -> Path:
     """Write ``out_dir/report.md`` and return its path."""
     out = Path(out_dir)
@@ -57,6 +90,8 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
               "- Experts' own thresholds (Youden on their OOF rows): "
               + ", ".join(f"{k} {_f(v)}" for k, v in t["experts_youden_oof"].items()), ""]
     st = r.get("stack")
+    if st:
+        lines += stage3_sections(st, r.get("stage3_vs_best_expert"))
     if st:
         rows = [[k, v["auc_mean"], v["auc_std"], v.get("n_features")] for k, v in st["ablation"].items()]
         lines += ["## Stacking ablation (meta-model's own grouped CV on the OOF table)", "",

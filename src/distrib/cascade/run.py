@@ -1,4 +1,4 @@
-"""3-stage cascade inference: stage-1 filter band -> two aligned stage-2 experts -> stage-3 LightGBM meta-model.
+"""3-stage cascade inference: stage-1 filter band -> two aligned stage-2 experts -> stage-3 meta-model.
 
     distrib cascade --config launch/configs/cascades/deepfake.yaml --split test --out runs/demo/cascade
 
@@ -176,7 +176,7 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     import torch
 
     from distrib.data.loader import build_loader
-    from distrib.stacking.stack import load_meta, predict_meta
+    from distrib.stacking.stack import STAGE1, load_meta, predict_meta
 
     if split not in ("val", "test"):
         raise DistribError(f"cascade split {split!r}: use val or test (train rows fit the models)")
@@ -184,7 +184,8 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     out = Path(out_dir) if out_dir else Path(cascade_cfg_path).parent / f"cascade_{split}"
     out.mkdir(parents=True, exist_ok=True)
     device = _device(cfg.device)
-    booster, meta = load_meta(cfg.stack.dir)
+    meta_model, meta = load_meta(cfg.stack.dir)
+    needs_stage1 = STAGE1 in meta["features"]  # stack.features included stage1: feed it stage 1's probability
     specs = cfg.experts or [ExpertConfig(name=e["name"], oof=e["path"]) for e in meta["experts"]]
     stage1 = _Stage(cfg.stage1.run, device)
     experts = [_Expert(s, device) for s in specs]
@@ -204,12 +205,12 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     loader = build_loader(shards, split, None, rank=0, world_size=1, num_workers=cfg.num_workers,
                           batch_size=cfg.batch_size, epoch=0, transform=multi, seed=0, mode="eval")
 
-    def stage23(flat):
-        cols = {}
+    def stage23(flat, p1):
+        cols = {STAGE1: p1} if needs_stage1 else {}
         for e in experts:
             cols.update(e(multi, flat))
         frame = pd.DataFrame(cols)
-        return frame, predict_meta(booster, meta, frame)
+        return frame, predict_meta(meta_model, meta, frame)
 
     rows, warm = [], False
     for batch in loader:
@@ -218,14 +219,14 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
             continue
         flat = batch["image"][valid]
         if not warm:  # first-call allocations/lazy init would otherwise bill the first batch
-            stage1(multi, flat[:2]), stage23(flat[:2])
+            stage23(flat[:2], stage1(multi, flat[:2]))
             warm = True
         p1, ms1 = _timed(lambda: stage1(multi, flat), device)
         dec, esc = route(p1, t_low, t_high)
         n = len(p1)
         meta_p, cost = np.full(n, np.nan), np.full(n, ms1 / n)
         if esc.any():
-            (_, mp), ms23 = _timed(lambda: stage23(flat[torch.from_numpy(esc)]), device)
+            (_, mp), ms23 = _timed(lambda: stage23(flat[torch.from_numpy(esc)], p1[esc]), device)
             meta_p[esc] = mp
             cost[esc] += ms23 / int(esc.sum())
         rec = {"key": [batch["key"][i] for i in valid.nonzero().flatten().tolist()],
@@ -233,7 +234,7 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
                "label": batch["label"][valid].numpy(), "stage1_prob": p1, "stage1_decision": dec, "escalated": esc,
                "meta_prob_escalated": meta_p, "cost_ms": cost, "stage1_cost_ms": np.full(n, ms1 / n)}
         if cfg.evaluate_all_stages:
-            (frame, mp_all), ms_all = _timed(lambda: stage23(flat), device)
+            (frame, mp_all), ms_all = _timed(lambda: stage23(flat, p1), device)
             rec.update({"meta_prob": mp_all, "always23_cost_ms": np.full(n, ms_all / n),
                         **{f"prob_{e.name}": frame[f"{e.name}__prob"].to_numpy() for e in experts}})
         rows.append(pd.DataFrame(rec))

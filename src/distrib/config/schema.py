@@ -318,24 +318,41 @@ class EmbedConfig(Section):
 @dataclass
 class StackConfig(Section):
     _prefix = "stack"
-    features: list[str] = field(default_factory=lambda: ["prob", "emb", "recon"])  # feature sets: prob, emb, recon
+    features: list[str] = field(default_factory=lambda: ["prob", "emb", "recon"])  # feature sets: prob, emb, recon, stage1
+    meta: str = "auto"  # meta-learner: auto (best mean meta-CV AUC), lightgbm, logistic, weighted, best_expert
+    tie: float = 0.001  # auto: a candidate within this mean CV AUC of the best wins if it is simpler
     folds: int = 5  # group K-fold CV of the meta-model on the OOF table
+    inner_folds: int = 4  # inner grouped folds (logistic C search, LightGBM early stopping)
     n_estimators: int = 400  # maximum boosting rounds
     learning_rate: float = 0.05  # LightGBM learning rate
-    num_leaves: int = 15  # LightGBM leaves per tree
+    num_leaves: int = 7  # LightGBM leaves per tree (few: a small table over-fits)
     min_child_samples: int = 20  # LightGBM minimum samples per leaf
+    feature_fraction: float = 0.8  # LightGBM fraction of columns per tree
+    lambda_l2: float = 1.0  # LightGBM L2 penalty on leaf values
+    monotone: bool = True  # LightGBM: monotone-increasing in every probability column
     early_stopping_rounds: int = 30  # early stopping on the inner folds
+    logistic_cs: int = 10  # logistic: number of C values (log grid) searched by inner grouped CV
+    ensemble_size: int = 25  # weighted: greedy selection rounds (Caruana, with replacement)
+    bootstrap: int = 1000  # grouped bootstrap resamples for the CI of AUC(meta) - AUC(best expert) on val/test
     n_jobs: int = 2  # LightGBM threads
-    seed: int = 0  # meta-model seed
+    seed: int = 0  # meta-model, fold and bootstrap seed
 
     def validate(self) -> None:
         for f in self.features:
-            check_choice("stack.features", f, ("prob", "emb", "recon"))
+            check_choice("stack.features", f, ("prob", "emb", "recon", "stage1"))
+        check_choice("stack.meta", self.meta, ("auto", "lightgbm", "logistic", "weighted", "best_expert"))
+        check_value(0 <= self.tie < 0.5, "stack.tie", self.tie, "0 <= tie < 0.5")
         check_value(self.folds >= 2, "stack.folds", self.folds, ">= 2")
+        check_value(self.inner_folds >= 2, "stack.inner_folds", self.inner_folds, ">= 2")
         check_value(self.n_estimators >= 1, "stack.n_estimators", self.n_estimators, ">= 1")
         check_value(0 < self.learning_rate <= 1, "stack.learning_rate", self.learning_rate, "0 < lr <= 1")
         check_value(self.num_leaves >= 2, "stack.num_leaves", self.num_leaves, ">= 2")
+        check_value(0 < self.feature_fraction <= 1, "stack.feature_fraction", self.feature_fraction, "0 < f <= 1")
+        check_value(self.lambda_l2 >= 0, "stack.lambda_l2", self.lambda_l2, ">= 0")
         check_value(self.early_stopping_rounds >= 0, "stack.early_stopping_rounds", self.early_stopping_rounds, ">= 0")
+        check_value(self.logistic_cs >= 1, "stack.logistic_cs", self.logistic_cs, ">= 1")
+        check_value(self.ensemble_size >= 1, "stack.ensemble_size", self.ensemble_size, ">= 1")
+        check_value(self.bootstrap >= 0, "stack.bootstrap", self.bootstrap, ">= 0")
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The main job, end to end: data -> shards -> stage 1 -> Ray sweeps of the stage-2 experts -> OOF
-embeddings -> LightGBM stack -> thresholds -> cascade on test -> report.
+embeddings -> stack (meta-learner chosen by grouped CV) -> thresholds -> cascade on test -> report.
 
     distrib demo --out runs/demo                 # what `make demo` runs
     distrib demo --out /tmp/e2e --size tiny      # the end-to-end test setting
@@ -38,7 +38,8 @@ PLANS = {
     "tiny": DemoPlan(data_size="tiny", folds=2, shard_size=40,
                      overrides=("train.epochs=1", "train.max_steps=6", "train.latency_batches=2",
                                 "embed.dim=8", "embed.anchors=16", "embed.fit_samples=64"),
-                     stack_overrides=("stack.folds=2", "stack.n_estimators=30", "thresholds.bootstrap=20")),
+                     stack_overrides=("stack.folds=2", "stack.n_estimators=30", "stack.bootstrap=50",
+                                      "thresholds.bootstrap=20")),
 }
 class _Steps:
     """A progress bar over the pipeline's steps plus a timing record of each step."""
@@ -132,7 +133,8 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
     results["pipeline"].update({
         "size": size, "step_seconds": steps.times, "data": summary, "leak_check": leak,
         "stage1_metrics": {k: v for k, v in stage1.items() if isinstance(v, (int, float, str))},
-        "sweeps": sweeps, "stack": stack.get("cv", stack) if isinstance(stack, dict) else stack,
+        "sweeps": sweeps, "stack": {"meta": stack.get("meta"), "best_expert": stack.get("best_expert"),
+                                    **stack.get("cv", {})},
         "meta_thresholds": thresholds,
     })
     write_json(out / "evaluation_results.json", results)

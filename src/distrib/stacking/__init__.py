@@ -1,7 +1,8 @@
-"""Stage 4 of the pipeline: aligned out-of-fold embeddings, the LightGBM meta-learner and thresholds.
+"""Stage 4 of the pipeline: aligned out-of-fold embeddings, the meta-learner and thresholds.
 
 Public face: ``embed.extract_oof`` (each sample once in ``oof_embeddings.parquet``, K fold models
 aligned into one space by ``align``), ``stack.fit_stack`` / ``stack.load_meta`` / ``stack.predict_meta``
-(the meta-model, chosen by grouped CV), and ``thresholds.fit_thresholds`` / ``thresholds.decide``
+(the meta-model: ``meta.fit_candidate`` best_expert / weighted / logistic / lightgbm, chosen by grouped
+CV; ``thresholds.auc_difference`` compares it with the best expert), and ``thresholds.fit_thresholds`` / ``thresholds.decide``
 (decision bands fit on OOF or val rows, never on test).
 """

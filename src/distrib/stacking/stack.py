@@ -1,13 +1,18 @@
-"""LightGBM meta-learner over the experts' OOF probabilities, aligned embeddings and reconstruction error.
+"""Stage 3: candidate meta-learners over the experts' OOF probabilities, aligned embeddings, reconstruction
+error and (optionally) stage 1's probability, chosen by the meta-model's own grouped CV.
 
     distrib stack --oof runs/cnn/oof_embeddings.parquet runs/genconvit/oof_embeddings.parquet --out runs/stack
 
 Honest evaluation: the meta-model gets its OWN grouped K-fold CV (StratifiedGroupKFold) on the OOF
-rows (split == 'oof'); no group is ever on both sides of a fold (checked, not assumed); early
-stopping uses an inner grouped split of the training part only, so no score comes from a row the
-model trained or stopped on. The same folds score the ablation (each expert alone, probabilities
-only, + embeddings, + reconstruction error). The final model is fit on every OOF row with the
-median CV best iteration and then applied to val/test.
+rows (split == 'oof'); no group is ever on both sides of a fold (checked, not assumed); inner
+searches (LightGBM early stopping, logistic C) use grouped splits of the training part only, so no
+score comes from a row the model trained or stopped on. The same folds score every candidate
+(``meta.SIMPLICITY``: best_expert, weighted, logistic, lightgbm) and the ablation (each expert
+alone, LightGBM on probabilities only, + embeddings, + reconstruction error). ``stack.meta: auto``
+takes the best mean CV AUC, ties (within ``stack.tie``) to the simpler candidate, so it is never
+below the best expert in CV. The chosen candidate is refit on every OOF row (LightGBM with the
+median CV best iteration) and applied to val/test, where its AUC is compared with the best
+expert's with a grouped-bootstrap CI of the difference.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import json
 import re
 from pathlib import Path
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
@@ -27,11 +31,14 @@ from distrib.atomic import write_json
 from distrib.config import StackConfig
 from distrib.errors import DataError, DistribError
 from distrib.metrics import binary_metrics
+from distrib.stacking.meta import MetaModel, choose, fit_candidate, is_prob, load_model
+from distrib.stacking.thresholds import auc_difference
 
 log = logging.getLogger(__name__)
 
 SHOW = 10  # keys named in an error message
 REQUIRED = ("key", "group", "label", "split", "model", "prob")
+STAGE1 = "stage1__prob"  # the stage-1 probability column (stack.features: stage1, --stage1 FILE)
 
 
 def _emb_cols(df: pd.DataFrame) -> list[str]:
@@ -44,25 +51,60 @@ def _keys(values) -> str:
     return ", ".join(values[:SHOW]) + more
 
 
+def _read_table(path: Path, what: str, fix: str, csv_ok: bool = False) -> pd.DataFrame:
+    """A parquet (or, with ``csv_ok``, a .csv) table; a file of another format is a one-line DataError."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path} (run {fix})")
+    if csv_ok and path.suffix.lower() == ".csv":
+        return pd.read_csv(path)
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a CSV or a truncated file
+        raise DataError(f"{path} is not a readable parquet file ({type(err).__name__}: {str(err)[:80]}); "
+                        f"{what} must be the parquet written by {fix}") from None
+
+
+def check_probs(df: pd.DataFrame, path: Path, col: str = "prob") -> None:
+    """``col`` must be a finite probability in [0, 1] on every row; name the rows and the fix otherwise."""
+    p = pd.to_numeric(df[col], errors="coerce")
+    nan = p.isna().to_numpy()
+    if nan.any():
+        raise DataError(f"{path}: {int(nan.sum())} row(s) have no numeric '{col}' (keys {_keys(df.loc[nan, 'key'])}); "
+                        "re-run the step that wrote it, or drop those samples from every expert")
+    bad = ((p < 0) | (p > 1)).to_numpy()
+    if bad.any():
+        raise DataError(f"{path}: '{col}' must be P(label=1) in [0, 1], found {float(p[bad].iloc[0]):g} on "
+                        f"{int(bad.sum())} row(s) (keys {_keys(df.loc[bad, 'key'])}); divide a 0-100 score by 100, "
+                        "pass logits through a sigmoid")
+
+
 def load_experts(paths: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     """Read one oof_embeddings.parquet per expert and join them on ``key`` into one wide table.
 
     Columns of the result: key, group, label, split, and per expert ``{name}__prob``,
-    ``{name}__emb_NNN``, ``{name}__recon_error``. A key missing from any expert is an error naming it.
+    ``{name}__emb_NNN``, ``{name}__recon_error``. A key missing from any expert is an error naming it;
+    so are a non-parquet file, the same file twice, and a probability that is NaN or outside [0, 1].
     """
-    base, experts = None, []
+    base, experts, seen = None, [], {}
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"OOF table not found: {path} (run 'distrib embed' or the sweep with tune.embed_best)")
-        df = pd.read_parquet(path)
+        if path.resolve() in seen:
+            raise DataError(f"--oof {path} is given twice (also as {seen[path.resolve()]}); each expert's "
+                            "oof_embeddings.parquet once")
+        seen[path.resolve()] = path
+        df = _read_table(path, "OOF table", "'distrib embed' or the sweep with tune.embed_best")
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
             raise DataError(f"{path} lacks column(s) {missing}; oof_embeddings.parquet needs {list(REQUIRED)} + emb_*")
         if df["key"].duplicated().any():
             raise DataError(f"{path}: duplicated keys {_keys(df.loc[df['key'].duplicated(), 'key'])}; "
                             "each sample must appear exactly once (re-run the OOF merge)")
+        check_probs(df, path)
         name = re.sub(r"[^A-Za-z0-9_]", "_", str(df["model"].iloc[0]))
         if any(e["name"] == name for e in experts):
+            if base is not None and df.set_index("key")["prob"].reindex(base["key"]).equals(
+                    base.set_index("key")[f"{name}__prob"]):
+                raise DataError(f"{path} holds the same expert ('{name}', identical probabilities) as an earlier "
+                                "--oof file; give each expert once")
             name = f"{name}_{len(experts)}"
         embs = _emb_cols(df)
         has_recon = "recon_error" in df.columns
@@ -91,8 +133,34 @@ def load_experts(paths: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     return base.reset_index(drop=True), experts
 
 
+def load_stage1(paths: list[str | Path], keys: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Stage 1's P(label=1) for every key, from key,prob tables (CSV or parquet; several are concatenated).
+
+    The rows of training samples must be out-of-fold (e.g. the stage-1 fold runs' val_predictions.csv,
+    ``data.fold=k``); val/test rows come from the deployed stage-1 model, the one the cascade runs.
+    """
+    parts = []
+    for path in map(Path, paths):
+        df = _read_table(path, "stage-1 predictions", "'distrib train' (val_predictions.csv)", csv_ok=True)
+        missing = [c for c in ("key", "prob") if c not in df.columns]
+        if missing:
+            raise DataError(f"{path} lacks column(s) {missing}; --stage1 takes key,prob rows of stage-1 predictions")
+        check_probs(df, path)
+        parts.append(df[["key", "prob"]].assign(key=lambda d: d["key"].astype(str), source=str(path)))
+    df = pd.concat(parts, ignore_index=True)
+    dup = df["key"].duplicated(keep=False)
+    if dup.any():
+        raise DataError(f"--stage1: {int(dup.sum())} rows repeat a key ({_keys(df.loc[dup, 'key'].unique())}, in "
+                        f"{sorted(df.loc[dup, 'source'].unique())}); give each sample's stage-1 probability once")
+    prob = df.set_index("key")["prob"].reindex(keys.astype(str))
+    if prob.isna().any():
+        raise DataError(f"--stage1 {[str(p) for p in paths]} has no probability for {int(prob.isna().sum())} "
+                        f"sample(s) ({_keys(keys[prob.isna().to_numpy()])}); it must cover the OOF, val and test rows")
+    return prob.to_numpy(dtype=float), [str(p) for p in paths]
+
+
 def feature_columns(experts: list[dict], sets: list[str]) -> list[str]:
-    """Feature names for the feature sets ('prob', 'emb', 'recon'), in a fixed order."""
+    """Feature names for the feature sets ('prob', 'emb', 'recon', 'stage1'), in a fixed order."""
     cols = []
     for e in experts:
         if "prob" in sets:
@@ -101,7 +169,7 @@ def feature_columns(experts: list[dict], sets: list[str]) -> list[str]:
             cols += [f"{e['name']}__emb_{i:03d}" for i in range(e["emb_dim"])]
         if "recon" in sets and e["has_recon"]:
             cols.append(f"{e['name']}__recon_error")
-    return cols
+    return cols + ([STAGE1] if "stage1" in sets else [])
 
 
 def group_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -118,36 +186,19 @@ def group_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> 
     return folds
 
 
-def _classifier(cfg: StackConfig, n_estimators: int | None = None) -> lgb.LGBMClassifier:
-    return lgb.LGBMClassifier(n_estimators=n_estimators or cfg.n_estimators, learning_rate=cfg.learning_rate,
-                              num_leaves=cfg.num_leaves, min_child_samples=cfg.min_child_samples,
-                              n_jobs=cfg.n_jobs, random_state=cfg.seed, deterministic=True,
-                              force_row_wise=True, verbose=-1)
-
-
-def _fit_one(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, cfg: StackConfig) -> tuple[lgb.LGBMClassifier, int]:
-    """Fit on (X, y); early stopping watches an inner grouped split of these rows only."""
-    if cfg.early_stopping_rounds == 0:
-        return _classifier(cfg).fit(X, y), cfg.n_estimators
-    inner_tr, inner_es = group_folds(y, groups, min(4, len(pd.unique(groups))), cfg.seed + 1)[0]
-    model = _classifier(cfg).fit(X.iloc[inner_tr], y[inner_tr], eval_X=(X.iloc[inner_es],), eval_y=(y[inner_es],),
-                                 eval_metric="auc", callbacks=[lgb.early_stopping(cfg.early_stopping_rounds,
-                                                                                  verbose=False)])
-    return model, int(model.best_iteration_ or cfg.n_estimators)
-
-
-def cross_validate(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, folds, cfg: StackConfig) -> dict:
+def cross_validate(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, folds, cfg: StackConfig,
+                   kind: str = "lightgbm") -> dict:
     """Out-of-fold meta predictions and per-fold AUC; each row is scored once, by a model that never saw it."""
     pred = np.full(len(y), np.nan)
     aucs, iters = [], []
     for tr, te in folds:
-        model, best = _fit_one(X.iloc[tr], y[tr], groups[tr], cfg)
-        pred[te] = model.predict_proba(X.iloc[te], num_iteration=best)[:, 1]
+        model = fit_candidate(kind, X.iloc[tr], y[tr], groups[tr], cfg, group_folds)
+        pred[te] = model.predict(X.iloc[te])
         aucs.append(float(roc_auc_score(y[te], pred[te])))
-        iters.append(best)
-    return {"pred": pred, "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
-            "auc_pooled": float(roc_auc_score(y, pred)), "per_fold": aucs, "best_iterations": iters,
-            "n_features": X.shape[1]}
+        iters.append(model.params.get("n_estimators"))
+    out = {"pred": pred, "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
+           "auc_pooled": float(roc_auc_score(y, pred)), "per_fold": aucs, "n_features": X.shape[1]}
+    return out | ({"best_iterations": iters} if kind == "lightgbm" else {})
 
 
 def _ablation_sets(cfg: StackConfig, experts: list[dict]) -> tuple[dict[str, list[str]], str]:
@@ -156,19 +207,66 @@ def _ablation_sets(cfg: StackConfig, experts: list[dict]) -> tuple[dict[str, lis
     sets = {"prob": ["prob"], "prob+emb": ["prob", "emb"]}
     if has_recon:
         sets["prob+emb+recon"] = ["prob", "emb", "recon"]
-    chosen = [s for s in ("prob", "emb", "recon") if s in cfg.features and (s != "recon" or has_recon)]
+    chosen = [s for s in ("prob", "emb", "recon", "stage1") if s in cfg.features and (s != "recon" or has_recon)]
     configured = "+".join(chosen)
     sets.setdefault(configured, chosen)
     return sets, configured
 
 
-def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig) -> dict:
-    """Meta-CV, ablation, final fit; writes meta_model.txt, meta_features.json, stack_results.json, predictions."""
+def _candidate_columns(kind: str, features: list[str], best_col: str) -> list[str]:
+    """What each candidate reads: the best expert's probability, every probability, or every feature."""
+    if kind == "best_expert":
+        return [best_col]
+    return [c for c in features if is_prob(c)] if kind == "weighted" else features
+
+
+def _per_fold(y, p, folds) -> dict:
+    per = [float(roc_auc_score(y[te], p[te])) for _, te in folds]
+    return {"auc_mean": float(np.mean(per)), "auc_std": float(np.std(per)), "auc_pooled": float(roc_auc_score(y, p)),
+            "per_fold": per, "n_features": 1}
+
+
+def _leaderboard(cand_runs: dict[str, dict]) -> dict[str, dict]:
+    """Each candidate's CV summary plus its paired per-fold differences from the best expert."""
+    base = np.asarray(cand_runs["best_expert"]["per_fold"])
+    out = {}
+    for k, r in cand_runs.items():
+        diff = np.asarray(r["per_fold"]) - base
+        out[k] = {**{m: v for m, v in r.items() if m != "pred"}, "diff_vs_best_expert": diff.tolist(),
+                  "diff_mean": float(diff.mean()), "folds_above_best_expert": int((diff > 0).sum())}
+    return out
+
+
+def _versus_best_expert(part: pd.DataFrame, split: str, best_expert: str, cfg: StackConfig) -> dict | None:
+    """Val/test: meta AUC, every expert's AUC, and AUC(meta) - AUC(best expert) with its grouped CI."""
+    if part["label"].nunique() < 2:
+        return None
+    experts = [c for c in part.columns if c.startswith("prob_")]
+    cmp = auc_difference(part["label"], part["prob"], part[f"prob_{best_expert.split(':', 1)[1]}"], part["group"],
+                         cfg.bootstrap, cfg.seed)
+    return {"meta_auc": cmp["auc"], **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in experts},
+            "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)}}
+
+
+def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig,
+              stage1: list[str | Path] | None = None) -> dict:
+    """Candidates and ablation on one set of grouped meta folds, the chosen model refit on every OOF row.
+
+    Writes meta_model.json (+ .txt for LightGBM), meta_features.json, stack_results.json,
+    meta_predictions.parquet and stack_ablation.png; returns stack_results.
+    """
     from distrib.plots import plot_bars
 
+    if "stage1" in cfg.features and not stage1:
+        raise DataError("stack.features includes 'stage1' but no --stage1 file was given; pass key,prob stage-1 "
+                        "predictions (out-of-fold for training rows) or drop 'stage1' from stack.features")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     table, experts = load_experts(oof_paths)
+    stage1_source = None
+    if stage1 and "stage1" in cfg.features:
+        table[STAGE1], stage1_source = load_stage1(stage1, table["key"])
+    elif stage1:
+        log.info("stack: --stage1 given but 'stage1' is not in stack.features; it is not used")
     features = feature_columns(experts, cfg.features)
     if "recon" in cfg.features and not any(e["has_recon"] for e in experts):
         log.info("stack: note: 'recon' requested but no expert has recon_error; using the other feature sets")
@@ -179,75 +277,107 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
         raise DataError(f"no rows with split == 'oof' in {[e['path'] for e in experts]}; stacking needs OOF rows")
     y, groups = oof["label"].to_numpy().astype(int), oof["group"].astype(str).to_numpy()
     folds = group_folds(y, groups, cfg.folds, cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs passed their checks
 
-    ablation = {}
-    for e in experts:  # each expert alone: its own probability, scored on the same folds
-        p = oof[f"{e['name']}__prob"].to_numpy()
-        per = [float(roc_auc_score(y[te], p[te])) for _, te in folds]
-        ablation[f"expert:{e['name']}"] = {"auc_mean": float(np.mean(per)), "auc_std": float(np.std(per)),
-                                           "auc_pooled": float(roc_auc_score(y, p)), "per_fold": per, "n_features": 1}
+    ablation = {f"expert:{e['name']}": _per_fold(y, oof[f"{e['name']}__prob"].to_numpy(), folds) for e in experts}
+    if STAGE1 in oof:
+        ablation["stage1 alone"] = _per_fold(y, oof[STAGE1].to_numpy(), folds)
+    best_expert = max((k for k in ablation if k.startswith("expert:")), key=lambda k: ablation[k]["auc_mean"])
+    best_col = f"{best_expert.split(':', 1)[1]}__prob"
     sets, configured = _ablation_sets(cfg, experts)
+    runs = {}
     for name, chosen in sets.items():
-        res = cross_validate(oof[feature_columns(experts, chosen)], y, groups, folds, cfg)
-        if name == configured:
-            cv_main = res
-        ablation[name] = {k: v for k, v in res.items() if k != "pred"}
+        runs[name] = cross_validate(oof[feature_columns(experts, chosen)], y, groups, folds, cfg)
+        ablation[name] = {k: v for k, v in runs[name].items() if k != "pred"}
 
-    n_final = int(np.median(cv_main["best_iterations"]))
-    final = _classifier(cfg, n_estimators=max(n_final, 1)).fit(oof[features], y)
-    booster = final.booster_
-    booster.save_model(str(out / "meta_model.txt"))
+    cand_runs = {"best_expert": {"pred": oof[best_col].to_numpy(), **ablation[best_expert]},
+                 "lightgbm": runs[configured]}
+    skipped = {}
+    for kind in ("weighted", "logistic"):
+        if cols := _candidate_columns(kind, features, best_col):
+            try:
+                cand_runs[kind] = cross_validate(oof[cols], y, groups, folds, cfg, kind=kind)
+            except DataError as err:  # e.g. too few groups for the inner C search: leave it off the board
+                log.warning(f"stack: candidate {kind} skipped: {err}")
+                skipped[kind] = str(err)
+    candidates = _leaderboard(cand_runs)
+    auto_pick = choose(candidates, cfg.tie)
+    kind = auto_pick if cfg.meta == "auto" else cfg.meta
+    if kind not in cand_runs:
+        raise DataError(skipped.get(kind) or f"stack.meta={kind} has no input columns with stack.features={cfg.features}")
+    cv_main = cand_runs[kind]
+    cols = _candidate_columns(kind, features, best_col)
+    n_final = int(np.median(cv_main["best_iterations"])) if kind == "lightgbm" else None
+    model = fit_candidate(kind, oof[cols], y, groups, cfg, group_folds, n_estimators=max(n_final or 0, 1))
+    spec = model.save(out)
 
     meta_fold = np.full(len(oof), -1)
     for k, (_, te) in enumerate(folds):
         meta_fold[te] = k
     rest = table[table["split"] != "oof"].reset_index(drop=True)
-    pred_rest = booster.predict(rest[features]) if len(rest) else np.zeros(0)
     expert_cols = {f"prob_{e['name']}": f"{e['name']}__prob" for e in experts}
+    keep = ["key", "group", "label", "split"]
     preds = pd.concat([
-        oof[["key", "group", "label", "split"]].assign(prob=cv_main["pred"], meta_fold=meta_fold,
-                                                       **{k: oof[v] for k, v in expert_cols.items()}),
-        rest[["key", "group", "label", "split"]].assign(prob=pred_rest, meta_fold=-1,
-                                                        **{k: rest[v] for k, v in expert_cols.items()}),
+        oof[keep].assign(prob=cv_main["pred"], meta_fold=meta_fold, **{k: oof[v] for k, v in expert_cols.items()}),
+        rest[keep].assign(prob=model.predict(rest) if len(rest) else np.zeros(0), meta_fold=-1,
+                          **{k: rest[v] for k, v in expert_cols.items()}),
     ], ignore_index=True)
     preds.to_parquet(out / "meta_predictions.parquet", index=False)
 
-    split_metrics = {}
-    for split in sorted(rest["split"].unique()):
-        part = preds[preds["split"] == split]
-        if part["label"].nunique() == 2:
-            split_metrics[split] = {"meta_auc": float(roc_auc_score(part["label"], part["prob"])),
-                                    **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in expert_cols}}
-    best_expert = max((k for k in ablation if k.startswith("expert:")), key=lambda k: ablation[k]["auc_mean"])
-    meta_info = {"experts": experts, "features": features, "feature_sets": list(cfg.features),
-                 "config": dataclasses.asdict(cfg), "n_estimators": n_final, "prediction": "booster.predict -> P(label=1)"}
+    split_metrics = {split: _versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
+                     for split in sorted(rest["split"].unique(), key=lambda v: (v != "val", v))}
+    split_metrics = {k: v for k, v in split_metrics.items() if v}
+    meta_info = {"experts": experts, "features": cols, "feature_sets": list(cfg.features), "meta": kind,
+                 "stage1_source": stage1_source, "config": dataclasses.asdict(cfg), "n_estimators": n_final,
+                 "model": {k: v for k, v in spec.items() if k != "params"},
+                 "prediction": "stack.load_meta + stack.predict_meta -> P(label=1)"}
     results = {"n_oof": int(len(oof)), "n_groups": int(len(pd.unique(groups))), "folds": cfg.folds,
-               "features": configured, "n_features": len(features),
+               "meta": kind, "meta_setting": cfg.meta, "auto_pick": auto_pick, "tie": cfg.tie,
+               "features": configured, "n_features": len(cols), "stage1_source": stage1_source,
                "cv": {k: v for k, v in cv_main.items() if k != "pred"},
                "cv_oof_metrics": binary_metrics(y, cv_main["pred"]),
-               "best_expert": best_expert, "ablation": ablation, "final_n_estimators": n_final,
-               "splits": split_metrics}
+               "best_expert": best_expert, "candidates": candidates, "candidates_skipped": skipped,
+               "ablation": ablation,
+               "final_n_estimators": n_final, "splits": split_metrics}
     for name, obj in (("meta_features.json", meta_info), ("stack_results.json", results)):
         write_json(out / name, obj)
-    plot_bars({k: v["auc_mean"] for k, v in ablation.items()}, out / "stack_ablation.png",
-              "Meta-CV AUC by feature set", "AUC (mean over meta folds)",
-              errors=[v["auc_std"] for v in ablation.values()])
+    bars = {**{f"meta:{k}": v for k, v in candidates.items()}, **ablation}
+    plot_bars({k: v["auc_mean"] for k, v in bars.items()}, out / "stack_ablation.png",
+              "Meta-CV AUC by candidate and feature set", "AUC (mean over meta folds)",
+              errors=[v["auc_std"] for v in bars.values()])
     return results
 
 
-def load_meta(stack_dir: str | Path) -> tuple[lgb.Booster, dict]:
-    """The saved meta-model and its feature list (names/order the model was trained with)."""
+def verdict(cmp: dict, split: str, best_expert: str, who: str = "the meta-model") -> str:
+    """One plain line: is ``who`` better than the best expert on this split, and how sure."""
+    ci = cmp.get("diff_ci95")
+    ci_txt = f", 95% grouped-bootstrap CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+    nums = f"AUC {cmp['auc']:.4f} vs {cmp['baseline_auc']:.4f}, difference {cmp['diff']:+.4f}{ci_txt}"
+    name = best_expert.split(":", 1)[-1]
+    if cmp["diff"] <= 0:
+        return f"On {split} {who} is NOT better than the best expert ({name}): {nums}."
+    if ci and ci[0] > 0:
+        return f"On {split} {who} beats the best expert ({name}): {nums}."
+    return f"On {split} {who} is higher than the best expert ({name}) but not clearly (the CI includes 0): {nums}."
+
+
+def load_meta(stack_dir: str | Path) -> tuple[MetaModel, dict]:
+    """The saved meta-model (any candidate kind) and its meta_features.json (input columns, experts)."""
     d = Path(stack_dir)
-    for name in ("meta_model.txt", "meta_features.json"):
+    for name in ("meta_features.json",):
         if not (d / name).is_file():
             raise DataError(f"{d / name} not found; run 'distrib stack --out {d}' first")
-    return lgb.Booster(model_file=str(d / "meta_model.txt")), json.loads((d / "meta_features.json").read_text())
+    if not (d / "meta_model.json").is_file() and not (d / "meta_model.txt").is_file():
+        raise DataError(f"{d / 'meta_model.json'} not found; run 'distrib stack --out {d}' first")
+    info = json.loads((d / "meta_features.json").read_text())
+    return load_model(d, info["features"]), info
 
 
-def predict_meta(booster: lgb.Booster, meta: dict, frame: pd.DataFrame) -> np.ndarray:
+def predict_meta(model: MetaModel, meta: dict, frame: pd.DataFrame) -> np.ndarray:
     """P(label=1) from the meta-model for rows holding the columns listed in ``meta['features']``."""
     missing = [c for c in meta["features"] if c not in frame.columns]
     if missing:
-        raise DataError(f"meta-model features missing from the input: {missing[:SHOW]}; the experts given to the "
-                        f"cascade must match meta_features.json ({[e['name'] for e in meta['experts']]})")
-    return booster.predict(frame[meta["features"]])
+        hint = (" (stage1__prob: the cascade adds stage 1's probability)" if STAGE1 in missing else "")
+        raise DataError(f"meta-model features missing from the input: {missing[:SHOW]}{hint}; the experts given to "
+                        f"the cascade must match meta_features.json ({[e['name'] for e in meta['experts']]})")
+    return model.predict(frame)
