@@ -41,9 +41,6 @@ def check_choice(key: str, value: Any, choices) -> None:
     check_value(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
 
 
-TRACKERS = ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive")  # accelerate LoggerTypes
-
-
 class Section:
     """Base for config sections: type-checks fields against their annotations after construction."""
 
@@ -260,8 +257,8 @@ class TrainConfig(Section):
         check_value(self.latency_batches >= 0, "train.latency_batches", self.latency_batches, ">= 0")
         check_value(0.0 <= self.max_skipped_fraction <= 1.0, "train.max_skipped_fraction",
                     self.max_skipped_fraction, "0..1")
-        for name in self.trackers:
-            check_choice("train.trackers", name, TRACKERS)
+        for name in self.trackers:  # tensorboard + accelerate's LoggerType names
+            check_choice("train.trackers", name, ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive"))
 
 
 @dataclass
