@@ -69,6 +69,10 @@ def test_demo_artifacts_exist_and_parse(demo_run):
     assert "band" in thresholds
     preds = pd.read_csv(out / "cascade_predictions.csv")
     assert len(preds) == results["n"] and preds["key"].is_unique
+    # the demo ends with distrib predict on a plain folder of the test images
+    assert f"predictions for the folder {out / 'test_images'}: {out / 'predictions' / 'predictions.csv'}" in log
+    folder_preds = pd.read_csv(out / "predictions" / "predictions.csv")
+    assert len(folder_preds) == results["n"] and set(folder_preds["decision"]) <= {0, 1}
 
 
 @pytest.mark.slow

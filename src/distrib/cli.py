@@ -15,6 +15,7 @@ import argparse
 import errno
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable
@@ -114,6 +115,30 @@ def _cmd_cascade(a: argparse.Namespace) -> dict:
     return {"report": res["report"], "evaluation_results": res["evaluation_results"]}
 
 
+def _cmd_predict(a: argparse.Namespace) -> dict:
+    from distrib.inference.predict import predict
+    res = predict(a.model, a.images, a.out, device=a.device, batch_size=a.batch_size, workers=a.workers,
+                  split=a.split, thresholds=a.thresholds)
+    print(f"predict: {res['n']} images ({res['skipped']} skipped -> {res['skipped_csv']}) at "
+          f"{res['images_per_s']:.1f} images/s; decisions {res['decisions']}; predictions: {res['out']}")
+    for name, m in res.get("metrics", {}).items():
+        print(f"predict: {name} AUC {m['auc']:.4f} F1 {m['f1']:.4f} recall {m['recall']:.4f} "
+              f"specificity {m['specificity']:.4f} (n={m['n']})")
+    return res
+
+
+def _cmd_export(a: argparse.Namespace) -> dict:
+    from distrib.inference.export import export_run
+    res = export_run(a.run, fmt=a.format, int8=a.int8, out=a.out, threads=a.threads, overrides=a.overrides)
+    for name, r in res["artifacts"].items():
+        print(f"export: {name:<5} {r['path']}: {r['size_mb']:.2f} MB, max |dprob| vs PyTorch {r['max_abs_prob_diff']:.2e}, "
+              f"AUC {r['auc']:.4f} (PyTorch {res['torch']['auc']:.4f}), batch-1 latency median "
+              f"{r['latency_ms']['median']:.2f} ms p95 {r['latency_ms']['p95']:.2f} ms "
+              f"({r['threads']} thread(s)) -> {'PASS' if r['passed'] else 'FAIL'}")
+    print(json.dumps(res, default=str), flush=True)  # the last line is one JSON object
+    return res
+
+
 def _cmd_demo(a: argparse.Namespace) -> dict:
     from distrib.demo.pipeline import run_demo
     root = Path(a.configs) if a.configs else Path("launch/configs")
@@ -123,7 +148,8 @@ def _cmd_demo(a: argparse.Namespace) -> dict:
         raise DistribError(f"demo configs not found: {', '.join(missing)}; run from the repository root "
                            "or pass --configs DIR (the folder holding experiments/ and grids/)")
     res = run_demo(a.out, stage1, experts, root / "grids" / DEMO_GRID, size=a.size, overrides=a.overrides)
-    print(f"\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}")
+    print(f"\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}\n"
+          f"predictions for the folder {res['predicted_images']}: {res['predictions']}")
     return res
 
 
@@ -223,6 +249,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: next to the cascade YAML)")
     p.set_defaults(func=_cmd_cascade)
 
+    p = sub.add_parser("predict", help="apply a run or a cascade to a folder / CSV list / shard dir -> CSV")
+    p.add_argument("--model", required=True, help="run directory (best_model.pth) or cascade YAML")
+    p.add_argument("--images", required=True, help="image folder (recursive), CSV with a 'path' column "
+                                                   "(optional group, label), or shard directory")
+    p.add_argument("--out", required=True, help="predictions CSV (skipped.csv is written beside it)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 64, or the cascade's batch_size)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--split", default=None, help="shard input only: val, test, train or all (default all)")
+    p.add_argument("--thresholds", default=None, help="run only: a thresholds.json (default RUN_DIR/thresholds.json)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a run's best model to ONNX/TorchScript, validate, time; last line JSON")
+    p.add_argument("run", help="run directory (best_model.pth + config.yaml)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--int8", action="store_true", help="also write an ONNX Runtime int8-quantized model")
+    p.add_argument("--out", default=None, help="output file (default RUN_DIR/model.onnx or model.torchscript.pt)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency measurement")
+    _add_overrides(p, "export.max_latency_ms=16 export.max_size_mb=100")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("demo", help="the main job: data -> shards -> stage 1 -> sweep -> OOF -> stack -> cascade -> report")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", default="demo", choices=["tiny", "demo"], help="tiny is the test setting")
@@ -268,6 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable = args.func
     try:
         result = func(args)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM in tune): where things stand, how to continue
+        dist = sys.modules.get("distrib.training.dist")
+        if dist is None or dist.is_main():  # one message for a multi-process run, from rank 0
+            print(f"distrib {args.command}: interrupted. {_resume_hint(args)}", file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
     except DistribError as e:
         print(f"distrib {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -279,6 +331,50 @@ def main(argv: list[str] | None = None) -> int:
               "written to temp names and renamed, so no partial file was left; re-run the same command "
               "(add --resume for train/tune) to continue.", file=sys.stderr)
         return 2
-    if isinstance(result, dict) and args.command != "bench":
+    if isinstance(result, dict) and args.command not in ("bench", "export"):
         print(json.dumps(result, default=str))
+    if args.command == "tune":
+        return _sweep_exit(args, result)
+    return 0
+
+
+def _resume_command(a: argparse.Namespace) -> str:
+    """The command that continues an interrupted train/tune: the same arguments plus --resume."""
+    words = ["distrib", a.command, a.config, *a.overrides, "--out", a.out]
+    for flag in ("grid", "address", "storage", "num_cpus"):
+        if getattr(a, flag, None) is not None:
+            words += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+    return shlex.join([*words, "--resume"])
+
+
+def _resume_hint(a: argparse.Namespace) -> str:
+    if a.command == "train":
+        from distrib.runs import find_checkpoint
+        from distrib.training.checkpoint import saved_state
+        ckpt = find_checkpoint(a.out)
+        if ckpt is None:
+            return f"No checkpoint was written yet; start again with: {_resume_command(a)}"
+        state = saved_state(ckpt)
+        return (f"The last checkpoint is {ckpt} (epoch {state['epoch']}, step {state['step']}); "
+                f"continue with: {_resume_command(a)}")
+    if a.command == "tune" and (Path(a.out) / "config.yaml").is_file():
+        return f"Finished trials are kept; continue with: {_resume_command(a)}"
+    return "Nothing was resumed or left half-written (outputs are written to temp names and renamed)."
+
+
+def _sweep_exit(a: argparse.Namespace, result: dict) -> int:
+    """0 for a finished sweep; 128+signal when it was interrupted; 1 when trials failed (see README)."""
+    status = result.get("status", "done")
+    if status == "interrupted":
+        sig = result.get("signal") or 2
+        print(f"distrib tune: interrupted (signal {sig}) with {result['done']} of {result['trials']} trials "
+              f"finished; {_resume_hint(a)}", file=sys.stderr)
+        return 128 + sig
+    if status == "incomplete":
+        best = ("the best config was chosen among the configs that finished every fold only"
+                if result.get("best") else "no config finished every fold, so there is no best config")
+        print(f"distrib tune: {result['trials'] - result['done']} of {result['trials']} trials failed "
+              f"({len(result['errors'])} error(s); see sweep_summary.csv and the trial dirs' logs); {best}. "
+              f"Fix the cause, then retry the failed trials with: {_resume_command(a)}", file=sys.stderr)
+        return 1
     return 0

@@ -11,3 +11,11 @@ class DataError(DistribError, ValueError):
 
 class ConfigError(DistribError, ValueError):
     """A config key or value is invalid; the message names the key, the value and the fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal other than SIGINT (e.g. SIGTERM); ``signum`` gives the exit code 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distrib.config import ConfigError, read_yaml_mapping
-from distrib.config.schema import check_value, check_choice, closest_key, Section
+from distrib.config.fields import Section, check_choice, check_value, closest_key
 
 RULES = ("youden", "f1", "max_specificity_at_recall")
 

@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from distrib.atomic import write_text
-from distrib.config.schema import SECTIONS, TOP_LEVEL, ExperimentConfig, closest_key
+from distrib.config.fields import closest_key
+from distrib.config.schema import SECTIONS, TOP_LEVEL, ExperimentConfig
 from distrib.errors import ConfigError
 
 

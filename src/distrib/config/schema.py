@@ -1,111 +1,14 @@
-"""The config schema: one dataclass per concern (data, augment, model, optim, train, dist, tune, ...).
+"""The config schema: one dataclass per concern (data, augment, model, optim, train, dist, tune);
+the later stages' sections are in ``downstream.py``, the shared machinery in ``fields.py``.
 
 Every field carries a one-line comment; every dataclass validates itself in ``__post_init__`` so a bad
 value fails before any process group, Ray cluster or output file is created.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
-from typing import Any
-
-from distrib.errors import ConfigError
-
-
-def _initials(word: str) -> str:
-    return "".join(w[0] for w in word.replace("-", "_").split("_") if w)
-
-
-def closest_key(name: str, options) -> str:
-    """'; did you mean X?' for the nearest option, compared on the last dotted part; an abbreviation
-    either way round wins (learning_rate -> lr, wd -> weight_decay) before difflib's similarity."""
-    options = list(options)
-    last = name.rsplit(".", 1)[-1].lower()
-    tails = {o: o.rsplit(".", 1)[-1].lower() for o in options}
-    match = [o for o, t in tails.items() if len(t) > 1 and len(last) > 1 and (t == _initials(last) or
-                                                                               last == _initials(t))]
-    if not match:
-        by_tail = difflib.get_close_matches(last, list(tails.values()), n=1, cutoff=0.0)
-        match = [o for o, t in tails.items() if by_tail and t == by_tail[0]]
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
-def check_value(cond: bool, key: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
-
-
-def check_choice(key: str, value: Any, choices) -> None:
-    check_value(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
-
-
-class Section:
-    """Base for config sections: type-checks fields against their annotations after construction."""
-
-    _prefix = ""
-
-    def _typecheck(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            want = hints[f.name]
-            key = f"{self._prefix}.{f.name}" if self._prefix else f.name
-            setattr(self, f.name, _coerce(key, value, want))
-
-    def __post_init__(self) -> None:
-        self._typecheck()
-        self.validate()
-
-    def validate(self) -> None:  # overridden per section
-        pass
-
-
-def _coerce(key: str, value: Any, want) -> Any:
-    origin = typing.get_origin(want)
-    if want is Any:
-        return value
-    if origin is typing.Union or str(origin) == "types.UnionType":
-        args = [a for a in typing.get_args(want) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(key, value, args[0])
-    if want is float:
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a number)")
-        return float(value)
-    if want is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected an integer)")
-        return value
-    if want is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected true or false)")
-        return value
-    if want is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a string)")
-        return str(value)
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a list)")
-        (inner,) = typing.get_args(want) or (Any,)
-        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a mapping)")
-        return dict(value)
-    return value
+from distrib.config.downstream import EmbedConfig, ExportConfig, StackConfig, ThresholdConfig
+from distrib.config.fields import Section, check_choice, check_value
 
 
 @dataclass
@@ -297,77 +200,6 @@ class TuneConfig(Section):
             check_value(isinstance(v, list) and len(v) >= 1, f"tune.grid['{k}']", v, "a non-empty list of values")
 
 
-@dataclass
-class EmbedConfig(Section):
-    _prefix = "embed"
-    dim: int = 256  # projected embedding size (PCA fit on the fold model's own training folds)
-    anchors: int = 256  # shared unlabeled anchor samples used for Procrustes alignment across folds
-    fit_samples: int = 2048  # training-fold samples used to fit each fold's PCA
-    batch_size: int = 64  # extraction batch size
-
-    def validate(self) -> None:
-        check_value(self.dim >= 2, "embed.dim", self.dim, ">= 2")
-        check_value(self.anchors >= 2, "embed.anchors", self.anchors, ">= 2")
-        check_value(self.fit_samples >= 2, "embed.fit_samples", self.fit_samples, ">= 2")
-        check_value(self.batch_size >= 1, "embed.batch_size", self.batch_size, ">= 1")
-
-
-@dataclass
-class StackConfig(Section):
-    _prefix = "stack"
-    features: list[str] = field(default_factory=lambda: ["prob", "emb", "recon"])  # feature sets: prob, emb, recon, stage1
-    meta: str = "auto"  # meta-learner: auto (best mean meta-CV AUC), lightgbm, logistic, weighted, best_expert
-    tie: float = 0.001  # auto: a candidate within this mean CV AUC of the best wins if it is simpler
-    folds: int = 5  # group K-fold CV of the meta-model on the OOF table
-    inner_folds: int = 4  # inner grouped folds (logistic C search, LightGBM early stopping)
-    n_estimators: int = 400  # maximum boosting rounds
-    learning_rate: float = 0.05  # LightGBM learning rate
-    num_leaves: int = 7  # LightGBM leaves per tree (few: a small table over-fits)
-    min_child_samples: int = 20  # LightGBM minimum samples per leaf
-    feature_fraction: float = 0.8  # LightGBM fraction of columns per tree
-    lambda_l2: float = 1.0  # LightGBM L2 penalty on leaf values
-    monotone: bool = True  # LightGBM: monotone-increasing in every probability column
-    early_stopping_rounds: int = 30  # early stopping on the inner folds
-    logistic_cs: int = 10  # logistic: number of C values (log grid) searched by inner grouped CV
-    ensemble_size: int = 25  # weighted: greedy selection rounds (Caruana, with replacement)
-    bootstrap: int = 1000  # grouped bootstrap resamples for the CI of AUC(meta) - AUC(best expert) on val/test
-    n_jobs: int = 2  # LightGBM threads
-    seed: int = 0  # meta-model, fold and bootstrap seed
-
-    def validate(self) -> None:
-        for f in self.features:
-            check_choice("stack.features", f, ("prob", "emb", "recon", "stage1"))
-        check_choice("stack.meta", self.meta, ("auto", "lightgbm", "logistic", "weighted", "best_expert"))
-        check_value(0 <= self.tie < 0.5, "stack.tie", self.tie, "0 <= tie < 0.5")
-        check_value(self.folds >= 2, "stack.folds", self.folds, ">= 2")
-        check_value(self.inner_folds >= 2, "stack.inner_folds", self.inner_folds, ">= 2")
-        check_value(self.n_estimators >= 1, "stack.n_estimators", self.n_estimators, ">= 1")
-        check_value(0 < self.learning_rate <= 1, "stack.learning_rate", self.learning_rate, "0 < lr <= 1")
-        check_value(self.num_leaves >= 2, "stack.num_leaves", self.num_leaves, ">= 2")
-        check_value(0 < self.feature_fraction <= 1, "stack.feature_fraction", self.feature_fraction, "0 < f <= 1")
-        check_value(self.lambda_l2 >= 0, "stack.lambda_l2", self.lambda_l2, ">= 0")
-        check_value(self.early_stopping_rounds >= 0, "stack.early_stopping_rounds", self.early_stopping_rounds, ">= 0")
-        check_value(self.logistic_cs >= 1, "stack.logistic_cs", self.logistic_cs, ">= 1")
-        check_value(self.ensemble_size >= 1, "stack.ensemble_size", self.ensemble_size, ">= 1")
-        check_value(self.bootstrap >= 0, "stack.bootstrap", self.bootstrap, ">= 0")
-
-
-@dataclass
-class ThresholdConfig(Section):
-    _prefix = "thresholds"
-    recall: float = 0.99  # hard recall constraint R (pit plan default 0.99)
-    specificity: float = 0.95  # specificity constraint S for the 3-way band
-    bootstrap: int = 1000  # grouped bootstrap resamples for confidence intervals
-    seed: int = 0  # bootstrap seed
-    fit_split: str = "oof"  # rows thresholds are fit on: oof, val or oof+val (never test)
-
-    def validate(self) -> None:
-        check_choice("thresholds.fit_split", self.fit_split, ("oof", "val", "oof+val"))
-        check_value(0 < self.recall <= 1, "thresholds.recall", self.recall, "0 < R <= 1")
-        check_value(0 < self.specificity <= 1, "thresholds.specificity", self.specificity, "0 < S <= 1")
-        check_value(self.bootstrap >= 0, "thresholds.bootstrap", self.bootstrap, ">= 0")
-
-
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "augment": AugmentConfig,
@@ -379,6 +211,7 @@ SECTIONS: dict[str, type] = {
     "embed": EmbedConfig,
     "stack": StackConfig,
     "thresholds": ThresholdConfig,
+    "export": ExportConfig,
 }
 
 
@@ -395,6 +228,7 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 TOP_LEVEL = ("name", *SECTIONS)

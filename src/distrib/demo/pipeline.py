@@ -1,5 +1,7 @@
 """The main job, end to end: data -> shards -> stage 1 -> Ray sweeps of the stage-2 experts -> OOF
-embeddings -> stack (meta-learner chosen by grouped CV) -> thresholds -> cascade on test -> report.
+embeddings -> stack (meta-learner chosen by grouped CV) -> thresholds -> cascade on test -> report ->
+``distrib predict`` of the cascade on a plain folder of the test images (``<out>/test_images`` ->
+``<out>/predictions/predictions.csv``).
 
     distrib demo --out runs/demo                 # what `make demo` runs
     distrib demo --out /tmp/e2e --size tiny      # the end-to-end test setting
@@ -66,11 +68,12 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
     from distrib.config import load_config
     from distrib.demo.checks import histogram_leak_check
     from distrib.demo.data import build_demo_dataset
+    from distrib.inference.predict import predict
     from distrib.data.shards import write_shards
     from distrib.stacking.stack import fit_stack
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
     from distrib.training.trainer import run as train_run
-    from distrib.sweep.driver import init_ray, run_sweep
+    from distrib.sweep.driver import init_ray, run_sweep, stop_ray
     from distrib.sweep.grid import load_grid
 
     if size not in PLANS:
@@ -86,7 +89,7 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
                    for path in experts]
     grid = load_grid(grid)
     steps = _Steps(["data", "shards", "stage 1", *[f"sweep {c.name}" for c in expert_cfgs],
-                    "stack", "thresholds", "cascade"])
+                    "stack", "thresholds", "cascade", "predict"])
 
     summary = steps("data", build_demo_dataset, data_dir, size=plan.data_size, seed=0)
     leak = histogram_leak_check(data_dir)
@@ -106,8 +109,7 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
             oofs.append(sweep_dir / "oof_embeddings.parquet")
     finally:
         if started:
-            import ray
-            ray.shutdown()
+            stop_ray()
 
     stack_cfg = expert_cfgs[0]
     stack = steps("stack", fit_stack, oofs, out / "stack", stack_cfg.stack)
@@ -127,6 +129,8 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
         "stack": {"dir": str(out / "stack"), "rule": "youden"},
     }, sort_keys=False))
     results = steps("cascade", run_cascade, cascade_yaml, "test", out)
+    folder = _test_image_folder(data_dir, out / "test_images")
+    predicted = steps("predict", predict, cascade_yaml, folder, out / "predictions" / "predictions.csv")
     steps.bar.close()
 
     results.setdefault("pipeline", {})
@@ -136,11 +140,26 @@ def run_demo(out: str | Path, stage1: str | Path, experts: list[str | Path], gri
         "sweeps": sweeps, "stack": {"meta": stack.get("meta"), "best_expert": stack.get("best_expert"),
                                     **stack.get("cv", {})},
         "meta_thresholds": thresholds,
+        "predict": {k: predicted[k] for k in ("out", "images", "n", "skipped", "images_per_s", "decisions")},
     })
     write_json(out / "evaluation_results.json", results)
     _append_pipeline_report(out / "report.md", results["pipeline"])
     return {"report": str(out / "report.md"), "results": str(out / "evaluation_results.json"),
-            "tensorboard": f"tensorboard --logdir {out} --host 127.0.0.1 --port 6006", "step_seconds": steps.times}
+            "tensorboard": f"tensorboard --logdir {out} --host 127.0.0.1 --port 6006", "step_seconds": steps.times,
+            "predictions": predicted["out"], "predicted_images": str(folder)}
+
+
+def _test_image_folder(data_dir: Path, folder: Path) -> Path:
+    """The test split's image files copied into one plain folder: what a user would point predict at."""
+    import shutil
+
+    import pandas as pd
+    test = pd.read_csv(data_dir / "test_manifest.csv")
+    folder.mkdir(parents=True, exist_ok=True)
+    for rel in test["path"]:
+        src = data_dir / rel
+        shutil.copyfile(src, folder / "_".join(Path(rel).parts[-2:]))
+    return folder
 
 
 def _append_pipeline_report(report: Path, info: dict) -> None:

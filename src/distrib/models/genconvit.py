@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from distrib.config import ConfigError, ModelConfig
-from distrib.config.schema import closest_key
+from distrib.config.fields import closest_key
 from distrib.models import register_model
 from distrib.models.timm_models import create_timm
 

@@ -20,51 +20,36 @@ The grid lives in ``grid.py``, a trial in ``trial.py``, summaries and the best-c
 from __future__ import annotations
 
 import copy
+import logging
 import os
-import tempfile
+import signal
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
-from distrib.atomic import write_text
-from distrib.config import (ConfigError, ExperimentConfig, build_config, config_to_dict, load_config,
-                            parse_override, read_yaml_mapping, save_config, set_dotted)
+from distrib.atomic import write_json, write_text
+from distrib.config import (SWEEP_RESUME_SAFE, ConfigError, ExperimentConfig, build_config, check_resume,
+                            config_to_dict, load_config, parse_override, read_yaml_mapping, save_config, set_dotted)
 from distrib.errors import DistribError
+from distrib.sweep.local_ray import PID_FILE, reap, start_ray, stop_ray
 from distrib.sweep.report import write_outputs
 from distrib.sweep.grid import check_grid, grid_configs, trial_overrides
 from distrib.sweep.trial import FAIL_ONCE_ENV, run_trial
 from distrib.sweep.tracking import finish_parent, start_parent
+from distrib.training.checkpoint import remove_stale_tmp
 
 EXPERIMENT = "sweep"  # Ray experiment name under the storage path
 GRID_FILE = "grid.yaml"  # the sweep's grid, saved beside its config.yaml
-
-
-def _short_temp_dir(out_dir: Path) -> str:
-    """Ray's socket paths must stay under ~107 bytes: use the out dir or TMPDIR when short enough."""
-    for base in (out_dir, Path(os.environ.get("TMPDIR", tempfile.gettempdir()))):
-        if len(str(base.resolve())) <= 28:  # + ~12 (mkdtemp) + ~66 (Ray session/sockets)
-            base.mkdir(parents=True, exist_ok=True)
-            return tempfile.mkdtemp(prefix="ray", dir=base)
-    # both are too deep (e.g. pytest's tmp dirs): Ray's own default root, /tmp, is the only short option
-    return tempfile.mkdtemp(prefix="distrib-ray-", dir="/tmp")
+RESUME_CHANGES = "resume_changes.json"  # allowed config changes of each --resume, appended
+log = logging.getLogger(__name__)
 
 
 def init_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``address`` or start a private local cluster; returns True if this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # num_to_keep=1 forces a state snapshot per checkpoint; that is intended, so mute Tune's warning about it
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=_short_temp_dir(out_dir),
-                 log_to_driver=False)
-    return True
+    """Connect to ``address`` or start a private loopback-only local cluster (``local_ray.start_ray``);
+    returns True if this call started (or connected) Ray, and then ``stop_ray`` must follow."""
+    return start_ray(Path(out_dir), address, num_cpus)
 
 
 def _check_folds(cfg: ExperimentConfig) -> None:
@@ -77,12 +62,40 @@ def _check_folds(cfg: ExperimentConfig) -> None:
                           f"set tune.folds={k} (every fold must be swept so the OOF table is complete)")
 
 
-def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
-    """Save the resolved base config (absolute shard path) and validate every grid combination."""
+def _absolute_shards(cfg: ExperimentConfig) -> ExperimentConfig:
     shards = cfg.data.shards
     if shards and "://" not in shards and not shards.startswith("pipe:"):
         cfg.data.shards = str(Path(shards).resolve())
-    _check_folds(cfg)
+    return cfg
+
+
+def _check_resume(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
+    """--resume: the sweep's saved config and grid must match the new ones, except SWEEP_RESUME_SAFE fields."""
+    saved = out_dir / "config.yaml"
+    if not saved.is_file():
+        raise DistribError(f"--resume: {saved} not found; start the sweep without --resume first")
+    old_grid = read_yaml_mapping(out_dir / GRID_FILE) if (out_dir / GRID_FILE).is_file() else grid
+    if old_grid != grid:
+        raise ConfigError(f"--resume would change the sweep grid from {old_grid} (saved in {out_dir / GRID_FILE}) "
+                          f"to {grid}; pass the original --grid, or sweep the new grid into a new --out")
+    _check_folds(_absolute_shards(cfg))
+    changes = check_resume(config_to_dict(load_config(saved)), config_to_dict(cfg), str(saved),
+                           "pass the original config and overrides (the interrupted command plus --resume), or "
+                           "sweep the new settings into a new --out", safe=SWEEP_RESUME_SAFE)
+    if changes:
+        log.info("--resume: allowed config changes: %s", ", ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}"
+                                                                  for c in changes))
+        path = out_dir / RESUME_CHANGES
+        import json
+        write_json(path, [*(json.loads(path.read_text()) if path.is_file() else []),
+                          {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}], indent=1)
+        save_config(cfg, out_dir)
+    return saved
+
+
+def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
+    """Save the resolved base config (absolute shard path) and validate every grid combination."""
+    _check_folds(_absolute_shards(cfg))
     base = config_to_dict(cfg)
     for c in grid_configs(grid):  # a typo or bad value fails here, before any file or trial exists
         tree = copy.deepcopy(base)
@@ -120,10 +133,8 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
     grid = check_grid(grid or cfg.tune.grid)
     storage_path = str(Path(storage).resolve()) if storage and "://" not in storage else (storage or str(out_dir / "ray_results"))
     exp_path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
-    if resume and not (out_dir / "config.yaml").is_file():
-        raise DistribError(f"--resume: {out_dir}/config.yaml not found; start the sweep without --resume first")
-    config_path = out_dir / "config.yaml" if resume else _prepare(cfg, grid, out_dir)
-    cfg = load_config(config_path) if resume else cfg
+    reap(out_dir / PID_FILE)  # before any file is written: refuses if a live driver owns out_dir, stops orphans
+    config_path = _check_resume(cfg, grid, out_dir) if resume else _prepare(cfg, grid, out_dir)
     spec = {"grid": grid, "config_path": str(config_path), "trials_dir": str(out_dir / "trials"),
             "workers": cfg.tune.workers_per_trial, "cpus": cfg.tune.cpus_per_trial,
             "gpus": cfg.tune.gpus_per_trial, "fail_once": os.environ.get(FAIL_ONCE_ENV, ""),
@@ -136,7 +147,11 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
     t0 = time.time()
     started = init_ray(out_dir, address, num_cpus)
     t_ray = time.time() - t0
+    sig = None
     try:
+        for trial_dir in sorted((out_dir / "trials").glob("*")) if (out_dir / "trials").is_dir() else []:
+            for tmp in remove_stale_tmp(trial_dir):  # no trial of this sweep runs yet: a killed write's leftover
+                log.info("removed %s, a checkpoint write interrupted by a crash", tmp)
         trainable = _build_trainable(cfg, spec)
         if resume:
             if not tune.Tuner.can_restore(exp_path):
@@ -146,7 +161,7 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
         else:
             tuner = tune.Tuner(trainable, param_space=_param_space(grid, cfg.tune.folds),
                                tune_config=_tune_config(cfg), run_config=_run_config(cfg, storage_path))
-        results = tuner.fit()
+        results, stopped = _fit(tuner)
         t_fit = time.time() - t0 - t_ray
         errors = [str(r.error) for r in results if r.error]
     except BaseException:
@@ -154,20 +169,44 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
         raise
     finally:
         if started:
-            import ray
-            ray.shutdown()
+            sig = stop_ray()
     summary = None
     try:
         summary = write_outputs(out_dir, grid, cfg, errors=errors,
                                 timing={"ray_init_s": t_ray, "fit_s": t_fit})
+        summary["status"] = "interrupted" if stopped or sig else ("incomplete" if summary["done"] < summary["trials"]
+                                                                 else "done")
+        summary["signal"] = int(sig or (2 if stopped else 0)) or None
     finally:
         finish_parent(parent, out_dir, summary)
+    if summary["status"] == "interrupted":
+        return summary  # no OOF extraction from a sweep that was stopped; --resume finishes it
     if cfg.tune.embed_best and summary.get("best"):
         from distrib.stacking.embed import extract_oof
         runs = summary["best"]["run_dirs"]
         extract_oof(runs, out_dir / "oof_embeddings.parquet", cfg.embed)
         summary["oof_embeddings"] = str(out_dir / "oof_embeddings.parquet")
     return summary
+
+
+def _fit(tuner):
+    """``tuner.fit()``; also says whether a SIGINT stopped it early (Tune then returns normally)."""
+    def on_sigint(signum, frame):
+        raise KeyboardInterrupt
+    on_sigint.raises = True  # local_ray's SIGTERM handler raises Interrupted(SIGTERM) instead of calling it
+
+    # Tune swaps in its own SIGINT handler for the run and, on the first SIGINT, puts back the one it
+    # found: if ours is back in place afterwards, the run was interrupted.
+    main = threading.current_thread() is threading.main_thread()
+    main = main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    try:
+        results = tuner.fit()
+    finally:
+        interrupted = main and signal.getsignal(signal.SIGINT) is on_sigint
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    return results, interrupted
 
 
 def _param_space(grid: dict, folds: int) -> dict:

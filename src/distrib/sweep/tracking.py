@@ -35,7 +35,7 @@ def start_parent(cfg: ExperimentConfig, out_dir: Path) -> dict | None:
 
 
 def finish_parent(parent: dict | None, out_dir: Path, summary: dict | None) -> None:
-    """Attach the sweep's outputs to the parent run and close it (FAILED when no summary was written)."""
+    """Attach the sweep's outputs to the parent run and close it (FAILED without a summary, KILLED if interrupted)."""
     if parent is None:
         return
     from mlflow import MlflowClient
@@ -47,4 +47,5 @@ def finish_parent(parent: dict | None, out_dir: Path, summary: dict | None) -> N
     for key in ("mean", "std"):  # the best config's mean / std fold metric (tune.metric)
         if isinstance(best.get(key), (int, float)):
             client.log_metric(parent["run_id"], f"best/{key}", float(best[key]))
-    client.set_terminated(parent["run_id"], "FINISHED" if summary is not None else "FAILED")
+    status = "FAILED" if summary is None else {"interrupted": "KILLED"}.get(summary.get("status"), "FINISHED")
+    client.set_terminated(parent["run_id"], status)

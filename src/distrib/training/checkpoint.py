@@ -118,6 +118,26 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer) -> tupl
     return trainer_state, rng
 
 
+def saved_state(ckpt_dir: str | Path) -> dict:
+    """The checkpoint's trainer_state (loop position, and since the resume guard, the config it trained)."""
+    return torch.load(Path(ckpt_dir) / "trainer_state.pt", map_location="cpu", weights_only=True)
+
+
+def remove_stale_tmp(run_dir: str | Path, names: tuple[str, ...] = ("last_checkpoint",)) -> list[str]:
+    """Delete ``NAME.tmp/`` dirs a killed writer left behind; returns what was removed.
+
+    Safe whenever no process is writing into ``run_dir``: a ``.tmp`` is only ever published by
+    renaming it, and ``runs.find_checkpoint`` never reads one, so it holds nothing a resume could use.
+    """
+    removed = []
+    for name in names:
+        tmp = Path(run_dir) / f"{name}.tmp"
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+            removed.append(str(tmp))
+    return removed
+
+
 def save_best(path: str | Path, state_dict: dict, config: dict, metrics: dict) -> Path:
     """best_model.pth = {state_dict, config, metrics}: tensors and plain Python types only."""
     # torch.compile wraps the module as `_orig_mod`; saved weights must load into a plain model

@@ -6,18 +6,24 @@ errors on every rank at once, instead of one rank failing inside a collective.
 """
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import torch
 
-from distrib.atomic import writable_dir
+from distrib.atomic import writable_dir, write_json
 from distrib.training import dist
-from distrib.training.checkpoint import load_checkpoint
-from distrib.config import ConfigError, ExperimentConfig, save_config
+from distrib.training.checkpoint import load_checkpoint, remove_stale_tmp, saved_state
+from distrib.config import (ConfigError, ExperimentConfig, build_config, check_resume, config_to_dict,
+                            read_yaml_mapping, save_config)
 from distrib.errors import DataError, DistribError
 from distrib.runs import find_checkpoint, load_run
 from distrib.training.runlog import RunLogger, check_trackers
 from distrib.training.state import Trainer
+
+log = logging.getLogger(__name__)
+RESUME_CHANGES = "resume_changes.json"  # every --resume's allowed config changes, appended (the run's log of them)
 
 
 def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module:
@@ -44,6 +50,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     if not resume and find_checkpoint(out) is not None:
         raise DistribError(f"{out} already holds a training checkpoint; pass --resume to continue it "
                            "or choose a new --out directory")
+    if resume and find_checkpoint(out) is not None:
+        check_resume_config(cfg, out)
     teacher = cfg.train.distill_teacher
     if teacher and not (Path(teacher) / "best_model.pth").is_file():
         raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
@@ -55,6 +63,40 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     _dry_forward(cfg, model)
     writable_dir(out, "--out")  # only once everything else passed: a failed check leaves no empty run dir
     return model
+
+
+def check_resume_config(cfg: ExperimentConfig, out: Path, record: bool = False) -> list[dict]:
+    """Refuse a --resume whose config changes what the checkpoint trained; return the allowed changes.
+
+    The old config is the one stored in the checkpoint (older checkpoints: the run dir's config.yaml).
+    With ``record`` (rank 0, in ``build_trainer``) allowed changes (config.changes.RESUME_SAFE) are
+    printed and appended to ``resume_changes.json``; ``build_trainer`` then rewrites config.yaml.
+    """
+    ckpt = find_checkpoint(out)
+    state = saved_state(ckpt)
+    where = f"{ckpt}/trainer_state.pt"
+    old = state.get("config")
+    if old is None:
+        if not (out / "config.yaml").is_file():
+            raise DistribError(f"--resume: {out} has a checkpoint but no config.yaml to check the new config "
+                               "against; restore config.yaml from the original run or start a new --out")
+        old, where = read_yaml_mapping(out / "config.yaml"), str(out / "config.yaml")
+    changes = check_resume(config_to_dict(build_config(old)), config_to_dict(cfg), where,
+                           f"pass the original values (e.g. 'distrib train {out / 'config.yaml'} --out {out} "
+                           "--resume') or train the new settings into a new --out directory")
+    if changes and record:
+        text = ", ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in changes)
+        dist.print0(f"--resume: allowed config changes from step {state['step']}: {text} (logged in "
+                    f"{out / RESUME_CHANGES})")
+        _append_changes(out / RESUME_CHANGES, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": state["step"],
+                                               "epoch": state["epoch"], "changes": changes})
+    return changes
+
+
+def _append_changes(path: Path, entry: dict) -> None:
+    import json
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    write_json(path, [*entries, entry], indent=1)
 
 
 def _dry_forward(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
@@ -136,6 +178,11 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     ckpt = find_checkpoint(out) if resume else None
     if resume and ckpt is None:
         dist.print0(f"--resume: no checkpoint in {out} yet; starting from scratch")
+    if accelerator.is_main_process:
+        for tmp in remove_stale_tmp(out):
+            log.info("removed %s, a checkpoint write interrupted by a crash (the complete checkpoint is kept)", tmp)
+        if ckpt is not None:
+            check_resume_config(cfg, out, record=True)
     if ckpt is not None:
         _restore(t, ckpt)
     t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None,

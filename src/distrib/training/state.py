@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from distrib.config import ExperimentConfig
+from distrib.config import ExperimentConfig, config_to_dict
 from distrib.training.checkpoint import plain, rng_state, set_rng_state
 from distrib.training.runlog import RunLogger
 
@@ -118,7 +118,8 @@ class Trainer:
                 "best_auc": float(self.best_auc), "best_epoch": self.best_epoch,
                 "best_metrics": plain(self.best_metrics), "scheduler": self.scheduler.state_dict(),
                 "elapsed": self.elapsed(), "world_size": self.accelerator.num_processes,
-                "grad_accum": self.cfg.train.grad_accum}
+                "grad_accum": self.cfg.train.grad_accum,
+                "config": plain(config_to_dict(self.cfg))}  # what trained these weights: the --resume guard reads it
 
     def rank_state(self) -> dict:
         """Per-rank part of a checkpoint: RNG streams and the running train-loss sum."""

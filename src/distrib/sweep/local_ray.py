@@ -1,0 +1,220 @@
+"""The private local Ray cluster a sweep starts: loopback only, recorded, and always stopped.
+
+- **Loopback.** Every Ray server picks its bind address from the node IP: gcs_server, raylet, the core
+  workers and the agents bind to 127.0.0.1 only when the node IP *is* 127.0.0.1, else to all interfaces.
+  On Linux ``ray.init(_node_ip_address="127.0.0.1")`` is not enough: ``services.get_node_ip_address``
+  returns the routable IP unless ``ray_constants.ENABLE_RAY_CLUSTER`` is False, which is what
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` sets (read at ``import ray``; patched too if ray was imported).
+- **Records.** Right after ``ray.init`` the PIDs and create times of the processes it started go to
+  ``SWEEP_DIR/ray_pids.json`` (with the driver's own), so a driver killed by SIGKILL leaves a list of its
+  orphans (the dashboard and runtime-env agents outlive it by ~60 s) that the next start stops, matching
+  PID *and* create time (never a name), after checking that the recorded driver is gone.
+- **Stop.** ``stop_ray`` shuts Ray down, stops any recorded straggler, removes the temp dir (Ray keeps it)
+  and the PID file. SIGTERM is turned into SIGINT while the cluster runs, so Tune stops gracefully and
+  the driver's ``finally`` stops the cluster instead of dying with it running.
+- **Temp dir.** Under the system temp dir (short: AF_UNIX socket paths stay under 107 bytes), never in
+  the sweep dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+from distrib.atomic import write_json
+from distrib.errors import DistribError, Interrupted
+
+log = logging.getLogger(__name__)
+PID_FILE = "ray_pids.json"  # in the sweep dir: this driver and the Ray processes it started
+_STATE: dict = {}  # the cluster this process started: pid_file, temp_dir, previous SIGTERM handler, signal seen
+
+
+def _temp_dir() -> str:
+    """A fresh dir under the system temp dir, or /tmp when that is too deep for Ray's socket paths."""
+    base = tempfile.gettempdir()
+    if len(str(Path(base).resolve())) > 28:  # + ~12 (mkdtemp) + ~66 (Ray session/sockets) <= 107
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="distrib-ray-", dir=base)
+
+
+def _uses_dir(p, d: str) -> bool:
+    """A Ray process names ``d`` in its cmdline or keeps a log file open under it (agents retitle themselves)."""
+    import psutil
+    try:
+        return any(d in a for a in p.cmdline()) or any(f.path.startswith(d) for f in p.open_files())
+    except psutil.Error:
+        return False
+
+
+def _same_process(rec: dict):
+    """The live process of a record, or None if it exited or its PID now belongs to another process."""
+    import psutil
+    try:
+        p = psutil.Process(rec["pid"])
+        if abs(p.create_time() - rec["create_time"]) > 0.05 or p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return p
+    except psutil.Error:
+        return None
+
+
+def cluster_processes(temp_dir: str) -> list:
+    """psutil.Process of every process the local cluster runs: this driver's descendants plus users of the temp dir."""
+    import psutil
+    me = psutil.Process()
+    procs = {p.pid: p for p in me.children(recursive=True)}
+    for p in psutil.process_iter():
+        if p.pid != me.pid and p.pid not in procs and _uses_dir(p, temp_dir):
+            procs[p.pid] = p
+    return list(procs.values())
+
+
+def record_driver(pid_file: Path, temp_dir: str | None) -> list[dict]:
+    """Write this driver and (after ``ray.init``) the cluster's processes to ``pid_file``."""
+    import psutil
+    me = psutil.Process()
+    recs = []
+    for p in cluster_processes(temp_dir) if temp_dir else []:
+        try:
+            recs.append({"pid": p.pid, "create_time": p.create_time(), "name": p.name()})
+        except psutil.Error:
+            pass
+    write_json(pid_file, {"driver": me.pid, "driver_create_time": me.create_time(), "temp_dir": temp_dir,
+                          "procs": recs}, indent=1)
+    return recs
+
+
+def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
+    """Stop the recorded processes of a dead driver (SIGTERM, then SIGKILL); remove its temp dir and the file.
+
+    Raises DistribError if the recorded driver is still running: two drivers must not share a sweep dir.
+    """
+    import psutil
+    pid_file = Path(pid_file)
+    if not pid_file.is_file():
+        return []
+    try:
+        data = json.loads(pid_file.read_text())
+    except ValueError:
+        log.warning("ignoring unreadable %s", pid_file)
+        pid_file.unlink()
+        return []
+    driver = {"pid": data["driver"], "create_time": data.get("driver_create_time", 0.0)}
+    if driver["pid"] != os.getpid() and _same_process(driver) is not None:
+        raise DistribError(f"another distrib tune (pid {driver['pid']}) is running on {pid_file.parent}; wait "
+                           f"for it or stop it (kill {driver['pid']}), or choose another --out")
+    live = [p for p in (_same_process(r) for r in data.get("procs", [])) if p is not None]
+    td = data.get("temp_dir")
+    if td and Path(td).is_dir():  # workers started after the record was written
+        seen = {p.pid for p in live}
+        live += [p for p in psutil.process_iter() if p.pid not in seen and p.pid != os.getpid() and _uses_dir(p, td)]
+    stopped = []
+    for p in live:
+        try:
+            stopped.append(f"{p.pid} ({p.name()})")
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(live, timeout=grace_s)
+    for p in alive:  # orphaned agents ignore SIGTERM while they wait ~60 s on the dead GCS
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    if td:
+        shutil.rmtree(td, ignore_errors=True)
+    pid_file.unlink(missing_ok=True)
+    if stopped and driver["pid"] != os.getpid():
+        log.warning("stopped %d Ray process(es) left by the killed sweep driver %s: %s", len(stopped),
+                    driver["pid"], ", ".join(stopped))
+    return stopped
+
+
+def _sigterm_as_sigint(signum, frame) -> None:
+    _STATE["signal"] = signum
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is signal.default_int_handler or getattr(handler, "raises", False):  # not Tune's graceful stop
+        raise Interrupted(signum)  # a KeyboardInterrupt: `finally` blocks stop the cluster
+    signal.raise_signal(signal.SIGINT)  # Tune's handler stops the experiment and saves its state
+
+
+def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
+    """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    if ray.is_initialized():
+        return False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = out_dir / PID_FILE
+    reap(pid_file)  # orphans of a SIGKILLed driver; refuses if that driver is alive
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # num_to_keep=1 forces a state snapshot per checkpoint; that is intended, so mute Tune's warning about it
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    temp_dir = None if address else _temp_dir()
+    _STATE.update(pid_file=pid_file, temp_dir=temp_dir, signal=None)
+    if address:
+        record_driver(pid_file, None)  # no processes of ours, but marks the sweep dir as in use
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     _temp_dir=temp_dir, log_to_driver=False)
+        except BaseException:  # a failed or interrupted init: stop whatever it had started
+            record_driver(pid_file, temp_dir)
+            stop_ray()
+            raise
+        record_driver(pid_file, temp_dir)
+        node_ip = ray._private.worker._global_node.node_ip_address
+        if node_ip != "127.0.0.1":
+            stop_ray()
+            raise DistribError(f"the local Ray cluster came up on {node_ip}, not 127.0.0.1; set "
+                               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (or pass --address of a cluster you started)")
+    if _is_main_thread():
+        _STATE["prev_sigterm"] = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    return True
+
+
+def _is_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def stop_ray() -> int | None:
+    """Shut down what ``start_ray`` started; returns the signal (SIGTERM) that interrupted it, if any."""
+    import ray
+    ray.shutdown()
+    if "prev_sigterm" in _STATE and _is_main_thread():
+        signal.signal(signal.SIGTERM, _STATE.pop("prev_sigterm") or signal.SIG_DFL)
+    if _STATE.get("pid_file") is not None:
+        reap(_STATE["pid_file"])
+    if _STATE.get("temp_dir"):
+        shutil.rmtree(_STATE["temp_dir"], ignore_errors=True)
+    sig = _STATE.get("signal")
+    _STATE.clear()
+    return sig
+
+
+def listening_sockets(procs) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP LISTEN socket the given processes hold."""
+    import psutil
+    out = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+            name = p.name()
+        except psutil.Error:
+            continue
+        out += [(name, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+__all__ = ["PID_FILE", "start_ray", "stop_ray", "reap", "record_driver", "cluster_processes", "listening_sockets"]

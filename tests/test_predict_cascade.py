@@ -1,0 +1,66 @@
+"""`distrib predict` with a cascade YAML on the test shards gives `distrib cascade --split test`'s scores."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from distrib.cli import main as cli_main
+from distrib.config import load_config
+
+DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
+SMALL = ["embed.dim=8", "embed.anchors=24", "embed.fit_samples=64", "embed.batch_size=16",
+         "stack.folds=2", "stack.n_estimators=20", "thresholds.bootstrap=10"]
+
+
+@pytest.fixture(scope="module")
+def cascade_yaml(demo_shards, tmp_path_factory):
+    """The smallest real cascade: 3 fold runs form the expert, fold 0 doubles as stage 1, a 1-expert stack."""
+    from distrib.stacking.embed import extract_oof
+    from distrib.stacking.stack import fit_stack
+    from distrib.training.trainer import run
+
+    root = tmp_path_factory.mktemp("cascade")
+    runs = []
+    for k in range(3):
+        cfg = load_config(DEBUG, [f"data.shards={demo_shards}", f"data.fold={k}", "train.epochs=1",
+                                  "data.samples_per_epoch=32", "train.latency_batches=1", *SMALL])
+        run(cfg, root / f"fold{k}")
+        runs.append(str(root / f"fold{k}"))
+    oof = root / "oof_embeddings.parquet"
+    extract_oof(runs, oof, cfg.embed)
+    fit_stack([oof], root / "stack", cfg.stack)
+    path = root / "cascade.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "batch_size": 16, "device": "cpu", "recall": 0.9,
+                                    "specificity": 0.5, "bootstrap": 10, "stage1": {"run": runs[0]},
+                                    "stack": {"dir": str(root / "stack")}}))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_predict_on_test_shards_equals_distrib_cascade(cascade_yaml, demo_shards, tmp_path, capsys):
+    assert cli_main(["cascade", "--config", str(cascade_yaml), "--split", "test", "--out", str(tmp_path / "c")]) == 0
+    ref = pd.read_csv(tmp_path / "c" / "cascade_predictions.csv")
+    out = tmp_path / "p" / "preds.csv"
+    assert cli_main(["predict", "--model", str(cascade_yaml), "--images", str(demo_shards), "--split", "test",
+                     "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    preds = pd.read_csv(out)
+    m = ref.merge(preds, left_on="key", right_on="path", validate="one_to_one")
+    assert len(m) == len(ref) == len(preds) == res["n"]
+    assert np.abs(m["stage1_prob_x"] - m["stage1_prob_y"]).max() < 1e-6
+    esc = m["escalated"].to_numpy().astype(bool)
+    assert esc.any() and ((m["route"] == "escalated").to_numpy() == esc).all()
+    assert np.abs(m.loc[esc, "meta_prob_escalated"] - m.loc[esc, "meta_prob_y"]).max() < 1e-6
+    assert m.loc[~esc, "meta_prob_y"].isna().all()  # stages 2+3 ran on the escalated rows only
+    expert = [c for c in preds.columns if c.startswith("prob_")]
+    assert len(expert) == 1 and np.abs(m.loc[esc, f"{expert[0]}_x"] - m.loc[esc, f"{expert[0]}_y"]).max() < 1e-6
+    assert np.abs(m["cascade_score"] - m["score"]).max() < 1e-6
+    assert (m["final_decision"] == m["decision"]).all()
+    assert res["metrics"]["cascade"]["auc"] == pytest.approx(
+        json.loads((tmp_path / "c" / "evaluation_results.json").read_text())["metrics"]["cascade"]["auc"], abs=1e-6)
