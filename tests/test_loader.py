@@ -11,7 +11,7 @@ import torch
 
 from distrib.config import AugmentConfig, DataConfig
 from distrib.errors import DataError
-from distrib.data.index import read_index
+from distrib.data.index import plan_split, read_index
 from distrib.data.loader import build_loader, folds_for
 from distrib.data.transforms import build_transform
 from loader_shards import write_tiny_shards
@@ -94,14 +94,25 @@ def test_eval_sees_every_sample_exactly_once_with_flagged_padding(uneven, worker
     assert set(seen) == _keys(index, "val") and set(seen.values()) == {1}
 
 
-def test_eval_fails_fast_when_shards_are_fewer_than_ranks_times_workers(tmp_path):
-    write_tiny_shards(tmp_path, [("train", 0, 4), ("val", -1, 6), ("val", -1, 6)])
-    with pytest.raises(DataError) as e:
-        build_loader(tmp_path, "val", None, 0, 2, 2, 4, 0, _eval_tf(), 0, mode="eval")
-    msg = str(e.value)
-    assert "2 shards" in msg and "2 x 2 = 4" in msg and "--shard-size" in msg and "fewer workers" in msg
-    # the same split with 0 workers (2 streams) is fine
-    assert len(build_loader(tmp_path, "val", None, 0, 2, 0, 4, 0, _eval_tf(), 0, mode="eval")) == 2
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", [[("train", 0, 4), ("val", -1, 13)], [("train", 0, 4), ("val", -1, 6), ("val", -1, 7)]])
+def test_eval_splits_inside_shards_when_they_are_fewer_than_streams(tmp_path, layout):
+    """1 (or 2) val shards on 2 ranks x 2 workers: ranges inside the shards, every sample read exactly once."""
+    index = write_tiny_shards(tmp_path, layout)
+    want = {f"vals{i}i{j}" for i, (s, _, n) in enumerate(layout) for j in range(n) if s == "val"}
+    seen, lens = Counter(), []
+    for rank in range(2):
+        loader = build_loader(tmp_path, "val", None, rank, 2, 2, 4, 0, _eval_tf(), 0, mode="eval")
+        batches = list(loader)
+        lens.append((len(loader), len(batches)))
+        seen.update(k for b in batches for k, v in zip(b["key"], b["valid"].tolist()) if v)
+        assert loader.report()["skipped"] == 0
+    assert lens[0] == lens[1] and lens[0][0] == lens[0][1]
+    assert set(seen) == want and set(seen.values()) == {1}
+    pieces = plan_split(tmp_path, "val").eval_pieces(2, 2)
+    per_stream = [sum(b - a for _, a, b in w) for r in pieces for w in r]
+    assert sum(per_stream) == 13 and max(per_stream) - min(per_stream) <= 1  # 13 = 3 + 3 + 3 + 4
+    assert len(index["shards"]) - 1 < 4  # fewer val shards than the 4 streams: ranges inside shards
 
 
 def test_bad_split_fold_and_location_errors(uneven, tmp_path):
@@ -254,6 +265,11 @@ def test_bench_loader_prints_ratios_as_last_json_line(demo_shards, tmp_path, cap
         assert res[k] > 0
     assert res["images_timed"] == 2 * 32
     assert set(res["profile_us_per_image"]) >= {"tar_read", "jpeg_decode", "geometric"}
+    (split,) = res["augment_on_model"]  # augment.device=model: uint8 CPU side, device augmentation, both
+    assert split["img_size"] == 64 and split["cpu_side"]["ratio_to_decode_limit"] > 0
+    assert len(split["cpu_side"]["ratio_per_round"]) == 3
+    assert split["device_augment"]["images_per_s"] > 0 and split["together"]["images_per_s"] > 0
+    assert split["device_augment"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert len(list((tmp_path / "scratch" / "imagefolder").rglob("*.jpg"))) == res["unique_images"]
 
 

@@ -13,11 +13,16 @@ LAYOUT = [("train", 0, 41), ("train", 0, 2), ("train", 1, 13), ("train", 1, 6),
           ("val", -1, 11), ("val", -1, 3), ("val", -1, 7), ("val", -1, 1)]
 
 
+# one val shard for 2 ranks x 1 worker: eval splits it by sample index (no re-sharding needed)
+ONE_VAL = [*LAYOUT[:4], ("val", -1, 22)]
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(420)
-def test_two_gloo_ranks_get_equal_batches_on_uneven_shards(tmp_path):
+@pytest.mark.parametrize("layout", [LAYOUT, ONE_VAL], ids=["four_val_shards", "one_val_shard"])
+def test_two_gloo_ranks_get_equal_batches_on_uneven_shards(tmp_path, layout):
     shards = tmp_path / "shards"
-    write_tiny_shards(shards, LAYOUT, size=32)
+    write_tiny_shards(shards, layout, size=32)
     out = tmp_path / "ddp_result.json"
     env = subprocess_env(tmp_path)
     env["ACCELERATE_USE_CPU"] = "true"
@@ -32,6 +37,6 @@ def test_two_gloo_ranks_get_equal_batches_on_uneven_shards(tmp_path):
     (steps0, len0), (steps1, len1) = res["train_batches"]
     assert steps0 == len0 == steps1 == len1 == 8  # ceil(62 samples / (2 ranks * 4))
     assert res["train_batches_sum"] == 16
-    want = {f"vals{i}i{j}" for i, (s, _, n) in enumerate(LAYOUT) for j in range(n) if s == "val"}
+    want = {f"vals{i}i{j}" for i, (s, _, n) in enumerate(layout) for j in range(n) if s == "val"}
     assert sorted(res["eval_keys"]) == sorted(want)  # every val sample once across both ranks
     assert [r["eval"]["batches"] for r in res["reports"]] == [res["reports"][0]["eval"]["batches"]] * 2

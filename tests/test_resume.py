@@ -26,24 +26,29 @@ def _weights(run_dir):
     return state["model"]
 
 
+# augment.device=model: the augmentation runs in the step, seeded per (seed, epoch, rank, batch), not in the loader
+ON_MODEL = ["augment.device=model", "augment.rotate=30", "augment.motion_blur_p=0.5", "augment.color_jitter=[0.2,0.2,0.2,0.02]"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(demo_shards, tmp_path):
-    ref = _train(tmp_path / "ref", demo_shards, tmp_path)
+@pytest.mark.parametrize("aug", [[], ON_MODEL], ids=["augment_on_loader", "augment_on_model"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(demo_shards, tmp_path, aug):
+    ref = _train(tmp_path / "ref", demo_shards, tmp_path, extra=aug)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     crashed = tmp_path / "crashed"
-    killed = _train(crashed, demo_shards, tmp_path, script=("tests/scripts/train_crash.py", "5"))
+    killed = _train(crashed, demo_shards, tmp_path, extra=aug, script=("tests/scripts/train_crash.py", "5"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     # the interrupted publish left its temp dir; the previous checkpoint is complete and mid-epoch
     state = torch.load(crashed / "last_checkpoint" / "trainer_state.pt", weights_only=True)
     assert (crashed / "last_checkpoint.tmp").is_dir()
     assert state["epoch"] == 1 and 0 < state["pos"] < 9, state
 
-    no_flag = _train(crashed, demo_shards, tmp_path)
+    no_flag = _train(crashed, demo_shards, tmp_path, extra=aug)
     assert no_flag.returncode == 2 and "--resume" in no_flag.stderr
 
-    resumed = _train(crashed, demo_shards, tmp_path, extra=["--resume"])
+    resumed = _train(crashed, demo_shards, tmp_path, extra=[*aug, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at epoch 1" in resumed.stdout
 

@@ -1,18 +1,24 @@
 """Loader benchmark: this loader vs the JPEG decode limit vs torchvision ImageFolder, same images, same workers.
 
-    distrib bench loader --shards shards/ --workers 2 --steps 20
+    distrib bench loader --shards shards/ --workers 2 --steps 20 [sizes=64,128,224] [device=cuda]
 
-(a) ``build_loader`` with the training transform; (b) a tight single-process loop of JPEG decode +
-resize + float conversion over the same bytes, times the worker count; (c) torchvision ImageFolder +
+(a) ``build_loader`` with the training transform; (b) the decode limit: tight loops of JPEG decode +
+resize + float conversion over the same bytes in as many processes as workers, at the same time; (c) torchvision ImageFolder +
 PIL with the same augmentations (torchvision v2 per sample, kornia motion blur) over the same images
 written as files. Each rate skips one warm-up batch. ``profile_us_per_image`` splits this loader's
 per-image cost by stage (measured in-process), and the same loader without augmentation is timed too,
 so a missed target says where the time goes (pipeline overhead vs augmentation).
+
+Per image size (``sizes=``, default data.img_size), the augment.device=model split is measured too:
+``cpu_side`` is the loader that only reads, decodes and resizes to uint8 (its ``ratio_to_decode_limit``
+is the target figure); ``device_augment`` is the fused augmentation + normalization alone on ``device``
+(cuda when available, else cpu); ``together`` is the loader feeding ``Loader.to_device`` on that device.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import shutil
 import sys
 import tempfile
@@ -27,6 +33,8 @@ from distrib.data.index import read_index
 from distrib.data.loader import _Stats, build_loader
 from distrib.data.index import plan_split, read_samples
 from distrib.data.transforms import build_transform, decode_image, resolve_mean_std
+
+ROUNDS = 3  # loader / decode-limit alternations per size for the cpu_side ratio (the median is reported)
 
 # Without --config: the augmentation the experiments ask for (flips, rotation up to 180, affine, motion
 # blur, ColorJitter) at the demo tiles' 64 px; dotted overrides (data.img_size=224 ...) still apply.
@@ -50,7 +58,7 @@ def _timed(batches, steps: int, warmup: int = 1) -> tuple[float, int]:
 def _samples(shards: str, limit: int) -> list[dict]:
     plan = plan_split(shards, "train", None)
     out = []
-    for s in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats()):
+    for s in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats(), plan.offsets):
         if s.get("jpg") is not None:
             out.append(s)
         if len(out) >= limit:
@@ -75,6 +83,20 @@ def _decode_limit(samples: list[dict], size: int, n: int) -> float:
         return n / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
+
+
+def _parallel_decode_limit(samples: list[dict], size: int, n: int, workers: int) -> float:
+    """The decode limit of ``workers`` processes decoding at the same time (sum of their rates).
+
+    Measured, not ``workers x`` one process: on a machine whose cores are shared (or fewer than the
+    workers) the product would promise a rate no loader could reach.
+    """
+    if workers <= 1:
+        return _decode_limit(samples, size, n)
+    import multiprocessing
+    blobs = [{"jpg": s["jpg"]} for s in samples]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked like DataLoader workers
+        return sum(pool.starmap(_decode_limit, [(blobs, size, n)] * workers))
 
 
 def _imagefolder(samples: list[dict], root: Path, size: int, aug: AugmentConfig, mean_std, workers: int,
@@ -110,7 +132,7 @@ def _profile(samples: list[dict], shards: str, tf, size: int, batch: int) -> dic
     plan = plan_split(shards, "train", None)
     n = len(samples)
     t0 = time.perf_counter()
-    read = sum(1 for _ in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats()))
+    read = sum(1 for _ in read_samples(({"url": u} for u in plan.urls), plan.counts, _Stats(), plan.offsets))
     t_read = (time.perf_counter() - t0) / max(1, read)
     t0 = time.perf_counter()
     imgs = [decode_image(s["jpg"], size) for s in samples]
@@ -132,11 +154,85 @@ def _profile(samples: list[dict], shards: str, tf, size: int, batch: int) -> dic
     return {k: round(v * 1e6, 1) for k, v in us.items()}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_augment(samples: list[dict], tf, device: torch.device, batch: int, reps: int) -> float:
+    """Images/s of the fused augmentation + normalization alone on ``device`` (uint8 batch already there)."""
+    x = torch.stack([tf.prepare(decode_image(s["jpg"], tf.size)) for s in samples[:batch]]).to(device)
+    g = torch.Generator().manual_seed(0)
+    tf.batch(x, g)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        tf.batch(x, g)
+    _sync(device)
+    return reps * len(x) / (time.perf_counter() - t0)
+
+
+def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean_std, size: int, batch: int,
+                   workers: int, steps: int, warmup: int, shuffle: int, device: torch.device) -> dict:
+    """augment.device=model at one size: (a) the uint8 CPU side, (b) device augmentation, (c) both together.
+
+    (a) is the median over ``ROUNDS`` alternations of loader run and decode-limit run (their ratio per round too).
+
+    One torch thread throughout (as in a DataLoader worker): on a CPU ``device`` the step's augmentation
+    then shares the cores with the workers the way a CPU-only run does.
+    """
+    data = DataConfig(img_size=size, normalize=data.normalize)
+    tf = build_transform(aug, data, train=True, mean_std=mean_std)
+
+    def loader():
+        return build_loader(shards, "train", None, 0, 1, workers, batch, 0, tf, 0, augment_on="model",
+                            samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=shuffle,
+                            pin_memory=device.type == "cuda")
+    rounds = []  # alternate loader and decode-limit runs: on a shared machine the load drifts between them
+    for _ in range(ROUNDS):
+        rate, n = _timed(loader(), steps, warmup)
+        rounds.append((rate, _parallel_decode_limit(samples, size, max(n, 512), workers)))
+    cpu_side, decode = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+    ratio = statistics.median(r[0] / r[1] for r in rounds)
+    dev_rate = _device_augment(samples, tf, device, batch, max(3, steps // 2))
+    feed = loader()
+
+    def fed():
+        for b in feed:
+            feed.to_device(b, device)
+            _sync(device)
+            yield b
+    together, _ = _timed(fed(), steps, warmup)
+    return {"img_size": size, "decode_limit_images_per_s": round(decode, 1),
+            "cpu_side": {"images_per_s": round(cpu_side, 1), "ratio_to_decode_limit": round(ratio, 3),
+                         "ratio_per_round": [round(r[0] / r[1], 3) for r in rounds]},
+            "device_augment": {"device": str(device), "images_per_s": round(dev_rate, 1)},
+            "together": {"device": str(device), "images_per_s": round(together, 1),
+                         "ratio_to_decode_limit": round(together / decode, 3)}}
+
+
+def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.device]:
+    """Split the bench's own ``sizes=64,128,224`` / ``device=cuda`` options from config overrides."""
+    rest, sizes, device = [], None, "cuda" if torch.cuda.is_available() else "cpu"
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "sizes":
+            try:
+                sizes = [int(v) for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            except ValueError:
+                raise DistribError(f"bench loader: sizes={value!r}; use a comma list of pixels, e.g. sizes=64,128,224")
+        elif key == "device":
+            device = value
+        else:
+            rest.append(o)
+    return rest, sizes, torch.device(device)
+
+
 def run(shards: str | None = None, config: str | None = None, out: str | None = None, workers: int = 2,
         steps: int = 20, overrides=()) -> dict:
     if not shards:
         raise DistribError("bench loader needs --shards DIR (a folder written by 'distrib shard')")
-    overrides = list(overrides or [])
+    overrides, sizes, device = _options(list(overrides or []))
     cfg = load_config(config, overrides if config else BENCH_DEFAULTS + overrides)
     aug, size, batch = cfg.augment, cfg.data.img_size, cfg.data.batch_size
     index = read_index(shards)
@@ -161,9 +257,11 @@ def run(shards: str | None = None, config: str | None = None, out: str | None = 
                              build_transform(None, data, train=False, mean_std=mean_std), 0,
                              samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=cfg.data.shuffle_buffer)
         no_aug, _ = _timed(plain, steps, warmup)
-        decode = _decode_limit(samples, size, max(n, 512)) * max(1, workers)
+        decode = _parallel_decode_limit(samples, size, max(n, 512), workers)
         folder = _imagefolder(samples, scratch / "imagefolder", size, aug, mean_std, workers, batch, steps)
         profile = _profile(samples, shards, tf, size, batch)
+        split = [_split_figures(shards, samples, aug, data, mean_std, s, batch, workers, steps, warmup,
+                                cfg.data.shuffle_buffer, device) for s in (sizes or [size])]
     finally:
         torch.set_num_threads(threads)
         if not out:
@@ -177,5 +275,6 @@ def run(shards: str | None = None, config: str | None = None, out: str | None = 
             "workers": workers, "batch_size": batch, "img_size": size, "steps": steps, "warmup_batches": warmup,
             "images_timed": n,
             "unique_images": len(samples), "shards": len(index["shards"]), "skipped": loader.skipped,
-            "profile_us_per_image": profile,
-            "targets": {"ratio_to_decode_limit": 0.85, "ratio_to_imagefolder": 2.0}}
+            "profile_us_per_image": profile, "augment_on_model": split,
+            "targets": {"ratio_to_decode_limit": 0.85, "ratio_to_imagefolder": 2.0,
+                        "cpu_side.ratio_to_decode_limit": 0.85}}

@@ -72,7 +72,7 @@ class _Stage:
         self.device = device
 
     def images(self, multi: _MultiSizeTransform, flat):
-        return self.norm.batch(multi.view(flat, self.size)).to(self.device)
+        return self.norm.batch(multi.view(flat, self.size).to(self.device))  # normalized on the device
 
     def __call__(self, multi, flat) -> np.ndarray:
         import torch

@@ -27,8 +27,10 @@ class DataConfig(Section):
     seed: int = 0  # data-order seed; the shuffle depends on (seed, epoch)
     classes: dict = field(default_factory=dict)  # {negative: NAME, positive: NAME}: must match the index's mapping; {} = no check
     verify: str = "auto"  # shard check before training: full (sha256), size (size + tar header), auto (full up to 1 GiB)
+    decode_device: str = "cpu"  # JPEG decode: cpu (loader workers) or cuda (batched nvjpeg in the step; augment on the model's device)
 
     def validate(self) -> None:
+        check_choice("data.decode_device", self.decode_device, ("cpu", "cuda"))
         check_choice("data.verify", self.verify, ("auto", "full", "size"))
         check_value(not self.classes or (set(self.classes) == {"negative", "positive"} and all(
             isinstance(v, str) and v.strip() for v in self.classes.values()) and
@@ -59,8 +61,10 @@ class AugmentConfig(Section):
     motion_blur_angle: float = 90.0  # motion-blur angle range in degrees (+-)
     color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # brightness, contrast, saturation, hue
     random_resized_crop: bool = False  # RandomResizedCrop(scale 0.8-1) instead of a plain resize
+    device: str = "auto"  # where batch augmentation + normalization run: loader (workers), model (in the step, on the model's device) or auto (model on CUDA, else loader)
 
     def validate(self) -> None:
+        check_choice("augment.device", self.device, ("auto", "loader", "model"))
         for name in ("hflip", "vflip", "motion_blur_p"):
             v = getattr(self, name)
             check_value(0.0 <= v <= 1.0, f"augment.{name}", v, "a probability in 0..1")

@@ -5,6 +5,8 @@ Public face: ``manifest.read_manifest`` (path,label[,group] CSVs) and ``manifest
 shard writer and its verifier), ``images.to_rgb8`` (one defined 8-bit RGB conversion for every image
 mode), ``verify.verify_shards`` (what training checks before it trusts an index),
 ``index.read_index`` and ``index.plan_split`` (which shards a rank and worker read),
-``loader.build_loader`` (streams a split to one rank) and ``transforms.build_transform`` (decode,
-resize, augment, normalize).
+``loader.build_loader`` (streams a split to one rank; ``Loader.to_device`` finishes a batch on the
+model's device when augmentation is placed there) and ``transforms.build_transform`` (decode,
+resize, augment, normalize), ``transforms.augment_placement`` (augment.device / data.decode_device)
+and ``transforms.decode_batch`` (batched JPEG decode on a device).
 """

@@ -1,9 +1,16 @@
-"""Shard locations for the loader: read index.json from a path or URL, pick a split's shards, stream tar samples.
+"""Shard locations for the loader: read index.json from a path or URL, pick a split's shards, read tar samples.
 
 A location is a local directory, a path/URL to ``index.json``, a URL prefix (``http(s)://``, ``s3://``,
 ``gs://`` ... opened by webdataset's ``gopen`` or, for schemes it lacks, fsspec), or a
 ``pipe:`` command with a ``{}`` placeholder for the file name (``pipe:aws s3 cp s3://b/shards/{} -``).
 Shard paths in the index are relative to the index's location, so a copied shard folder still works.
+
+Reading. Shards written by ``distrib shard`` record, per sample, the byte offsets of its ``.jpg`` and
+``.json`` members (index entry ``offsets``). A local shard with offsets is read with ONE ``os.pread`` per
+sample (the jpg header through the json data; the header's name is checked, so a stale index fails
+loudly); any other shard (remote, ``pipe:``, or written without offsets) is streamed through tarfile.
+Both paths can read a sample range ``[start, stop)`` of a shard, which lets eval split a shard between
+ranks/workers when a split has fewer shards than streams.
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import importlib
 import json
 import math
 import os
+import tarfile
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -108,6 +116,9 @@ def _balance(items: list[tuple[str, int]], bins: int) -> list[list[tuple[str, in
     return out
 
 
+Piece = tuple[str, int, int]  # (shard url, first sample, end sample): a sample range of one shard
+
+
 @dataclass
 class SplitPlan:
     """The shards of one split (and folds) with their index counts; all ranks build the same plan."""
@@ -115,6 +126,7 @@ class SplitPlan:
     name: str
     urls: list[str]
     counts: dict[str, int] = field(default_factory=dict)
+    offsets: dict[str, list] = field(default_factory=dict)  # url -> per-sample [jpg_off, jpg_len, json_off, json_len]
 
     @property
     def total(self) -> int:
@@ -123,17 +135,37 @@ class SplitPlan:
     def describe(self) -> str:
         return self.name
 
-    def _assignment(self, world_size: int, workers: int) -> list[list[list[tuple[str, int]]]]:
-        ranks = _balance([(u, self.counts[u]) for u in self.urls], world_size)
-        return [_balance(r, workers) for r in ranks]
+    def eval_pieces(self, world_size: int, workers: int) -> list[list[list[Piece]]]:
+        """[rank][worker] -> sample ranges; every sample of the split is in exactly one range.
+
+        With at least one shard per stream, whole shards are balanced greedily by count; with fewer, the
+        split's samples (in index order) are cut into ``world_size * workers`` contiguous, near-equal ranges,
+        so a shard may be shared by several streams, each reading only its own range.
+        """
+        streams = world_size * workers
+        if len(self.urls) >= streams:
+            ranks = _balance([(u, self.counts[u]) for u in self.urls], world_size)
+            return [[[(u, 0, n) for u, n in sorted(w)] for w in _balance(r, workers)] for r in ranks]
+        total, pieces = self.total, []
+        bounds = [total * i // streams for i in range(streams + 1)]
+        for s in range(streams):
+            lo, hi, start, mine = bounds[s], bounds[s + 1], 0, []
+            for u in self.urls:
+                n = self.counts[u]
+                a, b = max(lo, start), min(hi, start + n)
+                if a < b:
+                    mine.append((u, a - start, b - start))
+                start += n
+            pieces.append(mine)
+        return [pieces[r * workers:(r + 1) * workers] for r in range(world_size)]
 
     def rank_worker_urls(self, rank: int, worker: int, world_size: int, workers: int) -> list[str]:
-        return [u for u, _ in sorted(self._assignment(world_size, workers)[rank][worker])]
+        return [u for u, _, _ in self.eval_pieces(world_size, workers)[rank][worker]]
 
     def eval_batches(self, rank: int, world_size: int, workers: int, batch_size: int) -> int:
-        """Batches this rank yields in eval mode: each worker batches its own shards, the last one partial."""
-        return sum(math.ceil(sum(n for _, n in w) / batch_size)
-                   for w in self._assignment(world_size, workers)[rank])
+        """Batches this rank yields in eval mode: each worker batches its own ranges, the last one partial."""
+        return sum(math.ceil(sum(b - a for _, a, b in w) / batch_size)
+                   for w in self.eval_pieces(world_size, workers)[rank])
 
 
 def plan_split(index_or_dir, split: str, folds: list[int] | None = None) -> SplitPlan:
@@ -155,46 +187,91 @@ def plan_split(index_or_dir, split: str, folds: list[int] | None = None) -> Spli
         chosen = [s for s in chosen if int(s.get("fold", -1)) in set(folds)]
         name = f"split 'train' folds {sorted(folds)}"
     urls = [_shard_url(index["_base"], s["path"]) for s in chosen]
+    offsets = {u: s["offsets"] for u, s in zip(urls, chosen)
+               if s.get("offsets") and len(s["offsets"]) == int(s["count"]) and _local_path(u) is not None}
     return SplitPlan(name=f"{name} of {index['_url']}", urls=urls,
-                     counts={u: int(s["count"]) for u, s in zip(urls, chosen)})
+                     counts={u: int(s["count"]) for u, s in zip(urls, chosen)}, offsets=offsets)
 
 
-def read_samples(src, counts: dict[str, int], stats):
-    """Tar samples (dicts of member bytes) from ``{'url': ...}`` items; broken streams counted in ``stats``.
+def _local_path(url: str) -> str | None:
+    """The file path of a local shard (plain path or file://), else None (read by streaming)."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None if _has_scheme(url) else url
 
-    ``src`` may be endless (training); a run of more than twice the number of shards yielding nothing
-    means no shard is readable, which is raised instead of spinning forever.
+
+def read_samples(src, counts: dict[str, int], stats, offsets: dict[str, list] | None = None):
+    """Tar samples (dicts of member bytes) from ``{'url': ..., 'start': i, 'stop': j}`` items (range optional).
+
+    Shards with ``offsets`` (local files) are read by ``pread``; others are streamed. Broken streams are
+    counted in ``stats``. ``src`` may be endless (training); a run of more than twice the number of shards
+    yielding nothing means no shard is readable, which is raised instead of spinning forever.
     """
-    empty_run, last_error = 0, ""
+    empty_run, last_error, offsets = 0, "", offsets or {}
     for item in src:
         url = item["url"]
         if empty_run > 2 * max(2, len(counts)):
             raise DataError(f"{empty_run} shard reads in a row gave no samples (last: {url}: {last_error or 'empty'}); "
                             f"check the shard location and run 'distrib shard inspect' on it")
+        start = int(item.get("start", 0))
+        stop = int(item.get("stop", counts.get(url, 1 << 62)))
+        want = max(0, min(stop, counts.get(url, stop)) - start)
         n, finished = 0, False
-        stream = None
+        reader = _pread_samples if url in offsets else _stream_samples
         try:
-            stream = open_url(url)
-            files = tar_file_iterator(stream)
-            for s in group_by_keys(({**f, "__url__": url} for f in files)):
+            for s in reader(url, start, stop, offsets.get(url), counts):
                 n += 1
-                if n > counts.get(url, n):
-                    raise DataError(f"shard {url} holds more samples than index.json's count {counts[url]}; "
-                                    f"the index is stale: re-run 'distrib shard --overwrite'")
                 yield s
             finished = True
         except DataError:
             raise
-        except Exception as e:  # truncated or corrupt tar: the rest of this shard is lost, counted below
+        except Exception as e:  # truncated or corrupt tar: the rest of this range is lost, counted below
             finished = True
             last_error = f"{type(e).__name__}: {e}"
             stats.note("tar", 0, f"{url}: {last_error}")
         finally:
-            if stream is not None:
-                try:
-                    stream.close()
-                except Exception:
-                    pass
-            if finished and n < counts.get(url, 0):  # not on early exit (end of a training epoch)
-                stats.note("tar", counts[url] - n, f"{url}: read {n} of {counts[url]} samples")
+            if finished and n < want:  # not on early exit (end of a training epoch)
+                stats.note("tar", want - n, f"{url}: read {n} of {want} samples")
         empty_run = empty_run + 1 if n == 0 else 0
+
+
+def _stream_samples(url: str, start: int, stop: int, _offsets, counts: dict[str, int]):
+    """Samples ``start..stop-1`` of a tar stream (the ones before ``start`` are read and dropped)."""
+    stream = open_url(url)
+    try:
+        files = tar_file_iterator(stream)
+        for i, s in enumerate(group_by_keys(({**f, "__url__": url} for f in files))):
+            if i >= counts.get(url, i + 1):
+                raise DataError(f"shard {url} holds more samples than index.json's count {counts[url]}; "
+                                f"the index is stale: re-run 'distrib shard --overwrite'")
+            if i >= stop:
+                return
+            if i >= start:
+                yield s
+    finally:
+        try:
+            stream.close()
+        except Exception:
+            pass
+
+
+def _pread_samples(url: str, start: int, stop: int, offsets: list, _counts):
+    """Samples ``start..stop-1`` of a local shard, one ``os.pread`` each (jpg header .. json data)."""
+    fd = os.open(_local_path(url), os.O_RDONLY)
+    try:
+        for i in range(start, min(stop, len(offsets))):
+            jpg_off, jpg_len, json_off, json_len = offsets[i]
+            head = jpg_off - tarfile.BLOCKSIZE
+            buf = os.pread(fd, json_off + json_len - head, head)
+            if len(buf) < json_off + json_len - head:
+                raise EOFError(f"shard ends inside sample {i} (truncated copy?)")
+            name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            key, _, ext = name.partition(".")
+            if ext not in ("jpg", "jpeg", "png"):
+                raise DataError(f"shard {url}: sample {i} of index.json's offsets points at {name!r}, not an image "
+                                f"member; the index is stale: re-run 'distrib shard --overwrite'")
+            base = tarfile.BLOCKSIZE
+            yield {"__key__": key, "__url__": url, ext: buf[base:base + jpg_len],
+                   "json": buf[json_off - head:json_off - head + json_len]}
+    finally:
+        os.close(fd)

@@ -12,10 +12,17 @@ number below is computed from ``index.json`` alone, so all ranks agree without c
   yields exactly ``ceil(samples_per_epoch / (world_size * batch_size))`` full batches whatever the
   shard sizes, and skipped corrupt samples are simply replaced by the next ones.
 * Eval (``mode="eval"``): shards are assigned to ranks, then to workers, by a deterministic
-  greedy balance of their index counts; every sample is read exactly once across ranks. Every
+  greedy balance of their index counts; with fewer shards than ``world_size * max(1, num_workers)``
+  streams the split is cut into contiguous sample ranges inside shards instead
+  (``SplitPlan.eval_pieces``). Either way every sample is read exactly once across ranks. Every
   batch has ``batch_size`` rows; short batches and extra batches (up to the largest rank's count)
-  are padding rows with ``valid=False`` so metrics can drop them. Needs at least
-  ``world_size * max(1, num_workers)`` shards, else it fails fast.
+  are padding rows with ``valid=False`` so metrics can drop them.
+* Augmentation: batch ``i`` of a rank's epoch is augmented with a generator seeded by
+  ``(seed, epoch, rank, i)``. With ``augment_on="loader"`` the workers apply ``transform.batch``;
+  with ``"model"`` they yield uint8 and ``Loader.to_device`` applies the same call after the
+  transfer, on the model's device (so both placements give the same images on CPU). With
+  ``decode_on="cuda"`` (training only) the workers ship the JPEG bytes and ``to_device`` decodes them
+  in one batched nvjpeg call first.
 
 No webdataset node/worker splitter reads the rank from the environment: ``split_by_node`` is never
 used, and the (rank, worker) -> shards assignment above is explicit in both modes.
@@ -38,7 +45,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distrib.errors import DataError
 from distrib.data.index import SplitPlan, plan_split, read_samples
-from distrib.data.transforms import decode_image
+from distrib.data.transforms import decode_batch, decode_image
 
 log = logging.getLogger("distrib.data.loader")
 _STATS = "__stats__"
@@ -102,29 +109,37 @@ class _Stats:
         return {"tar": self.tar, "decode": self.decode, "errors": list(self.errors)}
 
 
+def batch_generator(seed: int, epoch: int, rank: int, index: int) -> torch.Generator:
+    """The CPU generator that augments batch ``index`` of ``rank``'s epoch (same in workers and in the step)."""
+    return torch.Generator().manual_seed(_stream_seed(seed, epoch, rank, index, 1))
+
+
 class _Stream(IterableDataset):
     """One rank's dataset; ``__iter__`` runs inside each DataLoader worker (or the main process)."""
 
     def __init__(self, plan: SplitPlan, mode: str, transform: Callable, batch_size: int, seed: int,
-                 epoch: int, rank: int, world_size: int, num_workers: int, batches: int, shuffle_buffer: int):
+                 epoch: int, rank: int, world_size: int, num_workers: int, batches: int, shuffle_buffer: int,
+                 augment_on: str = "loader", decode_on: str = "cpu"):
         self.plan, self.mode, self.transform = plan, mode, transform
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.batches, self.shuffle_buffer = batches, shuffle_buffer
+        self.on_device = augment_on == "model" and hasattr(transform, "batch")
+        self.decode_on_device = decode_on != "cpu" and self.on_device and mode == "train"
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stats = _Stats()
-        gen = torch.Generator().manual_seed(_stream_seed(self.seed, self.epoch, self.rank, worker, 1))
         size = getattr(self.transform, "size", 0)
-        decode = _Decoder(self.transform, stats, size)
+        decode = _Decoder(self.transform, stats, size, raw=self.decode_on_device)
+        offsets = self.plan.offsets
         if self.mode == "train":
             stream = self.rank * self.num_workers + worker
             nb = self.batches // self.num_workers + (1 if worker < self.batches % self.num_workers else 0)
             pipe = wds.DataPipeline(
                 _ShardChain(self.plan.urls, self.seed, self.epoch, stream, self.world_size * self.num_workers),
-                lambda src: read_samples(src, self.plan.counts, stats),
+                lambda src: read_samples(src, self.plan.counts, stats, offsets),
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                             rng=random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker, 2))),
                 lambda src: _decoded(src, decode, self.plan.total + 1),
@@ -133,20 +148,27 @@ class _Stream(IterableDataset):
             if nb == 0:
                 pipe = []
         else:
-            urls = self.plan.rank_worker_urls(self.rank, worker, self.world_size, self.num_workers)
-            samples = read_samples(({"url": u} for u in urls), self.plan.counts, stats)
+            pieces = self.plan.eval_pieces(self.world_size, self.num_workers)[self.rank][worker]
+            samples = read_samples(({"url": u, "start": a, "stop": b} for u, a, b in pieces), self.plan.counts,
+                                   stats, offsets)
             pipe = _batches(_decoded(samples, decode, self.plan.total + 1),
                             self.batch_size, partial=True)
-        for rows in pipe:
-            yield _collate(rows, self.transform, gen, worker, stats)
+        for i, rows in enumerate(pipe):
+            index = i * self.num_workers + worker  # DataLoader takes batches from its workers round-robin
+            gen = None if self.on_device else batch_generator(self.seed, self.epoch, self.rank, index)
+            yield _collate(rows, self.transform if gen is not None else None, gen, worker, stats, index,
+                           raw=self.decode_on_device)
         yield {_STATS: stats.as_dict(), "worker": worker}
 
 
 class _Decoder:
-    """bytes sample -> (uint8 CHW image, label, key, group), or None (counted) when it cannot be used."""
+    """bytes sample -> (uint8 CHW image, label, key, group), or None (counted) when it cannot be used.
 
-    def __init__(self, transform, stats: _Stats, size: int):
-        self.transform, self.stats, self.size = transform, stats, size
+    With ``raw`` (decode_device=cuda) the image stays JPEG bytes, a 1-D uint8 tensor decoded in the step.
+    """
+
+    def __init__(self, transform, stats: _Stats, size: int, raw: bool = False):
+        self.transform, self.stats, self.size, self.raw = transform, stats, size, raw
         self.prepare = getattr(transform, "prepare", None)
 
     def __call__(self, sample: dict):
@@ -157,8 +179,14 @@ class _Decoder:
                 raise DataError(f"no .jpg/.png member (members: {sorted(k for k in sample if not k.startswith('__'))})")
             meta = _json(sample.get("json"))
             label = int(sample["cls"]) if sample.get("cls") is not None else int(meta["label"])
-            img = decode_image(data, self.size)
-            img = self.prepare(img) if self.prepare is not None else self.transform(img)
+            if self.raw:
+                if bytes(data[:3]) != b"\xff\xd8\xff":
+                    raise DataError("not a JPEG; data.decode_device=cuda decodes JPEG only: re-shard with "
+                                    "'distrib shard' (it stores JPEG) or use data.decode_device=cpu")
+                img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            else:
+                img = decode_image(data, self.size)
+                img = self.prepare(img) if self.prepare is not None else self.transform(img)
         except Exception as e:  # counted and reported; the stream goes on
             self.stats.note("decode", 1, f"{sample.get('__url__', '?')}:{key}: {type(e).__name__}: {e}")
             return None
@@ -197,21 +225,37 @@ def _batches(rows, batch_size: int, partial: bool):
         yield buf
 
 
-def _collate(rows, transform, gen, worker: int, stats: _Stats) -> dict:
-    imgs = torch.stack([r[0] for r in rows])
+def _collate(rows, transform, gen, worker: int, stats: _Stats, index: int, raw: bool = False) -> dict:
+    """A batch dict; ``transform.batch`` runs here unless it is deferred to the step (``transform`` None)."""
+    first = rows[0][0]
+    if raw:  # JPEG bytes of different lengths (decode_device=cuda): a list, decoded in the step
+        imgs = [r[0] for r in rows]
+    elif first.ndim == 3 and first.permute(1, 2, 0).is_contiguous():  # CHW views of HWC arrays (ImageTransform.prepare)
+        # stack the HWC memory (a plain copy) and view it as NCHW in channels_last layout: stacking the
+        # CHW views would transpose every image (~50 us at 64 px, more than the JPEG decode)
+        imgs = torch.stack([r[0].permute(1, 2, 0) for r in rows]).permute(0, 3, 1, 2)
+    else:
+        imgs = torch.stack([r[0] for r in rows])
     if hasattr(transform, "batch"):
         imgs = transform.batch(imgs, gen)
-    return {"image": imgs, "label": torch.tensor([r[1] for r in rows], dtype=torch.long),
-            "key": [r[2] for r in rows], "group": [r[3] for r in rows],
-            "valid": torch.ones(len(rows), dtype=torch.bool), "worker": worker, _STATS: stats.as_dict()}
+    # labels travel as a list: every tensor a worker sends costs a shared-memory segment + fd; the main
+    # process makes the label/valid tensors (Loader.__iter__)
+    return {"image": imgs, "label": [r[1] for r in rows], "key": [r[2] for r in rows],
+            "group": [r[3] for r in rows], "index": index, "worker": worker, _STATS: stats.as_dict()}
+
+
+def _as_is(item):
+    """The DataLoader's collate_fn: batches are already collated (its default_convert would walk every key string)."""
+    return item
 
 
 class Loader:
     """Iterable over one epoch of dict batches; every rank yields exactly ``len(self)`` batches."""
 
-    def __init__(self, stream: _Stream, num_workers: int, batches: int, mode: str, batch_size: int):
+    def __init__(self, stream: _Stream, num_workers: int, batches: int, mode: str, batch_size: int,
+                 pin_memory: bool = False):
         self.stream, self.num_workers, self.batches = stream, num_workers, batches
-        self.mode, self.batch_size = mode, batch_size
+        self.mode, self.batch_size, self.pin_memory = mode, batch_size, pin_memory
         self._worker_stats: dict[int, dict] = {}
         self._template: dict | None = None
         self.samples = 0  # real (valid) samples yielded in the last iteration
@@ -233,10 +277,28 @@ class Loader:
                 "samples": self.samples, "padding": self.padding, "skipped": tar + dec,
                 "skipped_tar": tar, "skipped_decode": dec, "errors": errors[:20]}
 
+    def to_device(self, batch: dict, device, channels_last: bool = False) -> torch.Tensor:
+        """The batch's images on ``device``, ready for the model.
+
+        With augment_on="model" the uint8 batch is moved first and the transform's fused augmentation +
+        normalization runs on ``device`` (seeded by the batch's (seed, epoch, rank, index)); with
+        decode_on="cuda" the JPEG bytes are decoded there before that.
+        """
+        st, images = self.stream, batch["image"]
+        if isinstance(images, list):
+            images = decode_batch(images, st.transform.size, device)
+        else:
+            images = images.to(device, non_blocking=True)
+        if st.on_device:
+            images = st.transform.batch(images, batch_generator(st.seed, st.epoch, st.rank, batch.get("index", 0)))
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def __iter__(self):
         self._worker_stats, self.samples, self.padding = {}, 0, 0
-        dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                        persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        collate_fn=_as_is, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
         done = 0
         for item in dl:
             self._worker_stats[int(item.pop("worker"))] = item.pop(_STATS)
@@ -245,8 +307,11 @@ class Loader:
             if done >= self.batches:
                 raise DataError(f"rank {self.stream.rank} read more batches than index.json promises "
                                 f"({self.batches}); the index is stale: re-run 'distrib shard --overwrite'")
+            real = len(item["key"])
+            item["label"] = torch.tensor(item["label"], dtype=torch.long)
+            item["valid"] = torch.ones(real, dtype=torch.bool)
             item = self._pad(item)
-            self.samples += int(item["valid"].sum())
+            self.samples += real
             done += 1
             yield item
         if done < self.batches and self.mode == "train":
@@ -263,7 +328,7 @@ class Loader:
                         rep["skipped_decode"], rep["errors"][:1])
 
     def _pad(self, item: dict | None) -> dict:
-        if item is not None and self._template is None:
+        if item is not None and self._template is None and torch.is_tensor(item["image"]):
             self._template = {"image": torch.zeros_like(item["image"][:1])}
         n = 0 if item is None else len(item["key"])
         pad = self.batch_size - n
@@ -271,7 +336,8 @@ class Loader:
             return item
         if self._template is None:  # no real batch on this rank yet: learn the shape from the transform
             import numpy as np
-            probe = self.stream.transform(np.zeros((8, 8, 3), dtype=np.uint8))
+            tf = self.stream.transform
+            probe = (tf.prepare if self.stream.on_device else tf)(np.zeros((8, 8, 3), dtype=np.uint8))
             self._template = {"image": torch.zeros_like(probe)[None]}
         self.padding += pad
         fill = {"image": self._template["image"].expand(pad, *self._template["image"].shape[1:]),
@@ -284,30 +350,30 @@ class Loader:
 
 def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: int, world_size: int,
                  num_workers: int, batch_size: int, epoch: int, transform: Callable, seed: int,
-                 mode: str = "train", samples_per_epoch: int = 0, shuffle_buffer: int = 1000) -> Loader:
-    """One epoch of ``split`` (``folds`` for split='train') for ``rank`` of ``world_size``; see the module doc."""
+                 mode: str = "train", samples_per_epoch: int = 0, shuffle_buffer: int = 1000,
+                 augment_on: str = "loader", decode_on: str = "cpu", pin_memory: bool = False) -> Loader:
+    """One epoch of ``split`` (``folds`` for split='train') for ``rank`` of ``world_size``; see the module doc.
+
+    ``augment_on``: "loader" (workers run ``transform.batch``) or "model" (``Loader.to_device`` does);
+    ``decode_on``: "cpu" or "cuda" (JPEG decode in ``to_device``; needs augment_on="model", training only).
+    """
     if mode not in ("train", "eval"):
         raise DataError(f"build_loader mode={mode!r}; use 'train' or 'eval'")
+    if augment_on not in ("loader", "model") or decode_on not in ("cpu", "cuda"):
+        raise DataError(f"build_loader augment_on={augment_on!r} decode_on={decode_on!r}; use 'loader'/'model' "
+                        "and 'cpu'/'cuda' (resolve augment.device=auto with transforms.augment_placement)")
+    if decode_on != "cpu" and augment_on != "model":
+        raise DataError("decode_on='cuda' needs augment_on='model': the decoded batch never returns to the workers")
     if not (0 <= rank < world_size):
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1 or num_workers < 0:
         raise DataError(f"batch_size={batch_size} and num_workers={num_workers}; need batch_size >= 1, workers >= 0")
     plan = plan_split(index_or_dir, split, folds)
-    streams = world_size * max(1, num_workers)
     if mode == "train":
         total = samples_per_epoch or plan.total
         batches = max(1, math.ceil(total / (world_size * batch_size)))
     else:
-        if len(plan.urls) < streams:
-            fewer = (f"or use fewer workers (data.num_workers={len(plan.urls) // world_size})"
-                     if len(plan.urls) >= world_size
-                     else "(fewer workers cannot help: there are fewer shards than ranks)")
-            raise DataError(
-                f"{plan.describe()} has {len(plan.urls)} shards but eval reading needs at least world_size x "
-                f"max(1, num_workers) = {world_size} x {max(1, num_workers)} = {streams} (one per rank and "
-                f"worker, so every sample is read exactly once); re-shard smaller with 'distrib shard "
-                f"--shard-size N' (N <= {max(1, plan.total // streams)}) {fewer}")
         batches = max(plan.eval_batches(r, world_size, max(1, num_workers), batch_size) for r in range(world_size))
     stream = _Stream(plan, mode, transform, batch_size, seed, epoch, rank, world_size, num_workers, batches,
-                     shuffle_buffer)
-    return Loader(stream, num_workers, batches, mode, batch_size)
+                     shuffle_buffer, augment_on, decode_on)
+    return Loader(stream, num_workers, batches, mode, batch_size, pin_memory)

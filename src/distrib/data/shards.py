@@ -99,10 +99,12 @@ def _jpeg_bytes(path: str) -> bytes:
     return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=95, colorspace="RGB")
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append one member; returns the byte offset of its data in the tar file."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: same inputs, same sha256
     tar.addfile(info, io.BytesIO(data))
+    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # the data ends padded at tar.offset
 
 
 def _sha256(path: Path) -> str:
@@ -117,20 +119,22 @@ def write_one_shard(out: str, task: dict) -> dict:
     """Write one shard (temp name + rename); returns its index entry. Runs in a worker process."""
     final = Path(out) / task["path"]
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    offsets = []  # per sample: [jpg data offset, jpg length, json data offset, json length] (one pread reads all)
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for r in task["rows"]:
                 meta = {"key": r["key"], "label": r["label_id"], "group": r["group"], "fold": task["fold"],
                         "split": task["split"], "source_path": r["source_path"]}
-                _add(tar, f"{r['key']}.jpg", _jpeg_bytes(r["path"]))
+                jpg, js = _jpeg_bytes(r["path"]), json.dumps(meta).encode()
+                jpg_off = _add(tar, f"{r['key']}.jpg", jpg)
                 _add(tar, f"{r['key']}.cls", str(r["label_id"]).encode())
-                _add(tar, f"{r['key']}.json", json.dumps(meta).encode())
+                offsets.append([jpg_off, len(jpg), _add(tar, f"{r['key']}.json", js), len(js)])
         os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
     return {"path": task["path"], "split": task["split"], "fold": task["fold"],
-            "count": len(task["rows"]), "bytes": final.stat().st_size, "sha256": _sha256(final)}
+            "count": len(task["rows"]), "bytes": final.stat().st_size, "sha256": _sha256(final), "offsets": offsets}
 
 
 def _pool(workers: int):
@@ -275,6 +279,9 @@ def _inspect_one(base: str, entry: dict) -> dict:
         res["problems"].append(f"{entry['path']}: sha256 differs from index.json (corrupted or replaced)")
     if res["found"] != entry["count"]:
         res["problems"].append(f"{entry['path']}: {res['found']} samples, index.json says {entry['count']}")
+    if "offsets" in entry and len(entry["offsets"]) != entry["count"]:
+        res["problems"].append(f"{entry['path']}: index.json has {len(entry['offsets'])} sample offsets for "
+                               f"{entry['count']} samples")
     for key, exts in members.items():
         missing = [e for e in _MEMBER_EXTS if e not in exts]
         if missing:

@@ -122,23 +122,31 @@ class ImageTransform:
                 arr = np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BILINEAR))
             top, left = (nh - s) // 2, (nw - s) // 2
             arr = arr[top:top + s, left:left + s]
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        if not arr.flags.writeable:  # torch.from_numpy wants a writable array (Pillow's are read-only)
+            arr = arr.copy()
+        return torch.from_numpy(arr).permute(2, 0, 1)  # a CHW view: the batch's torch.stack makes the one copy
 
     def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.batch(self.prepare(img)[None], generator)[0]
 
     # ---- per batch (float side) ----
     def batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 [B,3,S,S] -> float [B,3,S,S]: augmentation (train only), then normalization."""
+        """uint8 [B,3,S,S] -> float [B,3,S,S] on ``x``'s device: augmentation (train only), then normalization.
+
+        The random parameters are drawn from ``generator`` (a CPU generator: a few numbers per sample) and
+        moved to ``x.device``, so the same seed gives the same augmentation on CPU and on an accelerator,
+        and nothing here waits on the device (augment.device=model runs it inside the training step).
+        """
         out = x.float()
+        dev = out.device
         if self.train and out.shape[0] > 0:
             out = self._geometric(out, generator)
             out = self._motion_blur(out, generator)
             out = self._color_jitter(out, generator)
         if self.mean is not None:
-            out = (out - self.mean) / self.std
+            out = (out - self.mean.to(dev)) / self.std.to(dev)
         if self.highpass:
-            out = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="reflect"), _LAPLACIAN, groups=3)
+            out = F.conv2d(F.pad(out, (1, 1, 1, 1), mode="reflect"), _LAPLACIAN.to(dev), groups=3)
         return out.contiguous()
 
     def _uniform(self, n: int, lo: float, hi: float, g) -> torch.Tensor:
@@ -169,7 +177,7 @@ class ImageTransform:
             m00, m01, b0 = cw * m00, cw * m01, cw * b0 + cx
             m10, m11, b1 = ch * m10, ch * m11, ch * b1 + cy
         theta = torch.stack([torch.stack([m00, m01, b0], 1), torch.stack([m10, m11, b1], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def _motion_blur(self, x: torch.Tensor, g) -> torch.Tensor:
@@ -178,12 +186,14 @@ class ImageTransform:
             return x
         on = torch.rand(n, generator=g) < a.motion_blur_p
         angle = self._uniform(n, -a.motion_blur_angle, a.motion_blur_angle, g)
-        if not bool(on.any()):
+        idx = on.nonzero().squeeze(1)  # chosen on the CPU: no device sync, and only those rows are blurred
+        if idx.numel() == 0:
             return x
-        x = x.clone()
-        x[on] = kornia.filters.motion_blur(x[on], a.motion_blur_kernel, angle[on],
-                                                   torch.zeros(int(on.sum())), border_type="reflect")
-        return x
+        dev_idx = idx.to(x.device)
+        blurred = kornia.filters.motion_blur(x.index_select(0, dev_idx), a.motion_blur_kernel,
+                                             angle[idx].to(x.device), torch.zeros(idx.numel(), device=x.device),
+                                             border_type="reflect")
+        return x.index_copy(0, dev_idx, blurred)
 
     def _color_jitter(self, x: torch.Tensor, g) -> torch.Tensor:
         bri, con, sat, hue = self.aug.color_jitter
@@ -200,11 +210,57 @@ class ImageTransform:
         rot[:, 0, 0] = 1.0
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = torch.cos(h), -torch.sin(h), torch.sin(h), torch.cos(h)
         hue_m = _YIQ2RGB @ rot @ _RGB2YIQ
-        mat = b.view(n, 1, 1) * (hue_m @ sat_m)
+        mat = (b.view(n, 1, 1) * (hue_m @ sat_m)).to(x.device)  # n 3x3 matrices built on the CPU, moved once
         y = torch.bmm(mat, x.reshape(n, 3, -1)).reshape(x.shape).clamp_(0, 255)
         # contrast: blend with the per-image mean grey level, as torchvision's adjust_contrast does
-        mean = (y * _GRAY.view(1, 3, 1, 1)).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-        return ((y - mean) * c.view(n, 1, 1, 1) + mean).clamp_(0, 255)
+        mean = (y * _GRAY.to(x.device).view(1, 3, 1, 1)).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        return ((y - mean) * c.to(x.device).view(n, 1, 1, 1) + mean).clamp_(0, 255)
+
+
+def augment_placement(augment_cfg: AugmentConfig, data_cfg: DataConfig, device) -> tuple[str, str]:
+    """(augment_on, decode_on) for ``build_loader``: augment.device=auto means 'model' on CUDA, 'loader' elsewhere."""
+    kind = torch.device(device).type
+    place = augment_cfg.device if augment_cfg.device != "auto" else ("model" if kind == "cuda" else "loader")
+    decode = data_cfg.decode_device
+    if decode == "cuda" and (place != "model" or kind != "cuda"):
+        raise ConfigError(f"data.decode_device=cuda needs the model on a CUDA device and augment.device=model or "
+                          f"auto (got device {kind}, augment.device={augment_cfg.device}); set "
+                          f"data.decode_device=cpu, or train on a GPU")
+    return place, decode
+
+
+def decode_batch(blobs: Sequence[torch.Tensor], size: int, device) -> torch.Tensor:
+    """JPEG bytes (1-D uint8 tensors) -> uint8 [B,3,size,size] on ``device``, as decode_image + ``prepare`` do.
+
+    One batched ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), then per distinct input shape one
+    antialiased bilinear resize of the shorter side to ``size`` and a centre crop.
+    """
+    import warnings
+    dev = torch.device(device)
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 flags its image codecs as moving to torchcodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+            imgs = decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=dev)
+    except RuntimeError as e:
+        raise DataError(f"batched JPEG decode on {dev} failed ({e}); check the shards with 'distrib shard "
+                        f"inspect' or use data.decode_device=cpu") from e
+    out = torch.empty(len(imgs), 3, size, size, dtype=torch.uint8, device=dev)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, im in enumerate(imgs):
+        by_shape.setdefault(tuple(im.shape[-2:]), []).append(i)
+    for (h, w), idx in by_shape.items():
+        x = torch.stack([imgs[i] for i in idx])
+        if (h, w) != (size, size):
+            scale = size / min(h, w)
+            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            if (nh, nw) != (h, w):
+                x = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+                x = x.round_().clamp_(0, 255).to(torch.uint8)
+            top, left = (nh - size) // 2, (nw - size) // 2
+            x = x[:, :, top:top + size, left:left + size]
+        out[torch.tensor(idx, device=dev)] = x
+    return out
 
 
 def build_transform(augment_cfg: AugmentConfig | None, data_cfg: DataConfig, train: bool,

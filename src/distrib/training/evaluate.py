@@ -51,7 +51,8 @@ def evaluate(accelerator, model, loader, loss_fn) -> Predictions:
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for batch in loader:
-        images = batch["image"].to(accelerator.device, non_blocking=True)
+        images = (loader.to_device(batch, accelerator.device) if hasattr(loader, "to_device")
+                  else batch["image"].to(accelerator.device, non_blocking=True))  # normalizes on the device if deferred
         target = batch["label"].to(accelerator.device)
         valid = batch["valid"].to(accelerator.device).bool()
         with accelerator.autocast():

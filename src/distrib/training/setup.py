@@ -57,6 +57,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
         raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
                           "run directory (e.g. the DINOv2 probe run)")
     check_trackers(cfg.train.trackers)
+    from distrib.data.transforms import augment_placement
+    augment_placement(cfg.augment, cfg.data, "cuda" if torch.cuda.is_available() else "cpu")  # decode_device check
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     dist.check_precision(cfg, model)
@@ -143,7 +145,7 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     from distrib.data.loader import build_loader, folds_for
     from distrib.training.losses import build_loss
     from distrib.training.optim import build_optimizer, build_scheduler
-    from distrib.data.transforms import build_transform
+    from distrib.data.transforms import augment_placement, build_transform
     from distrib.versions import fold_protocol, write_fold_protocol, write_versions
 
     d, tc = cfg.data, cfg.train
@@ -152,9 +154,11 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     train_folds = folds_for(d.fold, k) if d.fold >= 0 else list(range(k))
     val_split, val_folds = ("train", [d.fold]) if d.fold >= 0 else ("val", None)
     mean_std = _mean_std(cfg, model)
+    augment_on, decode_on = augment_placement(cfg.augment, d, accelerator.device)
     val_loader = build_loader(d.shards, val_split, val_folds, accelerator.process_index, accelerator.num_processes,
                               d.num_workers, d.eval_batch_size or d.batch_size, 0,
-                              build_transform(None, d, train=False, mean_std=mean_std), d.seed, mode="eval")
+                              build_transform(None, d, train=False, mean_std=mean_std), d.seed, mode="eval",
+                              augment_on=augment_on, pin_memory=accelerator.device.type == "cuda")
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
@@ -162,7 +166,7 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     t = Trainer(cfg, out, accelerator, model, optimizer, None, build_loss(tc, cfg.model), val_loader,
-                None, train_folds, 0, 0, mean_std)
+                None, train_folds, 0, 0, mean_std, augment_on, decode_on)
     t.loss_sum = t.loss_sum.to(accelerator.device)
     per_epoch = len(t._train_loader(0))
     t.micro_per_epoch = per_epoch // tc.grad_accum * tc.grad_accum  # a partial accumulation is dropped

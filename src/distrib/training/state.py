@@ -33,6 +33,8 @@ class Trainer:
     micro_per_epoch: int
     steps_per_epoch: int
     mean_std: tuple | None = None
+    augment_on: str = "loader"  # augment.device resolved: 'loader' (workers) or 'model' (in to_device, on the device)
+    decode_on: str = "cpu"  # data.decode_device: 'cpu' (workers) or 'cuda' (batched decode in to_device)
     teacher: torch.nn.Module | None = None
     teacher_size: int = 0  # the teacher's input size (student images are resized to it)
     epoch: int = 0
@@ -59,7 +61,8 @@ class Trainer:
                             d.num_workers, d.batch_size, epoch,
                             build_transform(self.cfg.augment, d, train=True, mean_std=self.mean_std),
                             d.seed, mode="train", samples_per_epoch=d.samples_per_epoch,
-                            shuffle_buffer=d.shuffle_buffer)
+                            shuffle_buffer=d.shuffle_buffer, augment_on=self.augment_on, decode_on=self.decode_on,
+                            pin_memory=acc.device.type == "cuda")
 
     def epoch_batches(self):
         """This epoch's batches; after a resume the consumed ones are read and dropped.
@@ -85,10 +88,15 @@ class Trainer:
         return it
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch["image"].to(self.accelerator.device, non_blocking=True)
-        if self.cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, batch["label"].to(self.accelerator.device, non_blocking=True)
+        """Images and labels on the device; with augment.device=model the loader's augmentation runs here."""
+        dev, channels_last = self.accelerator.device, self.cfg.train.channels_last
+        if self._loader is not None:
+            images = self._loader.to_device(batch, dev, channels_last)
+        else:  # in-memory batches (bench trainer): already float
+            images = batch["image"].to(dev, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch["label"].to(dev, non_blocking=True)
 
     def compute_loss(self, output, target: torch.Tensor, images: torch.Tensor):
         """The configured loss, or alpha*KD(T) + (1-alpha)*CE against the frozen teacher."""
