@@ -30,6 +30,7 @@ RESUME_SAFE = (
     "data.verify",                # how the shards are checked before training, not which shards
     "data.classes",               # a check of the index's label mapping; the mapping itself is fixed by data.shards
     "train.max_skipped_fraction",  # when skipped corrupt samples fail the run; the data read is the same
+    "train.trackers",             # where scalars are logged (a resumed run starts a new tracker run)
     "dist.",                      # process-group backend and timeout: transport only
     "tune.",                      # sweep-level settings; a single run does not read them
     "embed.",                     # later stages read these from the finished run

@@ -147,6 +147,7 @@ class TrainConfig(Section):
     distill_temperature: float = 2.0  # KD softmax/sigmoid temperature
     latency_batches: int = 20  # batch-1 forward passes timed for evaluation_results.json
     max_skipped_fraction: float = 0.01  # a run whose loader skipped more corrupt samples (train or val) fails
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard + any accelerate log_with name
 
     def validate(self) -> None:
         check_value(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -164,6 +165,8 @@ class TrainConfig(Section):
         check_value(self.latency_batches >= 0, "train.latency_batches", self.latency_batches, ">= 0")
         check_value(0.0 <= self.max_skipped_fraction <= 1.0, "train.max_skipped_fraction",
                     self.max_skipped_fraction, "0..1")
+        for name in self.trackers:  # tensorboard + accelerate's LoggerType names
+            check_choice("train.trackers", name, ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive"))
 
 
 @dataclass

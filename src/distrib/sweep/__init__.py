@@ -4,5 +4,6 @@ Public face: ``driver.run_sweep(cfg, grid, out_dir, ...)``, ``driver.init_ray`` 
 loopback-only local cluster with its PID file and orphan reaping, in ``local_ray``); ``grid.load_grid``,
 ``grid.grid_configs`` and ``grid.trial_command`` (the grid and how a trial is replayed by hand);
 ``trial.run_trial`` (one (config, fold) pair = one ``training.trainer.run``); ``report.write_outputs``
-and ``report.choose_best`` (sweep_summary.csv, best_config.yaml, sweep_results.json).
+and ``report.choose_best`` (sweep_summary.csv, best_config.yaml, sweep_results.json);
+``tracking.start_parent`` / ``tracking.finish_parent`` (an MLflow parent run per sweep).
 """

@@ -37,6 +37,7 @@ from distrib.sweep.local_ray import PID_FILE, reap, start_ray, stop_ray
 from distrib.sweep.report import write_outputs
 from distrib.sweep.grid import check_grid, grid_configs, trial_overrides
 from distrib.sweep.trial import FAIL_ONCE_ENV, run_trial
+from distrib.sweep.tracking import finish_parent, start_parent
 from distrib.training.checkpoint import remove_stale_tmp
 
 EXPERIMENT = "sweep"  # Ray experiment name under the storage path
@@ -141,6 +142,8 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
             # only a cluster/shared storage needs each checkpoint copied into Ray's storage (measured:
             # ~4 s per slot of a 5-trial debug sweep)
             "ship_checkpoints": bool(address or storage)}
+    parent = start_parent(cfg, out_dir)  # MLflow: one parent run, each trial a child run
+    spec["tracker_env"] = parent["env"] if parent else {}
     t0 = time.time()
     started = init_ray(out_dir, address, num_cpus)
     t_ray = time.time() - t0
@@ -161,14 +164,21 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
         results, stopped = _fit(tuner)
         t_fit = time.time() - t0 - t_ray
         errors = [str(r.error) for r in results if r.error]
+    except BaseException:
+        finish_parent(parent, out_dir, None)  # the MLflow parent run ends FAILED, not RUNNING forever
+        raise
     finally:
         if started:
             sig = stop_ray()
-    summary = write_outputs(out_dir, grid, cfg, errors=errors,
-                                        timing={"ray_init_s": t_ray, "fit_s": t_fit})
-    summary["status"] = "interrupted" if stopped or sig else ("incomplete" if summary["done"] < summary["trials"]
-                                                             else "done")
-    summary["signal"] = int(sig or (2 if stopped else 0)) or None
+    summary = None
+    try:
+        summary = write_outputs(out_dir, grid, cfg, errors=errors,
+                                timing={"ray_init_s": t_ray, "fit_s": t_fit})
+        summary["status"] = "interrupted" if stopped or sig else ("incomplete" if summary["done"] < summary["trials"]
+                                                                 else "done")
+        summary["signal"] = int(sig or (2 if stopped else 0)) or None
+    finally:
+        finish_parent(parent, out_dir, summary)
     if summary["status"] == "interrupted":
         return summary  # no OOF extraction from a sweep that was stopped; --resume finishes it
     if cfg.tune.embed_best and summary.get("best"):

@@ -62,6 +62,7 @@ def run_trial(params: dict, spec: dict) -> None:
     run_dir = Path(spec["trials_dir"]) / name
     overrides = trial_overrides(next(c["overrides"] for c in grid_configs(grid) if c["id"] == cid), fold)
     _log_event(run_dir, "start")
+    os.environ.update(spec.get("tracker_env", {}))  # MLflow: parent run id, experiment, store (sweep/tracking.py)
     resume = _restore_checkpoint(run_dir)
     if resume:
         _log_event(run_dir, "resume")

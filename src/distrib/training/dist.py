@@ -83,6 +83,7 @@ def build_accelerator(cfg: ExperimentConfig):
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,
                                                                 sync_with_dataloader=False),
         kwargs_handlers=handlers,
+        log_with=[t for t in cfg.train.trackers if t != "tensorboard"] or None,  # TB: RunLogger's own writer
     )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:

@@ -19,7 +19,7 @@ from distrib.config import (ConfigError, ExperimentConfig, build_config, check_r
                             read_yaml_mapping, save_config)
 from distrib.errors import DataError, DistribError
 from distrib.runs import find_checkpoint, load_run
-from distrib.training.runlog import RunLogger
+from distrib.training.runlog import RunLogger, check_trackers
 from distrib.training.state import Trainer
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     if teacher and not (Path(teacher) / "best_model.pth").is_file():
         raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
                           "run directory (e.g. the DINOv2 probe run)")
+    check_trackers(cfg.train.trackers)
     from distrib.data.transforms import augment_placement
     augment_placement(cfg.augment, cfg.data, "cuda" if torch.cuda.is_available() else "cpu")  # decode_device check
     set_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -188,7 +189,8 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
             check_resume_config(cfg, out, record=True)
     if ckpt is not None:
         _restore(t, ckpt)
-    t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None)
+    t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None,
+                      accelerator=accelerator, cfg=cfg)
     if accelerator.is_main_process:
         save_config(cfg, out)
         write_versions(out)

@@ -1,0 +1,104 @@
+"""train.trackers: TensorBoard (own writer) plus MLflow through accelerate's log_with, read back from the store."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, subprocess_env
+
+
+def _mlflow_env(tmp_path) -> dict:
+    env = subprocess_env(tmp_path)
+    env.update(MLFLOW_TRACKING_URI=f"file:{tmp_path / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_logs_params_metrics_and_results_to_mlflow(demo_shards, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    env = _mlflow_env(tmp_path)
+    cmd = [PYTHON, "-m", "distrib", "train", "launch/configs/experiments/debug.yaml", "--out", str(out),
+           f"data.shards={demo_shards}", "model.name=resnet10t", "train.epochs=2", "optim.lr=3e-3",
+           "train.trackers=[tensorboard, mlflow]"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard events are still written
+
+    import mlflow
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_DISABLE_TELEMETRY"):
+        monkeypatch.setenv(key, env[key])
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["debug"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert run.data.tags["distrib.run_dir"] == str(out.resolve())
+    params = run.data.params
+    assert params["optim.lr"] == "0.003" and params["model.name"] == "resnet10t"
+    assert params["train.trackers"] == "['tensorboard', 'mlflow']"
+
+    client = mlflow.MlflowClient()
+    results = json.loads((out / "evaluation_results.json").read_text())
+    val_auc = client.get_metric_history(run.info.run_id, "val/auc")
+    assert len(val_auc) == 2  # one per epoch
+    assert max(m.value for m in val_auc) == pytest.approx(results["best"]["auc"])
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2
+    local = client.download_artifacts(run.info.run_id, "evaluation_results.json", str(tmp_path / "dl"))
+    assert json.loads(open(local).read()) == results
+
+
+def test_tracker_config_errors_before_training(demo_shards, tmp_path, monkeypatch):
+    from distrib.config import ConfigError, load_config
+    from distrib.training.runlog import check_trackers
+    with pytest.raises(ConfigError, match=r"train.trackers.*'tensorbord'.*one of tensorboard, mlflow"):
+        load_config(REPO / "launch/configs/experiments/debug.yaml", ["train.trackers=[tensorbord]"])
+    assert load_config(REPO / "launch/configs/experiments/debug.yaml").train.trackers == ["tensorboard"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is not set"):
+        check_trackers(["mlflow"])
+    check_trackers(["tensorboard"])  # no MLflow, no requirement
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path}")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ConfigError, match="MLFLOW_ALLOW_FILE_STORE=true"):
+        check_trackers(["tensorboard", "mlflow"])
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_trackers(["tensorboard", "mlflow"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_is_one_parent_run_with_one_child_per_trial(demo_shards, tmp_path, monkeypatch):
+    from distrib.config import load_config
+    from distrib.sweep.driver import run_sweep
+    import mlflow
+    for key, value in _mlflow_env(tmp_path).items():
+        if key.startswith("MLFLOW_"):
+            monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(f"file:{tmp_path / 'mlruns'}")  # this process's store (another test may have set one)
+    cfg = load_config(REPO / "launch/configs/experiments/debug.yaml",
+                      [f"data.shards={demo_shards}", "model.name=resnet10t", "train.epochs=1",
+                       "data.samples_per_epoch=32", "train.latency_batches=1", "tune.embed_best=false",
+                       "train.trackers=[tensorboard, mlflow]"])
+    out = tmp_path / "sweep"
+    result = run_sweep(cfg, {"optim.lr": [1e-3]}, out, num_cpus=2)
+    assert result["best"]["config_id"] == "c0"
+
+    runs = mlflow.search_runs(experiment_names=["debug"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags["distrib.sweep_dir"] == str(out.resolve())
+    assert parent.data.metrics["best/mean"] == pytest.approx(result["best"]["mean"])
+    children = mlflow.search_runs(experiment_names=["debug"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["c0_fold0", "c0_fold1", "c0_fold2"]
+    assert all(c.info.status == "FINISHED" and c.data.params["optim.lr"] == "0.001" for c in children)
+    for c in children:  # each trial's run dir and its evaluation_results.json artifact
+        assert c.data.tags["distrib.run_dir"] == str(out.resolve() / "trials" / c.info.run_name)
+        assert "evaluation_results.json" in [a.path for a in mlflow.MlflowClient().list_artifacts(c.info.run_id)]
+    names = [a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)]
+    assert {"sweep_summary.csv", "best_config.yaml"} <= set(names)
