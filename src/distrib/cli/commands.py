@@ -17,9 +17,12 @@ def cmd_data(a: argparse.Namespace) -> dict:
 
 def cmd_shard(a: argparse.Namespace) -> dict:
     from distrib.data.shards import write_shards
-    return write_shards(a.train, a.out, val=a.val, test=a.test, folds=a.folds, seed=a.seed,
-                        shard_size=a.shard_size, shard_bytes=a.shard_bytes, workers=a.workers,
-                        overwrite=a.overwrite, positive=a.positive)
+    index = write_shards(a.train, a.out, val=a.val, test=a.test, folds=a.folds, seed=a.seed,
+                         shard_size=a.shard_size, shard_bytes=a.shard_bytes, workers=a.workers,
+                         overwrite=a.overwrite, positive=a.positive)
+    # the printed summary leaves out the per-shard sample offsets and the group table (they are in index.json)
+    return {**{k: v for k, v in index.items() if k not in ("shards", "groups", "heldout_groups")},
+            "shards": len(index.get("shards", [])), "index": str(Path(a.out) / "index.json")}
 
 
 def cmd_shard_inspect(a: argparse.Namespace) -> dict:

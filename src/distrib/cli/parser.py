@@ -13,7 +13,8 @@ def _add_overrides(p: argparse.ArgumentParser, example: str = "optim.lr=3e-4 dat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distrib", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="distrib", description="Distributed image-classifier training for cascades "
+                                     "of vision models: shards, training, Ray sweeps, stacking, cascades, inference.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="build the bundled demo dataset")
