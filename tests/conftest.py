@@ -38,6 +38,24 @@ def demo_shards(demo_data, session_tmp) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def fold_runs(demo_shards, session_tmp) -> list[str]:
+    """Three debug-config fold runs on the demo shards (one per fold), trained once for every test that
+    reads finished fold runs (OOF extraction, the cascade, predict)."""
+    from distrib.config import load_config
+    from distrib.training.trainer import run
+
+    debug = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
+    runs = []
+    for k in range(3):
+        cfg = load_config(debug, [f"data.shards={demo_shards}", f"data.fold={k}", "train.epochs=1",
+                                  "data.samples_per_epoch=32", "train.latency_batches=1", "embed.dim=8",
+                                  "embed.anchors=24", "embed.fit_samples=64"])
+        run(cfg, session_tmp / "fold_runs" / f"fold{k}")
+        runs.append(str(session_tmp / "fold_runs" / f"fold{k}"))
+    return runs
+
+
 def subprocess_env(tmp: Path) -> dict:
     """Environment for child processes: repo on the path, temp files and JIT caches under tmp."""
     env = dict(os.environ)

@@ -19,21 +19,6 @@ DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 
 
 @pytest.fixture(scope="module")
-def fold_runs(demo_shards, tmp_path_factory):
-    from distrib.training.trainer import run
-
-    root = tmp_path_factory.mktemp("fold_runs")
-    runs = []
-    for k in range(3):
-        cfg = load_config(DEBUG, [f"data.shards={demo_shards}", f"data.fold={k}", "train.epochs=1",
-                                  "data.samples_per_epoch=32", "train.latency_batches=1", "embed.dim=8",
-                                  "embed.anchors=24", "embed.fit_samples=64"])
-        run(cfg, root / f"fold{k}")
-        runs.append(str(root / f"fold{k}"))
-    return runs
-
-
-@pytest.fixture(scope="module")
 def oof(fold_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("oof") / "oof_embeddings.parquet"
     cfg = load_config(DEBUG, ["embed.dim=8", "embed.anchors=24", "embed.fit_samples=64", "embed.batch_size=16"])

@@ -18,19 +18,14 @@ SMALL = ["embed.dim=8", "embed.anchors=24", "embed.fit_samples=64", "embed.batch
 
 
 @pytest.fixture(scope="module")
-def cascade_yaml(demo_shards, tmp_path_factory):
+def cascade_yaml(fold_runs, tmp_path_factory):
     """The smallest real cascade: 3 fold runs form the expert, fold 0 doubles as stage 1, a 1-expert stack."""
     from distrib.stacking.embed import extract_oof
     from distrib.stacking.stack import fit_stack
-    from distrib.training.trainer import run
 
     root = tmp_path_factory.mktemp("cascade")
-    runs = []
-    for k in range(3):
-        cfg = load_config(DEBUG, [f"data.shards={demo_shards}", f"data.fold={k}", "train.epochs=1",
-                                  "data.samples_per_epoch=32", "train.latency_batches=1", *SMALL])
-        run(cfg, root / f"fold{k}")
-        runs.append(str(root / f"fold{k}"))
+    runs = fold_runs
+    cfg = load_config(DEBUG, SMALL)
     oof = root / "oof_embeddings.parquet"
     extract_oof(runs, oof, cfg.embed)
     fit_stack([oof], root / "stack", cfg.stack)
