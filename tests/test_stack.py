@@ -100,3 +100,28 @@ def test_missing_key_is_named(tmp_path):
     df.iloc[1:].to_parquet(paths[1], index=False)
     with pytest.raises(DataError, match=r"1 key\(s\) missing from .*genconvit_ed.parquet \(k00000\)"):
         load_experts(paths)
+
+
+def test_group_agg_scores_ablation_candidates_and_splits_per_group(tmp_path):
+    """stack.group_agg=max: every ablation entry, candidate and val/test split also carries group AUC/AP,
+    equal to sklearn on each group's max OOF probability."""
+    from sklearn.metrics import roc_auc_score
+    from distrib.config import load_config
+    from distrib.stacking.stack import fit_stack
+    paths = _tables(tmp_path, n_groups=80)
+    cfg = load_config(None, [*CFG_OVERRIDES, "stack.group_agg=max", "stack.bootstrap=50"]).stack
+    res = fit_stack(paths, tmp_path / "stack", cfg)
+    preds = pd.read_parquet(tmp_path / "stack" / "meta_predictions.parquet")
+    oof = preds[preds["split"] == "oof"]
+    for name in ("expert:cnn", "expert:genconvit_ed", "prob", "prob+emb"):
+        assert res["ablation"][name]["group"]["agg"] == "max" and res["ablation"][name]["group"]["n_groups"] > 0
+    units = oof.groupby(["group", "label"])
+    want = roc_auc_score(units["label"].first(), units["prob_cnn"].max())
+    assert res["ablation"]["expert:cnn"]["group"]["auc"] == pytest.approx(want, abs=1e-12)
+    chosen = res["candidates"][res["meta"]]["group"]
+    assert chosen["auc"] == pytest.approx(roc_auc_score(units["label"].first(), units["prob"].max()), abs=1e-12)
+    test = preds[preds["split"] == "test"].groupby(["group", "label"])
+    assert res["splits"]["test"]["group"]["prob"]["auc"] == pytest.approx(
+        roc_auc_score(test["label"].first(), test["prob"].max()), abs=1e-12)
+    with pytest.raises(Exception, match="stack.group_agg"):
+        load_config(None, ["stack.group_agg=median"])

@@ -127,3 +127,19 @@ def test_cli_prints_infeasible(tmp_path, capsys):
     res = json.loads(out.strip().splitlines()[-1])
     assert res["band"]["feasible"] is False
     assert "INFEASIBLE" in out
+
+
+def test_thresholds_fit_on_group_scores(tmp_path):
+    """thresholds.group_agg=max: one unit per (group, label), scored by its most suspicious sample; the
+    constrained threshold then keeps group-level recall, which a sample-level fit does not promise."""
+    df = _overlap(n=400)  # 4 samples per group, labels mixed inside groups -> up to 2 units per group
+    cfg = ThresholdConfig(bootstrap=50, recall=0.99, specificity=0.95, group_agg="max")
+    res = fit_thresholds(df, cfg, tmp_path)
+    units = df.groupby(["group", "label"])["prob"].max().reset_index()
+    assert res["unit"].startswith("group (max") and res["n"] == len(units)
+    assert res["positives"] == int(units["label"].sum())
+    t = res["single"]["max_specificity_at_recall"]["threshold"]
+    assert recall_score(units["label"], (units["prob"] >= t).astype(int)) >= 0.99
+    assert fit_thresholds(df, ThresholdConfig(bootstrap=0), tmp_path / "s")["unit"] == "sample"
+    with pytest.raises(DistribError, match="needs a 'group' column"):
+        fit_thresholds(df.drop(columns=["group"]), cfg, tmp_path / "x")

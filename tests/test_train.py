@@ -36,7 +36,8 @@ def test_run_outputs_exist_and_parse(debug_run, demo_shards):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "training_log.csv")))
     assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy",
-                             "precision", "recall", "specificity", "eer", "ap", "seconds"]
+                             "precision", "recall", "specificity", "eer", "ap", "seconds", "group_auc", "group_eer",
+                             "group_ap"]
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     Image.open(out / "training_curves.png").verify()
     assert load_config(out / "config.yaml") == cfg  # the saved config replays the run
@@ -74,6 +75,11 @@ def test_run_outputs_exist_and_parse(debug_run, demo_shards):
     assert gm["auc"] == pytest.approx(roc_auc_score([g_y[g] for g in order], [g_p[g] for g in order]), abs=1e-9)
     assert gm["ap"] == pytest.approx(average_precision_score([g_y[g] for g in order], [g_p[g] for g in order]))
     assert 0.0 <= gm["eer"] <= 1.0
+    # the same group level per evaluation in training_log.csv, and the best epoch's in the run's result
+    best_row = next(r for r in rows if int(r["epoch"]) == res["best"]["epoch"])
+    assert float(best_row["group_auc"]) == pytest.approx(gm["auc"], abs=1e-6)
+    assert float(best_row["group_ap"]) == pytest.approx(gm["ap"], abs=1e-6)
+    assert result["group_auc"] == pytest.approx(gm["auc"], abs=1e-6)
 
 
 def test_best_model_loads_weights_only(debug_run):
@@ -97,7 +103,8 @@ def test_tensorboard_events_read_back(debug_run):
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/images_per_s", "val/auc", "val/val_loss", "val/eer"} <= tags
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/auc", "val/val_loss", "val/eer",
+            "val/group_auc", "val/group_ap"} <= tags  # eval.group_agg=max
     loss = acc.Scalars("train/loss")
     assert len(loss) == result["steps"] and all(np.isfinite(e.value) for e in loss)
     assert [e.step for e in acc.Scalars("val/auc")] == [result["steps"] // 2, result["steps"]]

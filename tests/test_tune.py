@@ -145,7 +145,7 @@ def _events(run_dir: Path) -> list[str]:
 def test_sweep_3_folds_x_2_configs_with_one_injected_failure(ray_cluster, demo_shards, tmp_path, monkeypatch):
     marker = tmp_path / "fail_once.marker"
     monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
-    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", *TRIAL, "tune.max_failures=1"])
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", *TRIAL, "tune.max_failures=1", "eval.group_agg=max"])
     out = tmp_path / "sweep"
     result = run_sweep(cfg, {"optim.lr": [1e-3, 3e-3]}, out, address=ray_cluster)
 
@@ -161,6 +161,8 @@ def test_sweep_3_folds_x_2_configs_with_one_injected_failure(ray_cluster, demo_s
         assert f"--out {row.trial_dir} " in row.command and row.command.endswith(f"data.fold={row.fold}")
         run_cfg = load_config(Path(row.trial_dir) / "config.yaml")
         assert run_cfg.data.fold == row.fold and row.epochs == 2
+        evaluation = json.loads((Path(row.trial_dir) / "evaluation_results.json").read_text())
+        assert row.group_auc == pytest.approx(evaluation["group_metrics"]["auc"], abs=1e-6)  # group level too
         assert glob.glob(f"{row.trial_dir}/tb/**/events.out.tfevents*", recursive=True), "TensorBoard per trial"
 
     failed = marker.read_text()  # the one trial that failed after its first report, then was retried
@@ -199,6 +201,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = pd.read_csv(out / "sweep_summary.csv")
     assert len(summary) == 3 and (summary["status"] == "done").all(), summary
+    assert "group_auc" not in summary.columns  # eval.group_agg none: no empty group columns
     assert _events(out / "trials" / "c0_fold0") == ["start", "done"]  # finished trial was not re-run
     assert json.loads((out / "sweep_results.json").read_text())["best"]["config_id"] == "c0"
 

@@ -42,8 +42,10 @@ class StackConfig(Section):
     bootstrap: int = 1000  # grouped bootstrap resamples for the CI of AUC(meta) - AUC(best expert) on val/test
     n_jobs: int = 2  # LightGBM threads
     seed: int = 0  # meta-model, fold and bootstrap seed
+    group_agg: str = "none"  # also score the ablation/candidates/splits per group (video, item): none, mean, max
 
     def validate(self) -> None:
+        check_choice("stack.group_agg", self.group_agg, ("none", "mean", "max"))
         for f in self.features:
             check_choice("stack.features", f, ("prob", "emb", "recon", "stage1"))
         check_choice("stack.meta", self.meta, ("auto", "lightgbm", "logistic", "weighted", "best_expert"))
@@ -69,8 +71,10 @@ class ThresholdConfig(Section):
     bootstrap: int = 1000  # grouped bootstrap resamples for confidence intervals
     seed: int = 0  # bootstrap seed
     fit_split: str = "oof"  # rows thresholds are fit on: oof, val or oof+val (never test)
+    group_agg: str = "none"  # fit on group scores (each group's mean or max prob) instead of samples: none, mean, max
 
     def validate(self) -> None:
+        check_choice("thresholds.group_agg", self.group_agg, ("none", "mean", "max"))
         check_choice("thresholds.fit_split", self.fit_split, ("oof", "val", "oof+val"))
         check_value(0 < self.recall <= 1, "thresholds.recall", self.recall, "0 < R <= 1")
         check_value(0 < self.specificity <= 1, "thresholds.specificity", self.specificity, "0 < S <= 1")

@@ -30,7 +30,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from distrib.atomic import write_json
 from distrib.config import StackConfig
 from distrib.errors import DataError, DistribError
-from distrib.metrics import binary_metrics
+from distrib.metrics import binary_metrics, group_metrics
 from distrib.stacking.meta import MetaModel, choose, fit_candidate, is_prob, load_model
 from distrib.stacking.thresholds import auc_difference
 
@@ -244,8 +244,11 @@ def _versus_best_expert(part: pd.DataFrame, split: str, best_expert: str, cfg: S
     experts = [c for c in part.columns if c.startswith("prob_")]
     cmp = auc_difference(part["label"], part["prob"], part[f"prob_{best_expert.split(':', 1)[1]}"], part["group"],
                          cfg.bootstrap, cfg.seed)
-    return {"meta_auc": cmp["auc"], **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in experts},
-            "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)}}
+    out = {"meta_auc": cmp["auc"], **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in experts},
+           "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)}}
+    if cfg.group_agg != "none":
+        out["group"] = {k: group_metrics(part["group"], part["label"], part[k], cfg.group_agg) for k in ["prob", *experts]}
+    return out
 
 
 def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig,
@@ -301,6 +304,13 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
                 log.warning(f"stack: candidate {kind} skipped: {err}")
                 skipped[kind] = str(err)
     candidates = _leaderboard(cand_runs)
+    if cfg.group_agg != "none":  # the same OOF predictions scored per group, next to per sample
+        preds_of = {**{k: oof[f"{k.split(':', 1)[1]}__prob"].to_numpy() for k in ablation if k.startswith("expert:")},
+                    **({"stage1 alone": oof[STAGE1].to_numpy()} if STAGE1 in oof else {}),
+                    **{k: r["pred"] for k, r in runs.items()}}
+        for board, source in ((ablation, preds_of), (candidates, {k: r["pred"] for k, r in cand_runs.items()})):
+            for name, pred in source.items():
+                board[name]["group"] = group_metrics(groups, y, pred, cfg.group_agg)
     auto_pick = choose(candidates, cfg.tie)
     kind = auto_pick if cfg.meta == "auto" else cfg.meta
     if kind not in cand_runs:

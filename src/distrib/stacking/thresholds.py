@@ -22,6 +22,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_curve, roc_curve
 from distrib.atomic import json_safe, write_json
 from distrib.config import ThresholdConfig
 from distrib.errors import DataError, DistribError
+from distrib.metrics import group_scores
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,13 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     y, s = df["label"].to_numpy().astype(int), df["prob"].to_numpy(dtype=float)
     groups = df["group"].to_numpy() if "group" in df.columns else np.arange(len(df))
+    unit = "sample"
+    if cfg.group_agg != "none":  # one score per group (video, item): decisions are then made per group
+        if "group" not in df.columns:
+            raise DataError(f"thresholds.group_agg={cfg.group_agg} needs a 'group' column in the predictions; "
+                            "add one or set thresholds.group_agg=none")
+        groups, y, s = group_scores(groups, y, s, cfg.group_agg)
+        unit = f"group ({cfg.group_agg} of its samples' probabilities)"
     t_f1, t_j = threshold_f1(y, s), threshold_youden(y, s)
     t_r = threshold_max_specificity(y, s, cfg.recall)
     single = {"f1": {"threshold": t_f1, **rates(y, s, t_f1, t_f1)},
@@ -260,7 +268,7 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
              "metrics_vs_threshold": plot_metrics_vs_threshold(
                  y, s, out / f"{prefix}metrics_vs_threshold.png", marks={k: v["threshold"] for k, v in single.items()},
                  band=(band["t_low"], band["t_high"]) if band["feasible"] else None)}
-    result = {"n": int(len(y)), "positives": int(y.sum()), "groups": int(len(pd.unique(groups))),
+    result = {"unit": unit, "n": int(len(y)), "positives": int(y.sum()), "groups": int(len(pd.unique(groups))),
               "splits_used": sorted(df["split"].unique().tolist()) if "split" in df.columns else ["(no split column)"],
               "bootstrap": cfg.bootstrap, "single": single, "band": band,
               "plots": {k: str(Path(p).name) for k, p in plots.items()}}

@@ -17,7 +17,7 @@ from distrib.config import ExperimentConfig, config_to_dict, load_config
 from distrib.errors import DistribError
 from distrib.sweep.grid import grid_configs, trial_command, trial_overrides
 
-METRICS = ("auc", "f1", "recall", "specificity", "ap")
+METRICS = ("auc", "f1", "recall", "specificity", "ap", "group_auc", "group_ap")  # group_*: eval.group_agg
 COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command"]
 
 
@@ -97,8 +97,9 @@ def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list
                   timing: dict | None = None) -> dict:
     """Write sweep_summary.csv, fold_auc.png, best_config.yaml and sweep_results.json; return the summary."""
     summary = collect_rows(out_dir, grid, cfg.tune.folds)
+    empty = [m for m in METRICS if m.startswith("group_") and summary[m].isna().all()]  # eval.group_agg none
     with atomic_path(out_dir / "sweep_summary.csv") as tmp:
-        summary.to_csv(tmp, index=False)
+        summary.drop(columns=empty).to_csv(tmp, index=False)
     result: dict = {"sweep_dir": str(out_dir), "trials": len(summary),
                     "done": int((summary["status"] == "done").sum()), "errors": errors or [], **(timing or {})}
     try:

@@ -57,8 +57,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
 
-LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy", "precision",
-               "recall", "specificity", "eer", "ap", "seconds")
+METRIC_COLUMNS = ("val_loss", "auc", "f1", "accuracy", "precision", "recall", "specificity", "eer", "ap",
+                  "group_auc", "group_eer", "group_ap")  # group_*: eval.group_agg mean/max, else empty
+LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", *METRIC_COLUMNS[:9], "seconds", *METRIC_COLUMNS[9:])
 
 
 class RunLogger:
@@ -132,7 +133,7 @@ class RunLogger:
             return
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-        self.scalars(int(row["step"]), {f"val/{k}": row[k] for k in LOG_COLUMNS[4:13]})
+        self.scalars(int(row["step"]), {f"val/{k}": row.get(k) for k in METRIC_COLUMNS})
         if self._tb is not None:
             self._tb.flush()  # per-step scalars are flushed by the writer's own timer; evaluations at once
         self.plot_curves()
@@ -151,8 +152,9 @@ class RunLogger:
         a.plot(ep, num("val_loss"), "o-", label="val loss")
         a.set(xlabel="epoch", ylabel="loss", title="loss")
         a.legend()
-        for key in ("auc", "f1", "eer"):
-            b.plot(ep, num(key), "o-", label=f"val {key}")
+        for key in ("auc", "f1", "eer", "group_auc"):
+            if key in rows[0] and any(r[key] not in ("", None) for r in rows):
+                b.plot(ep, num(key), "o-", label=f"val {key}")
         b.set(xlabel="epoch", ylim=(0, 1.02), title="validation metrics")
         b.legend()
         return save_figure(fig, self.out / "training_curves.png")

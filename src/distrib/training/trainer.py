@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from distrib.config import ExperimentConfig, config_to_dict
+from distrib.metrics import group_metrics
 from distrib.runs import LAST, load_best, model_from_payload, param_checksum
 from distrib.training import dist
 from distrib.training.checkpoint import save_best, save_checkpoint
@@ -96,13 +97,16 @@ def _validate(t: Trainer, report: Report | None) -> None:
     dist.sync_buffers(acc, t.model)  # every rank evaluates the weights best_model.pth will hold
     preds = evaluate(acc, t.model, t.val_loader, t.loss_fn)
     m = preds.metrics()
+    if t.cfg.eval.group_agg != "none":  # video/photo/item level next to sample level
+        g = group_metrics(preds.groups, preds.labels, preds.probs, t.cfg.eval.group_agg)
+        m.update({f"group_{k}": g[k] for k in ("auc", "eer", "ap")})
     total = acc.reduce(torch.stack([t.loss_sum.clone(), torch.tensor(float(t.loss_count), dtype=torch.float64,
                                                                       device=acc.device)]), "sum")
     train_loss = float(total[0] / total[1].clamp(min=1))
     t.loss_sum, t.loss_count = torch.zeros_like(t.loss_sum), 0
     row = {"epoch": t.epoch, "step": t.step, "lr": t.lr(), "train_loss": train_loss, "val_loss": preds.loss,
            **{k: m[k] for k in ("auc", "f1", "accuracy", "precision", "recall", "specificity", "eer", "ap")},
-           "seconds": t.elapsed()}
+           "seconds": t.elapsed(), **{k: v for k, v in m.items() if k.startswith("group_")}}
     t.log.epoch_row(row)
     auc = -math.inf if math.isnan(m["auc"]) else m["auc"]
     state_dict = acc.get_state_dict(t.model) if auc > t.best_auc or t.best_epoch < 0 else None  # collective
