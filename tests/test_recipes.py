@@ -132,13 +132,34 @@ def test_missing_hub_weights_fail_before_anything_starts(tmp_path):
     assert not out.exists()
 
 
+def test_a_model_that_cannot_take_its_input_size_fails_before_anything_starts(tmp_path):
+    """GenConViT built for 32 px fed data.img_size 64 used to fail only when its first sweep trial started,
+    minutes after stage 1; now the recipe's own check builds every model and runs one forward first."""
+    from distrib.cli import main as cli_main
+    _manifests(tmp_path)
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    genconvit = str(REPO / "launch" / "configs" / "experiments" / "demo_expert_genconvit.yaml")
+    tree = yaml.safe_load(recipe.read_text())
+    tree["experts"][1] = {"experiment": genconvit, "grid": "grid.yaml", "overrides": ["model.img_size=32"]}
+    recipe.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"GenConViT was built for 32 px .* model\.img_size"):
+        from distrib.recipes import run_recipe
+        run_recipe(recipe, out)
+    assert not out.exists()
+    assert cli_main(["run", str(recipe), "--out", str(out)]) == 2 and not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     manifests = _manifests(tmp_path)
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    tree = yaml.safe_load(recipe.read_text())  # stage 1 as a 2-process gloo `accelerate launch` (DDP)
+    tree["stage1"].update(accelerate_config=str(REPO / "accelerate_config.yaml"),
+                          accelerate_args=["--main_process_port", "29547"])
+    recipe.write_text(yaml.safe_dump(tree, sort_keys=False))
     cmd = [PYTHON, "-m", "distrib", "run", str(recipe), "--out", str(out), "--num-cpus", "2"]
-    env = subprocess_env(tmp_path)
+    env = {**subprocess_env(tmp_path), "ACCELERATE_USE_CPU": "true"}
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -166,6 +187,7 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
                                          "cascade"}
     report = (out / "report.md").read_text()
     assert info["stage1_metrics"]["auc"] is not None and re.search(r"Stage 1: val AUC [01]\.\d{4}", report)
+    assert info["stage1_metrics"]["world_size"] == 2 and (out / "stage1_config.yaml").is_file()  # DDP stage 1
     n_test = len(pd.read_csv(manifests["test"]))
     assert results["n"] == n_test and 0.0 <= results["metrics"]["cascade"]["auc"] <= 1.0
     report = (out / "report.md").read_text()
@@ -179,10 +201,26 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     assert meta.loc[meta["split"] == "oof", "key"].is_unique and (meta["split"] == "oof").sum() == n_train
     print(f"\nrecipe end to end (killed once, resumed): {wall:.0f} s wall; steps {info['step_seconds']}\n{report}")
 
-    changed = subprocess.run([*cmd, "stack.n_estimators=11"], cwd=REPO, env=env, capture_output=True, text=True,
+    changed = subprocess.run([*cmd, "data.folds=3"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=300)
-    assert changed.returncode == 2 and "--overwrite" in changed.stderr and "recipe" in changed.stderr
+    assert changed.returncode == 2 and "--overwrite" in changed.stderr and "recipe data" in changed.stderr
     assert json.loads((out / "evaluation_results.json").read_text()) == results  # nothing was touched
+
+    # a change after training (embed.dim, a stack setting) keeps stage 1 and the sweeps: it re-embeds the
+    # same best fold runs and re-runs stack -> thresholds -> cascade -> report, without --overwrite
+    trained = {p: p.stat().st_mtime_ns for p in out.glob("sweep_*/trials/*/best_model.pth")}
+    trained[out / "stage1" / "best_model.pth"] = (out / "stage1" / "best_model.pth").stat().st_mtime_ns
+    again = subprocess.run([*cmd, "overrides.embed.dim=3", "stack.n_estimators=11"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "re-embed exp_a, exp_b" in again.stderr and "finished stage 1 and sweeps are kept" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained  # nothing retrained
+    for name in ("exp_a", "exp_b"):
+        oof = pd.read_parquet(out / f"sweep_{name}" / "oof_embeddings.parquet")
+        assert sum(c.startswith("emb_") for c in oof.columns) == 3 and oof["key"].is_unique
+    redone = json.loads((out / "evaluation_results.json").read_text())["pipeline"]
+    assert redone["skipped"] == ["shards", "stage 1"] and "stack" in redone["step_seconds"]
+    assert json.loads((out / "stack" / "meta_features.json").read_text())["config"]["n_estimators"] == 11
 
 
 @pytest.mark.slow

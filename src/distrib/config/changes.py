@@ -5,7 +5,7 @@ shaped those (data, fold, model, optimizer, schedule, augmentation, seed, loss, 
 the run would be a mix of two experiments under one name, and ``config.yaml`` would describe neither.
 So ``check_resume`` refuses every change except the fields listed here, and reports the allowed ones.
 
-Public: ``RESUME_SAFE``, ``SWEEP_RESUME_SAFE``, ``config_changes``, ``check_resume``.
+Public: ``RESUME_SAFE``, ``SWEEP_RESUME_SAFE``, ``allowed_change``, ``config_changes``, ``check_resume``.
 """
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     return changes
 
 
-def _allowed(key: str, safe: tuple[str, ...]) -> bool:
+def allowed_change(key: str, safe: tuple[str, ...]) -> bool:
+    """Whether dotted ``key`` is in the allow-list ``safe`` (an entry ending in '.' allows its section)."""
     return any(key == s or (s.endswith(".") and key.startswith(s)) for s in safe)
 
 
@@ -92,7 +93,7 @@ def check_resume(old: dict, new: dict, where: str, fix: str, safe: tuple[str, ..
     ``where`` names the saved config (the file the old values come from), ``fix`` the way out.
     """
     changes = config_changes(old, new)
-    refused = [c for c in changes if not _allowed(c[0], safe)]
+    refused = [c for c in changes if not allowed_change(c[0], safe)]
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
         raise ConfigError(f"--resume would change what was trained: {listed} (saved in {where}). A resumed "
@@ -100,4 +101,4 @@ def check_resume(old: dict, new: dict, where: str, fix: str, safe: tuple[str, ..
     return [{"key": k, "old": a, "new": b} for k, a, b in changes]
 
 
-__all__ = ["RESUME_SAFE", "SWEEP_RESUME_SAFE", "config_changes", "check_resume"]
+__all__ = ["RESUME_SAFE", "SWEEP_RESUME_SAFE", "allowed_change", "config_changes", "check_resume"]

@@ -18,6 +18,7 @@ closest valid key)::
     stage1:
       experiment: ../configs/experiments/deepfake_stage1_mobilenetv4.yaml
       overrides: []
+      accelerate_config: ""     # e.g. ../../accelerate_config.yaml: stage 1 as `accelerate launch` (DDP on every GPU)
     experts:                    # two or more stage-2 experts, each swept over its grid x the folds
       - {experiment: ../configs/experiments/deepfake_expert_effnetv2_b3.yaml, grid: ../configs/grids/expert_effnetv2_b3.yaml}
       - {experiment: ../configs/experiments/deepfake_expert_genconvit_ed.yaml, grid: ../configs/grids/expert_genconvit_ed.yaml}
@@ -72,6 +73,8 @@ class RecipeStage1(Section):
     _prefix = "stage1"
     experiment: str = ""  # stage-1 (filter) experiment YAML; trained on every fold, validated on val
     overrides: list[str] = field(default_factory=list)  # dotted overrides of that experiment
+    accelerate_config: str = ""  # train stage 1 under `accelerate launch --config_file` (DDP/DeepSpeed); '' = in-process
+    accelerate_args: list[str] = field(default_factory=list)  # extra `accelerate launch` flags, e.g. [--num_processes, "4"]
 
 
 
@@ -130,7 +133,7 @@ class Recipe:
 SECTIONS = {"data": RecipeData, "stage1": RecipeStage1, "stack": StackConfig, "thresholds": ThresholdConfig,
             "cascade": RecipeCascade, "shootout": RecipeShootout}
 TOP = ("name", "mode", "overrides", "experts", *SECTIONS)
-PATHS = {"data": ("train", "val", "test", "shards"), "stage1": ("experiment",), "experts": ("experiment", "grid"),
+PATHS = {"data": ("train", "val", "test", "shards"), "stage1": ("experiment", "accelerate_config"), "experts": ("experiment", "grid"),
          "shootout": ("student",)}
 
 

@@ -31,7 +31,7 @@ from distrib.recipes.report import append_pipeline_report
 
 log = logging.getLogger(__name__)
 SAVED, STATE = "recipe.yaml", "recipe_state.json"
-OWNED = ("shards", "stage1", "stack", "thresholds", "cascade.yaml", "cascade_predictions.csv", "report.md",
+OWNED = ("shards", "stage1", "stage1_config.yaml", "stack", "thresholds", "cascade.yaml", "cascade_predictions.csv", "report.md",
          "evaluation_results.json", "stage1_thresholds", "stage3", "student", STATE)  # cleared by overwrite (+ sweep_*, thresholds_*)
 
 
@@ -73,28 +73,92 @@ def resolve(recipe: Recipe, out: Path) -> dict:
                       "manifests": {k: _sha(getattr(d, k)) for k in ("train", "val", "test")}}}
 
 
-def fetch_pretrained(res: dict) -> list[str]:
-    """Build each ``model.pretrained`` model once, here: a missing hub weight (offline, empty cache) fails
-    with its clear error before any file, process group or Ray trial exists, and online the weights land
-    in the Hugging Face cache once instead of in every trial at the same time."""
+def check_models(res: dict) -> list[str]:
+    """Build every experiment's model once, here, and run one batch-1 forward at its data.img_size.
+
+    A size the model cannot take (e.g. GenConViT built for 224 px fed 64 px) or a missing hub weight
+    (offline, empty cache) fails with its clear error before any file, process group or Ray trial
+    exists, not minutes in when that expert's first trial starts; online, ``model.pretrained`` weights
+    land in the Hugging Face cache once instead of in every trial at the same time. Returns the names built.
+    """
     from distrib.models import build_model
-    names = []
+    from distrib.training.setup import dry_forward
+    names, seen = [], set()
     for cfg in [res["stage1"], res["student"], *(c for c, _ in res["experts"])]:
-        if cfg is not None and cfg.model.pretrained and not cfg.model.pretrained_file and cfg.model.name not in names:
-            build_model(cfg.model)
+        if cfg is None:
+            continue
+        key = (repr(cfg.model), cfg.data.img_size)
+        if key not in seen:
+            seen.add(key)
+            dry_forward(cfg, build_model(cfg.model))
             names.append(cfg.model.name)
     return names
+
+
+DOWNSTREAM = ("name", "stack", "thresholds", "cascade")  # recipe sections read only after the sweeps
+
+
+def _strip_overrides(recipe: dict) -> dict:
+    """The recipe without its override lists: their effect is compared in the resolved configs instead."""
+    return {**recipe, "overrides": [], "stage1": {**recipe["stage1"], "overrides": []},
+            "experts": [{**e, "overrides": []} for e in recipe["experts"]]}
+
+
+def plan_changes(old: dict, new: dict) -> tuple[list[str], bool, list[str]]:
+    """What a changed recipe means for a run dir: (refused changes, redo the steps after the sweeps,
+    experts whose OOF table must be re-embedded from the same fold runs).
+
+    Refused: anything that shaped what was trained (data, manifests, stage 1's or an expert's training
+    fields, a grid, the expert list). Allowed: the stack/thresholds/cascade sections and the name (the
+    steps after the sweeps re-run), and any SWEEP_RESUME_SAFE field of an experiment (``embed.*`` re-embeds
+    that expert's best fold runs, nothing is retrained).
+    """
+    from distrib.config import SWEEP_RESUME_SAFE, allowed_change, config_changes
+
+    refused, redo_tail, reembed = [], False, []
+    ro, rn = _strip_overrides(old["recipe"]), _strip_overrides(new["recipe"])
+    for key in sorted(set(ro) | set(rn)):
+        if ro.get(key) != rn.get(key):
+            redo_tail = redo_tail or key in DOWNSTREAM
+            refused += [] if key in DOWNSTREAM else [f"recipe {key}"]
+    refused += ["manifests"] if old.get("manifests") != new.get("manifests") else []
+    pairs = [(k, old.get(k), new.get(k)) for k in ("stage1", "student")]
+    if len(old["experts"]) != len(new["experts"]):
+        refused.append("the expert list")
+    else:
+        pairs += [(f"expert {b['config']['name']}", a["config"], b["config"]) for a, b in zip(old["experts"], new["experts"])]
+        refused += [f"expert {b['config']['name']} grid" for a, b in zip(old["experts"], new["experts"]) if a["grid"] != b["grid"]]
+    for what, a, b in pairs:
+        if (a is None) != (b is None):
+            refused.append(what)
+            continue
+        changes = config_changes(a, b) if a is not None else []
+        refused += [f"{what} {k}: {x!r} -> {y!r}" for k, x, y in changes if not allowed_change(k, SWEEP_RESUME_SAFE)]
+        if what.startswith("expert ") and any(k.startswith("embed.") for k, _, _ in changes):
+            reembed.append(b["name"])
+    return refused, redo_tail or bool(reembed), reembed
 
 
 def _check_saved(out: Path, saved: dict, overwrite: bool) -> None:
     path = out / SAVED
     old = yaml.safe_load(path.read_text()) if path.is_file() else None
-    if old is not None and old != saved:
-        if not overwrite:
-            changed = [k for k in saved if old.get(k) != saved[k]]
-            raise DistribError(f"{out} holds a run of a different recipe ({', '.join(changed)} changed since "
+    if old is not None and old != saved and not overwrite:
+        refused, redo_tail, reembed = plan_changes(old, saved)
+        if refused:
+            raise DistribError(f"{out} holds a run of a different recipe ({'; '.join(refused)} changed since "
                                f"{path} was saved); pass --overwrite to clear its outputs and start over, "
                                "or choose a new --out")
+        state_path = out / STATE
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        if redo_tail:  # the steps after the sweeps run again; finished training is kept
+            state = {k: v for k, v in state.items() if k in ("shards", "stage 1") or k.startswith("sweep ")}
+        for name in reembed:  # same fold runs, new embed settings: the OOF table is extracted again
+            (out / f"sweep_{name}" / "oof_embeddings.parquet").unlink(missing_ok=True)
+        log.warning(f"recipe changed only after training ({'re-embed ' + ', '.join(reembed) + '; ' if reembed else ''}"
+                    f"{'re-running stack, thresholds, cascade and report' if redo_tail else 'nothing to re-run'}); "
+                    "finished stage 1 and sweeps are kept")
+        if state_path.is_file():
+            write_json(state_path, state)
     if overwrite and out.is_dir():
         for p in [*(out / n for n in OWNED), *out.glob("sweep_*"), *out.glob("thresholds_*")]:
             if p.is_dir():
@@ -171,7 +235,9 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
     from distrib.cascade.run import run_cascade
     from distrib.data.shards import write_shards
     from distrib.runs import find_checkpoint
+    from distrib.stacking.embed import extract_oof
     from distrib.stacking.stack import fit_stack
+    from distrib.sweep.report import best_run_dirs
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
     from distrib.sweep.driver import init_ray, run_sweep
     from distrib.training.trainer import run as train_run
@@ -179,7 +245,7 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
     t_start, out = time.time(), Path(out).resolve()
     recipe = load_recipe(path, overrides)
     res = resolve(recipe, out)  # every config and grid validated before anything is written or started
-    fetch_pretrained(res)
+    check_models(res)  # sizes and hub weights, before anything is written or started
     _check_saved(out, res["saved"], overwrite)
     d, shard_dir = recipe.data, Path(res["shard_dir"])
     shootout = recipe.mode == "shootout"
@@ -194,7 +260,10 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
               test=d.test or None, folds=d.folds, seed=d.seed, shard_size=d.shard_size, workers=d.workers,
               positive=d.positive or None)
     s1 = out / "stage1"
-    if res["stage1"]:
+    if res["stage1"] and recipe.stage1.accelerate_config:
+        steps("stage 1", [s1 / "evaluation_results.json", s1 / "best_model.pth"], launch_stage1, res["stage1"], s1,
+              recipe.stage1.accelerate_config, recipe.stage1.accelerate_args)
+    elif res["stage1"]:
         steps("stage 1", [s1 / "evaluation_results.json", s1 / "best_model.pth"],
               lambda: train_run(res["stage1"], s1, resume=find_checkpoint(s1) is not None))
 
@@ -204,6 +273,10 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
             sweep_dir = out / f"sweep_{cfg.name}"
             oofs.append(sweep_dir / "oof_embeddings.parquet")
             if steps.done(f"sweep {cfg.name}", [oofs[-1], sweep_dir / "sweep_results.json"]):
+                continue
+            if f"sweep {cfg.name}" in steps.state and (sweep_dir / "sweep_results.json").is_file():
+                # finished sweep, OOF table gone (embed.* changed, or killed mid-extraction): re-embed, no retraining
+                steps(f"sweep {cfg.name}", None, extract_oof, best_run_dirs(sweep_dir), oofs[-1], cfg.embed)
                 continue
             started = started or init_ray(out, address, num_cpus)  # one cluster for every sweep
             summary = steps(f"sweep {cfg.name}", None, run_sweep, cfg, grid, sweep_dir)
@@ -246,6 +319,28 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
         return results
     steps("report", [], report)
     return finish(steps, out)
+
+
+def launch_stage1(cfg, run_dir: Path, accelerate_config: str, accelerate_args=()) -> None:
+    """Stage 1 as ``accelerate launch --config_file CONFIG -m distrib train`` (DDP or DeepSpeed on every
+    process the accelerate config names), resuming from its checkpoint when a killed run left one."""
+    import subprocess
+    import sys
+
+    from distrib.runs import find_checkpoint
+    if not Path(accelerate_config).is_file():
+        raise DistribError(f"recipe stage1.accelerate_config: {accelerate_config} not found (the repo ships "
+                           "accelerate_config.yaml; write one with 'accelerate config')")
+    config_path = run_dir.parent / "stage1_config.yaml"  # the resolved experiment, replayable by hand
+    write_text(config_path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+           *map(str, accelerate_args), "-m", "distrib", "train", str(config_path), "--out", str(run_dir),
+           *(["--resume"] if find_checkpoint(run_dir) is not None else [])]
+    log.info("stage 1: %s", " ".join(cmd))
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise DistribError(f"stage 1 under accelerate launch exited {code} (its log is above); fix the cause and "
+                           "re-run the same command: stage 1 continues from its last checkpoint")
 
 
 def finish(steps: Steps, out: Path) -> dict:

@@ -62,7 +62,7 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     dist.check_precision(cfg, model)
-    _dry_forward(cfg, model)
+    dry_forward(cfg, model)
     writable_dir(out, "--out")  # only once everything else passed: a failed check leaves no empty run dir
     return model
 
@@ -101,7 +101,7 @@ def _append_changes(path: Path, entry: dict) -> None:
     write_json(path, [*entries, entry], indent=1)
 
 
-def _dry_forward(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
+def dry_forward(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
     """One batch-1 forward at data.img_size, so a size mismatch fails here and not inside a collective."""
     size = cfg.data.img_size
     try:
