@@ -17,6 +17,7 @@ import yaml
 from conftest import REPO
 from distrib.cli import main
 from distrib.config import ConfigError, load_config
+from distrib.errors import DistribError
 from distrib.sweep.driver import run_sweep
 from distrib.sweep.grid import load_grid
 
@@ -132,6 +133,12 @@ def test_sampled_configs_each_run_all_folds_and_are_scored_by_mean_auc(ray_clust
     if search == "optuna":  # Optuna's value per config is its mean K-fold AUC
         assert _optuna_values(out) == {c["params"]["optim.lr"]: [("COMPLETE", pytest.approx(c["mean_auc"]))]
                                        for c in configs.values()}
+    with pytest.raises(DistribError, match="already holds a sampled sweep.*--resume"):  # configs would mix
+        run_sweep(cfg, {"optim.lr": {"loguniform": [1e-4, 1e-2]}}, out, address=ray_cluster)
+    again = run_sweep(cfg, {"optim.lr": {"loguniform": [1e-4, 1e-2]}}, out, address=ray_cluster, resume=True)
+    assert again["best"]["config_id"] == result["best"]["config_id"] and again["configs"] == result["configs"]
+    for d in summary.trial_dir:  # Tuner.restore (searcher state included) re-ran nothing
+        assert (Path(d) / "trial_events.log").read_text().split()[2::3] == ["start", "done"]
 
 
 @pytest.mark.slow
