@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +60,46 @@ def fold_runs(demo_shards, session_tmp) -> list[str]:
         run(cfg, session_tmp / "fold_runs" / f"fold{k}")
         runs.append(str(session_tmp / "fold_runs" / f"fold{k}"))
     return runs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(session_tmp):
+    """`ray start --head --block` on 127.0.0.1 with 2 CPUs, shared by the sweep tests (test_tune, test_search);
+    stopped by signalling the process we started."""
+    base = session_tmp if len(str(session_tmp)) <= 28 else Path(tempfile.mkdtemp(prefix="dray", dir="/tmp"))
+    temp_dir = tempfile.mkdtemp(prefix="r", dir=base)  # Ray socket paths must stay short
+    port = _free_port()
+    env = subprocess_env(session_tmp)
+    env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    log = open(session_tmp / "ray_head.log", "w")
+    proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+                             "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
+                             "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, (session_tmp / "ray_head.log").read_text()[-3000:]
+        if "Ray runtime started" in (session_tmp / "ray_head.log").read_text():
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("ray start --head did not come up in 120 s")
+    yield address
+    proc.send_signal(signal.SIGINT)  # --block: the head kills the processes it started, then exits
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session we started for it, by its id
+        proc.wait(timeout=30)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def subprocess_env(tmp: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Ray Tune sweep: real Ray cluster (`ray start --head` on 127.0.0.1, shared by the module), real trials.
+"""Ray Tune sweep: real Ray cluster (`ray start --head` on 127.0.0.1, shared by the session, conftest.ray_cluster), real trials.
 
 The cluster is started once in a subprocess and every sweep joins it with ``address=`` / ``--address``,
 which is also the multi-node path. Trials train the debug config for 2 tiny epochs on the demo shards.
@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import glob
 import json
-import os
-import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -96,45 +92,6 @@ def test_sweep_dir_with_other_config_is_refused_without_resume(tmp_path, demo_sh
 
 
 # ------------------------------------------------------------------------------- real Ray cluster
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(session_tmp):
-    """`ray start --head --block` on 127.0.0.1 with 2 CPUs; stopped by signalling the process we started."""
-    base = session_tmp if len(str(session_tmp)) <= 28 else Path(tempfile.mkdtemp(prefix="dray", dir="/tmp"))
-    temp_dir = tempfile.mkdtemp(prefix="r", dir=base)  # Ray socket paths must stay short
-    port = _free_port()
-    env = subprocess_env(session_tmp)
-    env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
-    log = open(session_tmp / "ray_head.log", "w")
-    proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", "--port", str(port),
-                             "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
-                             "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, (session_tmp / "ray_head.log").read_text()[-3000:]
-        if "Ray runtime started" in (session_tmp / "ray_head.log").read_text():
-            break
-        time.sleep(1)
-    else:
-        pytest.fail("ray start --head did not come up in 120 s")
-    yield address
-    proc.send_signal(signal.SIGINT)  # --block: the head kills the processes it started, then exits
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session we started for it, by its id
-        proc.wait(timeout=30)
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
 
 def _events(run_dir: Path) -> list[str]:
     return [line.split()[2] for line in (run_dir / "trial_events.log").read_text().splitlines()]

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def _resume_command(a: argparse.Namespace) -> str:
     """The command that continues an interrupted train/tune: the same arguments plus --resume."""
     words = ["distrib", a.command, a.config, *a.overrides, "--out", a.out]
-    for flag in ("grid", "address", "storage", "num_cpus"):
+    for flag in ("grid", "address", "storage", "num_cpus", "search", "num_samples", "scheduler"):
         if getattr(a, flag, None) is not None:
             words += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
     return shlex.join([*words, "--resume"])

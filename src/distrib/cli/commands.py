@@ -48,7 +48,8 @@ def cmd_tune(a: argparse.Namespace) -> dict:
     from distrib.config import load_config
     from distrib.sweep.driver import run_sweep
     from distrib.sweep.grid import check_grid, load_grid
-    cfg = load_config(a.config, a.overrides)
+    flags = {"tune.search": a.search, "tune.num_samples": a.num_samples, "tune.scheduler": a.scheduler}
+    cfg = load_config(a.config, [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
     grid = load_grid(a.grid) if a.grid else check_grid(cfg.tune.grid)
     return run_sweep(cfg, grid, a.out, address=a.address, storage=a.storage, resume=a.resume, num_cpus=a.num_cpus)
 

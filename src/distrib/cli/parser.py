@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="shared storage path for multi-node sweeps")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
     p.add_argument("--resume", action="store_true", help="continue a killed sweep (Tuner.restore)")
+    p.add_argument("--search", choices=("grid", "random", "optuna"), default=None,
+                   help="tune.search: grid (every config x fold) or sample configs, each running all folds")
+    p.add_argument("--num-samples", type=int, default=None, help="tune.num_samples: configs to sample")
+    p.add_argument("--scheduler", choices=("none", "asha"), default=None,
+                   help="tune.scheduler: asha stops whole sampled configs after a fold (random|optuna only)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("embed", help="extract aligned out-of-fold embeddings from fold runs")

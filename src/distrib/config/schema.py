@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from distrib.config.downstream import EmbedConfig, ExportConfig, StackConfig, ThresholdConfig
 from distrib.config.fields import Section, check_choice, check_value
+from distrib.errors import ConfigError
+
+SEARCHES = ("grid", "random", "optuna")  # tune.search modes (sweep/search.py)
 
 
 @dataclass
@@ -199,7 +202,10 @@ class TuneConfig(Section):
     workers_per_trial: int = 1  # > 1 runs each trial as a Ray Train TorchTrainer with DDP inside
     max_concurrent: int = 0  # parallel trials; 0 = as many as resources allow
     max_failures: int = 1  # retries of a failed trial from its last checkpoint
-    asha: bool = False  # ASHA early stopping (biases fold comparisons; off by default)
+    asha: bool = False  # grid mode: per-trial (one fold) ASHA over epochs (biases fold comparisons; off by default)
+    search: str = "grid"  # grid: every grid config x fold; random|optuna: sample configs, one trial runs all folds
+    num_samples: int = 8  # random|optuna: configs sampled from the grid's lists/distributions
+    scheduler: str = "none"  # random|optuna: none|asha (ASHA stops a whole config after a fold, never one fold)
     metric: str = "val_auc"  # metric that ranks configs (mean over folds)
     embed_best: bool = True  # extract OOF embeddings for the best config after the sweep
 
@@ -210,8 +216,21 @@ class TuneConfig(Section):
         check_value(self.workers_per_trial >= 1, "tune.workers_per_trial", self.workers_per_trial, ">= 1")
         check_value(self.max_concurrent >= 0, "tune.max_concurrent", self.max_concurrent, ">= 0")
         check_value(self.max_failures >= 0, "tune.max_failures", self.max_failures, ">= 0")
+        check_choice("tune.search", self.search, SEARCHES)
+        check_choice("tune.scheduler", self.scheduler, ("none", "asha"))
+        check_value(self.num_samples >= 1, "tune.num_samples", self.num_samples, ">= 1")
+        if self.search == "grid" and self.scheduler != "none":
+            raise ConfigError(f"tune.scheduler={self.scheduler} needs tune.search=random|optuna (one trial per config "
+                              "runs all folds, so ASHA stops whole configs); pass --search random or --search optuna")
+        if self.search != "grid" and self.workers_per_trial > 1:
+            raise ConfigError(f"tune.search={self.search} runs a config's folds one after another inside one trial; "
+                              "DDP trials (tune.workers_per_trial > 1) need tune.search=grid")
+        if self.search != "grid" and self.asha:
+            raise ConfigError(f"tune.asha stops single folds of a grid sweep; with tune.search={self.search} set "
+                              "tune.asha=false and use tune.scheduler=asha (stops whole configs)")
         for k, v in self.grid.items():
-            check_value(isinstance(v, list) and len(v) >= 1, f"tune.grid['{k}']", v, "a non-empty list of values")
+            check_value(isinstance(v, list) and len(v) >= 1 or isinstance(v, dict) and len(v) == 1,
+                        f"tune.grid['{k}']", v, "a non-empty list of values or one {distribution: args} mapping")
 
 
 SECTIONS: dict[str, type] = {

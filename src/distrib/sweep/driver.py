@@ -35,7 +35,9 @@ from distrib.config import (SWEEP_RESUME_SAFE, ConfigError, ExperimentConfig, bu
 from distrib.errors import DistribError
 from distrib.sweep.local_ray import PID_FILE, reap, start_ray, stop_ray
 from distrib.sweep.report import write_outputs
-from distrib.sweep.grid import check_grid, grid_configs, trial_overrides
+from distrib.sweep.grid import check_grid, trial_overrides
+from distrib.sweep.search import (check_fresh, check_search, param_space, run_cv_trial, sampled_configs,
+                                  tune_config, validation_configs)
 from distrib.sweep.trial import FAIL_ONCE_ENV, run_trial
 from distrib.sweep.tracking import finish_parent, start_parent
 from distrib.training.checkpoint import remove_stale_tmp
@@ -97,7 +99,7 @@ def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
     """Save the resolved base config (absolute shard path) and validate every grid combination."""
     _check_folds(_absolute_shards(cfg))
     base = config_to_dict(cfg)
-    for c in grid_configs(grid):  # a typo or bad value fails here, before any file or trial exists
+    for c in validation_configs(grid, cfg.tune.search):  # a typo or bad value fails here, before any file exists
         tree = copy.deepcopy(base)
         for text in trial_overrides(c["overrides"], 0):
             key, value = parse_override(text)
@@ -121,7 +123,8 @@ def _build_trainable(cfg: ExperimentConfig, spec: dict):
     resources = {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial}
     if cfg.tune.workers_per_trial > 1:  # the trial only drives a TorchTrainer; its workers hold the resources
         resources = {"cpu": 0.01, "gpu": 0}
-    return tune.with_resources(tune.with_parameters(run_trial, spec=spec), resources)
+    trainable = run_trial if cfg.tune.search == "grid" else run_cv_trial  # random|optuna: one trial per config
+    return tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
 
 
 def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: str | None = None,
@@ -131,11 +134,14 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
 
     out_dir = Path(out_dir).resolve()
     grid = check_grid(grid or cfg.tune.grid)
+    check_search(grid, cfg.tune)
     storage_path = str(Path(storage).resolve()) if storage and "://" not in storage else (storage or str(out_dir / "ray_results"))
     exp_path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
     reap(out_dir / PID_FILE)  # before any file is written: refuses if a live driver owns out_dir, stops orphans
+    if not resume:
+        check_fresh(out_dir)
     config_path = _check_resume(cfg, grid, out_dir) if resume else _prepare(cfg, grid, out_dir)
-    spec = {"grid": grid, "config_path": str(config_path), "trials_dir": str(out_dir / "trials"),
+    spec = {"folds": cfg.tune.folds, "sweep_dir": str(out_dir), "grid": grid, "config_path": str(config_path), "trials_dir": str(out_dir / "trials"),
             "workers": cfg.tune.workers_per_trial, "cpus": cfg.tune.cpus_per_trial,
             "gpus": cfg.tune.gpus_per_trial, "fail_once": os.environ.get(FAIL_ONCE_ENV, ""),
             # a private local cluster retries trials on this machine, from the run dir's last_checkpoint;
@@ -159,11 +165,14 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
                                    "pass the same --out/--storage as the interrupted sweep")
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = tune.Tuner(trainable, param_space=_param_space(grid, cfg.tune.folds),
-                               tune_config=_tune_config(cfg), run_config=_run_config(cfg, storage_path))
+            grid_mode = cfg.tune.search == "grid"
+            tuner = tune.Tuner(trainable, param_space=_param_space(grid, cfg.tune.folds) if grid_mode else param_space(grid),
+                               tune_config=_tune_config(cfg) if grid_mode else tune_config(cfg),
+                               run_config=_run_config(cfg, storage_path))
         results, stopped = _fit(tuner)
         t_fit = time.time() - t0 - t_ray
         errors = [str(r.error) for r in results if r.error]
+        configs = None if cfg.tune.search == "grid" else sampled_configs(out_dir, results, cfg, stopped)
     except BaseException:
         finish_parent(parent, out_dir, None)  # the MLflow parent run ends FAILED, not RUNNING forever
         raise
@@ -173,8 +182,9 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
     summary = None
     try:
         summary = write_outputs(out_dir, grid, cfg, errors=errors,
-                                timing={"ray_init_s": t_ray, "fit_s": t_fit})
-        summary["status"] = "interrupted" if stopped or sig else ("incomplete" if summary["done"] < summary["trials"]
+                                timing={"ray_init_s": t_ray, "fit_s": t_fit}, configs=configs)
+        settled = summary["done"] + summary["stopped"]  # ASHA-stopped folds of a stopped config never run
+        summary["status"] = "interrupted" if stopped or sig else ("incomplete" if settled < summary["trials"]
                                                                  else "done")
         summary["signal"] = int(sig or (2 if stopped else 0)) or None
     finally:

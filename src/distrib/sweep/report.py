@@ -18,7 +18,8 @@ from distrib.errors import DistribError
 from distrib.sweep.grid import grid_configs, trial_command, trial_overrides
 
 METRICS = ("auc", "f1", "recall", "specificity", "ap", "group_auc", "group_ap")  # group_*: eval.group_agg
-COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command"]
+COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command",
+           "folds_done", "config_status"]
 
 
 def pick_metric(metrics: dict, name: str) -> float:
@@ -29,15 +30,19 @@ def pick_metric(metrics: dict, name: str) -> float:
     return float("nan")
 
 
-def collect_rows(out_dir: Path, grid: dict, folds: int) -> pd.DataFrame:
-    """One row per expected (config, fold); trials that did not finish get status 'missing'."""
+def collect_rows(out_dir: Path, grid: dict, folds: int, configs: list[dict] | None = None) -> pd.DataFrame:
+    """One row per expected (config, fold); trials that did not finish get status 'missing', or 'stopped'
+    when ASHA stopped their config (``configs``: sampled configs with a status; default the grid's).
+    ``folds_done`` / ``config_status`` (complete, stopped, error, incomplete) describe the whole config."""
     rows = []
-    for c in grid_configs(grid):
+    for c in configs or grid_configs(grid):
+        first = len(rows)
         for k in range(folds):
             run_dir = out_dir / "trials" / f"{c['id']}_fold{k}"
             res_path = run_dir / "trial_result.json"
             row = {"config_id": c["id"], "fold": k, "params": "; ".join(c["overrides"]) or "(base)",
-                   "trial_dir": str(run_dir), "status": "missing", "epochs": 0, "seconds": float("nan"),
+                   "trial_dir": str(run_dir), "epochs": 0, "seconds": float("nan"),
+                   "status": "stopped" if c.get("status") == "stopped" else "missing",
                    "command": trial_command(out_dir / "config.yaml", run_dir, trial_overrides(c["overrides"], k))}
             row.update({m: float("nan") for m in METRICS})
             if res_path.is_file():
@@ -47,6 +52,10 @@ def collect_rows(out_dir: Path, grid: dict, folds: int) -> pd.DataFrame:
                 row.update(status="done", seconds=res["seconds"], command=res["command"],
                            epochs=int(res.get("epochs", 0)))
             rows.append(row)
+        done = sum(r["status"] == "done" for r in rows[first:])
+        status = "complete" if done == folds else {"stopped": "stopped", "error": "error"}.get(c.get("status"), "incomplete")
+        for r in rows[first:]:
+            r.update(folds_done=done, config_status=status)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -94,14 +103,19 @@ def plot_fold_auc(summary: pd.DataFrame, path: Path, best_id: str | None = None)
 
 
 def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list[str] | None = None,
-                  timing: dict | None = None) -> dict:
-    """Write sweep_summary.csv, fold_auc.png, best_config.yaml and sweep_results.json; return the summary."""
-    summary = collect_rows(out_dir, grid, cfg.tune.folds)
+                  timing: dict | None = None, configs: list[dict] | None = None) -> dict:
+    """Write sweep_summary.csv, fold_auc.png, best_config.yaml and sweep_results.json; return the summary.
+    ``configs``: a random/optuna sweep's sampled configs (``search.sampled_configs``), else the grid's."""
+    configs = configs or grid_configs(grid)
+    summary = collect_rows(out_dir, grid, cfg.tune.folds, configs)
     empty = [m for m in METRICS if m.startswith("group_") and summary[m].isna().all()]  # eval.group_agg none
     with atomic_path(out_dir / "sweep_summary.csv") as tmp:
         summary.drop(columns=empty).to_csv(tmp, index=False)
     result: dict = {"sweep_dir": str(out_dir), "trials": len(summary),
-                    "done": int((summary["status"] == "done").sum()), "errors": errors or [], **(timing or {})}
+                    "done": int((summary["status"] == "done").sum()),
+                    "stopped": int((summary["status"] == "stopped").sum()), "errors": errors or [], **(timing or {})}
+    if cfg.tune.search != "grid":
+        result.update(search=cfg.tune.search, scheduler=cfg.tune.scheduler, configs=configs)
     try:
         best = choose_best(summary, "auc", cfg.tune.folds)
     except DistribError as e:
@@ -110,7 +124,7 @@ def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list
         best = None
     plot_fold_auc(summary, out_dir / "fold_auc.png", best and best["config_id"])
     if best:
-        overrides = next(c["overrides"] for c in grid_configs(grid) if c["id"] == best["config_id"])
+        overrides = next(c["overrides"] for c in configs if c["id"] == best["config_id"])
         best_cfg = load_config(out_dir / "config.yaml", overrides)
         header = (f"# best config {best['config_id']} of the sweep in {out_dir}: mean CV AUC "
                   f"{best['mean']:.4f} +- {best['std']:.4f} (std over {best['folds']} folds)\n"

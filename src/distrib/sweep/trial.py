@@ -53,14 +53,25 @@ def _numeric(metrics: dict) -> dict:
 
 def run_trial(params: dict, spec: dict) -> None:
     """Ray Tune function trainable: one (config, fold) pair -> ``train.run`` in its own run dir."""
+    grid = spec["grid"]
+    cid = config_id(grid, params.get("grid", {}))
+    run_fold(spec, cid, int(params["fold"]), next(c["overrides"] for c in grid_configs(grid) if c["id"] == cid),
+             params.get("grid", {}))
+
+
+def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_params: dict,
+             epoch_reports: bool = True) -> dict:
+    """Train config ``cid`` on ``fold`` into ``trials/<cid>_fold<fold>``; write and return trial_result.json.
+
+    ``epoch_reports``: each epoch's metrics (and checkpoint) go to ``tune.report`` (one trial per fold);
+    a per-config CV trial (``search.run_cv_trial``) reports once per fold itself instead.
+    """
     t_start = time.time()
     from ray import tune
 
-    grid, fold = spec["grid"], int(params["fold"])
-    cid = config_id(grid, params.get("grid", {}))
     name = f"{cid}_fold{fold}"
     run_dir = Path(spec["trials_dir"]) / name
-    overrides = trial_overrides(next(c["overrides"] for c in grid_configs(grid) if c["id"] == cid), fold)
+    overrides = trial_overrides(config_overrides, fold)
     _log_event(run_dir, "start")
     os.environ.update(spec.get("tracker_env", {}))  # MLflow: parent run id, experiment, store (sweep/tracking.py)
     resume = _restore_checkpoint(run_dir)
@@ -76,7 +87,8 @@ def run_trial(params: dict, spec: dict) -> None:
         t0 = time.time()
         ship = spec.get("ship_checkpoints", True) and checkpoint_dir and Path(checkpoint_dir).is_dir()
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if ship else None
-        tune.report(_numeric(metrics), checkpoint=ckpt)
+        if epoch_reports:
+            tune.report(_numeric(metrics), checkpoint=ckpt)
         reports["n"] += 1
         reports["epoch"] = int(metrics.get("epoch", reports["n"]))
         reports["ckpt_s"] += time.time() - t0
@@ -90,7 +102,7 @@ def run_trial(params: dict, spec: dict) -> None:
     else:
         final = train.run(cfg, str(run_dir), resume=resume, report=report)
     t_end = time.time()
-    result = {"config_id": cid, "fold": fold, "params": params.get("grid", {}), "overrides": overrides,
+    result = {"config_id": cid, "fold": fold, "params": grid_params, "overrides": overrides,
               "metrics": _numeric(final or {}), "reports": reports["n"], "epochs": reports["epoch"], "seconds": t_end - t_import,
               "trial_seconds": t_end - t_start, "startup_seconds": t_import - t_start,
               "report_seconds": reports["ckpt_s"], "resumed": resume, "run_dir": str(run_dir),
@@ -98,6 +110,7 @@ def run_trial(params: dict, spec: dict) -> None:
               **({"ranks": ranks} if ranks else {})}
     write_json(run_dir / "trial_result.json", result, indent=1)
     _log_event(run_dir, "done")
+    return result
 
 
 # ------------------------------------------------------------------------------- DDP inside a trial
