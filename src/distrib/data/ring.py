@@ -45,7 +45,8 @@ from distrib.errors import DataError
 from distrib.data.index import SplitPlan, _local_path
 from distrib.data.transforms import ImageTransform, decode_image
 
-_META_CACHE: dict[tuple, tuple] = {}  # (path, size, mtime_ns) -> per-sample (labels, keys, groups, bad)
+_META_CACHE: dict[tuple, tuple] = {}  # (path, size, mtime_ns) -> per-sample (labels, keys, groups, bad, hw)
+_IMAGE_EXT = (b".jpg", b".jpeg", b".png")
 
 
 def ring_usable(plan: SplitPlan, transform, on_device: bool, decode_on_device: bool, workers: int) -> bool:
@@ -55,12 +56,13 @@ def ring_usable(plan: SplitPlan, transform, on_device: bool, decode_on_device: b
 
 
 def _shard_meta(path: str, offsets: list) -> tuple:
-    """(labels, keys, groups, bad) of one shard from its .json members (one pread each), cached per file version."""
+    """(labels, keys, groups, bad, hw) of one shard from its .json members (one pread each), cached per file
+    version; ``hw`` is the image's (height, width) when the writer recorded it, else (0, 0)."""
     st = os.stat(path)
     cache_key = (path, st.st_size, st.st_mtime_ns, len(offsets))
     if cache_key in _META_CACHE:
         return _META_CACHE[cache_key]
-    labels, keys, groups, bad = [], [], [], []
+    labels, keys, groups, bad, hw = [], [], [], [], []
     fd = os.open(path, os.O_RDONLY)
     try:
         for jpg_off, _jpg_len, json_off, json_len in (o[:4] for o in offsets):
@@ -79,9 +81,10 @@ def _shard_meta(path: str, offsets: list) -> tuple:
             keys.append(str(key))
             groups.append(str(meta.get("group", key)))
             bad.append(not ok)
+            hw.append((int(meta.get("height", 0)), int(meta.get("width", 0))) if ok else (0, 0))
     finally:
         os.close(fd)
-    _META_CACHE[cache_key] = out = (labels, keys, groups, bad)
+    _META_CACHE[cache_key] = out = (labels, keys, groups, bad, hw)
     return out
 
 
@@ -90,16 +93,16 @@ class SplitMeta:
 
     def __init__(self, plan: SplitPlan):
         self.base: dict[str, int] = {}
-        labels, self.keys, self.groups, bad = [], [], [], []
+        labels, self.keys, self.groups, self.bad, self.hw = [], [], [], [], []
         for url in plan.urls:
             self.base[url] = len(labels)
-            lab, keys, groups, b = _shard_meta(_local_path(url), plan.offsets[url])
+            lab, keys, groups, bad, hw = _shard_meta(_local_path(url), plan.offsets[url])
             labels += lab
             self.keys += keys
             self.groups += groups
-            bad += b
-        self.labels = torch.tensor(labels, dtype=torch.long)
-        self.bad = np.asarray(bad, dtype=bool)
+            self.bad += bad
+            self.hw += hw
+        self.labels = np.asarray(labels, dtype=np.int64)
 
 
 def positions(url: str, start: int, stop: int, offsets: list, _counts):
@@ -132,6 +135,7 @@ class Ring:
             shape = (self.workers, self.slots, self.batch_size, self.size, self.size, 3)
             self.images = torch.empty(shape, dtype=torch.uint8).share_memory_()
             self.rows = torch.full(shape[:3], -1, dtype=torch.long).share_memory_()
+            self._rows = self.rows.numpy()
         if pin and not self._pinned and torch.cuda.is_available():
             torch.cuda.cudart().cudaHostRegister(self.images.data_ptr(), self.images.numel(), 0)
             self._pinned = True
@@ -142,12 +146,12 @@ class Ring:
         """The batch of a worker's ``(slot, n)`` message: an NCHW (channels_last) view of the slot + labels."""
         w, k, n = item["worker"], item["slot"], item["n"]
         self._release(keep=1)
-        rows = self.rows[w, k, :n].tolist()
+        rows = self._rows[w, k, :n]
         image = self.images[w, k, :n].permute(0, 3, 1, 2)
         self._held.append([w, weakref.ref(image), None])
-        m = self.meta
-        return {"image": image, "label": m.labels[rows], "key": [m.keys[i] for i in rows],
-                "group": [m.groups[i] for i in rows], "index": item["index"]}
+        m, at = self.meta, rows.tolist()
+        return {"image": image, "label": torch.from_numpy(m.labels[rows]), "key": [m.keys[i] for i in at],
+                "group": [m.groups[i] for i in at], "index": item["index"]}
 
     def copied(self, image: torch.Tensor, event) -> None:
         """``to_device`` moved ``image`` off the host: its slot may be reused once ``event`` completes."""
@@ -173,28 +177,29 @@ class Ring:
         """``items -> (slot, n)`` batches of ``worker``: decode each sample into the slot, skipping (and
         counting) unusable ones as the plain path's ``_decoded`` does."""
         images, rows, free = self.images[worker].numpy(), self.rows[worker].numpy(), self.free[worker]
-        meta, fds, size = self.meta, {}, self.size
+        meta, fds, size, offsets = self.meta, {}, self.size, self.plan.offsets
+        square = (size, size)
 
-        def decode_into(url: str, i: int, out: np.ndarray) -> None:
-            jpg_off, jpg_len = self.plan.offsets[url][i][:2]
+        def decode_into(url: str, i: int, hw: tuple, out: np.ndarray) -> None:
+            jpg_off, jpg_len = offsets[url][i][:2]
             fd = fds.get(url)
             if fd is None:
                 fd = fds[url] = os.open(_local_path(url), os.O_RDONLY)
             buf = os.pread(fd, tarfile.BLOCKSIZE + jpg_len, jpg_off - tarfile.BLOCKSIZE)
-            name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if name.partition(".")[2] not in ("jpg", "jpeg", "png"):
+            if not buf[:buf.find(b"\0", 0, 100)].endswith(_IMAGE_EXT):
+                name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 raise DataError(f"shard {url}: sample {i} of index.json's offsets points at {name!r}, not an image "
                                 f"member; the index is stale: re-run 'distrib shard --overwrite'")
-            data = buf[tarfile.BLOCKSIZE:]
+            data = memoryview(buf)[tarfile.BLOCKSIZE:]
             if len(data) != jpg_len:
                 raise EOFError(f"shard ends inside sample {i} (truncated copy?)")
-            try:
-                if tuple(simplejpeg.decode_jpeg_header(data)[:2]) == (size, size):  # already S x S: no copy
+            try:  # already S x S (the writer's recorded size, else the JPEG header): decode into the slot
+                if hw == square or (hw[0] == 0 and tuple(simplejpeg.decode_jpeg_header(data)[:2]) == square):
                     simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
                     return
             except Exception:  # not a JPEG, or a JPEG simplejpeg rejects: decode_image decides, as on the plain path
                 pass
-            out[...] = self.transform.prepare(decode_image(data, size)).permute(1, 2, 0).numpy()
+            out[...] = self.transform.prepare(decode_image(bytes(data), size)).permute(1, 2, 0).numpy()
 
         def batches(items, batch_size: int, partial: bool):
             made, bad_run = 0, 0
@@ -209,7 +214,7 @@ class Ring:
                         try:
                             if meta.bad[g]:
                                 raise DataError("no usable label in the .json member")
-                            decode_into(url, i, images[k, j])
+                            decode_into(url, i, meta.hw[g], images[k, j])
                         except DataError as e:
                             if "index is stale" in str(e):
                                 raise
