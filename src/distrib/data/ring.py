@@ -8,10 +8,10 @@ Why. Every tensor a DataLoader worker yields gets a fresh shared-memory segment,
 its own socket connection: about 1 ms of CPU per tensor per batch, more than decoding a 64 px batch. Here one
 uint8 NHWC ring ``[workers, slots, B, S, S, 3]`` is allocated ONCE, before the workers fork; a worker
 decodes each JPEG straight into its slot (simplejpeg ``buffer=`` when the image is already S x S, else
-``decode_image`` + ``ImageTransform.prepare`` and one copy) and sends only ``(slot, n)``, the batch
-index and its skip counts. The sample positions go into a shared ``rows`` array; the main process maps
-them to label/key/group from ``SplitMeta`` (read once from the shards' .json members), so no strings or
-tensors cross the process boundary.
+``decode_image`` + ``ImageTransform.resized``, the pixels of ``prepare``, and one copy) and sends only
+``(slot, n)``, the batch index and its skip counts. The sample positions go into a shared ``rows`` array;
+the main process maps them to label/key/group from ``SplitMeta`` (read once from the shards' .json
+members), so no strings or tensors cross the process boundary.
 
 Order and counts are the plain path's: the same shard chain, the same seeded shuffle (over sample
 positions instead of sample bytes), the same truncation check (the shard's file size against the
@@ -52,6 +52,7 @@ _IMAGE_EXT = (b".jpg", b".jpeg", b".png")
 def ring_usable(plan: SplitPlan, transform, on_device: bool, decode_on_device: bool, workers: int) -> bool:
     """True when ``build_loader`` should build batches in the shared ring (see the module doc)."""
     return (on_device and not decode_on_device and workers >= 1 and isinstance(transform, ImageTransform)
+            and type(transform).prepare is ImageTransform.prepare  # a subclass's own prepare: the plain path
             and bool(plan.urls) and all(u in plan.offsets for u in plan.urls))
 
 
@@ -199,7 +200,7 @@ class Ring:
                     return
             except Exception:  # not a JPEG, or a JPEG simplejpeg rejects: decode_image decides, as on the plain path
                 pass
-            out[...] = self.transform.prepare(decode_image(bytes(data), size)).permute(1, 2, 0).numpy()
+            out[...] = self.transform.resized(decode_image(bytes(data), size))  # prepare's pixels, one copy
 
         def batches(items, batch_size: int, partial: bool):
             made, bad_run = 0, 0
