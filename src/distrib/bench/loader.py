@@ -205,7 +205,8 @@ def _device_augment(samples: list[dict], tf, device: torch.device, batch: int, r
 
 
 def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean_std, size: int, batch: int,
-                   workers: int, steps: int, warmup: int, shuffle: int, device: torch.device, ring: bool = True) -> dict:
+                   workers: int, steps: int, warmup: int, shuffle: int, device: torch.device,
+                   ring: bool = True) -> dict:
     """augment.device=model at one size: (a) the uint8 CPU side, (b) device augmentation, (c) both together.
 
     (a) is the median over ``ROUNDS`` alternations of loader run and decode-limit run (their ratio per round too);

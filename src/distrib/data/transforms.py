@@ -118,7 +118,7 @@ class ImageTransform:
         return torch.from_numpy(arr).permute(2, 0, 1)  # a CHW view: the batch's torch.stack makes the one copy
 
     def resized(self, img) -> np.ndarray:
-        """``prepare``'s pixels as an HWC uint8 array (maybe a read-only view): the ring loader copies it into its slot."""
+        """``prepare``'s pixels as an HWC uint8 array (maybe a read-only view); the ring loader copies it to its slot."""
         arr = _as_hwc_uint8(img)
         h, w = arr.shape[:2]
         s = self.size
