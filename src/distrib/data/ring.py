@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import multiprocessing as mp
 import os
 import tarfile
@@ -45,6 +46,7 @@ from distrib.errors import DataError
 from distrib.data.index import SplitPlan, _local_path
 from distrib.data.transforms import ImageTransform, decode_image
 
+log = logging.getLogger(__name__)
 _META_CACHE: dict[tuple, tuple] = {}  # (path, size, mtime_ns) -> per-sample (labels, keys, groups, bad, hw)
 _IMAGE_EXT = (b".jpg", b".jpeg", b".png")
 
@@ -137,9 +139,12 @@ class Ring:
             self.images = torch.empty(shape, dtype=torch.uint8).share_memory_()
             self.rows = torch.full(shape[:3], -1, dtype=torch.long).share_memory_()
             self._rows = self.rows.numpy()
-        if pin and not self._pinned and torch.cuda.is_available():
-            torch.cuda.cudart().cudaHostRegister(self.images.data_ptr(), self.images.numel(), 0)
-            self._pinned = True
+        if pin and not self._pinned and torch.cuda.is_available():  # page-locked once: async H2D from the slots
+            err = torch.cuda.cudart().cudaHostRegister(self.images.data_ptr(), self.images.numel(), 0)
+            self._pinned = int(getattr(err, "value", err)) == 0
+            if not self._pinned:
+                log.warning("cudaHostRegister of the %d MB loader ring failed (%s): host-to-device copies from "
+                            "it are synchronous", self.images.numel() >> 20, err)
         self.free = [mp.get_context("fork").Semaphore(self.slots) for _ in range(self.workers)]
         self._held.clear()
 
@@ -166,7 +171,7 @@ class Ring:
             image = ref()
             if event is not None:
                 event.synchronize()
-            elif image is not None:  # still referenced by the caller: give it a private copy first
+            if image is not None:  # still referenced by the caller: give it a private copy first
                 image.set_(image.clone(memory_format=torch.preserve_format))
             self.free[w].release()
 
