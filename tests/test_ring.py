@@ -84,3 +84,17 @@ def test_ring_counts_corrupt_and_truncated_samples_like_the_plain_path(demo_shar
         assert (rr["skipped_tar"], rr["skipped_decode"]) == (rp["skipped_tar"], rp["skipped_decode"])
         if mode == "eval":  # eval reads every sample once: all three faults are met and counted
             assert rr["skipped_decode"] == 2 and rr["skipped_tar"] == train[1]["count"] - 4
+
+
+@pytest.mark.timeout(120)
+def test_a_new_pass_closes_the_unfinished_one_and_kept_batches_stay_intact(demo_shards):
+    ref = _epoch(demo_shards, "val", "eval", ring=False, batch=4)[1]
+    loader = _epoch(demo_shards, "val", "eval", ring=True, batch=4)[0]
+    first = next(iter(loader))
+    it = iter(loader)
+    kept = [next(it) for _ in range(len(ref) - 1)]  # more batches than slots: every slot reused, batches kept
+    again = list(loader)  # closes the pass above (its workers share the ring) and starts over
+    assert torch.equal(first["image"], ref[0]["image"])
+    for got in (kept, again):
+        assert all(torch.equal(g["image"], r["image"]) and g["key"] == r["key"] for g, r in zip(got, ref))
+    assert len(again) == len(ref)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import weakref
 from typing import Callable
 
 import torch
@@ -187,6 +188,7 @@ class Loader:
         self.mode, self.batch_size, self.pin_memory = mode, batch_size, pin_memory
         self._worker_stats: dict[int, dict] = {}
         self._template: dict | None = None
+        self._live = None  # weakref to the running pass (shared-ring loaders)
         self.samples = 0  # real (valid) samples yielded in the last iteration
         self.padding = 0  # padding rows (valid=False) yielded in the last iteration
 
@@ -231,6 +233,14 @@ class Loader:
         return images
 
     def __iter__(self):
+        live = self._live() if self._live is not None else None
+        if live is not None:  # one pass at a time: an unfinished earlier pass stops (its workers share the ring)
+            live.close()
+        gen = self._epoch()
+        self._live = weakref.ref(gen) if self.stream.ring is not None else None
+        return gen
+
+    def _epoch(self):
         self._worker_stats, self.samples, self.padding = {}, 0, 0
         ring = self.stream.ring
         if ring is not None:  # before the fork: the workers inherit the ring and its semaphores

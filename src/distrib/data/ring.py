@@ -133,7 +133,8 @@ class Ring:
 
     # ---- main process ----
     def start(self, pin: bool = False) -> None:
-        """Allocate (once) and reset the semaphores; call before the DataLoader forks its workers."""
+        """Allocate (once) and reset the semaphores; call before the DataLoader forks its workers (one pass
+        at a time: ``Loader.__iter__`` closes an unfinished earlier pass, and so its workers, first)."""
         if self.images is None:
             shape = (self.workers, self.slots, self.batch_size, self.size, self.size, 3)
             self.images = torch.empty(shape, dtype=torch.uint8).share_memory_()
@@ -145,8 +146,8 @@ class Ring:
             if not self._pinned:
                 log.warning("cudaHostRegister of the %d MB loader ring failed (%s): host-to-device copies from "
                             "it are synchronous", self.images.numel() >> 20, err)
+        self._release(keep=0)  # batches of an earlier pass that are still referenced get private copies
         self.free = [mp.get_context("fork").Semaphore(self.slots) for _ in range(self.workers)]
-        self._held.clear()
 
     def batch(self, item: dict) -> dict:
         """The batch of a worker's ``(slot, n)`` message: an NCHW (channels_last) view of the slot + labels."""
