@@ -193,7 +193,8 @@ class Ring:
             if fd is None:
                 fd = fds[url] = os.open(_local_path(url), os.O_RDONLY)
             buf = os.pread(fd, tarfile.BLOCKSIZE + jpg_len, jpg_off - tarfile.BLOCKSIZE)
-            if not buf[:buf.find(b"\0", 0, 100)].endswith(_IMAGE_EXT):
+            end = buf.find(b"\0", 0, 100)  # the tar header's NUL-padded 100-byte name field
+            if not buf[:end if end >= 0 else 100].endswith(_IMAGE_EXT):
                 name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
                 raise DataError(f"shard {url}: sample {i} of index.json's offsets points at {name!r}, not an image "
                                 f"member; the index is stale: re-run 'distrib shard --overwrite'")
