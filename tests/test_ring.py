@@ -98,3 +98,16 @@ def test_a_new_pass_closes_the_unfinished_one_and_kept_batches_stay_intact(demo_
     for got in (kept, again):
         assert all(torch.equal(g["image"], r["image"]) and g["key"] == r["key"] for g, r in zip(got, ref))
     assert len(again) == len(ref)
+
+
+@pytest.mark.timeout(120)
+def test_ring_rejects_a_stale_index(demo_shards, tmp_path):
+    from distrib.errors import DataError
+    work = tmp_path / "s"
+    shutil.copytree(demo_shards, work)
+    index = json.loads((work / "index.json").read_text())
+    entry = next(s for s in index["shards"] if s["split"] == "val")
+    entry["offsets"][0][0] += 1024  # now points at the .cls member of sample 0
+    (work / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DataError, match="index is stale"):
+        _epoch(work, "val", "eval", ring=True)
