@@ -30,9 +30,14 @@ def _weights(run_dir):
 ON_MODEL = ["augment.device=model", "augment.rotate=30", "augment.motion_blur_p=0.5", "augment.color_jitter=[0.2,0.2,0.2,0.02]"]
 
 
+# the same with 2 DataLoader workers: batches come through the shared-memory ring (data/ring.py)
+ON_MODEL_RING = [*ON_MODEL, "data.num_workers=2"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("aug", [[], ON_MODEL], ids=["augment_on_loader", "augment_on_model"])
+@pytest.mark.parametrize("aug", [[], ON_MODEL, ON_MODEL_RING],
+                         ids=["augment_on_loader", "augment_on_model", "augment_on_model_ring"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(demo_shards, tmp_path, aug):
     ref = _train(tmp_path / "ref", demo_shards, tmp_path, extra=aug)
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -261,9 +261,10 @@ def test_accumulation_clipping_sgd_step_schedule_channels_last(demo_shards, tmp_
 def test_bench_trainer_prints_ratio(tmp_path, capsys):
     from distrib.cli import main
     assert main(["bench", "trainer", "--config", str(DEBUG), "--steps", "2", "--out", str(tmp_path / "bench"),
-                 "model.name=resnet10t", "data.batch_size=4"]) == 0
+                 "--vs", "timm", "model.name=resnet10t", "data.batch_size=4"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line is the JSON
     assert result["ratio_to_bare_loop"] > 0 and result["world_size"] == 1  # timing is reported, never asserted
+    assert result["vs"] == "timm" and result["ratio_to_timm"] > 0 and result["timm_images_per_s"] > 0
 
 
 @pytest.mark.timeout(600)

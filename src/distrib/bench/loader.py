@@ -1,6 +1,6 @@
 """Loader benchmark: this loader vs the JPEG decode limit vs torchvision ImageFolder, same images, same workers.
 
-    distrib bench loader --shards shards/ --workers 2 --steps 20 [sizes=64,128,224] [device=cuda]
+    distrib bench loader --shards shards/ --workers 2 --steps 20 [sizes=64,128,224] [device=cuda] [ring=false]
 
 (a) ``build_loader`` with the training transform; (b) the decode limit: tight loops of JPEG decode +
 resize + float conversion over the same bytes in as many processes as workers, at the same time; (c) torchvision ImageFolder +
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import statistics
 import shutil
 import sys
@@ -30,7 +31,7 @@ import torch
 from distrib.config import AugmentConfig, DataConfig, load_config
 from distrib.errors import DistribError
 from distrib.data.index import read_index
-from distrib.data.loader import _Stats, build_loader
+from distrib.data.loader import PREFETCH, _Stats, build_loader
 from distrib.data.index import plan_split, read_samples
 from distrib.data.transforms import build_transform, decode_image, resolve_mean_std
 
@@ -44,15 +45,42 @@ BENCH_DEFAULTS = ["augment.hflip=0.5", "augment.vflip=0.5", "augment.rotate=180"
                   "data.shuffle_buffer=256"]
 
 
-def _timed(batches, steps: int, warmup: int = 1) -> tuple[float, int]:
-    """Images/s over ``steps`` batches after ``warmup`` batches (worker start-up excluded for every method)."""
+def _timed(batches, steps: int, warmup: int = 1, cpu: dict | None = None) -> tuple[float, int]:
+    """Images/s over ``steps`` batches after ``warmup`` batches (worker start-up excluded for every method).
+
+    With ``cpu`` (a dict) also ``cpu["us_per_image"]``: CPU time of this process and its children (the
+    DataLoader workers), all threads, per image over the same window; other tenants of the machine barely move it.
+    """
     it = iter(batches)
     for _ in range(warmup):
         next(it)
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), _tree_cpu_s()
     for b in itertools.islice(it, steps):
         n += len(b[1]) if isinstance(b, (list, tuple)) else len(b["key"])
+    if cpu is not None:
+        cpu["us_per_image"] = (_tree_cpu_s() - c0) * 1e6 / max(1, n)
     return n / (time.perf_counter() - t0), n
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds so far of this process and its live children, every thread (Linux /proc schedstat; else 0)."""
+    me = os.getpid()
+    pids = {me}
+    try:
+        for t in os.listdir(f"/proc/{me}/task"):
+            with open(f"/proc/{me}/task/{t}/children") as f:
+                pids.update(int(c) for c in f.read().split())
+    except OSError:
+        return 0.0
+    total = 0
+    for pid in pids:
+        try:
+            for t in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except (OSError, ValueError):  # a thread/process that just ended
+            pass
+    return total / 1e9
 
 
 def _samples(shards: str, limit: int) -> list[dict]:
@@ -68,8 +96,8 @@ def _samples(shards: str, limit: int) -> list[dict]:
     return out
 
 
-def _decode_limit(samples: list[dict], size: int, n: int) -> float:
-    """Single-process JPEG decode + resize + float conversion rate (images/s)."""
+def _decode_limit(samples: list[dict], size: int, n: int, cpu_us: bool = False):
+    """Single-process JPEG decode + resize + float conversion rate (images/s); with ``cpu_us`` also its CPU us/image."""
     tf = build_transform(None, DataConfig(img_size=size, normalize="none"), train=False)
     blobs = [s["jpg"] for s in samples]
     threads = torch.get_num_threads()
@@ -77,26 +105,30 @@ def _decode_limit(samples: list[dict], size: int, n: int) -> float:
     try:
         for b in blobs[:8]:
             tf.prepare(decode_image(b, size)).float()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in itertools.islice(itertools.cycle(blobs), n):
             tf.prepare(decode_image(b, size)).float()
-        return n / (time.perf_counter() - t0)
+        rate = n / (time.perf_counter() - t0)
+        return (rate, (time.process_time() - c0) * 1e6 / n) if cpu_us else rate
     finally:
         torch.set_num_threads(threads)
 
 
-def _parallel_decode_limit(samples: list[dict], size: int, n: int, workers: int) -> float:
-    """The decode limit of ``workers`` processes decoding at the same time (sum of their rates).
+def _parallel_decode_limit(samples: list[dict], size: int, n: int, workers: int, cpu_us: bool = False):
+    """The decode limit of ``workers`` processes decoding at the same time (sum of their rates); with
+    ``cpu_us`` also their mean CPU us per image.
 
     Measured, not ``workers x`` one process: on a machine whose cores are shared (or fewer than the
     workers) the product would promise a rate no loader could reach.
     """
     if workers <= 1:
-        return _decode_limit(samples, size, n)
+        return _decode_limit(samples, size, n, cpu_us)
     import multiprocessing
     blobs = [{"jpg": s["jpg"]} for s in samples]
     with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked like DataLoader workers
-        return sum(pool.starmap(_decode_limit, [(blobs, size, n)] * workers))
+        res = pool.starmap(_decode_limit, [(blobs, size, n, True)] * workers)
+    rate = sum(r[0] for r in res)
+    return (rate, statistics.mean(r[1] for r in res)) if cpu_us else rate
 
 
 def _imagefolder(samples: list[dict], root: Path, size: int, aug: AugmentConfig, mean_std, workers: int,
@@ -173,10 +205,14 @@ def _device_augment(samples: list[dict], tf, device: torch.device, batch: int, r
 
 
 def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean_std, size: int, batch: int,
-                   workers: int, steps: int, warmup: int, shuffle: int, device: torch.device) -> dict:
+                   workers: int, steps: int, warmup: int, shuffle: int, device: torch.device,
+                   ring: bool = True) -> dict:
     """augment.device=model at one size: (a) the uint8 CPU side, (b) device augmentation, (c) both together.
 
-    (a) is the median over ``ROUNDS`` alternations of loader run and decode-limit run (their ratio per round too).
+    (a) is the median over ``ROUNDS`` alternations of loader run and decode-limit run (their ratio per round too);
+    ``cpu_ratio_to_decode_limit`` is the same ratio in CPU time (decode-limit CPU us/image over the loader's
+    workers + main process CPU us/image), the figure that holds on a machine shared with other jobs.
+    ``ring=False`` measures the plain per-sample path instead of the shared ring (data.ring).
 
     One torch thread throughout (as in a DataLoader worker): on a CPU ``device`` the step's augmentation
     then shares the cores with the workers the way a CPU-only run does.
@@ -186,14 +222,17 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
 
     def loader():
         return build_loader(shards, "train", None, 0, 1, workers, batch, 0, tf, 0, augment_on="model",
-                            samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=shuffle,
-                            pin_memory=device.type == "cuda")
+                            samples_per_epoch=(steps + warmup + 2 * PREFETCH * workers) * batch,
+                            shuffle_buffer=shuffle, pin_memory=device.type == "cuda", ring=ring)
     rounds = []  # alternate loader and decode-limit runs: on a shared machine the load drifts between them
-    for _ in range(ROUNDS):
-        rate, n = _timed(loader(), steps, warmup)
-        rounds.append((rate, _parallel_decode_limit(samples, size, max(n, 512), workers)))
+    for _ in range(ROUNDS):  # (the epoch runs past the window: the workers stay busy until it closes)
+        cpu: dict = {}
+        rate, n = _timed(loader(), steps, warmup, cpu)
+        rounds.append((rate, *_parallel_decode_limit(samples, size, max(n, 512), workers, cpu_us=True),
+                       cpu["us_per_image"]))
     cpu_side, decode = (statistics.median(r[i] for r in rounds) for i in (0, 1))
     ratio = statistics.median(r[0] / r[1] for r in rounds)
+    cpu_ratio = [r[2] / r[3] if r[3] else 0.0 for r in rounds]
     dev_rate = _device_augment(samples, tf, device, batch, max(3, steps // 2))
     feed = loader()
 
@@ -205,15 +244,20 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
     together, _ = _timed(fed(), steps, warmup)
     return {"img_size": size, "decode_limit_images_per_s": round(decode, 1),
             "cpu_side": {"images_per_s": round(cpu_side, 1), "ratio_to_decode_limit": round(ratio, 3),
-                         "ratio_per_round": [round(r[0] / r[1], 3) for r in rounds]},
+                         "ratio_per_round": [round(r[0] / r[1], 3) for r in rounds],
+                         "cpu_ratio_to_decode_limit": round(statistics.median(cpu_ratio), 3),
+                         "cpu_ratio_per_round": [round(c, 3) for c in cpu_ratio],
+                         "cpu_us_per_image": round(statistics.median(r[3] for r in rounds), 1),
+                         "decode_limit_cpu_us_per_image": round(statistics.median(r[2] for r in rounds), 1),
+                         "shared_ring": ring},
             "device_augment": {"device": str(device), "images_per_s": round(dev_rate, 1)},
             "together": {"device": str(device), "images_per_s": round(together, 1),
                          "ratio_to_decode_limit": round(together / decode, 3)}}
 
 
-def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.device]:
-    """Split the bench's own ``sizes=64,128,224`` / ``device=cuda`` options from config overrides."""
-    rest, sizes, device = [], None, "cuda" if torch.cuda.is_available() else "cpu"
+def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.device, bool]:
+    """Split the bench's own ``sizes=64,128,224`` / ``device=cuda`` / ``ring=false`` options from config overrides."""
+    rest, sizes, device, ring = [], None, "cuda" if torch.cuda.is_available() else "cpu", True
     for o in overrides:
         key, _, value = o.partition("=")
         if key == "sizes":
@@ -223,16 +267,20 @@ def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.d
                 raise DistribError(f"bench loader: sizes={value!r}; use a comma list of pixels, e.g. sizes=64,128,224")
         elif key == "device":
             device = value
+        elif key == "ring":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise DistribError(f"bench loader: ring={value!r}; use ring=true (shared-ring batches) or ring=false")
+            ring = value.lower() in ("true", "1")
         else:
             rest.append(o)
-    return rest, sizes, torch.device(device)
+    return rest, sizes, torch.device(device), ring
 
 
 def run(shards: str | None = None, config: str | None = None, out: str | None = None, workers: int = 2,
         steps: int = 20, overrides=()) -> dict:
     if not shards:
         raise DistribError("bench loader needs --shards DIR (a folder written by 'distrib shard')")
-    overrides, sizes, device = _options(list(overrides or []))
+    overrides, sizes, device, ring = _options(list(overrides or []))
     cfg = load_config(config, overrides if config else BENCH_DEFAULTS + overrides)
     aug, size, batch = cfg.augment, cfg.data.img_size, cfg.data.batch_size
     index = read_index(shards)
@@ -261,7 +309,7 @@ def run(shards: str | None = None, config: str | None = None, out: str | None = 
         folder = _imagefolder(samples, scratch / "imagefolder", size, aug, mean_std, workers, batch, steps)
         profile = _profile(samples, shards, tf, size, batch)
         split = [_split_figures(shards, samples, aug, data, mean_std, s, batch, workers, steps, warmup,
-                                cfg.data.shuffle_buffer, device) for s in (sizes or [size])]
+                                cfg.data.shuffle_buffer, device, ring) for s in (sizes or [size])]
     finally:
         torch.set_num_threads(threads)
         if not out:

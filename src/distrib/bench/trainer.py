@@ -1,6 +1,6 @@
 """`distrib bench trainer`: the full trainer's step loop vs a bare torch loop, same model and batches.
 
-    distrib bench trainer [--config launch/configs/experiments/debug.yaml] [--steps 20] [overrides]
+    distrib bench trainer [--config launch/configs/experiments/debug.yaml] [--steps 20] [--vs timm] [overrides]
     # 2 processes (both loops DDP over gloo):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 .venv/bin/distrib bench trainer
 
@@ -9,6 +9,12 @@ process (so the same process count). The trainer side is the real ``train.train_
 backward, clipping, scheduler, TensorBoard/tqdm logging) fed by an in-memory batch list instead of
 shards. Rounds alternate between the two to share the noise of a busy machine; the reported ratio
 is bare-loop time / trainer time per step (1.0 = no overhead; target >= 0.95).
+
+``--vs timm`` adds a third loop, timm's own training step as its ``train.py`` runs it (autocast for
+``train.mixed_precision``, ``timm.utils.NativeScaler`` for fp16, ``timm.utils.dispatch_clip_grad`` for
+``optim.grad_clip``, channels_last when configured), same model, batches, optimizer and precision:
+``timm_images_per_s`` and ``ratio_to_timm`` (timm time / trainer time per step). On CPU here; the GPU
+figures come from the same command on a GPU machine.
 """
 from __future__ import annotations
 
@@ -57,6 +63,40 @@ def _bare_loop(model, batches, cfg, device) -> float:
     return (time.perf_counter() - t0) / len(batches)
 
 
+def _timm_loop(model, batches, cfg, device) -> float:
+    """timm's train.py step (its loss scaler and clipping helpers) over the same batches. Seconds per step."""
+    from timm.utils import NativeScaler, dispatch_clip_grad
+
+    from distrib.training.optim import build_optimizer
+    opt = build_optimizer(model.module if hasattr(model, "module") else model, cfg.optim)
+    loss_fn = torch.nn.BCEWithLogitsLoss() if cfg.model.num_classes == 1 else torch.nn.CrossEntropyLoss()
+    precision = cfg.train.mixed_precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = NativeScaler(device=device.type) if precision == "fp16" else None
+    clip = cfg.optim.grad_clip or None
+    memory = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model.train()
+    t0 = time.perf_counter()
+    for batch in batches:
+        x = batch["image"].to(device).contiguous(memory_format=memory)
+        y = batch["label"].to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x)
+            out = out["logits"] if isinstance(out, dict) else out
+            loss = loss_fn(out[:, 0], y.float()) if cfg.model.num_classes == 1 else loss_fn(out, y)
+        opt.zero_grad()
+        if scaler is not None:
+            scaler(loss, opt, clip_grad=clip, parameters=model.parameters())
+        else:
+            loss.backward()
+            if clip:
+                dispatch_clip_grad(model.parameters(), clip)
+            opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / len(batches)
+
+
 def _trainer_loop(t, batches) -> float:
     """The real trainer loop body over in-memory batches. Seconds per step."""
     from distrib.training.trainer import train_epoch
@@ -87,7 +127,7 @@ def _build_trainer(cfg, model, out: Path, steps: int):
 
 
 def run(config: str | None = None, out: str | None = None, steps: int = 20, num_processes: int = 1,
-        overrides=()) -> dict:
+        overrides=(), vs: str = "bare") -> dict:
     from accelerate.utils import set_seed
 
     from distrib.training import dist
@@ -105,6 +145,10 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
     trainer_model = build_model(cfg.model)
     set_seed(cfg.train.seed)
     bare_model = build_model(cfg.model)
+    if vs not in ("bare", "timm"):
+        raise DistribError(f"bench trainer --vs {vs!r}; use --vs bare (a plain torch loop) or --vs timm")
+    set_seed(cfg.train.seed)
+    timm_model = build_model(cfg.model) if vs == "timm" else None
     out = Path(out or tempfile.mkdtemp(prefix="bench_trainer_"))
     t = _build_trainer(cfg, trainer_model, out, steps)
     try:
@@ -114,11 +158,18 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
             bare_model = torch.nn.parallel.DistributedDataParallel(bare_model)
         _bare_loop(bare_model, batches[:2], cfg, device)  # warm-up: allocator, kernels, thread pools
         _trainer_loop(t, batches[:2])
-        bare, trainer = [], []
+        if timm_model is not None:
+            timm_model.to(device)
+            if t.accelerator.num_processes > 1:
+                timm_model = torch.nn.parallel.DistributedDataParallel(timm_model)
+            _timm_loop(timm_model, batches[:2], cfg, device)
+        bare, trainer, timm_s = [], [], []
         for i in range(ROUNDS):  # alternate which loop goes first, so drift on a shared machine cancels
             if i % 2:
                 trainer.append(_trainer_loop(t, batches))
             bare.append(_bare_loop(bare_model, batches, cfg, device))
+            if timm_model is not None:
+                timm_s.append(_timm_loop(timm_model, batches, cfg, device))
             if not i % 2:
                 trainer.append(_trainer_loop(t, batches))
         info = dist.runtime_info(t.accelerator)
@@ -127,8 +178,13 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
         dist.finish(t.accelerator)
     bare_s, trainer_s = statistics.median(bare), statistics.median(trainer)
     imgs = cfg.data.batch_size * info["world_size"]
+    vs_timm = {}
+    if timm_s:
+        ts = statistics.median(timm_s)
+        vs_timm = {"vs": "timm", "precision": cfg.train.mixed_precision, "timm_ms_per_step": round(ts * 1000, 2),
+                   "timm_images_per_s": round(imgs / ts, 1), "ratio_to_timm": round(ts / trainer_s, 4)}
     return {"bench": "trainer", "model": cfg.model.name, "img_size": cfg.data.img_size,
             "batch_size": cfg.data.batch_size, "steps": steps, "rounds": ROUNDS, **info,
             "bare_ms_per_step": round(bare_s * 1000, 2), "trainer_ms_per_step": round(trainer_s * 1000, 2),
             "bare_images_per_s": round(imgs / bare_s, 1), "trainer_images_per_s": round(imgs / trainer_s, 1),
-            "ratio_to_bare_loop": round(bare_s / trainer_s, 4), "target": 0.95}
+            "ratio_to_bare_loop": round(bare_s / trainer_s, 4), "target": 0.95, **vs_timm}

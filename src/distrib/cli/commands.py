@@ -159,6 +159,6 @@ def cmd_bench(a: argparse.Namespace) -> dict:
         raise DistribError(f"distrib bench: --steps {a.steps}, --workers {a.workers} and --num-processes "
                            f"{a.num_processes} must be >= 1, >= 0 and >= 1")
     result = run_bench(a.name, shards=a.shards, config=a.config, out=a.out, workers=a.workers, steps=a.steps,
-                       num_processes=a.num_processes, overrides=a.overrides)
+                       num_processes=a.num_processes, overrides=a.overrides, vs=a.vs)
     print(json.dumps(result, default=float), flush=True)  # the last line is the benchmark's JSON
     return result

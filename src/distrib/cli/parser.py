@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--vs", choices=["bare", "timm"], default="bare",
+                   help="trainer: also time timm's own training step (timm.utils scaler/clipping) on the same batches")
     _add_overrides(p, "repeats=5 threads=1")
     p.set_defaults(func=cmd_bench)
     return parser

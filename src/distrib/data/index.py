@@ -200,10 +200,11 @@ def _local_path(url: str) -> str | None:
     return None if _has_scheme(url) else url
 
 
-def read_samples(src, counts: dict[str, int], stats, offsets: dict[str, list] | None = None):
+def read_samples(src, counts: dict[str, int], stats, offsets: dict[str, list] | None = None, reader=None):
     """Tar samples (dicts of member bytes) from ``{'url': ..., 'start': i, 'stop': j}`` items (range optional).
 
-    Shards with ``offsets`` (local files) are read by ``pread``; others are streamed. Broken streams are
+    Shards with ``offsets`` (local files) are read by ``pread``; others are streamed; ``reader`` (same
+    signature as ``_pread_samples``) replaces both (the shared-ring loader yields sample positions). Broken streams are
     counted in ``stats``. ``src`` may be endless (training); a run of more than twice the number of shards
     yielding nothing means no shard is readable, which is raised instead of spinning forever.
     """
@@ -217,9 +218,9 @@ def read_samples(src, counts: dict[str, int], stats, offsets: dict[str, list] | 
         stop = int(item.get("stop", counts.get(url, 1 << 62)))
         want = max(0, min(stop, counts.get(url, stop)) - start)
         n, finished = 0, False
-        reader = _pread_samples if url in offsets else _stream_samples
+        read = reader or (_pread_samples if url in offsets else _stream_samples)
         try:
-            for s in reader(url, start, stop, offsets.get(url), counts):
+            for s in read(url, start, stop, offsets.get(url), counts):
                 n += 1
                 yield s
             finished = True

@@ -33,10 +33,10 @@ skipped and counted in the worker; counts travel with every batch and a final st
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
+import weakref
 from typing import Callable
 
 import torch
@@ -45,10 +45,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distrib.errors import DataError
 from distrib.data.index import SplitPlan, plan_split, read_samples
-from distrib.data.transforms import decode_batch, decode_image
+from distrib.data.decode import _Decoder, _Stats, _batches, _decoded  # noqa: F401 (_Stats: bench, tests)
+from distrib.data.ring import Ring, positions, ring_usable
+from distrib.data.transforms import decode_batch
 
 log = logging.getLogger("distrib.data.loader")
 _STATS = "__stats__"
+PREFETCH = 4  # batches in flight per DataLoader worker (the ring has PREFETCH + 2 slots per worker)
 
 
 def folds_for(split_fold: int, k: int) -> list[int]:
@@ -92,23 +95,6 @@ class _ShardChain(IterableDataset):
                 perm, pos = perm[drop:], pos - drop
 
 
-class _Stats:
-    """Per-worker corrupt-sample counters; shipped to the main process with each batch."""
-
-    def __init__(self):
-        self.tar = 0  # samples lost to a broken/truncated tar stream (index count minus samples read)
-        self.decode = 0  # samples read but without a decodable image / label
-        self.errors: list[str] = []
-
-    def note(self, kind: str, n: int, msg: str) -> None:
-        setattr(self, kind, getattr(self, kind) + n)
-        if len(self.errors) < 20:
-            self.errors.append(msg)
-
-    def as_dict(self) -> dict:
-        return {"tar": self.tar, "decode": self.decode, "errors": list(self.errors)}
-
-
 def batch_generator(seed: int, epoch: int, rank: int, index: int) -> torch.Generator:
     """The CPU generator that augments batch ``index`` of ``rank``'s epoch (same in workers and in the step)."""
     return torch.Generator().manual_seed(_stream_seed(seed, epoch, rank, index, 1))
@@ -126,103 +112,47 @@ class _Stream(IterableDataset):
         self.batches, self.shuffle_buffer = batches, shuffle_buffer
         self.on_device = augment_on == "model" and hasattr(transform, "batch")
         self.decode_on_device = decode_on != "cpu" and self.on_device and mode == "train"
+        self.ring = None  # a data.ring.Ring when whole uint8 batches are built in shared memory (build_loader)
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        stats = _Stats()
-        size = getattr(self.transform, "size", 0)
-        decode = _Decoder(self.transform, stats, size, raw=self.decode_on_device)
+        stats, limit = _Stats(), self.plan.total + 1
+        if self.ring is not None:  # positions only; the batcher decodes into the worker's ring slot
+            read, fill = positions, self.ring.fill(worker, stats, limit)
+        else:
+            read, decode = None, _Decoder(self.transform, stats, getattr(self.transform, "size", 0),
+                                          raw=self.decode_on_device)
+
+            def fill(src, batch_size, partial):
+                return _batches(_decoded(src, decode, limit), batch_size, partial)
         offsets = self.plan.offsets
         if self.mode == "train":
             stream = self.rank * self.num_workers + worker
             nb = self.batches // self.num_workers + (1 if worker < self.batches % self.num_workers else 0)
             pipe = wds.DataPipeline(
                 _ShardChain(self.plan.urls, self.seed, self.epoch, stream, self.world_size * self.num_workers),
-                lambda src: read_samples(src, self.plan.counts, stats, offsets),
+                lambda src: read_samples(src, self.plan.counts, stats, offsets, read),
                 wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
                             rng=random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker, 2))),
-                lambda src: _decoded(src, decode, self.plan.total + 1),
-                lambda src: _batches(src, self.batch_size, partial=False),
+                lambda src: fill(src, self.batch_size, False),
             ).with_epoch(nbatches=nb)
             if nb == 0:
                 pipe = []
         else:
             pieces = self.plan.eval_pieces(self.world_size, self.num_workers)[self.rank][worker]
             samples = read_samples(({"url": u, "start": a, "stop": b} for u, a, b in pieces), self.plan.counts,
-                                   stats, offsets)
-            pipe = _batches(_decoded(samples, decode, self.plan.total + 1),
-                            self.batch_size, partial=True)
+                                   stats, offsets, read)
+            pipe = fill(samples, self.batch_size, True)
         for i, rows in enumerate(pipe):
             index = i * self.num_workers + worker  # DataLoader takes batches from its workers round-robin
+            if self.ring is not None:  # only the slot crosses the process boundary
+                yield {"slot": rows[0], "n": rows[1], "index": index, "worker": worker, _STATS: stats.as_dict()}
+                continue
             gen = None if self.on_device else batch_generator(self.seed, self.epoch, self.rank, index)
             yield _collate(rows, self.transform if gen is not None else None, gen, worker, stats, index,
                            raw=self.decode_on_device)
         yield {_STATS: stats.as_dict(), "worker": worker}
-
-
-class _Decoder:
-    """bytes sample -> (uint8 CHW image, label, key, group), or None (counted) when it cannot be used.
-
-    With ``raw`` (decode_device=cuda) the image stays JPEG bytes, a 1-D uint8 tensor decoded in the step.
-    """
-
-    def __init__(self, transform, stats: _Stats, size: int, raw: bool = False):
-        self.transform, self.stats, self.size, self.raw = transform, stats, size, raw
-        self.prepare = getattr(transform, "prepare", None)
-
-    def __call__(self, sample: dict):
-        key = sample.get("__key__", "?")
-        try:
-            data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
-            if data is None:
-                raise DataError(f"no .jpg/.png member (members: {sorted(k for k in sample if not k.startswith('__'))})")
-            meta = _json(sample.get("json"))
-            label = int(sample["cls"]) if sample.get("cls") is not None else int(meta["label"])
-            if self.raw:
-                if bytes(data[:3]) != b"\xff\xd8\xff":
-                    raise DataError("not a JPEG; data.decode_device=cuda decodes JPEG only: re-shard with "
-                                    "'distrib shard' (it stores JPEG) or use data.decode_device=cpu")
-                img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            else:
-                img = decode_image(data, self.size)
-                img = self.prepare(img) if self.prepare is not None else self.transform(img)
-        except Exception as e:  # counted and reported; the stream goes on
-            self.stats.note("decode", 1, f"{sample.get('__url__', '?')}:{key}: {type(e).__name__}: {e}")
-            return None
-        return img, label, str(meta.get("key", key)), str(meta.get("group", key))
-
-
-def _json(raw) -> dict:
-    if raw is None:
-        return {}
-    return json.loads(raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw)
-
-
-def _decoded(samples, decode: _Decoder, limit: int):
-    """Decodable samples only; ``limit`` failures in a row (more than the split holds) means none decode."""
-    bad = 0
-    for s in samples:
-        out = decode(s)
-        if out is not None:
-            bad = 0
-            yield out
-        else:
-            bad += 1
-            if bad > limit:
-                raise DataError(f"{bad} samples in a row failed to decode (e.g. {decode.stats.errors[-1]}); the "
-                                f"split has no usable images: check the shards with 'distrib shard inspect'")
-
-
-def _batches(rows, batch_size: int, partial: bool):
-    buf = []
-    for r in rows:
-        buf.append(r)
-        if len(buf) == batch_size:
-            yield buf
-            buf = []
-    if buf and partial:
-        yield buf
 
 
 def _collate(rows, transform, gen, worker: int, stats: _Stats, index: int, raw: bool = False) -> dict:
@@ -258,6 +188,7 @@ class Loader:
         self.mode, self.batch_size, self.pin_memory = mode, batch_size, pin_memory
         self._worker_stats: dict[int, dict] = {}
         self._template: dict | None = None
+        self._live = None  # weakref to the running pass (shared-ring loaders)
         self.samples = 0  # real (valid) samples yielded in the last iteration
         self.padding = 0  # padding rows (valid=False) yielded in the last iteration
 
@@ -289,26 +220,47 @@ class Loader:
             images = decode_batch(images, st.transform.size, device)
         else:
             images = images.to(device, non_blocking=True)
+            if st.ring is not None and images.device.type == "cuda":  # the slot is reusable once the copy is done
+                event = torch.cuda.Event()
+                event.record()
+                st.ring.copied(batch["image"], event)
         if st.on_device:
             images = st.transform.batch(images, batch_generator(st.seed, st.epoch, st.rank, batch.get("index", 0)))
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        if st.ring is not None and images.data_ptr() == batch["image"].data_ptr():
+            images = images.clone()  # never hand out ring memory: the slot is refilled two batches later
         return images
 
     def __iter__(self):
+        live = self._live() if self._live is not None else None
+        if live is not None:  # one pass at a time: an unfinished earlier pass stops (its workers share the ring)
+            live.close()
+        gen = self._epoch()
+        self._live = weakref.ref(gen) if self.stream.ring is not None else None
+        return gen
+
+    def _epoch(self):
         self._worker_stats, self.samples, self.padding = {}, 0, 0
-        dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        collate_fn=_as_is, persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        ring = self.stream.ring
+        if ring is not None:  # before the fork: the workers inherit the ring and its semaphores
+            ring.start(pin=self.pin_memory)
+        dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                        pin_memory=self.pin_memory and ring is None, collate_fn=_as_is, persistent_workers=False,
+                        prefetch_factor=PREFETCH if self.num_workers else None)
         done = 0
         for item in dl:
-            self._worker_stats[int(item.pop("worker"))] = item.pop(_STATS)
-            if "image" not in item:
+            self._worker_stats[int(item["worker"])] = item.pop(_STATS)
+            if "slot" in item:
+                item = ring.batch(item)
+            elif "image" not in item:
                 continue
+            item.pop("worker", None)
             if done >= self.batches:
                 raise DataError(f"rank {self.stream.rank} read more batches than index.json promises "
                                 f"({self.batches}); the index is stale: re-run 'distrib shard --overwrite'")
             real = len(item["key"])
-            item["label"] = torch.tensor(item["label"], dtype=torch.long)
+            item["label"] = torch.as_tensor(item["label"], dtype=torch.long)
             item["valid"] = torch.ones(real, dtype=torch.bool)
             item = self._pad(item)
             self.samples += real
@@ -321,6 +273,8 @@ class Loader:
             item = self._pad(None)
             done += 1
             yield item
+        if ring is not None:
+            ring.finish()
         rep = self.report()
         if rep["skipped"]:
             log.warning("rank %d epoch %d: skipped %d corrupt samples (%d lost in broken tar streams, %d "
@@ -351,11 +305,13 @@ class Loader:
 def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: int, world_size: int,
                  num_workers: int, batch_size: int, epoch: int, transform: Callable, seed: int,
                  mode: str = "train", samples_per_epoch: int = 0, shuffle_buffer: int = 1000,
-                 augment_on: str = "loader", decode_on: str = "cpu", pin_memory: bool = False) -> Loader:
+                 augment_on: str = "loader", decode_on: str = "cpu", pin_memory: bool = False,
+                 ring: bool = True) -> Loader:
     """One epoch of ``split`` (``folds`` for split='train') for ``rank`` of ``world_size``; see the module doc.
 
     ``augment_on``: "loader" (workers run ``transform.batch``) or "model" (``Loader.to_device`` does);
     ``decode_on``: "cpu" or "cuda" (JPEG decode in ``to_device``; needs augment_on="model", training only).
+    ``ring``: build uint8 batches in a shared-memory ring when ``data.ring.ring_usable`` (False: the plain path).
     """
     if mode not in ("train", "eval"):
         raise DataError(f"build_loader mode={mode!r}; use 'train' or 'eval'")
@@ -376,4 +332,6 @@ def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: i
         batches = max(plan.eval_batches(r, world_size, max(1, num_workers), batch_size) for r in range(world_size))
     stream = _Stream(plan, mode, transform, batch_size, seed, epoch, rank, world_size, num_workers, batches,
                      shuffle_buffer, augment_on, decode_on)
+    if ring and ring_usable(plan, transform, stream.on_device, stream.decode_on_device, num_workers):
+        stream.ring = Ring(plan, transform, num_workers, batch_size, PREFETCH)
     return Loader(stream, num_workers, batches, mode, batch_size, pin_memory)

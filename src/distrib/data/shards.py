@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 
 from distrib.data import manifest as mf
 from distrib.atomic import writable_dir, write_json
@@ -123,9 +124,11 @@ def write_one_shard(out: str, task: dict) -> dict:
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for r in task["rows"]:
+                jpg = _jpeg_bytes(r["path"])
+                height, width = simplejpeg.decode_jpeg_header(jpg)[:2]  # lets the ring loader skip the header parse
                 meta = {"key": r["key"], "label": r["label_id"], "group": r["group"], "fold": task["fold"],
-                        "split": task["split"], "source_path": r["source_path"]}
-                jpg, js = _jpeg_bytes(r["path"]), json.dumps(meta).encode()
+                        "split": task["split"], "source_path": r["source_path"], "height": height, "width": width}
+                js = json.dumps(meta).encode()
                 jpg_off = _add(tar, f"{r['key']}.jpg", jpg)
                 _add(tar, f"{r['key']}.cls", str(r["label_id"]).encode())
                 offsets.append([jpg_off, len(jpg), _add(tar, f"{r['key']}.json", js), len(js)])

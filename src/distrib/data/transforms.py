@@ -112,6 +112,13 @@ class ImageTransform:
     # ---- per sample (decode side) ----
     def prepare(self, img) -> torch.Tensor:
         """Resize the shorter side to ``size`` and centre-crop: uint8 HWC (numpy/PIL) -> uint8 [3, size, size]."""
+        arr = self.resized(img)
+        if not arr.flags.writeable:  # torch.from_numpy wants a writable array (Pillow's are read-only)
+            arr = arr.copy()
+        return torch.from_numpy(arr).permute(2, 0, 1)  # a CHW view: the batch's torch.stack makes the one copy
+
+    def resized(self, img) -> np.ndarray:
+        """``prepare``'s pixels as an HWC uint8 array (maybe a read-only view); the ring loader copies it to its slot."""
         arr = _as_hwc_uint8(img)
         h, w = arr.shape[:2]
         s = self.size
@@ -122,9 +129,7 @@ class ImageTransform:
                 arr = np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BILINEAR))
             top, left = (nh - s) // 2, (nw - s) // 2
             arr = arr[top:top + s, left:left + s]
-        if not arr.flags.writeable:  # torch.from_numpy wants a writable array (Pillow's are read-only)
-            arr = arr.copy()
-        return torch.from_numpy(arr).permute(2, 0, 1)  # a CHW view: the batch's torch.stack makes the one copy
+        return arr
 
     def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.batch(self.prepare(img)[None], generator)[0]
