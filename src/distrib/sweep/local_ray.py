@@ -112,26 +112,33 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
     if td and Path(td).is_dir():  # workers started after the record was written
         seen = {p.pid for p in live}
         live += [p for p in psutil.process_iter() if p.pid not in seen and p.pid != os.getpid() and _uses_dir(p, td)]
-    stopped = []
-    for p in live:
-        try:
-            stopped.append(f"{p.pid} ({p.name()})")
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(live, timeout=grace_s)
-    for p in alive:  # orphaned agents ignore SIGTERM while they wait ~60 s on the dead GCS
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
+    stopped = terminate(live, grace_s)
     if td:
         shutil.rmtree(td, ignore_errors=True)
     pid_file.unlink(missing_ok=True)
     if stopped and driver["pid"] != os.getpid():
         log.warning("stopped %d Ray process(es) left by the killed sweep driver %s: %s", len(stopped),
                     driver["pid"], ", ".join(stopped))
+    return stopped
+
+
+def terminate(procs: list, grace_s: float) -> list[str]:
+    """SIGTERM ``procs``, SIGKILL those still alive after ``grace_s``; returns "pid (name)" of each."""
+    import psutil
+    stopped = []
+    for p in procs:
+        try:
+            stopped.append(f"{p.pid} ({p.name()})")
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:  # orphaned agents ignore SIGTERM while they wait ~60 s on the dead GCS
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
     return stopped
 
 
@@ -145,7 +152,10 @@ def _sigterm_as_sigint(signum, frame) -> None:
 
 def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
+    remote = bool(address) and address.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "::1", "[::1]")
+    user_set = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ
+    if not remote:  # a cluster on another host needs this driver on its routable IP: leave Ray's default
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     import ray._private.ray_constants as ray_constants
@@ -161,6 +171,8 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     temp_dir = None if address else _temp_dir()
     _STATE.update(pid_file=pid_file, temp_dir=temp_dir, signal=None)
     if address:
+        if remote and not user_set:  # an earlier local sweep in this process may have imported ray with it off
+            ray_constants.ENABLE_RAY_CLUSTER = True
         record_driver(pid_file, None)  # no processes of ours, but marks the sweep dir as in use
         ray.init(address=address, log_to_driver=False)
     else:
@@ -217,4 +229,4 @@ def listening_sockets(procs) -> list[tuple[str, str, int]]:
     return out
 
 
-__all__ = ["PID_FILE", "start_ray", "stop_ray", "reap", "record_driver", "cluster_processes", "listening_sockets"]
+__all__ = ["PID_FILE", "start_ray", "stop_ray", "reap", "terminate", "record_driver", "cluster_processes", "listening_sockets"]

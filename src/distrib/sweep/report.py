@@ -18,7 +18,8 @@ from distrib.errors import DistribError
 from distrib.sweep.grid import grid_configs, trial_command, trial_overrides
 
 METRICS = ("auc", "f1", "recall", "specificity", "ap")
-COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command"]
+COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command",
+           "node_id", "node_ip", "hostname", "attempts", "resume_step"]  # node: the Ray node of the last attempt
 
 
 def pick_metric(metrics: dict, name: str) -> float:
@@ -45,7 +46,8 @@ def collect_rows(out_dir: Path, grid: dict, folds: int) -> pd.DataFrame:
                 met = res.get("metrics", {})
                 row.update({m: pick_metric(met, m) for m in METRICS})
                 row.update(status="done", seconds=res["seconds"], command=res["command"],
-                           epochs=int(res.get("epochs", 0)))
+                           epochs=int(res.get("epochs", 0)),
+                           **{k: res.get(k) for k in ("node_id", "node_ip", "hostname", "attempts", "resume_step")})
             rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
