@@ -150,11 +150,27 @@ def _sigterm_as_sigint(signum, frame) -> None:
     signal.raise_signal(signal.SIGINT)  # Tune's handler stops the experiment and saves its state
 
 
+def _gcs_on_loopback(address: str) -> bool:
+    """True if ``address`` names 127.0.0.1/localhost and something listens there (a loopback-bound GCS)."""
+    import socket
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray."""
-    remote = bool(address) and address.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "::1", "[::1]")
+    # A cluster whose GCS listens on 127.0.0.1 (`sweep.ray_nodes`) needs this driver on 127.0.0.1 too; one
+    # on a routable IP (another host, or a `ray start` without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) needs
+    # Ray's Linux default, which turns a 127.0.0.1 address into the routable IP.
+    loopback = not address or _gcs_on_loopback(address)
     user_set = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ
-    if not remote:  # a cluster on another host needs this driver on its routable IP: leave Ray's default
+    if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -171,8 +187,8 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     temp_dir = None if address else _temp_dir()
     _STATE.update(pid_file=pid_file, temp_dir=temp_dir, signal=None)
     if address:
-        if remote and not user_set:  # an earlier local sweep in this process may have imported ray with it off
-            ray_constants.ENABLE_RAY_CLUSTER = True
+        if not user_set:  # ray may have been imported before the variable was set (or by an earlier sweep)
+            ray_constants.ENABLE_RAY_CLUSTER = not loopback
         record_driver(pid_file, None)  # no processes of ours, but marks the sweep dir as in use
         ray.init(address=address, log_to_driver=False)
     else:
