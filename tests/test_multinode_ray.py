@@ -101,8 +101,10 @@ def test_sweep_spreads_trials_over_both_nodes_and_records_the_node(two_nodes, de
     assert (summary["attempts"] == 1).all() and summary["resume_step"].isna().all()
 
 
-def _worker_trial(sweep: Path, worker_node: str, proc: subprocess.Popen, timeout: float) -> tuple[Path, int]:
-    """The run dir of a trial running on the worker node, once it has a mid-epoch checkpoint (and its step)."""
+def _worker_trial(sweep: Path, worker_node: str, proc: subprocess.Popen, timeout: float,
+                  min_step: int = 4) -> tuple[Path, int]:
+    """The run dir of a trial running on the worker node, once it has a mid-epoch checkpoint at a step
+    >= ``min_step`` (and that step)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-4000:]
@@ -114,7 +116,7 @@ def _worker_trial(sweep: Path, worker_node: str, proc: subprocess.Popen, timeout
                     state = saved_state(ckpt)
                 except Exception:  # written right now
                     continue
-                if 0 < state["step"] and not state["done"] and state["pos"] > 0:
+                if state["step"] >= min_step and not state["done"] and state["pos"] > 0:
                     return run_dir, int(state["step"])
         time.sleep(0.1)
     pytest.fail(f"no trial reached a mid-epoch checkpoint on the worker node within {timeout} s")
@@ -161,7 +163,7 @@ def test_losing_the_worker_node_mid_epoch_resumes_its_trial_from_shared_checkpoi
     resumes = [int(e[1]) for e in ev if e[0] == "resume"]
     assert row.attempts == 2 and resumes == [step_at_kill] and step_at_kill >= ckpt_step > 0, (ev, step_at_kill)
     res = json.loads((lost / "trial_result.json").read_text())
-    total_steps = json.loads((lost / "evaluation_results.json").read_text())["steps"]
+    total_steps = int(res["metrics"]["steps"])
     log = pd.read_csv(lost / "training_log.csv")
     assert list(log["epoch"]) == [1, 2] and int(log["step"].iloc[-1]) == total_steps  # no duplicate rows
     others = summary[summary.trial_dir != str(lost)]
