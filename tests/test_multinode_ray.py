@@ -47,6 +47,12 @@ def two_nodes(session_tmp):
         assert not any(_uses_dir(p, temp_dir) for p in psutil.process_iter()), "a Ray process outlived the cluster"
 
 
+def test_bench_sweep_ideal_is_ceil_rounds_of_the_median_trial():
+    from distrib.bench.sweep import ideal_seconds
+    assert ideal_seconds([4.0, 5.0, 3.0, 4.0, 6.0], 2) == 12.0  # ceil(5/2) = 3 rounds x 4 s, not 5/2 x 4.4
+    assert ideal_seconds([4.0, 4.0], 2) == 4.0 and ideal_seconds([2.0, 3.0, 4.0], 1) == 9.0
+
+
 def _is_loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip.split("%")[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:

@@ -41,6 +41,11 @@ def _shards(root: Path) -> Path:
     return shards
 
 
+def ideal_seconds(trial_s: list[float], slots: int) -> float:
+    """The ideal schedule: ceil(K / S) rounds of the median trial (trials cannot be split across slots)."""
+    return math.ceil(len(trial_s) / slots) * statistics.median(trial_s)
+
+
 def _measure(cfg, sweep_dir: Path, slots: int, **ray_args) -> dict:
     """Run the sweep; wall time vs ceil(K/S) x the median trial, and where the rest went."""
     from distrib.sweep.driver import run_sweep
@@ -53,7 +58,7 @@ def _measure(cfg, sweep_dir: Path, slots: int, **ray_args) -> dict:
         from distrib.errors import DistribError
         raise DistribError(f"bench sweep: only {len(trials)} of {FOLDS} trials finished; see {sweep_dir}")
     train = [t["seconds"] - t["report_seconds"] for t in trials]
-    ideal = math.ceil(len(trials) / slots) * statistics.median(train)
+    ideal = ideal_seconds(train, slots)
     startup = sum(t["startup_seconds"] for t in trials) / slots
     ckpt = sum(t["report_seconds"] for t in trials) / slots
     return {
