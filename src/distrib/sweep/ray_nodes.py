@@ -109,6 +109,7 @@ def stop_cluster(cluster: dict, grace_s: float = 10.0) -> list[str]:
     procs = [p for p in psutil.process_iter() if p.pid != os.getpid() and _uses_dir(p, temp_dir)]
     stopped = terminate(procs, grace_s)
     shutil.rmtree(temp_dir, ignore_errors=True)
+    Path(f"{temp_dir}.log").unlink(missing_ok=True)  # start_head's default log (a chosen log is kept)
     return stopped
 
 
