@@ -79,7 +79,8 @@ def _two_nodes(cfg, root: Path, slots: int) -> dict:
     t0 = time.time()
     cluster = {"temp_dir": _temp_dir()}
     try:
-        cluster = start_head(None, max(1, math.ceil(slots / 2)), temp_dir=cluster["temp_dir"])
+        cluster = start_head(None, max(1, math.ceil(slots / 2)), temp_dir=cluster["temp_dir"],
+                             log=root / "ray_2nodes.log")
         if slots > 1:
             add_worker(cluster, slots // 2)
         started = time.time() - t0
