@@ -77,10 +77,12 @@ def ray_cluster(session_tmp):
     port = _free_port()
     env = subprocess_env(session_tmp)
     env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps 127.0.0.1 (else the client server binds the host IP)
     log = open(session_tmp / "ray_head.log", "w")
     proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", "--port", str(port),
                              "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
-                             "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats"],
+                             "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats",
+                             "--ray-client-server-port", str(_free_port())],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 120

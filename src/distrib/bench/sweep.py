@@ -1,22 +1,32 @@
-"""`distrib bench sweep`: a K=5 debug sweep on 2 parallel slots, wall time vs the ideal schedule.
+"""`distrib bench sweep`: a K=5 debug sweep on S=2 slots, on 1 node and on 2 nodes, wall time vs the ideal.
 
     distrib bench sweep [--config launch/configs/experiments/debug.yaml] [--out /tmp/bench_sweep] [--workers 2] [overrides]
 
-Ideal = sum of the trials' own ``train.run`` seconds / slots (perfect packing, zero overhead). The
-measured wall time is Ray start-up + ``Tuner.fit``. The breakdown attributes the gap: Ray start-up,
-per-trial start-up (imports, config, checkpoint restore; from each trial's own clock), checkpoint I/O
-(``tune.report`` with a checkpoint, which copies it to storage), and the rest (scheduling, actor
-creation, experiment-state snapshots, idle slots at the tail). Target: ratio_to_ideal <= 1.15.
+Ideal schedule: K trials on S slots take ceil(K/S) rounds, so ideal = ceil(K/S) x the single-trial time
+(the median of the trials' own ``train.run`` seconds, without checkpoint I/O): trials cannot be split, so
+K/S would be unreachable. The measured wall time is Ray start/connect + ``Tuner.fit``. Two layouts:
+
+- ``one_node`` (the top-level keys): a private local cluster with S CPUs (``run_sweep(num_cpus=S)``).
+- ``two_nodes``: ``ray start --head`` with ceil(S/2) CPUs plus a worker node (``ray start --address``)
+  with the rest, on this host (``sweep.ray_nodes``); the sweep connects with ``--address`` and writes Ray's
+  state to ``--storage``. Wall time = connect + fit; the nodes' start-up is reported as ``cluster_start_s``.
+
+The breakdown attributes the gap: Ray start-up, per-trial start-up (imports, config, checkpoint restore; from
+each trial's own clock), checkpoint I/O (``tune.report`` with a checkpoint), and the rest (scheduling,
+actor creation, experiment-state snapshots, idle slots at the tail). Target: ratio_to_ideal <= 1.15.
 """
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 FOLDS = 5
+IDEAL = "ceil(trials / slots) x median trial train.run seconds"
 
 
 def _shards(root: Path) -> Path:
@@ -31,40 +41,68 @@ def _shards(root: Path) -> Path:
     return shards
 
 
+def ideal_seconds(trial_s: list[float], slots: int) -> float:
+    """The ideal schedule: ceil(K / S) rounds of the median trial (trials cannot be split across slots)."""
+    return math.ceil(len(trial_s) / slots) * statistics.median(trial_s)
+
+
+def _measure(cfg, sweep_dir: Path, slots: int, **ray_args) -> dict:
+    """Run the sweep; wall time vs ceil(K/S) x the median trial, and where the rest went."""
+    from distrib.sweep.driver import run_sweep
+
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    res = run_sweep(cfg, {}, sweep_dir, **ray_args)
+    wall = res["ray_init_s"] + res["fit_s"]
+    trials = [json.loads(p.read_text()) for p in sorted((sweep_dir / "trials").glob("*/trial_result.json"))]
+    if len(trials) != FOLDS:
+        from distrib.errors import DistribError
+        raise DistribError(f"bench sweep: only {len(trials)} of {FOLDS} trials finished; see {sweep_dir}")
+    train = [t["seconds"] - t["report_seconds"] for t in trials]
+    ideal = ideal_seconds(train, slots)
+    startup = sum(t["startup_seconds"] for t in trials) / slots
+    ckpt = sum(t["report_seconds"] for t in trials) / slots
+    return {
+        "wall_s": round(wall, 2), "ideal_s": round(ideal, 2), "ratio_to_ideal": round(wall / ideal, 3),
+        "overhead_s": {"ray_start": round(res["ray_init_s"], 2), "trial_startup_per_slot": round(startup, 2),
+                       "checkpoint_io_per_slot": round(ckpt, 2),
+                       "other": round(wall - ideal - res["ray_init_s"] - startup - ckpt, 2)},
+        "trial_train_s": [round(s, 2) for s in train],
+        "trial_startup_s": [round(t["startup_seconds"], 2) for t in trials],
+        "nodes": len({t.get("node_id") for t in trials}), "sweep_dir": str(sweep_dir)}
+
+
+def _two_nodes(cfg, root: Path, slots: int) -> dict:
+    """The same sweep on a head + 1 worker node started with `ray start` (stopped by PID afterwards)."""
+    from distrib.sweep.ray_nodes import add_worker, start_head, stop_cluster
+    from distrib.sweep.local_ray import _temp_dir
+
+    t0 = time.time()
+    cluster = {"temp_dir": _temp_dir()}
+    try:
+        cluster = start_head(None, max(1, math.ceil(slots / 2)), temp_dir=cluster["temp_dir"],
+                             log=root / "ray_2nodes.log")
+        if slots > 1:
+            add_worker(cluster, slots // 2)
+        started = time.time() - t0
+        out = _measure(cfg, root / "sweep_2nodes", slots, address=cluster["address"], storage=str(root / "storage"))
+    finally:
+        stop_cluster(cluster)
+    return {**out, "cluster_start_s": round(started, 2)}
+
+
 def run(config: str | None = None, out: str | None = None, workers: int = 2, overrides=()) -> dict:
     from distrib.config import load_config
-    from distrib.sweep.driver import run_sweep
 
     repo = Path(__file__).resolve().parents[3]
     config = config or str(repo / "launch" / "configs" / "experiments" / "debug.yaml")
     root = Path(out or tempfile.mkdtemp(prefix="bench_sweep"))
     slots = max(1, int(workers or 2))
     shards = _shards(root)
-    sweep_dir = root / "sweep"
-    shutil.rmtree(sweep_dir, ignore_errors=True)
     cfg = load_config(config, [f"data.shards={shards}", f"tune.folds={FOLDS}", "tune.cpus_per_trial=1",
                                "tune.embed_best=false", "train.epochs=2", "data.samples_per_epoch=64",
                                "train.latency_batches=1", *list(overrides or [])])
     t0 = time.time()
-    res = run_sweep(cfg, {}, sweep_dir, num_cpus=slots)
-    wall = res["ray_init_s"] + res["fit_s"]
-    trials = [json.loads(p.read_text()) for p in sorted((sweep_dir / "trials").glob("*/trial_result.json"))]
-    if len(trials) != FOLDS:
-        from distrib.errors import DistribError
-        raise DistribError(f"bench sweep: only {len(trials)} of {FOLDS} trials finished; see {sweep_dir}")
-    train_s = sum(t["seconds"] - t["report_seconds"] for t in trials)
-    ideal = train_s / slots
-    startup = sum(t["startup_seconds"] for t in trials) / slots
-    ckpt = sum(t["report_seconds"] for t in trials) / slots
-    result = {
-        "bench": "sweep", "trials": len(trials), "slots": slots,
-        "wall_s": round(wall, 2), "ideal_s": round(ideal, 2), "ratio_to_ideal": round(wall / ideal, 3),
-        "target_ratio": 1.15,
-        "overhead_s": {"ray_start": round(res["ray_init_s"], 2), "trial_startup_per_slot": round(startup, 2),
-                       "checkpoint_io_per_slot": round(ckpt, 2),
-                       "other": round(wall - ideal - res["ray_init_s"] - startup - ckpt, 2)},
-        "trial_train_s": [round(t["seconds"] - t["report_seconds"], 2) for t in trials],
-        "trial_startup_s": [round(t["startup_seconds"], 2) for t in trials],
-        "total_s": round(time.time() - t0, 2), "sweep_dir": str(sweep_dir),
-    }
-    return result
+    one = _measure(cfg, root / "sweep", slots, num_cpus=slots)
+    two = _two_nodes(cfg, root, slots)
+    return {"bench": "sweep", "trials": FOLDS, "slots": slots, "ideal": IDEAL, **one, "target_ratio": 1.15,
+            "two_nodes": two, "total_s": round(time.time() - t0, 2)}

@@ -7,5 +7,7 @@ loopback-only local cluster with its PID file and orphan reaping, in ``local_ray
 ``search.param_space`` and ``search.tune_config`` (``tune.search: random|optuna``: one trial per sampled
 config runs all folds, optional ASHA over folds); ``report.write_outputs``
 and ``report.choose_best`` (sweep_summary.csv, best_config.yaml, sweep_results.json);
-``tracking.start_parent`` / ``tracking.finish_parent`` (an MLflow parent run per sweep).
+``tracking.start_parent`` / ``tracking.finish_parent`` (an MLflow parent run per sweep);
+``ray_nodes.start_head`` / ``add_worker`` / ``kill_node`` / ``stop_cluster`` (a multi-node `ray start`
+cluster on one host, on 127.0.0.1, stopped by PID: the multi-node tests and ``distrib bench sweep``).
 """

@@ -112,26 +112,33 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
     if td and Path(td).is_dir():  # workers started after the record was written
         seen = {p.pid for p in live}
         live += [p for p in psutil.process_iter() if p.pid not in seen and p.pid != os.getpid() and _uses_dir(p, td)]
-    stopped = []
-    for p in live:
-        try:
-            stopped.append(f"{p.pid} ({p.name()})")
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(live, timeout=grace_s)
-    for p in alive:  # orphaned agents ignore SIGTERM while they wait ~60 s on the dead GCS
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
+    stopped = terminate(live, grace_s)
     if td:
         shutil.rmtree(td, ignore_errors=True)
     pid_file.unlink(missing_ok=True)
     if stopped and driver["pid"] != os.getpid():
         log.warning("stopped %d Ray process(es) left by the killed sweep driver %s: %s", len(stopped),
                     driver["pid"], ", ".join(stopped))
+    return stopped
+
+
+def terminate(procs: list, grace_s: float) -> list[str]:
+    """SIGTERM ``procs``, SIGKILL those still alive after ``grace_s``; returns "pid (name)" of each."""
+    import psutil
+    stopped = []
+    for p in procs:
+        try:
+            stopped.append(f"{p.pid} ({p.name()})")
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:  # orphaned agents ignore SIGTERM while they wait ~60 s on the dead GCS
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
     return stopped
 
 
@@ -143,9 +150,28 @@ def _sigterm_as_sigint(signum, frame) -> None:
     signal.raise_signal(signal.SIGINT)  # Tune's handler stops the experiment and saves its state
 
 
+def _gcs_on_loopback(address: str) -> bool:
+    """True if ``address`` names 127.0.0.1/localhost and something listens there (a loopback-bound GCS)."""
+    import socket
+    host, _, port = address.rpartition(":")
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+        return False
+    try:
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
 def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
+    # A cluster whose GCS listens on 127.0.0.1 (`sweep.ray_nodes`) needs this driver on 127.0.0.1 too; one
+    # on a routable IP (another host, or a `ray start` without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) needs
+    # Ray's Linux default, which turns a 127.0.0.1 address into the routable IP.
+    loopback = not address or _gcs_on_loopback(address)
+    user_set = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ
+    if loopback:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     import ray._private.ray_constants as ray_constants
@@ -161,6 +187,8 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     temp_dir = None if address else _temp_dir()
     _STATE.update(pid_file=pid_file, temp_dir=temp_dir, signal=None)
     if address:
+        if not user_set:  # ray may have been imported before the variable was set (or by an earlier sweep)
+            ray_constants.ENABLE_RAY_CLUSTER = not loopback
         record_driver(pid_file, None)  # no processes of ours, but marks the sweep dir as in use
         ray.init(address=address, log_to_driver=False)
     else:
@@ -217,4 +245,4 @@ def listening_sockets(procs) -> list[tuple[str, str, int]]:
     return out
 
 
-__all__ = ["PID_FILE", "start_ray", "stop_ray", "reap", "record_driver", "cluster_processes", "listening_sockets"]
+__all__ = ["PID_FILE", "start_ray", "stop_ray", "reap", "terminate", "record_driver", "cluster_processes", "listening_sockets"]

@@ -19,7 +19,8 @@ from distrib.sweep.grid import grid_configs, trial_command, trial_overrides
 
 METRICS = ("auc", "f1", "recall", "specificity", "ap", "group_auc", "group_ap")  # group_*: eval.group_agg
 COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command",
-           "folds_done", "config_status"]
+           "folds_done", "config_status",
+           "node_id", "node_ip", "hostname", "attempts", "resume_step"]  # node: the Ray node of the last attempt
 
 
 def pick_metric(metrics: dict, name: str) -> float:
@@ -50,7 +51,8 @@ def collect_rows(out_dir: Path, grid: dict, folds: int, configs: list[dict] | No
                 met = res.get("metrics", {})
                 row.update({m: pick_metric(met, m) for m in METRICS})
                 row.update(status="done", seconds=res["seconds"], command=res["command"],
-                           epochs=int(res.get("epochs", 0)))
+                           epochs=int(res.get("epochs", 0)),
+                           **{k: res.get(k) for k in ("node_id", "node_ip", "hostname", "attempts", "resume_step")})
             rows.append(row)
         done = sum(r["status"] == "done" for r in rows[first:])
         status = "complete" if done == folds else {"stopped": "stopped", "error": "error"}.get(c.get("status"), "incomplete")

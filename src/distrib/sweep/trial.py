@@ -17,10 +17,33 @@ from distrib.sweep.grid import config_id, grid_configs, trial_command, trial_ove
 FAIL_ONCE_ENV = "DISTRIB_FAIL_ONCE"  # fault injection: path of a marker file; the first trial to report fails once
 
 
-def _log_event(run_dir: Path, event: str) -> None:
+def _log_event(run_dir: Path, event: str, detail: str = "") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "trial_events.log", "a") as f:
-        f.write(f"{time.time():.3f} {os.getpid()} {event}\n")
+        f.write(f"{time.time():.3f} {os.getpid()} {event}{' ' + detail if detail else ''}\n")
+
+
+def _events(run_dir: Path) -> list[str]:
+    return [line.split()[2] for line in (run_dir / "trial_events.log").read_text().splitlines()]
+
+
+def node_info() -> dict:
+    """The Ray node running this trial: node id, its IP and the host name (recorded in the sweep summary)."""
+    import socket
+
+    import ray
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname()}
+
+
+def _resume_step(run_dir: Path) -> int | None:
+    """The optimizer step of the run dir's checkpoint a retry resumes from (None: none, starts from scratch)."""
+    from distrib.runs import find_checkpoint
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    from distrib.training.checkpoint import saved_state
+    return int(saved_state(ckpt).get("step", 0))
 
 
 def _maybe_inject_failure(marker: str, name: str) -> None:
@@ -72,11 +95,13 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
     name = f"{cid}_fold{fold}"
     run_dir = Path(spec["trials_dir"]) / name
     overrides = trial_overrides(config_overrides, fold)
-    _log_event(run_dir, "start")
+    node = node_info()
+    _log_event(run_dir, "start", node["node_id"])
     os.environ.update(spec.get("tracker_env", {}))  # MLflow: parent run id, experiment, store (sweep/tracking.py)
     resume = _restore_checkpoint(run_dir)
+    resume_step = _resume_step(run_dir) if resume else None
     if resume:
-        _log_event(run_dir, "resume")
+        _log_event(run_dir, "resume", str(resume_step))
     from distrib.training import trainer as train  # lazy: torch/timm imports are the bulk of a trial's start-up
 
     cfg = load_config(spec["config_path"], overrides)
@@ -105,7 +130,8 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
     result = {"config_id": cid, "fold": fold, "params": grid_params, "overrides": overrides,
               "metrics": _numeric(final or {}), "reports": reports["n"], "epochs": reports["epoch"], "seconds": t_end - t_import,
               "trial_seconds": t_end - t_start, "startup_seconds": t_import - t_start,
-              "report_seconds": reports["ckpt_s"], "resumed": resume, "run_dir": str(run_dir),
+              "report_seconds": reports["ckpt_s"], "resumed": resume, "resume_step": resume_step, **node,
+              "attempts": _events(run_dir).count("start"), "run_dir": str(run_dir),
               "command": trial_command(spec["config_path"], run_dir, overrides),
               **({"ranks": ranks} if ranks else {})}
     write_json(run_dir / "trial_result.json", result, indent=1)
