@@ -79,7 +79,7 @@ def save_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer, trainer
         model.save_checkpoint(str(tmp), tag=_DS_TAG)  # collective; writes this rank's partitions
     elif accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
-        torch.save({"model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
+        torch.save({"model": dist.unwrap(accelerator, model, keep_torch_compile=False).state_dict(),
                     "optimizer": optimizer.state_dict(), "scaler": scaler}, tmp / "state.pt")
     torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
@@ -110,7 +110,7 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer) -> tupl
             raise DistribError(f"checkpoint {ckpt_dir} has no state.pt (a DeepSpeed checkpoint?); resume it "
                                "with the accelerate config it was trained with")
         state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(state["model"])
+        dist.unwrap(accelerator, model, keep_torch_compile=False).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and state["scaler"]:
             accelerator.scaler.load_state_dict(state["scaler"])

@@ -109,7 +109,7 @@ def _validate(t: Trainer, report: Report | None) -> None:
            "seconds": t.elapsed(), **{k: v for k, v in m.items() if k.startswith("group_")}}
     t.log.epoch_row(row)
     auc = -math.inf if math.isnan(m["auc"]) else m["auc"]
-    state_dict = acc.get_state_dict(t.model) if auc > t.best_auc or t.best_epoch < 0 else None  # collective
+    state_dict = dist.state_dict(acc, t.model) if auc > t.best_auc or t.best_epoch < 0 else None  # collective
     if state_dict is not None:
         t.best_auc, t.best_epoch = auc, t.epoch
         t.best_metrics = {**m, "val_loss": preds.loss, "train_loss": train_loss, "epoch": t.epoch, "step": t.step}
@@ -139,7 +139,7 @@ def _finish(t: Trainer) -> dict:
         dist.print0(f"warning: the loader skipped corrupt samples: {runtime['skipped_samples']} (see the loader "
                     "warnings above; run 'distrib shard inspect' on data.shards)")
     result = {**t.best_metrics, **runtime, "best_epoch": t.best_epoch, "steps": t.step,
-              "param_checksum": param_checksum(acc.unwrap_model(t.model, keep_torch_compile=False))}
+              "param_checksum": param_checksum(dist.unwrap(acc, t.model, keep_torch_compile=False))}
     dist.on_main(_write_final_outputs, t, runtime)
     t.log.close()
     dist.print_all("final", {k: result[k] for k in ("world_size", "backend", "steps", "param_checksum")})
