@@ -42,6 +42,8 @@ def test_embed_inference_is_validated():
     assert load_config(DEBUG).embed.inference == "folds"  # the default keeps every existing pipeline as it was
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_refit_model_lands_in_the_oof_rows_aligned_space(refit_cascade, demo_shards):
     from distrib.stacking.align import load_alignment
     from distrib.stacking.embed import alignment_path
@@ -96,7 +98,7 @@ def test_refit_cascade_runs_one_model_per_expert_and_predict_matches(refit_casca
     m = ref.merge(preds, left_on="key", right_on="path", validate="one_to_one")
     assert len(m) == len(ref) == len(preds)
     esc = m["escalated"].to_numpy().astype(bool)
-    assert np.abs(m.loc[esc, "meta_prob_escalated"] - m.loc[esc, "meta_prob_y"]).max(initial=0) < 1e-6
+    assert esc.any() and np.abs(m.loc[esc, "meta_prob_escalated"] - m.loc[esc, "meta_prob_y"]).max() < 1e-6
     assert np.abs(m["cascade_score"] - m["score"]).max() < 1e-6 and (m["final_decision"] == m["decision"]).all()
 
 
