@@ -116,3 +116,19 @@ def test_predict_on_a_run_uses_its_saved_val_threshold(fold_runs):
     assert scorer.rule["kind"] == "single" and scorer.threshold == pytest.approx(saved)
     assert saved == pytest.approx(threshold_youden(val["label"].to_numpy(), val["prob"].to_numpy()))
     assert "evaluation_results.json" in scorer.rule["source"]
+
+
+def test_bench_easy_dataset_is_separable_and_grouped(tmp_path):
+    """`distrib bench cascade build=easy`'s data: positives carry the bright square, groups stay in one split."""
+    from PIL import Image
+
+    from distrib.bench.easy_cascade import build_dataset
+
+    man = build_dataset(tmp_path, n=40)
+    frames = {s: pd.read_csv(p) for s, p in man.items()}
+    assert all(set(f["label"]) == {0, 1} for f in frames.values())
+    groups = [set(f["group"]) for f in frames.values()]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    for _, row in pd.concat(frames.values()).iterrows():
+        bright = (np.asarray(Image.open(row["path"])) >= 250).all(axis=2).sum()
+        assert (bright >= 144) == bool(row["label"])

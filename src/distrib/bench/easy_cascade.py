@@ -19,7 +19,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 DATASET = "synthetic separable task: smooth colour noise, positives carry a bright 12x12 square (32x32 PNG)"
 DEBUG = Path(__file__).resolve().parents[3] / "launch" / "configs" / "experiments" / "debug.yaml"
-RUN = ["train.epochs=3", "data.samples_per_epoch=512", "train.latency_batches=1", "embed.dim=8", "embed.anchors=32",
+RUN = ["train.epochs=2", "data.samples_per_epoch=256", "train.latency_batches=1", "embed.dim=8", "embed.anchors=32",
        "embed.fit_samples=128", "embed.inference=refit", "stack.folds=3", "stack.n_estimators=50", "thresholds.bootstrap=20"]
 
 
@@ -32,7 +32,7 @@ def _image(rng: np.random.Generator, positive: bool) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def build_dataset(out: Path, n: int = 600, seed: int = 0) -> dict[str, Path]:
+def build_dataset(out: Path, n: int = 480, seed: int = 0) -> dict[str, Path]:
     """Write PNGs + train/val/test manifests (path,label,group; 60/20/20, one group per 4 images)."""
     from PIL import Image
 
