@@ -213,13 +213,13 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     shards = cfg.shards or stage1.cfg.data.shards
 
     th1 = fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", out / "stage1", "stage1",
-                       cfg.recall, cfg.specificity, cfg.bootstrap)
+                      cfg.recall, cfg.specificity, cfg.bootstrap)
     band = th1["band"]
     if not band["feasible"]:
         log.warning(f"cascade: stage-1 band INFEASIBLE ({band['message']}); every sample goes to stage 2")
     t_low, t_high = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
     th3 = fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", out / "stage3", "meta",
-                       cfg.recall, cfg.specificity, cfg.bootstrap, fit_split="oof")
+                      cfg.recall, cfg.specificity, cfg.bootstrap, fit_split="oof")
     tau = th3["single"][cfg.stack.rule]["threshold"]
 
     multi = MultiSizeTransform([stage1.size] + [e.size for e in experts])

@@ -120,9 +120,9 @@ class CascadeScorer:
         self.experts = [Expert(s, device, cfg.expert_models) for s in specs]
         with tempfile.TemporaryDirectory() as tmp:  # the same fits as distrib cascade (bootstrap only adds CIs)
             th1 = fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", Path(tmp) / "s1",
-                               "stage1", cfg.recall, cfg.specificity, 0)
+                              "stage1", cfg.recall, cfg.specificity, 0)
             th3 = fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", Path(tmp) / "s3",
-                               "meta", cfg.recall, cfg.specificity, 0, fit_split="oof")
+                              "meta", cfg.recall, cfg.specificity, 0, fit_split="oof")
         band = th1["band"]
         self.t_low, self.t_high = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
         self.tau = th3["single"][cfg.stack.rule]["threshold"]
