@@ -44,14 +44,17 @@ def test_embed_inference_is_validated():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_refit_model_lands_in_the_oof_rows_aligned_space(refit_cascade, demo_shards):
+def test_refit_model_lands_in_the_oof_rows_aligned_space(refit_cascade, fold_runs):
     from distrib.stacking.align import load_alignment
     from distrib.stacking.embed import alignment_path
-    from distrib.stacking.refit import refit_paths
+    from distrib.stacking.refit import refit_paths, train_refit
 
     paths = refit_paths(refit_cascade["oof"])
     cfg = load_config(paths["run"] / "config.yaml")
     assert cfg.data.fold == -1 and (paths["run"] / "best_model.pth").is_file()  # trained on every training fold
+    stamp = (paths["run"] / "best_model.pth").stat().st_mtime_ns
+    assert train_refit(fold_runs[0], paths["run"]) == str(paths["run"])  # a finished refit run is reused ...
+    assert (paths["run"] / "best_model.pth").stat().st_mtime_ns == stamp  # ... not retrained
     folds_meta = load_alignment(alignment_path(refit_cascade["oof"]))[1]
     assert folds_meta["inference"] == "refit" and folds_meta["refit"]["run"] == str(paths["run"])
     aligns, meta = load_alignment(paths["alignment"])
