@@ -134,4 +134,4 @@ def test_bench_easy_dataset_is_separable_and_grouped(tmp_path):
     assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
     for _, row in pd.concat(frames.values()).iterrows():
         bright = (np.asarray(Image.open(row["path"])) >= 250).all(axis=2).sum()
-        assert (bright >= 144) == bool(row["label"])
+        assert (bright >= 400) == bool(row["label"])

@@ -1,7 +1,7 @@
 """A dataset where stage 1 is strong, and the smallest real cascade on it, for ``distrib bench cascade build=easy``.
 
 The task is synthetic and separable: every image is smooth random colour noise (32x32, PNG); a positive
-also carries a bright 12x12 square at a random place. Any CNN separates that after a few hundred
+also carries a bright 20x20 square at a random place. Any CNN separates that after a few hundred
 steps, so stage 1 auto-decides nearly every image at recall 0.99 / specificity 0.95 and the cascade's
 cost should approach stage 1's. The pipeline is the real one, on debug-sized settings: shards
 (3 group folds), stage 1 (one debug run), one expert = 3 fold runs + ``embed.inference: refit`` (one
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
-DATASET = "synthetic separable task: smooth colour noise, positives carry a bright 12x12 square (32x32 PNG)"
+DATASET = "synthetic separable task: smooth colour noise, positives carry a bright 20x20 square (32x32 PNG)"
 DEBUG = Path(__file__).resolve().parents[3] / "launch" / "configs" / "experiments" / "debug.yaml"
 RUN = ["train.epochs=2", "data.samples_per_epoch=256", "train.latency_batches=1", "embed.dim=8", "embed.anchors=32",
        "embed.fit_samples=128", "embed.inference=refit", "stack.folds=3", "stack.n_estimators=50", "thresholds.bootstrap=20"]
@@ -27,8 +27,8 @@ def _image(rng: np.random.Generator, positive: bool) -> np.ndarray:
     base = rng.integers(40, 180, size=(4, 4, 3)).astype(np.float32)
     img = np.kron(base, np.ones((8, 8, 1))) + rng.normal(0, 12, size=(32, 32, 3))
     if positive:
-        y, x = rng.integers(0, 20, size=2)
-        img[y:y + 12, x:x + 12] = 250
+        y, x = rng.integers(0, 12, size=2)
+        img[y:y + 20, x:x + 20] = 250
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
