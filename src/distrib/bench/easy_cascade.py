@@ -1,7 +1,7 @@
 """A dataset where stage 1 is strong, and the smallest real cascade on it, for ``distrib bench cascade build=easy``.
 
 The task is synthetic and separable: every image is smooth random colour noise (32x32, PNG); a positive
-also carries a bright 20x20 square at a random place. Any CNN separates that after a few hundred
+also carries a bright 20x20 square at a random place. A small CNN separates that within a few dozen
 steps, so stage 1 auto-decides nearly every image at recall 0.99 / specificity 0.95 and the cascade's
 cost should approach stage 1's. The pipeline is the real one, on debug-sized settings: shards
 (3 group folds), stage 1 (one debug run), one expert = 3 fold runs + ``embed.inference: refit`` (one
