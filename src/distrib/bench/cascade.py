@@ -73,6 +73,7 @@ def run(config: str | None = None, out: str | None = None, overrides=()) -> dict
         "dataset": dataset or str(res.get("name")), "stage1_auto_decided": 1.0 - res["escalation_rate"],
         "expert_models": cost.get("expert_models"), "models_per_expert": cost.get("models_per_expert"),
         "cascade_folds_ratio_to_stage1": cost.get("cascade_folds_ratio_to_stage1"),
+        "always23_folds_mean_ms": cost.get("always23_folds_mean_ms"),
         "meta_auc_refit_vs_folds": _refit_aucs(res.get("refit_vs_folds")),
     }
     delta = result["auc_delta_vs_best_expert"]
