@@ -1,7 +1,7 @@
 """`distrib bench cascade`: the cascade's cost per image vs stage 1 alone, and its AUC vs the best single expert.
 
     distrib bench cascade --config runs/demo/cascade.yaml [--out DIR] [split=val]
-    distrib bench cascade build=easy [--out DIR]   # builds a dataset where stage 1 is strong + a refit cascade
+    distrib bench cascade build=easy [square=20] [--out DIR]   # a dataset where stage 1 is strong + a refit cascade
 
 Both ratios come from one cascade run on the same samples: stage 1 alone is timed on every batch
 inside it, and the experts are scored on every sample (``evaluate_all_stages``), so no baseline is
@@ -48,7 +48,9 @@ def run(config: str | None = None, out: str | None = None, overrides=()) -> dict
     dataset = None
     if opts.get("build") == "easy":  # a dataset where stage 1 is strong, and a refit cascade on it
         from distrib.bench.easy_cascade import DATASET, build_cascade
-        config, dataset = str(build_cascade(Path(out or "runs/bench_easy_cascade"))), DATASET
+        square = int(opts.get("square", 20))
+        config = str(build_cascade(Path(out or "runs/bench_easy_cascade"), square))
+        dataset = DATASET.replace("20x20", f"{square}x{square}")
     elif opts.get("build"):
         raise DistribError(f"bench cascade build={opts['build']}: the one built dataset is build=easy")
     path = _find_config(config)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distrib.errors import DistribError
+
 log = logging.getLogger(__name__)
 DATASET = "synthetic separable task: smooth colour noise, positives carry a bright 20x20 square (32x32 PNG)"
 DEBUG = Path(__file__).resolve().parents[3] / "launch" / "configs" / "experiments" / "debug.yaml"
@@ -23,16 +25,16 @@ RUN = ["train.epochs=2", "data.samples_per_epoch=256", "train.latency_batches=1"
        "embed.fit_samples=128", "embed.inference=refit", "stack.folds=3", "stack.n_estimators=50", "thresholds.bootstrap=20"]
 
 
-def _image(rng: np.random.Generator, positive: bool) -> np.ndarray:
+def _image(rng: np.random.Generator, positive: bool, square: int = 20) -> np.ndarray:
     base = rng.integers(40, 180, size=(4, 4, 3)).astype(np.float32)
     img = np.kron(base, np.ones((8, 8, 1))) + rng.normal(0, 12, size=(32, 32, 3))
     if positive:
-        y, x = rng.integers(0, 12, size=2)
-        img[y:y + 20, x:x + 20] = 250
+        y, x = rng.integers(0, 32 - square, size=2)
+        img[y:y + square, x:x + square] = 250
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def build_dataset(out: Path, n: int = 480, seed: int = 0) -> dict[str, Path]:
+def build_dataset(out: Path, n: int = 480, seed: int = 0, square: int = 20) -> dict[str, Path]:
     """Write PNGs + train/val/test manifests (path,label,group; 60/20/20, one group per 4 images)."""
     from PIL import Image
 
@@ -44,7 +46,7 @@ def build_dataset(out: Path, n: int = 480, seed: int = 0) -> dict[str, Path]:
         label = int(i % 2)
         path = img_dir / f"img{i:05d}.png"
         if not path.is_file():
-            Image.fromarray(_image(rng, bool(label))).save(path)
+            Image.fromarray(_image(rng, bool(label), square)).save(path)
         g = i // 4
         split = "train" if g % 5 < 3 else ("val" if g % 5 == 3 else "test")
         rows[split].append([str(path), label, f"g{g}"])
@@ -56,10 +58,10 @@ def build_dataset(out: Path, n: int = 480, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def build_cascade(out: str | Path) -> Path:
+def build_cascade(out: str | Path, square: int = 20) -> Path:
     """Dataset, shards, stage 1, one refit expert and its stack under ``out``; returns the cascade YAML.
 
-    Finished parts are reused (the runs, the refit run, the shards), so a second call only re-runs the cascade.
+    ``square``: the positives' square side (smaller = harder for stage 1). Finished parts are reused (the runs, the refit run, the shards), so a second call only re-runs the cascade.
     """
     import yaml
 
@@ -70,7 +72,9 @@ def build_cascade(out: str | Path) -> Path:
     from distrib.training.trainer import run
 
     out = Path(out).resolve()
-    man = build_dataset(out / "data")
+    if not 4 <= square <= 28:
+        raise DistribError(f"bench cascade square={square}: use 4..28 (pixels of a 32 px image)")
+    man = build_dataset(out / "data", square=square)
     shards = out / "shards"
     write_shards(man["train"], shards, val=man["val"], test=man["test"], folds=3, seed=0, shard_size=200, workers=1)
     runs = []
