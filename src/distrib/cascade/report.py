@@ -86,7 +86,8 @@ def refit_section(rv: dict | None) -> list[str]:
     if not rv:
         return []
     rows = [[f"{k} (stack, meta on every row)", v["meta_auc_folds"], v["meta_auc_refit"],
-             _f(v["diff_refit_minus_folds"])] for k, v in rv.get("stack_refit_splits", {}).items()]
+             "n/a" if v["diff_refit_minus_folds"] is None else f"{v['diff_refit_minus_folds']:+.4f}"]
+            for k, v in rv.get("stack_refit_splits", {}).items()]
     if rv.get("this_run"):
         t = rv["this_run"]
         rows.append([f"{t['split']} (this cascade run, meta on all)", t["meta_auc_folds"], t["meta_auc_refit"],
