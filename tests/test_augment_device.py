@@ -183,8 +183,8 @@ def test_training_with_model_placement_equals_loader_placement(demo_shards, tmp_
 
 def test_flat_multi_size_rows_still_stack(shards):
     """A transform whose prepare returns flat rows (the cascade's multi-size one) is stacked, not taken for JPEG bytes."""
-    from distrib.cascade.run import _MultiSizeTransform
-    multi = _MultiSizeTransform([16, 32])
+    from distrib.cascade.run import MultiSizeTransform
+    multi = MultiSizeTransform([16, 32])
     b = next(iter(build_loader(shards, "val", None, 0, 1, 0, 4, 0, multi, 0, mode="eval")))
     assert torch.is_tensor(b["image"]) and b["image"].shape == (4, 3 * (16 * 16 + 32 * 32))
     assert multi.view(b["image"], 32).shape == (4, 3, 32, 32)

@@ -180,7 +180,7 @@ def _val_images(shards, size):
 
 @pytest.mark.timeout(1800)
 def test_embedding_and_cascade_scores_on_cuda_equal_cpu(cpu_fold_runs, demo_shards):
-    from distrib.cascade.run import _MultiSizeTransform, _Stage
+    from distrib.cascade.run import MultiSizeTransform, Stage
     from distrib.stacking.embed import AlignedExpert
     runs, align = cpu_fold_runs
     images = _val_images(demo_shards, 32)
@@ -188,11 +188,11 @@ def test_embedding_and_cascade_scores_on_cuda_equal_cpu(cpu_fold_runs, demo_shar
     gpu = AlignedExpert(runs, align, device="cuda")(images)
     np.testing.assert_allclose(gpu[0], cpu[0], atol=1e-3, rtol=1e-3)  # aligned embeddings
     np.testing.assert_allclose(gpu[1], cpu[1], atol=1e-3)  # P(fake)
-    multi = _MultiSizeTransform([32])
+    multi = MultiSizeTransform([32])
     from distrib.data.loader import build_loader
     flat = next(iter(build_loader(demo_shards, "val", None, 0, 1, 0, 32, 0, multi, 0, mode="eval")))["image"]
-    p_cpu = _Stage(runs[0], torch.device("cpu"))(multi, flat)
-    p_gpu = _Stage(runs[0], torch.device("cuda"))(multi, flat)
+    p_cpu = Stage(runs[0], torch.device("cpu"))(multi, flat)
+    p_gpu = Stage(runs[0], torch.device("cuda"))(multi, flat)
     np.testing.assert_allclose(p_gpu, p_cpu, atol=1e-3)  # the stage normalizes on its device (uint8 moved first)
 
 

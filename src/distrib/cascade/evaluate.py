@@ -65,9 +65,40 @@ def _versus_best_expert(df: pd.DataFrame, stack: dict | None, split: str, n_boot
     return out
 
 
+def _expert_cost(df: pd.DataFrame, esc: np.ndarray, cost: dict, models: dict) -> dict:
+    """How many models each expert ran; with refit experts, the K-fold experts' cost on the same images
+    (always 2+3 measured; the cascade with them = stage 1 + their per-image 2+3 cost on escalated rows)."""
+    out = {"models_per_expert": {k: v["models_run"] for k, v in models.items()},
+           "expert_models": sorted({v["inference"] for v in models.values()})}
+    if "always23_folds_cost_ms" in df.columns:
+        folds = df["stage1_cost_ms"].to_numpy() + np.where(esc, df["always23_folds_cost_ms"].to_numpy(), 0.0)
+        out["always23_folds_mean_ms"], out["always23_folds_p95_ms"] = _stats(df["always23_folds_cost_ms"])
+        out["cascade_folds_mean_ms"], out["cascade_folds_p95_ms"] = _stats(folds)
+        out["cascade_folds_ratio_to_stage1"] = out["cascade_folds_mean_ms"] / max(cost["stage1_mean_ms"], 1e-9)
+    return out
+
+
+def _refit_vs_folds(df: pd.DataFrame, split: str, stack: dict | None) -> dict | None:
+    """The meta-model's AUC on this split with refit experts vs the K fold models (both measured here), and
+    the stack's own val/test comparison; a negative ``diff_refit_minus_folds`` is a loss of AUC."""
+    from distrib.metrics import binary_metrics as bm
+    refit = (stack or {}).get("refit_splits")
+    if "meta_prob_folds" not in df.columns and not refit:
+        return None
+    out = {"stack_refit_splits": {k: {"meta_auc_refit": v["meta_auc"], "meta_auc_folds": v["meta_auc_folds"],
+                                      "diff_refit_minus_folds": v["diff_refit_minus_folds"]}
+                                  for k, v in (refit or {}).items()}}
+    if "meta_prob_folds" in df.columns:
+        y = df["label"].to_numpy().astype(int)
+        a_refit, a_folds = bm(y, df["meta_prob"])["auc"], bm(y, df["meta_prob_folds"])["auc"]
+        out["this_run"] = {"split": split, "meta_auc_refit": a_refit, "meta_auc_folds": a_folds,
+                           "diff_refit_minus_folds": a_refit - a_folds}
+    return out
+
+
 def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th3: dict, tau: float,
                      expert_thresholds: dict[str, float], skipped: int = 0, runs: dict | None = None,
-                     classes: dict | None = None) -> dict:
+                     classes: dict | None = None, models: dict | None = None) -> dict:
     """Write evaluation_results.json + plots + report.md from the per-sample cascade table; return the results."""
     from distrib.cascade.complementarity import analyse
     from distrib.plots import plot_bars, plot_pr, plot_roc
@@ -86,6 +117,8 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
             curves[name] = (y, df[f"prob_{name}"].to_numpy())
         metrics["meta (stage 2+3 on all)"] = binary_metrics(y, df["meta_prob"], tau)
         curves["meta on all"] = (y, df["meta_prob"].to_numpy())
+    if "meta_prob_folds" in df.columns:
+        metrics["meta (stage 2+3 on all, K fold models)"] = binary_metrics(y, df["meta_prob_folds"], tau)
     if esc.any():
         metrics["meta on escalated"] = binary_metrics(y[esc], df.loc[esc, "meta_prob_escalated"], tau)
     thresholds_used = {"stage1_band": {k: th1["band"].get(k) for k in ("feasible", "t_low", "t_high", "message")},
@@ -98,6 +131,7 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
     if all_stages:
         cost["always23_mean_ms"], cost["always23_p95_ms"] = _stats(df["always23_cost_ms"])
         cost["cost_ratio_to_always23"] = cost["cascade_mean_ms"] / max(cost["always23_mean_ms"], 1e-9)
+    cost.update(_expert_cost(df, esc, cost, models or {}))
     cost["note"] = "model compute per image (batched), excluding data loading; escalated rows share their stage 2+3 batch"
 
     comp_rows = slice(None) if all_stages else esc
@@ -125,6 +159,7 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
                "evaluate_all_stages": all_stages, "metrics": metrics, "thresholds": thresholds_used, "cost": cost,
                "complementarity": comp, "plots": plots,
                "stack": stack, "stage3_vs_best_expert": _versus_best_expert(df, stack, split, cfg.bootstrap),
+               "refit_vs_folds": _refit_vs_folds(df, split, stack),
                "predictions": "cascade_predictions.csv"}
     best = [k for k in metrics if k.startswith("expert:")]
     if best:

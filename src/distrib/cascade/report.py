@@ -62,6 +62,41 @@ def stage3_sections(st: dict, live: dict | None) -> list[str]:
     return lines
 
 
+def cost_section(c: dict) -> list[str]:
+    """Cost per image: stage 1, the cascade, always 2+3 (as run), and the K-fold experts' cost when refit ran."""
+    per = c.get("models_per_expert") or {}
+    used = "/".join(c.get("expert_models") or []) or "folds"
+    models = f"{used} experts, models per expert: " + (", ".join(f"{k} {v}" for k, v in per.items()) or "n/a")
+    s1 = max(c["stage1_mean_ms"], 1e-9)
+    rows = [["stage 1 alone", c["stage1_mean_ms"], c["stage1_p95_ms"], 1.0],
+            [f"cascade ({models})", c["cascade_mean_ms"], c["cascade_p95_ms"], c["cost_ratio_to_stage1"]]]
+    if "always23_mean_ms" in c:
+        rows.append([f"always stage 2+3 ({used} experts)", c["always23_mean_ms"], c["always23_p95_ms"],
+                     c["always23_mean_ms"] / s1])
+    if "cascade_folds_mean_ms" in c:
+        rows += [["cascade with the K fold models per expert (stage 1 + their 2+3 cost on escalated rows)",
+                  c["cascade_folds_mean_ms"], c["cascade_folds_p95_ms"], c["cascade_folds_ratio_to_stage1"]],
+                 ["always stage 2+3 (K fold models per expert)", c["always23_folds_mean_ms"],
+                  c["always23_folds_p95_ms"], c["always23_folds_mean_ms"] / s1]]
+    return ["## Cost per image", "", *_table(["path", "mean ms", "p95 ms", "x stage 1"], rows), c["note"], ""]
+
+
+def refit_section(rv: dict | None) -> list[str]:
+    """The meta-model's AUC with refit experts (one model each) vs the K fold models: shown, loss or not."""
+    if not rv:
+        return []
+    rows = [[f"{k} (stack, meta on every row)", v["meta_auc_folds"], v["meta_auc_refit"],
+             "n/a" if v["diff_refit_minus_folds"] is None else f"{v['diff_refit_minus_folds']:+.4f}"]
+            for k, v in rv.get("stack_refit_splits", {}).items()]
+    if rv.get("this_run"):
+        t = rv["this_run"]
+        rows.append([f"{t['split']} (this cascade run, meta on all)", t["meta_auc_folds"], t["meta_auc_refit"],
+                     f"{t['diff_refit_minus_folds']:+.4f}"])
+    return ["## Folds vs refit experts (embed.inference)", "",
+            *_table(["rows", "meta AUC, K fold models", "meta AUC, refit model", "refit - folds"], rows),
+            "A negative difference is AUC lost by running one refit model per expert instead of K.", ""]
+
+
 def write_report(results: dict, out_dir: str | Path) -> Path:
     """Write ``out_dir/report.md`` and return its path."""
     out = Path(out_dir)
@@ -75,13 +110,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
              "## Quality", "", *headline(r),
              "Thresholds were fit on OOF/val predictions only; stage 1 alone uses its Youden threshold, the cascade "
              "score maps every decision onto 0.5.", ""]
-    c = r["cost"]
-    cost_rows = [["stage 1 alone", c["stage1_mean_ms"], c["stage1_p95_ms"], 1.0],
-                 ["cascade", c["cascade_mean_ms"], c["cascade_p95_ms"], c["cost_ratio_to_stage1"]]]
-    if "always23_mean_ms" in c:
-        cost_rows.append(["always stage 2+3", c["always23_mean_ms"], c["always23_p95_ms"],
-                          c["always23_mean_ms"] / max(c["stage1_mean_ms"], 1e-9)])
-    lines += ["## Cost per image", "", *_table(["path", "mean ms", "p95 ms", "x stage 1"], cost_rows), c["note"], ""]
+    lines += cost_section(r["cost"]) + refit_section(r.get("refit_vs_folds"))
     t = r["thresholds"]
     band = t["stage1_band"]
     lines += ["## Thresholds", "",

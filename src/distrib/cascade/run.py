@@ -6,8 +6,10 @@ Stage 1 scores every streamed sample; those outside its uncertain band (fit on s
 val predictions with ``distrib.stacking.thresholds``, never on this split) are decided there. The rest go to
 both experts, each = K fold models + the alignment saved by ``distrib embed`` (``AlignedExpert``:
 the same projection and Procrustes rotation as the training table, fold-averaged like val/test
-rows), and the meta-model decides with its threshold fit on its OOF predictions. Images are decoded
-once per sample and prepared by every stage's own eval transform (``_MultiSizeTransform``); when
+rows) or, when the expert was embedded with ``embed.inference: refit`` (``expert_models``), its ONE
+refit model aligned into the same frame; then with ``evaluate_all_stages`` the K fold models also
+score every sample, for the folds-vs-refit meta AUC and the K-fold cost on the same images; and the meta-model decides with its threshold fit on its OOF predictions. Images are decoded
+once per sample and prepared by every stage's own eval transform (``MultiSizeTransform``); when
 stages use different sizes, the smaller ones are resized from the largest decode rather than
 DCT-downscaled by the JPEG decoder as in training.
 
@@ -34,7 +36,7 @@ from distrib.errors import DataError, DistribError
 log = logging.getLogger(__name__)
 
 
-class _MultiSizeTransform:
+class MultiSizeTransform:
     """Loader transform: one decode, then each stage size's uint8 centre crop, flattened side by side."""
 
     def __init__(self, sizes):
@@ -59,7 +61,7 @@ class _MultiSizeTransform:
         raise KeyError(size)
 
 
-class _Stage:
+class Stage:
     """A model plus its eval normalization; ``__call__`` takes the flat uint8 batch."""
 
     def __init__(self, run_dir: str, device):
@@ -71,7 +73,7 @@ class _Stage:
         self.norm = build_transform(None, self.cfg.data, train=False, mean_std=resolve_mean_std(self.cfg.data, self.model))
         self.device = device
 
-    def images(self, multi: _MultiSizeTransform, flat):
+    def images(self, multi: MultiSizeTransform, flat):
         return self.norm.batch(multi.view(flat, self.size).to(self.device))  # normalized on the device
 
     def __call__(self, multi, flat) -> np.ndarray:
@@ -84,10 +86,15 @@ class _Stage:
             return positive_prob(logits).float().cpu().numpy()
 
 
-class _Expert:
-    """One stage-2 expert: fold models + saved alignment -> the meta-model's columns for this expert."""
+class Expert:
+    """One stage-2 expert: its models + saved alignment -> the meta-model's columns for this expert.
 
-    def __init__(self, spec: ExpertConfig, device):
+    ``models``: ``folds`` (the K fold models, averaged), ``refit`` (the one model trained on all folds
+    by ``embed.inference: refit``, aligned into the same frame) or ``auto`` (refit when the expert's
+    alignment records one). ``n_models`` is how many models run per image.
+    """
+
+    def __init__(self, spec: ExpertConfig, device, models: str = "auto"):
         from distrib.stacking.align import load_alignment
         from distrib.config import load_config
         from distrib.stacking.embed import AlignedExpert, alignment_path
@@ -97,8 +104,17 @@ class _Expert:
         if not Path(align).is_file():
             raise DataError(f"alignment file {align} for expert '{spec.name}' not found; it is written by "
                             "'distrib embed' next to oof_embeddings.parquet")
-        runs = spec.runs or load_alignment(align)[1].get("runs", [])
+        refit = load_alignment(align)[1].get("refit")
+        if models == "refit" and not refit:
+            raise DataError(f"expert_models: refit, but expert '{spec.name}' ({align}) has no refit model; re-run "
+                            "'distrib embed ... embed.inference=refit' or set expert_models: folds")
+        self.inference = "refit" if refit and models != "folds" else "folds"
+        if self.inference == "refit":
+            runs, align = [refit["run"]], refit["alignment"]
+        else:
+            runs = spec.runs or load_alignment(align)[1].get("runs", [])
         self.expert = AlignedExpert(runs, align, device=str(device))
+        self.n_models = len(self.expert.models)
         cfg = load_config(Path(runs[0]) / "config.yaml")
         self.size = cfg.data.img_size
         self.norm = build_transform(None, cfg.data, train=False, mean_std=resolve_mean_std(cfg.data, self.expert.models[0]))
@@ -117,7 +133,8 @@ class _Expert:
         return cols
 
 
-def _device(name: str):
+def resolve_device(name: str):
+    """``auto`` / ``cpu`` / ``cuda`` -> a torch.device; ``cuda`` without a visible GPU is a DistribError."""
     import torch
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,7 +177,8 @@ def cascade_score(stage1_prob, t_low, t_high, meta_prob, meta_threshold) -> np.n
     return np.where(esc, mid, np.where(dec == 0, lo, hi))
 
 
-def _fit_or_load(path: str, pred: Path, out: Path, name: str, recall: float, spec: float, boot: int, fit_split=None):
+def fit_or_load(path: str, pred: Path, out: Path, name: str, recall: float, spec: float, boot: int, fit_split=None):
+    """A stage's thresholds: the given thresholds.json, else fit on ``pred`` (val or OOF rows, never test)."""
     from distrib.config import ThresholdConfig
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
     if path:
@@ -183,31 +201,34 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     cfg: CascadeConfig = load_cascade_config(cascade_cfg_path)
     out = Path(out_dir) if out_dir else Path(cascade_cfg_path).parent / f"cascade_{split}"
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     meta_model, meta = load_meta(cfg.stack.dir)
     needs_stage1 = STAGE1 in meta["features"]  # stack.features included stage1: feed it stage 1's probability
     specs = cfg.experts or [ExpertConfig(name=e["name"], oof=e["path"]) for e in meta["experts"]]
-    stage1 = _Stage(cfg.stage1.run, device)
-    experts = [_Expert(s, device) for s in specs]
+    stage1 = Stage(cfg.stage1.run, device)
+    experts = [Expert(s, device, cfg.expert_models) for s in specs]
+    # refit experts in use: the K fold models also score every sample, for the folds-vs-refit AUC and cost
+    fold_experts = ([Expert(s, device, "folds") for s in specs]
+                    if cfg.evaluate_all_stages and any(e.inference == "refit" for e in experts) else [])
     shards = cfg.shards or stage1.cfg.data.shards
 
-    th1 = _fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", out / "stage1", "stage1",
-                       cfg.recall, cfg.specificity, cfg.bootstrap)
+    th1 = fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", out / "stage1", "stage1",
+                      cfg.recall, cfg.specificity, cfg.bootstrap)
     band = th1["band"]
     if not band["feasible"]:
         log.warning(f"cascade: stage-1 band INFEASIBLE ({band['message']}); every sample goes to stage 2")
     t_low, t_high = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
-    th3 = _fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", out / "stage3", "meta",
-                       cfg.recall, cfg.specificity, cfg.bootstrap, fit_split="oof")
+    th3 = fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", out / "stage3", "meta",
+                      cfg.recall, cfg.specificity, cfg.bootstrap, fit_split="oof")
     tau = th3["single"][cfg.stack.rule]["threshold"]
 
-    multi = _MultiSizeTransform([stage1.size] + [e.size for e in experts])
+    multi = MultiSizeTransform([stage1.size] + [e.size for e in experts])
     loader = build_loader(shards, split, None, rank=0, world_size=1, num_workers=cfg.num_workers,
                           batch_size=cfg.batch_size, epoch=0, transform=multi, seed=0, mode="eval")
 
-    def stage23(flat, p1):
+    def stage23(flat, p1, which=experts):
         cols = {STAGE1: p1} if needs_stage1 else {}
-        for e in experts:
+        for e in which:
             cols.update(e(multi, flat))
         frame = pd.DataFrame(cols)
         return frame, predict_meta(meta_model, meta, frame)
@@ -219,7 +240,8 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
             continue
         flat = batch["image"][valid]
         if not warm:  # first-call allocations/lazy init would otherwise bill the first batch
-            stage23(flat[:2], stage1(multi, flat[:2]))
+            for which in filter(None, (experts, fold_experts)):
+                stage23(flat[:2], stage1(multi, flat[:2]), which)
             warm = True
         p1, ms1 = _timed(lambda: stage1(multi, flat), device)
         dec, esc = route(p1, t_low, t_high)
@@ -237,6 +259,9 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
             (frame, mp_all), ms_all = _timed(lambda: stage23(flat, p1), device)
             rec.update({"meta_prob": mp_all, "always23_cost_ms": np.full(n, ms_all / n),
                         **{f"prob_{e.name}": frame[f"{e.name}__prob"].to_numpy() for e in experts}})
+        if fold_experts:
+            (_, mp_folds), ms_folds = _timed(lambda: stage23(flat, p1, fold_experts), device)
+            rec.update({"meta_prob_folds": mp_folds, "always23_folds_cost_ms": np.full(n, ms_folds / n)})
         rows.append(pd.DataFrame(rec))
     if loader.skipped:
         log.warning(f"cascade: {loader.skipped} corrupt samples skipped: {loader.report()['errors'][:3]}")
@@ -252,8 +277,10 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     from distrib.data.verify import class_mapping
     results = evaluate_cascade(df, cfg, split, out, th1, th3, tau, {e.name: e.threshold for e in experts},
                                skipped=loader.skipped, classes=class_mapping(read_index(shards)), runs={"stage1": cfg.stage1.run,
-                                                             **{e.name: e.expert.meta.get("runs", []) for e in experts}})
+                                                             **{e.name: e.expert.meta.get("runs", []) for e in experts}},
+                               models={e.name: {"inference": e.inference, "models_run": e.n_models} for e in experts})
     return results
 
 
-__all__ = ["run_cascade", "route", "cascade_score"]
+__all__ = ["run_cascade", "route", "cascade_score", "Stage", "Expert", "MultiSizeTransform", "fit_or_load",
+           "resolve_device"]

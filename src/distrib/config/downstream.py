@@ -13,8 +13,10 @@ class EmbedConfig(Section):
     anchors: int = 256  # shared unlabeled anchor samples used for Procrustes alignment across folds
     fit_samples: int = 2048  # training-fold samples used to fit each fold's PCA
     batch_size: int = 64  # extraction batch size
+    inference: str = "folds"  # experts at inference: folds (K fold models) or refit (+1 model on all folds, aligned)
 
     def validate(self) -> None:
+        check_choice("embed.inference", self.inference, ("folds", "refit"))
         check_value(self.dim >= 2, "embed.dim", self.dim, ">= 2")
         check_value(self.anchors >= 2, "embed.anchors", self.anchors, ">= 2")
         check_value(self.fit_samples >= 2, "embed.fit_samples", self.fit_samples, ">= 2")

@@ -54,14 +54,14 @@ def _val_images(cfg, limit: int):
     """Up to ``limit`` real validation images (uint8 [N, 3, S, S]) and labels from the run's shards."""
     import torch
 
-    from distrib.cascade.run import _MultiSizeTransform
+    from distrib.cascade.run import MultiSizeTransform
     from distrib.inference.images import open_images
     try:
         source = open_images(cfg.data.shards, "val")
     except Exception as e:
         raise DataError(f"export validates on the run's val split, but {cfg.data.shards or '(data.shards empty)'} "
                         f"cannot provide it ({e}); pass data.shards=SHARD_DIR with a val split") from e
-    multi = _MultiSizeTransform([cfg.data.img_size])
+    multi = MultiSizeTransform([cfg.data.img_size])
     xs, ys = [], []
     for b in source.batches(multi, 64, 0):
         xs.append(b["image"].reshape(-1, 3, cfg.data.img_size, cfg.data.img_size))

@@ -6,12 +6,14 @@
 Preprocessing is the training one, read from each run's saved config: the cascade's own stage objects
 (``cascade.run``: one decode per image, each stage's eval transform with its normalization,
 ``highpass`` and size) score the batches, so a run predicts exactly what its evaluation did and a
-cascade exactly what ``distrib cascade`` does (same band, same experts, same meta threshold).
+cascade exactly what ``distrib cascade`` does (same band, same experts, same meta threshold; one refit
+model per expert when the stack was embedded with ``embed.inference: refit``, see ``expert_models``).
 
 Rows: ``path, group`` (+ ``split, label`` for shards / labelled CSVs) then
 - a run: ``prob`` and ``decision``: ``clean / uncertain / pit`` under a feasible 3-way band of its
-  ``thresholds.json`` (next to best_model.pth, or ``--thresholds``), else 0/1 at its Youden threshold,
-  else 0/1 at 0.5 (said in the result);
+  ``thresholds.json`` (next to best_model.pth, or ``--thresholds``), else 0/1 at its Youden threshold
+  (that file's, or the run's own: ``optimal_threshold`` of evaluation_results.json, fit on its val
+  predictions), 0.5 only when the run saved neither (said in the result);
 - a cascade: ``stage1_prob``, ``route`` (``stage1`` or ``escalated``), ``prob_<expert>`` and
   ``meta_prob`` (escalated rows only: stages 2+3 run on those alone), ``decision`` and ``score``
   (``cascade.run.cascade_score``, decided at 0.5).
@@ -38,15 +40,13 @@ BAND_NAMES = {0: "clean", -1: "uncertain", 1: "pit"}
 
 
 def _run_rule(run_dir: Path, thresholds: str | None) -> dict:
-    """How a run's probability becomes a decision: its band, its Youden threshold, or 0.5."""
+    """How a run's probability becomes a decision: its band, else the Youden threshold of its saved val scores."""
     path = Path(thresholds) if thresholds else run_dir / "thresholds.json"
     if not path.is_file():
         if thresholds:
             raise DataError(f"--thresholds {thresholds} not found; write one with 'distrib thresholds --pred "
                             f"{run_dir}/val_predictions.csv --out {run_dir} thresholds.fit_split=val'")
-        log.info(f"predict: no {path}; deciding at prob >= 0.5 (fit thresholds with 'distrib thresholds --pred "
-                 f"{run_dir}/val_predictions.csv --out {run_dir} thresholds.fit_split=val')")
-        return {"kind": "default", "threshold": 0.5, "source": "default 0.5"}
+        return _val_youden(run_dir)
     th = json.loads(path.read_text())
     band = th.get("band", {})
     if band.get("feasible"):
@@ -55,17 +55,35 @@ def _run_rule(run_dir: Path, thresholds: str | None) -> dict:
     return {"kind": "single", "threshold": th["single"]["youden"]["threshold"], "source": str(path)}
 
 
+def _val_youden(run_dir: Path) -> dict:
+    """The run's Youden threshold on its own val predictions (training wrote it; fit on val, never test)."""
+    from distrib.stacking.thresholds import threshold_youden
+    res = run_dir / "evaluation_results.json"
+    saved = json.loads(res.read_text()).get("optimal_threshold") if res.is_file() else None
+    if saved is not None:
+        return {"kind": "single", "threshold": float(saved), "source": f"{res} (optimal_threshold: Youden on val)"}
+    val = run_dir / "val_predictions.csv"
+    if val.is_file():
+        df = pd.read_csv(val)
+        if df["label"].nunique() == 2:
+            return {"kind": "single", "threshold": float(threshold_youden(df["label"].to_numpy(), df["prob"].to_numpy())),
+                    "source": f"{val} (Youden on val)"}
+    log.warning(f"predict: {run_dir} has no evaluation_results.json optimal_threshold nor two-class "
+                "val_predictions.csv; deciding at prob >= 0.5")
+    return {"kind": "default", "threshold": 0.5, "source": "default 0.5"}
+
+
 class RunScorer:
     """One run's best model, fed exactly as its evaluation fed it."""
 
     def __init__(self, run_dir: str | Path, device, thresholds: str | None = None):
-        from distrib.cascade.run import _MultiSizeTransform, _Stage
+        from distrib.cascade.run import MultiSizeTransform, Stage
         run_dir = Path(run_dir)
         if not (run_dir / "best_model.pth").is_file():
             raise DataError(f"{run_dir / 'best_model.pth'} not found: --model must be a finished run directory "
                             "(distrib train ... --out RUN_DIR) or a cascade YAML")
-        self.stage = _Stage(str(run_dir), device)
-        self.transform = _MultiSizeTransform([self.stage.size])
+        self.stage = Stage(str(run_dir), device)
+        self.transform = MultiSizeTransform([self.stage.size])
         self.rule = _run_rule(run_dir, thresholds)
         self.batch_size, self.threshold = 64, self.rule["threshold"]
         self.info = {"model": str(run_dir), "kind": "run", "decision_rule": self.rule}
@@ -93,25 +111,26 @@ class CascadeScorer:
 
     def __init__(self, cascade_yaml: str | Path, device):
         from distrib.cascade.config import ExpertConfig, load_cascade_config
-        from distrib.cascade.run import _Expert, _fit_or_load, _MultiSizeTransform, _Stage
+        from distrib.cascade.run import Expert, fit_or_load, MultiSizeTransform, Stage
         from distrib.stacking.stack import load_meta
         cfg = load_cascade_config(cascade_yaml)
         self.booster, self.meta = load_meta(cfg.stack.dir)
         specs = cfg.experts or [ExpertConfig(name=e["name"], oof=e["path"]) for e in self.meta["experts"]]
-        self.stage1 = _Stage(cfg.stage1.run, device)
-        self.experts = [_Expert(s, device) for s in specs]
+        self.stage1 = Stage(cfg.stage1.run, device)
+        self.experts = [Expert(s, device, cfg.expert_models) for s in specs]
         with tempfile.TemporaryDirectory() as tmp:  # the same fits as distrib cascade (bootstrap only adds CIs)
-            th1 = _fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", Path(tmp) / "s1",
-                               "stage1", cfg.recall, cfg.specificity, 0)
-            th3 = _fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", Path(tmp) / "s3",
-                               "meta", cfg.recall, cfg.specificity, 0, fit_split="oof")
+            th1 = fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", Path(tmp) / "s1",
+                              "stage1", cfg.recall, cfg.specificity, 0)
+            th3 = fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", Path(tmp) / "s3",
+                              "meta", cfg.recall, cfg.specificity, 0, fit_split="oof")
         band = th1["band"]
         self.t_low, self.t_high = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
         self.tau = th3["single"][cfg.stack.rule]["threshold"]
-        self.transform = _MultiSizeTransform([self.stage1.size] + [e.size for e in self.experts])
+        self.transform = MultiSizeTransform([self.stage1.size] + [e.size for e in self.experts])
         self.batch_size, self.threshold = cfg.batch_size, 0.5  # the cascade score decides at 0.5
         self.info = {"model": str(cascade_yaml), "kind": "cascade", "stage1_band": band,
-                     "meta_threshold": self.tau, "experts": [e.name for e in self.experts]}
+                     "meta_threshold": self.tau, "experts": [e.name for e in self.experts],
+                     "models_per_expert": {e.name: e.n_models for e in self.experts}}
 
     def __call__(self, flat) -> dict:
         import torch
@@ -146,12 +165,12 @@ class CascadeScorer:
 
 def load_scorer(model: str | Path, device: str = "auto", thresholds: str | None = None):
     """A RunScorer for a run directory, a CascadeScorer for a cascade YAML."""
-    from distrib.cascade.run import _device
+    from distrib.cascade.run import resolve_device
     p = Path(model)
     if p.is_dir():
-        return RunScorer(p, _device(device), thresholds)
+        return RunScorer(p, resolve_device(device), thresholds)
     if p.suffix.lower() in (".yaml", ".yml") and p.is_file():
-        return CascadeScorer(p, _device(device))
+        return CascadeScorer(p, resolve_device(device))
     raise DataError(f"--model {model}: not a run directory or a cascade YAML"
                     + ("" if p.exists() else " (the path does not exist)"))
 

@@ -16,6 +16,9 @@ The method used here, per fold k:
    dimension j means the same thing for every fold.
 3. Out-of-fold rows are embedded by the one model that never saw them, then aligned; val/test rows
    are embedded by all K models, aligned, and averaged.
+4. ``embed.inference: refit``: one more model trained on all folds gets its own PCA (on its training
+   samples) and a Procrustes rotation onto the same fold-0 anchors (``align_to_reference``), so at
+   inference it stands in for the K fold models in the same coordinates.
 
 ``FoldAlignment.transform`` applies steps 1-2 to new features, so inference (the cascade) uses the
 exact alignment fitted at training time; ``save_alignment``/``load_alignment`` persist it as .npz.
@@ -107,6 +110,17 @@ def fit_alignments(train_feats: list[np.ndarray], anchor_feats: list[np.ndarray]
         rot, mu_s, mu_t, res = fit_rotation(a, anchors[0])
         out.append(FoldAlignment(k, mean, comps, rot, mu_s, mu_t, res))
     return out
+
+
+def align_to_reference(train_feats: np.ndarray, anchor_feats: np.ndarray, reference: np.ndarray, dim: int,
+                       seed: int = 0, fold: int = -1) -> FoldAlignment:
+    """One more model (the refit on all folds) into the fold models' frame, exactly like fold k > 0.
+
+    ``reference``: the anchors in the reference frame (fold 0's ``transform`` of its anchor features).
+    """
+    mean, comps = fit_projection(train_feats, dim, seed)
+    rot, mu_s, mu_t, res = fit_rotation((np.asarray(anchor_feats, dtype=np.float64) - mean) @ comps.T, reference)
+    return FoldAlignment(fold, mean, comps, rot, mu_s, mu_t, res)
 
 
 def save_alignment(path: str | Path, alignments: list[FoldAlignment], meta: dict | None = None) -> Path:

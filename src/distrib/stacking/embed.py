@@ -11,7 +11,8 @@ the Procrustes alignment onto fold 0 are described in ``distrib.stacking.align``
 ``embed.anchors`` val samples by key (unlabeled use only). OOF rows keep their one fold model's
 aligned embedding; val/test rows average the K aligned embeddings and probabilities. The fitted
 alignment is saved next to the parquet (``<stem>_alignment.npz``) so inference applies the same one
-(``AlignedExpert``). Before writing, ``align.check_oof_table`` verifies exactly-once, leak-free coverage
+(``AlignedExpert``). With ``embed.inference: refit`` one more model, trained on every training fold,
+is aligned into the same frame and recorded in that file (``distrib.stacking.refit``). Before writing, ``align.check_oof_table`` verifies exactly-once, leak-free coverage
 against the shards' own per-sample metadata.
 """
 from __future__ import annotations
@@ -165,10 +166,15 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
     df = pd.concat(parts, ignore_index=True)
     check_oof_table(df, expected_training_rows(shards), where=str(out_path))
     out_path = Path(out_path)
+    refit = None
+    if embed_cfg.inference == "refit":  # before the parquet: a step that checks it sees a complete refit
+        from distrib.stacking.refit import add_refit
+        refit = add_refit(runs[0][0], out_path, embed_cfg, aligns[0].transform(anchor_feats[0]), name)
     with atomic_path(out_path) as tmp:
         df.to_parquet(tmp, index=False)
     save_alignment(alignment_path(out_path), aligns, {"runs": [r[0] for r in runs], "model": name,
-                                                      "dim": embed_cfg.dim, "shards": shards})
+                                                      "dim": embed_cfg.dim, "shards": shards,
+                                                      "inference": embed_cfg.inference, "refit": refit})
     return df
 
 

@@ -32,6 +32,7 @@ from distrib.config import StackConfig
 from distrib.errors import DataError, DistribError
 from distrib.metrics import binary_metrics, group_metrics
 from distrib.stacking.meta import MetaModel, choose, fit_candidate, is_prob, load_model
+from distrib.stacking.refit import compare_refit
 from distrib.stacking.thresholds import auc_difference
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,7 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
     split_metrics = {split: _versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
                      for split in sorted(rest["split"].unique(), key=lambda v: (v != "val", v))}
     split_metrics = {k: v for k, v in split_metrics.items() if v}
+    refit_splits = compare_refit(experts, model, stage1, split_metrics, best_expert, cfg)  # embed.inference=refit
     meta_info = {"experts": experts, "features": cols, "feature_sets": list(cfg.features), "meta": kind,
                  "stage1_source": stage1_source, "config": dataclasses.asdict(cfg), "n_estimators": n_final,
                  "model": {k: v for k, v in spec.items() if k != "params"},
@@ -348,7 +350,7 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
                "cv_oof_metrics": binary_metrics(y, cv_main["pred"]),
                "best_expert": best_expert, "candidates": candidates, "candidates_skipped": skipped,
                "ablation": ablation,
-               "final_n_estimators": n_final, "splits": split_metrics}
+               "final_n_estimators": n_final, "splits": split_metrics, "refit_splits": refit_splits}
     for name, obj in (("meta_features.json", meta_info), ("stack_results.json", results)):
         write_json(out / name, obj)
     bars = {**{f"meta:{k}": v for k, v in candidates.items()}, **ablation}
