@@ -31,7 +31,7 @@ def cascade_yaml(fold_runs, tmp_path_factory):
     fit_stack([oof], root / "stack", cfg.stack)
     path = root / "cascade.yaml"
     path.write_text(yaml.safe_dump({"name": "tiny", "batch_size": 16, "device": "cpu", "recall": 0.9,
-                                    "specificity": 0.5, "bootstrap": 10, "stage1": {"run": runs[0]},
+                                    "specificity": 0.5, "bootstrap": 10, "group_agg": "max", "stage1": {"run": runs[0]},
                                     "stack": {"dir": str(root / "stack")}}))
     return path
 
@@ -57,5 +57,12 @@ def test_predict_on_test_shards_equals_distrib_cascade(cascade_yaml, demo_shards
     assert len(expert) == 1 and np.abs(m.loc[esc, f"{expert[0]}_x"] - m.loc[esc, f"{expert[0]}_y"]).max() < 1e-6
     assert np.abs(m["cascade_score"] - m["score"]).max() < 1e-6
     assert (m["final_decision"] == m["decision"]).all()
-    assert res["metrics"]["cascade"]["auc"] == pytest.approx(
-        json.loads((tmp_path / "c" / "evaluation_results.json").read_text())["metrics"]["cascade"]["auc"], abs=1e-6)
+    evaluation = json.loads((tmp_path / "c" / "evaluation_results.json").read_text())
+    assert res["metrics"]["cascade"]["auc"] == pytest.approx(evaluation["metrics"]["cascade"]["auc"], abs=1e-6)
+    # group_agg: max -> each (source photo, label) unit scored by its most suspicious crop, next to sample level
+    from sklearn.metrics import roc_auc_score
+    units = ref.groupby(["group", "label"])
+    group = evaluation["group_metrics"]["cascade"]
+    assert group["agg"] == "max" and group["n_groups"] == units.ngroups
+    assert group["auc"] == pytest.approx(roc_auc_score(units["label"].first(), units["cascade_score"].max()), abs=1e-9)
+    assert "Group level (each group scored by the max" in (tmp_path / "c" / "report.md").read_text()

@@ -12,6 +12,7 @@ closest valid key)::
     specificity: 0.95         # ... and specificity >= S (fit on stage 1's val predictions, never test)
     evaluate_all_stages: true # also run stages 2+3 on every sample (per-stage metrics, "always 2+3" cost)
     expert_models: auto       # auto (the refit model when embedded with embed.inference=refit), folds or refit
+    group_agg: none           # none, mean or max: group-level AUC/EER/AP next to sample level (video_auc)
     stage1:
       run: runs/demo/stage1   # MobileNetV4 filter run dir (best_model.pth, val_predictions.csv)
       thresholds: ""          # a thresholds.json to use instead of fitting on val_predictions.csv
@@ -82,6 +83,7 @@ class CascadeConfig(Section):
     evaluate_all_stages: bool = True  # run stages 2+3 on every sample too (per-stage metrics, full cost)
     expert_models: str = "auto"  # auto (refit if embedded with embed.inference=refit), folds (K models) or refit (1)
     bootstrap: int = 200  # grouped bootstrap resamples for threshold CIs
+    group_agg: str = "none"  # also report AUC/EER/AP per group (video, item) from its samples' scores: none, mean, max
     stage1: Stage1Config = field(default_factory=Stage1Config)
     experts: list = field(default_factory=list)  # list[ExpertConfig]
     stack: MetaStageConfig = field(default_factory=MetaStageConfig)
@@ -91,6 +93,7 @@ class CascadeConfig(Section):
         check_value(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("expert_models", self.expert_models, ("auto", "folds", "refit"))
+        check_choice("group_agg", self.group_agg, ("none", "mean", "max"))
         check_value(0 < self.recall <= 1, "recall", self.recall, "0 < R <= 1")
         check_value(0 < self.specificity <= 1, "specificity", self.specificity, "0 < S <= 1")
         check_value(self.bootstrap >= 0, "bootstrap", self.bootstrap, ">= 0")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from distrib.atomic import json_safe, write_json
-from distrib.metrics import binary_metrics
+from distrib.metrics import binary_metrics, group_metrics
 
 
 def _stats(values: np.ndarray) -> tuple[float, float]:
@@ -166,6 +166,9 @@ def evaluate_cascade(df: pd.DataFrame, cfg, split: str, out: Path, th1: dict, th
         top = max(best, key=lambda k: metrics[k]["auc"] if math.isfinite(metrics[k]["auc"]) else -1)
         results["best_expert"] = top
         results["auc_delta_vs_best_expert"] = metrics["cascade"]["auc"] - metrics[top]["auc"]
+    if cfg.group_agg != "none":  # e.g. DeepfakeBench's video_auc: each video scored by its frames' mean/max
+        results["group_metrics"] = {name: group_metrics(df["group"].astype(str), yy, score, cfg.group_agg)
+                                    for name, (yy, score) in curves.items()}
     results = json_safe(results)
     path = out / "evaluation_results.json"
     write_json(path, results)

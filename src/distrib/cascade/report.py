@@ -29,6 +29,17 @@ def headline(results: dict) -> list[str]:
     return _table(["scorer", *COLS], rows)
 
 
+def group_table(results: dict) -> list[str]:
+    """Group-level AUC/EER/AP per scorer (``group_agg`` mean/max), next to the sample-level headline."""
+    groups = results.get("group_metrics")
+    if not groups:
+        return []
+    agg = next(iter(groups.values()))["agg"]
+    rows = [[name, g.get("n_groups"), g.get("auc"), g.get("eer"), g.get("ap")] for name, g in groups.items()]
+    return [f"Group level (each group scored by the {agg} of its samples' scores):", "",
+            *_table(["scorer", "groups", "auc", "eer", "ap"], rows)]
+
+
 def _ci(c) -> str:
     return "n/a" if not c else f"[{c[0]:+.4f}, {c[1]:+.4f}]"
 
@@ -107,7 +118,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
              *([f"Positive class (label 1): **{r['positive']}**; classes "
                 f"{', '.join(f'{k} = {v}' for k, v in sorted(r.get('classes', {}).items()))}.", ""]
                if r.get("positive") else []),
-             "## Quality", "", *headline(r),
+             "## Quality", "", *headline(r), *group_table(r),
              "Thresholds were fit on OOF/val predictions only; stage 1 alone uses its Youden threshold, the cascade "
              "score maps every decision onto 0.5.", ""]
     lines += cost_section(r["cost"]) + refit_section(r.get("refit_vs_folds"))

@@ -209,6 +209,7 @@ def _cascade_yaml(recipe: Recipe, res: dict, out: Path) -> Path:
         "name": recipe.name, "shards": res["shard_dir"], "batch_size": recipe.cascade.batch_size,
         "recall": recipe.thresholds.recall, "specificity": recipe.thresholds.specificity,
         "bootstrap": recipe.thresholds.bootstrap, "evaluate_all_stages": recipe.cascade.evaluate_all_stages,
+        "group_agg": recipe.stack.group_agg,
         "stage1": {"run": str(out / "stage1")},
         "stack": {"dir": str(out / "stack"), "rule": recipe.cascade.rule},
     }, sort_keys=False))
