@@ -299,7 +299,9 @@ class Loader:
                 "valid": torch.zeros(pad, dtype=torch.bool)}
         if item is None:
             return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in fill.items()}
-        return {k: (torch.cat([item[k], fill[k]]) if torch.is_tensor(fill[k]) else item[k] + fill[k]) for k in fill}
+        extra = {k: v for k, v in item.items() if k not in fill}  # e.g. the batch index that seeds augmentation
+        return {**extra, **{k: (torch.cat([item[k], fill[k]]) if torch.is_tensor(fill[k]) else item[k] + fill[k])
+                            for k in fill}}
 
 
 def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: int, world_size: int,
