@@ -98,6 +98,23 @@ def test_predict_on_shards_equals_the_runs_own_evaluation(tiny_run, demo_shards,
     assert np.abs(merged["prob_x"] - merged["prob_y"]).max() < 1e-6
 
 
+def test_predict_csv_maps_real_fake_labels_and_refuses_other_names(tiny_run, demo_data, tmp_path):
+    """A manifest's real/fake labels give metrics (they used to be dropped silently); other names are an error."""
+    manifest = pd.read_csv(demo_data / "test_manifest.csv").head(24)
+    manifest["path"] = [str((demo_data / p).resolve()) for p in manifest["path"]]
+    assert set(manifest["label"]) == {0, 1}
+    y = manifest["label"].to_numpy()
+    manifest["label"] = np.where(y == 1, "fake", "Real")  # as a manifest may spell them (case-insensitive)
+    manifest.to_csv(tmp_path / "named.csv", index=False)
+    res = predict(tiny_run, tmp_path / "named.csv", tmp_path / "named_preds.csv")
+    preds = pd.read_csv(tmp_path / "named_preds.csv")
+    assert (preds["label"].to_numpy() == y).all()
+    assert 0.0 <= res["metrics"]["run"]["auc"] <= 1.0
+    manifest.assign(label="cat").to_csv(tmp_path / "cats.csv", index=False)
+    with pytest.raises(DataError, match=r"label values \['cat'\] are neither 0/1 nor real/fake"):
+        predict(tiny_run, tmp_path / "cats.csv", tmp_path / "cats_preds.csv")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_export_onnx_matches_pytorch_and_reports_costs(tiny_run, tmp_path, capsys):

@@ -111,6 +111,19 @@ def _folder(root: Path) -> ImageSource:
     return ImageSource(str(root), "files", items=items, total=len(images), skipped=skipped)
 
 
+def _labels(raw: pd.Series, path: Path) -> pd.Series:
+    """Optional labels for metrics: 0/1, or the manifests' real/fake names (case-insensitive); empty = unknown (-1)."""
+    from distrib.data.manifest import BINARY_NAMES
+    text = raw.fillna("").astype(str).str.strip()
+    numeric = pd.to_numeric(text.where(text != ""), errors="coerce")
+    names = text[(text != "") & numeric.isna()].str.lower()
+    unknown = sorted(set(names) - set(BINARY_NAMES))
+    if unknown:
+        raise DataError(f"{path}: label values {unknown[:5]} are neither 0/1 nor real/fake; predict maps only those "
+                        "(1 = positive); write 0/1 labels, or drop the label column to predict without metrics")
+    return numeric.fillna(names.map(BINARY_NAMES)).fillna(-1).astype(int)
+
+
 def _csv(path: Path) -> ImageSource:
     try:
         df = pd.read_csv(path, dtype={"path": str, "group": str})
@@ -121,7 +134,7 @@ def _csv(path: Path) -> ImageSource:
     if df.empty:
         raise DataError(f"{path} lists no images; add rows with a 'path' column")
     paths = [p if Path(p).is_absolute() else str(path.parent / p) for p in df["path"].astype(str)]
-    label = pd.to_numeric(df["label"], errors="coerce").fillna(-1).astype(int) if "label" in df.columns else -1
+    label = _labels(df["label"], path) if "label" in df.columns else -1
     items = pd.DataFrame({"path": paths, "group": df["group"].fillna("").astype(str) if "group" in df.columns else "",
                           "label": label})
     return ImageSource(str(path), "files", items=items, total=len(items))
