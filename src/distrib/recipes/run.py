@@ -294,7 +294,7 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
         from distrib.recipes.shootout import run_shootout_steps
         return run_shootout_steps(recipe, res, out, steps, path, t_start, extra)
     stack_dir = out / "stack"
-    steps("stack", [stack_dir / n for n in ("meta_model.txt", "meta_features.json", "stack_results.json",
+    steps("stack", [stack_dir / n for n in ("meta_model.json", "meta_features.json", "stack_results.json",
                                             "meta_predictions.parquet")], fit_stack, oofs, stack_dir, recipe.stack)
     meta_pred = stack_dir / "meta_predictions.parquet"
     steps("thresholds", [out / "thresholds" / "meta_thresholds.json"], lambda: fit_thresholds(
