@@ -62,11 +62,24 @@ def _same_process(rec: dict):
         return None
 
 
+def _not_ours(p, others: set[int]) -> bool:
+    """True if ``p`` descends from a process that already ran before this cluster started (``others``)."""
+    import psutil
+    try:
+        return p.pid in others or any(a.pid in others for a in p.parents())
+    except psutil.Error:
+        return True
+
+
 def cluster_processes(temp_dir: str) -> list:
-    """psutil.Process of every process the local cluster runs: this driver's descendants plus users of the temp dir."""
+    """psutil.Process of every process the local cluster runs: this driver's descendants plus users of the temp dir.
+
+    Descendants that predate ``start_ray`` (and theirs), e.g. a ``ray start --head`` this program launched
+    itself, belong to someone else's cluster and are left out, so ``stop_ray`` never stops them."""
     import psutil
     me = psutil.Process()
-    procs = {p.pid: p for p in me.children(recursive=True)}
+    others = _STATE.get("children_before", set())
+    procs = {p.pid: p for p in me.children(recursive=True) if not _not_ours(p, others)}
     for p in psutil.process_iter():
         if p.pid != me.pid and p.pid not in procs and _uses_dir(p, temp_dir):
             procs[p.pid] = p
@@ -174,6 +187,7 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+    import psutil
     import ray._private.ray_constants as ray_constants
 
     if ray.is_initialized():
@@ -185,7 +199,8 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     # num_to_keep=1 forces a state snapshot per checkpoint; that is intended, so mute Tune's warning about it
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     temp_dir = None if address else _temp_dir()
-    _STATE.update(pid_file=pid_file, temp_dir=temp_dir, signal=None)
+    children_before = {p.pid for p in psutil.Process().children(recursive=True)}  # not this cluster's
+    _STATE.update(pid_file=pid_file, temp_dir=temp_dir, signal=None, children_before=children_before)
     if address:
         if not user_set:  # ray may have been imported before the variable was set (or by an earlier sweep)
             ray_constants.ENABLE_RAY_CLUSTER = not loopback
