@@ -149,7 +149,7 @@ def _check_saved(out: Path, saved: dict, overwrite: bool) -> None:
                                f"{path} was saved); pass --overwrite to clear its outputs and start over, "
                                "or choose a new --out")
         state_path = out / STATE
-        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        state = _read_json(state_path)
         if redo_tail:  # the steps after the sweeps run again; finished training is kept
             state = {k: v for k, v in state.items() if k in ("shards", "stage 1") or k.startswith("sweep ")}
         for name in reembed:  # same fold runs, new embed settings: the OOF table is extracted again
@@ -174,7 +174,7 @@ class Steps:
 
     def __init__(self, out: Path, names: list[str], desc: str):
         self.state_path = out / STATE
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.state = _read_json(self.state_path)
         self.bar = tqdm(total=len(names), desc=desc, unit="step", dynamic_ncols=True)
         self.times: dict[str, float] = {}
         self.skipped: list[str] = []
