@@ -225,3 +225,18 @@ def test_train_with_decode_on_gpu(demo_shards, tmp_path):
                   "data.num_workers=2", "train.mixed_precision=bf16")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _results(out)["device_type"] == "cuda"
+
+
+@pytest.mark.timeout(1200)
+def test_predict_on_cuda_equals_cpu(cpu_fold_runs, demo_shards, tmp_path):
+    """`distrib predict --device cuda` on a CPU-trained run: the same rows and P(fake) within 1e-3 of --device cpu."""
+    import pandas as pd
+
+    from distrib.inference.predict import predict
+    runs, _ = cpu_fold_runs
+    cpu = predict(runs[0], demo_shards, tmp_path / "cpu.csv", device="cpu", split="val")
+    gpu = predict(runs[0], demo_shards, tmp_path / "gpu.csv", device="cuda", split="val")
+    assert cpu["n"] == gpu["n"] > 0
+    merged = pd.read_csv(tmp_path / "cpu.csv").merge(pd.read_csv(tmp_path / "gpu.csv"), on="path")
+    assert len(merged) == cpu["n"]
+    np.testing.assert_allclose(merged["prob_y"], merged["prob_x"], atol=1e-3)

@@ -15,6 +15,9 @@ is bare-loop time / trainer time per step (1.0 = no overhead; target >= 0.95).
 ``optim.grad_clip``, channels_last when configured), same model, batches, optimizer and precision:
 ``timm_images_per_s`` and ``ratio_to_timm`` (timm time / trainer time per step). On CPU here; the GPU
 figures come from the same command on a GPU machine.
+
+On CUDA each loop also reports its peak GPU memory (``torch.cuda.max_memory_allocated`` after a reset,
+``*_peak_gpu_mib``) at the configured batch size, so the plan's batch sizes can be checked per model.
 """
 from __future__ import annotations
 
@@ -97,6 +100,16 @@ def _timm_loop(model, batches, cfg, device) -> float:
     return (time.perf_counter() - t0) / len(batches)
 
 
+def _peak_mib(device, peaks: dict, name: str, fn, *args) -> float:
+    """Run ``fn(*args)``; on CUDA record the loop's peak allocated memory (MiB) under ``name``."""
+    if device.type != "cuda":
+        return fn(*args)
+    torch.cuda.reset_peak_memory_stats(device)
+    seconds = fn(*args)
+    peaks[name] = max(peaks.get(name, 0.0), round(torch.cuda.max_memory_allocated(device) / 2**20, 1))
+    return seconds
+
+
 def _trainer_loop(t, batches) -> float:
     """The real trainer loop body over in-memory batches. Seconds per step."""
     from distrib.training.trainer import train_epoch
@@ -163,15 +176,16 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
             if t.accelerator.num_processes > 1:
                 timm_model = torch.nn.parallel.DistributedDataParallel(timm_model)
             _timm_loop(timm_model, batches[:2], cfg, device)
-        bare, trainer, timm_s = [], [], []
+        bare, trainer, timm_s, peaks = [], [], [], {}
         for i in range(ROUNDS):  # alternate which loop goes first, so drift on a shared machine cancels
             if i % 2:
-                trainer.append(_trainer_loop(t, batches))
-            bare.append(_bare_loop(bare_model, batches, cfg, device))
+                trainer.append(_peak_mib(device, peaks, "trainer_peak_gpu_mib", _trainer_loop, t, batches))
+            bare.append(_peak_mib(device, peaks, "bare_peak_gpu_mib", _bare_loop, bare_model, batches, cfg, device))
             if timm_model is not None:
-                timm_s.append(_timm_loop(timm_model, batches, cfg, device))
+                timm_s.append(_peak_mib(device, peaks, "timm_peak_gpu_mib", _timm_loop, timm_model, batches, cfg,
+                                        device))
             if not i % 2:
-                trainer.append(_trainer_loop(t, batches))
+                trainer.append(_peak_mib(device, peaks, "trainer_peak_gpu_mib", _trainer_loop, t, batches))
         info = dist.runtime_info(t.accelerator)
         t.log.close()
     finally:
@@ -187,4 +201,4 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
             "batch_size": cfg.data.batch_size, "steps": steps, "rounds": ROUNDS, **info,
             "bare_ms_per_step": round(bare_s * 1000, 2), "trainer_ms_per_step": round(trainer_s * 1000, 2),
             "bare_images_per_s": round(imgs / bare_s, 1), "trainer_images_per_s": round(imgs / trainer_s, 1),
-            "ratio_to_bare_loop": round(bare_s / trainer_s, 4), "target": 0.95, **vs_timm}
+            "ratio_to_bare_loop": round(bare_s / trainer_s, 4), "target": 0.95, **vs_timm, **peaks}
