@@ -64,7 +64,10 @@ def embed_split(model, cfg, split: str, folds: list[int] | None, batch_size: int
     device = next(model.parameters()).device
     has_recon = hasattr(model, "recon_error_stats")  # GenConViT: features end with [mse mean, std, max]
     out, n = Embedded(), 0
-    with torch.inference_mode():
+    from tqdm.auto import tqdm
+    bar = tqdm(desc=f"embed fold {cfg.data.fold} {split}", unit="img", total=limit or None, leave=False,
+               disable=None, dynamic_ncols=True)  # the OOF step streams every split once per fold model: minutes
+    with torch.inference_mode(), bar:
         for batch in loader:
             valid = batch["valid"].bool()
             if not valid.any():
@@ -80,6 +83,7 @@ def embed_split(model, cfg, split: str, folds: list[int] | None, batch_size: int
             if has_recon:
                 out.recon.append(feats[:, -3].float().cpu().numpy())
             n += len(idx)
+            bar.update(len(idx))
             if limit and n >= limit:
                 break
     if loader.skipped:
@@ -148,7 +152,8 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bs = embed_cfg.batch_size
     held, evals, fit_feats, anchor_feats = [], [], [], []
-    for run_dir, model, cfg in runs:
+    for i, (run_dir, model, cfg) in enumerate(runs):
+        log.info(f"embed: fold model {i + 1}/{k} ({run_dir}) on {device}: train, held-out fold, val/test")
         model.to(device).eval()
         fold = cfg.data.fold
         fit_feats.append(embed_split(model, cfg, "train", folds_for(fold, k), bs, embed_cfg.fit_samples)
