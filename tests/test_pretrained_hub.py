@@ -93,7 +93,7 @@ def test_pretrained_true_with_an_empty_cache_names_model_cache_and_the_ways_out(
     err = proc.stderr.strip().splitlines()[-1]
     assert "DistribError" in err and "'test_resnet'" in err
     assert str(hf_home / "hub" / "models--timm--test_resnet.r160_in1k") in err
-    assert "model.pretrained_file" in err
+    assert "model.pretrained_file" in err and "model.pretrained=false" in err and "HF_HUB_OFFLINE=1" in err
     assert "python -c \"import timm; timm.create_model('test_resnet', pretrained=True)\"" in err
 
 

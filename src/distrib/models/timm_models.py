@@ -36,9 +36,11 @@ def _hub_error(name: str, key: str, e: Exception) -> DistribError:
         f"could not load timm's pretrained weights for '{name}' ({key}, model.pretrained: true): "
         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Looked in the Hugging Face cache at "
         f"{hub_cache_hint(name)} (HF_HOME/HF_HUB_CACHE; HF_HUB_OFFLINE=1 reads only the cache, HF_ENDPOINT picks a "
-        f"mirror). Two ways out: set model.pretrained_file=/path/to/weights.safetensors (a local file), or "
-        f"pre-fetch into the cache on a connected machine with "
-        f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy its HF_HOME here")
+        f"mirror; set HF_HUB_OFFLINE=1 on a machine without internet so this fails at once instead of retrying). "
+        f"Three ways out: set model.pretrained_file=/path/to/weights.safetensors (a local file); pre-fetch into "
+        f"the cache on a connected machine with "
+        f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy its HF_HOME here; or "
+        f"set model.pretrained=false to train from random init")
 
 
 def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", pretrained: bool = False,
