@@ -48,6 +48,8 @@ def test_recipe_unknown_key_names_the_closest(tmp_path):
         load_recipe(bad)
     with pytest.raises(ConfigError, match="stack.n_estimator'.*did you mean 'stack.n_estimators'"):
         load_recipe(RECIPES[0], ["stack.n_estimator=3"])
+    with pytest.raises(ConfigError, match="'data.fols'.*did you mean 'data.folds'"):  # a typo of a recipe key
+        load_recipe(RECIPES[0], ["data.fols=2"])  # (was forwarded to the experiments, which suggested data.fold)
     recipe = load_recipe(REPO / "launch" / "recipes" / "demo.yaml", ["train.epochs=1", "data.folds=2"])
     assert recipe.overrides == ["train.epochs=1"] and recipe.data.folds == 2  # experiment key vs recipe key
     assert Path(recipe.stage1.experiment).is_absolute() and Path(recipe.stage1.experiment).is_file()
