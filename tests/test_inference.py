@@ -138,3 +138,30 @@ def test_export_onnx_matches_pytorch_and_reports_costs(tiny_run, tmp_path, capsy
     ts = export_run(tiny_run, fmt="torchscript", out=tmp_path / "m.pt",
                     overrides=["export.latency_repeats=3", "export.validate_samples=16"])
     assert ts["artifacts"]["fp32"]["max_abs_prob_diff"] <= 1e-4 and ts["exporter"] == "torch.jit.trace"
+
+
+def test_predict_decides_per_group_with_thresholds_fit_on_group_scores(tiny_run, demo_shards, tmp_path):
+    """thresholds.group_agg=max (unit: group): every image of a group gets the group's decision, made on its max."""
+    from distrib.config.downstream import ThresholdConfig
+    from distrib.stacking.thresholds import fit_thresholds
+    val = pd.read_csv(tiny_run / "val_predictions.csv")
+    assert val["group"].nunique() < len(val)  # demo tiles: several per source photo
+    th = fit_thresholds(val, ThresholdConfig(group_agg="max", bootstrap=10), tmp_path / "th")
+    assert th["unit"].startswith("group (max") and th["group_agg"] == "max"
+    res = predict(tiny_run, demo_shards, tmp_path / "test.csv", split="test",
+                  thresholds=str(tmp_path / "th" / "thresholds.json"))
+    rule = res["decision_rule"]
+    assert rule["unit"] == "group" and rule["group_agg"] == "max"
+    df = pd.read_csv(tmp_path / "test.csv")
+    gmax = df.groupby("group")["prob"].transform("max")
+    np.testing.assert_allclose(df["score"], gmax)  # the score decided on is the group's max prob
+    assert (df.groupby("group")["decision"].nunique() == 1).all()
+    if rule["kind"] == "single":
+        assert ((gmax >= rule["threshold"]).astype(int) == df["decision"]).all()
+    groups = pd.read_csv(res["groups_csv"])
+    assert "decision" in groups.columns and len(groups) == df["group"].nunique()
+    assert dict(zip(groups["group"].astype(str), groups["decision"].astype(str))) == \
+        dict(zip(df["group"].astype(str), df["decision"].astype(str)))
+    per_sample = predict(tiny_run, demo_shards, tmp_path / "plain.csv", split="test")  # run's own val Youden
+    assert per_sample["decision_rule"].get("unit", "sample") == "sample"
+    assert "decision" not in pd.read_csv(per_sample["groups_csv"]).columns

@@ -13,7 +13,9 @@ Rows: ``path, group`` (+ ``split, label`` for shards / labelled CSVs) then
 - a run: ``prob`` and ``decision``: ``clean / uncertain / pit`` under a feasible 3-way band of its
   ``thresholds.json`` (next to best_model.pth, or ``--thresholds``), else 0/1 at its Youden threshold
   (that file's, or the run's own: ``optimal_threshold`` of evaluation_results.json, fit on its val
-  predictions), 0.5 only when the run saved neither (said in the result);
+  predictions), 0.5 only when the run saved neither (said in the result). Thresholds fit on group scores
+  (``thresholds.group_agg``, ``unit: group`` in thresholds.json) decide per group: ``score`` is then the
+  group's mean/max prob and every image of a group gets its group's decision;
 - a cascade: ``stage1_prob``, ``route`` (``stage1`` or ``escalated``), ``prob_<expert>`` and
   ``meta_prob`` (escalated rows only: stages 2+3 run on those alone), ``decision`` and ``score``
   (``cascade.run.cascade_score``, decided at 0.5).
@@ -49,10 +51,14 @@ def _run_rule(run_dir: Path, thresholds: str | None) -> dict:
         return _val_youden(run_dir)
     th = json.loads(path.read_text())
     band = th.get("band", {})
+    # thresholds fit on group scores (thresholds.group_agg) decide on the same unit: a group's mean/max prob
+    agg = th.get("group_agg") or next((a for a in ("mean", "max") if th.get("unit", "").startswith(f"group ({a}")),
+                                      "none")
+    unit = {"unit": "sample"} if agg == "none" else {"unit": "group", "group_agg": agg}
     if band.get("feasible"):
         return {"kind": "band", "t_low": band["t_low"], "t_high": band["t_high"], "source": str(path),
-                "threshold": th["single"]["youden"]["threshold"]}
-    return {"kind": "single", "threshold": th["single"]["youden"]["threshold"], "source": str(path)}
+                "threshold": th["single"]["youden"]["threshold"], **unit}
+    return {"kind": "single", "threshold": th["single"]["youden"]["threshold"], "source": str(path), **unit}
 
 
 def _val_youden(run_dir: Path) -> dict:
@@ -92,8 +98,14 @@ class RunScorer:
         return {"prob": self.stage(self.transform, flat)}
 
     def finish(self, df: pd.DataFrame) -> pd.DataFrame:
+        """``decision`` on ``score``: the image's prob, or its group's mean/max prob when the thresholds were fit
+        on group scores (an image without a group is a group of one)."""
         from distrib.stacking.thresholds import decide
         p = df["prob"].to_numpy(dtype=float)
+        if self.rule.get("unit") == "group":
+            grouped = df["group"].astype(str) != ""
+            group_p = df.groupby("group")["prob"].transform(self.rule["group_agg"]).to_numpy(dtype=float)
+            p = np.where(grouped, group_p, p)
         if self.rule["kind"] == "band":
             dec = decide(p, self.rule["t_low"], self.rule["t_high"])
             df["decision"] = [BAND_NAMES[int(d)] for d in dec]
@@ -175,10 +187,15 @@ def load_scorer(model: str | Path, device: str = "auto", thresholds: str | None 
                     + ("" if p.exists() else " (the path does not exist)"))
 
 
-def _group_table(df: pd.DataFrame, labelled: bool) -> pd.DataFrame:
-    agg = {"n": ("score", "size"), "score_mean": ("score", "mean"), "score_max": ("score", "max")}
+def _group_table(df: pd.DataFrame, labelled: bool, group_decision: bool) -> pd.DataFrame:
+    """One row per group: its images' mean/max prob (a run) or score (a cascade); ``decision`` when it was made
+    per group (a run whose thresholds.json was fit on group scores)."""
+    base = "prob" if "prob" in df.columns else "score"
+    agg = {"n": (base, "size"), "score_mean": (base, "mean"), "score_max": (base, "max")}
     if labelled:
         agg["label"] = ("label", "max")
+    if group_decision:
+        agg["decision"] = ("decision", "first")
     return df[df["group"].astype(str) != ""].groupby("group", sort=True).agg(**agg).reset_index()
 
 
@@ -222,13 +239,15 @@ def predict(model: str | Path, images: str | Path, out: str | Path, device: str 
         lab = df[df["label"] >= 0]
         result["metrics"] = scorer.metrics(lab["label"].to_numpy().astype(int), lab)
     if (df["group"].astype(str) != "").any():
-        groups = _group_table(df, labelled)
+        rule = getattr(scorer, "rule", {})
+        groups = _group_table(df, labelled, rule.get("unit") == "group")
         gpath = out.with_name(f"{out.stem}_groups.csv")
         with atomic_path(gpath) as tmp:
             groups.to_csv(tmp, index=False)
         result.update(groups_csv=str(gpath), n_groups=int(len(groups)))
         if labelled and groups["label"].nunique() == 2:
-            result["group_metrics"] = binary_metrics(groups["label"].to_numpy(), groups["score_max"], scorer.threshold)
+            result["group_metrics"] = binary_metrics(groups["label"].to_numpy(),
+                                                     groups[f"score_{rule.get('group_agg', 'max')}"], scorer.threshold)
     write_json(out.with_name(f"{out.stem}_summary.json"), result)
     return result
 

@@ -268,7 +268,7 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
              "metrics_vs_threshold": plot_metrics_vs_threshold(
                  y, s, out / f"{prefix}metrics_vs_threshold.png", marks={k: v["threshold"] for k, v in single.items()},
                  band=(band["t_low"], band["t_high"]) if band["feasible"] else None)}
-    result = {"unit": unit, "n": int(len(y)), "positives": int(y.sum()), "groups": int(len(pd.unique(groups))),
+    result = {"unit": unit, "group_agg": cfg.group_agg, "n": int(len(y)), "positives": int(y.sum()), "groups": int(len(pd.unique(groups))),
               "splits_used": sorted(df["split"].unique().tolist()) if "split" in df.columns else ["(no split column)"],
               "bootstrap": cfg.bootstrap, "single": single, "band": band,
               "plots": {k: str(Path(p).name) for k, p in plots.items()}}
