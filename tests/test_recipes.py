@@ -176,9 +176,12 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     first = proc.stdout.read()
     assert not (out / "report.md").exists() or "## Pipeline" not in (out / "report.md").read_text()
 
+    ray_dirs = lambda: {p for p in Path("/tmp").glob("distrib-ray-*") if p.is_dir()}  # noqa: E731
+    before = ray_dirs()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1400)
     wall = time.time() - t0
     assert done.returncode == 0, first[-2000:] + done.stdout[-3000:] + done.stderr[-5000:]
+    assert ray_dirs() <= before  # the recipe's private Ray cluster is stopped and its temp dir removed
     log = done.stdout + done.stderr
     assert "shards: done" in log and "stage 1: done" in log  # skipped, not redone
 

@@ -240,7 +240,7 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
     from distrib.stacking.stack import fit_stack
     from distrib.sweep.report import best_run_dirs
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
-    from distrib.sweep.driver import init_ray, run_sweep
+    from distrib.sweep.driver import init_ray, run_sweep, stop_ray
     from distrib.training.trainer import run as train_run
 
     t_start, out = time.time(), Path(out).resolve()
@@ -286,9 +286,8 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
                                    f"({summary.get('best_error', '')}; errors: {summary.get('errors')}); fix the "
                                    "cause and re-run the same command to continue")
     finally:
-        if started:
-            import ray
-            ray.shutdown()
+        if started:  # stop_ray, not ray.shutdown: it also stops the cluster's agents and removes its temp dir
+            stop_ray()
 
     if shootout:
         from distrib.recipes.shootout import run_shootout_steps
