@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import PYTHON, REPO, subprocess_env
 from distrib.config import ConfigError, load_config
+from distrib.errors import DataError
 from distrib.recipes import load_recipe
 from distrib.sweep.grid import load_grid
 
@@ -149,6 +150,17 @@ def test_a_model_that_cannot_take_its_input_size_fails_before_anything_starts(tm
         run_recipe(recipe, out)
     assert not out.exists()
     assert cli_main(["run", str(recipe), "--out", str(out)]) == 2 and not out.exists()
+
+
+def test_an_embed_dim_larger_than_the_val_set_fails_before_anything_starts(tmp_path):
+    """The alignment anchors are val images: embed.dim above their count used to fail after the expert's sweep."""
+    from distrib.recipes import run_recipe
+    m = _manifests(tmp_path)
+    n_val = len(pd.read_csv(m["val"]))
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    with pytest.raises(DataError, match=rf"embed.dim={n_val + 1} needs .* has {n_val}; .*overrides.embed.dim="):
+        run_recipe(recipe, out, [f"overrides.embed.dim={n_val + 1}"])
+    assert not out.exists()
 
 
 @pytest.mark.slow

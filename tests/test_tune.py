@@ -205,3 +205,15 @@ def test_shipped_grids_build_every_config(grid_file):
     assert len(configs) >= 1
     for c in configs:
         load_config(DEBUG, [*c["overrides"], "data.fold=1"])
+
+
+def test_embed_dim_above_the_val_count_fails_before_ray_starts(demo_shards, tmp_path):
+    """tune.embed_best aligns the fold models on val images; too few for embed.dim used to fail after every fold."""
+    from distrib.errors import DataError
+    n_val = sum(s["count"] for s in json.loads((Path(demo_shards) / "index.json").read_text())["shards"]
+                if s["split"] == "val")
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", f"embed.dim={n_val + 1}",
+                              f"embed.anchors={n_val + 1}", f"embed.fit_samples={n_val + 1}"])
+    with pytest.raises(DataError, match=rf"embed.dim={n_val + 1} needs .* has {n_val}; .*embed.dim="):
+        run_sweep(cfg, {"optim.lr": [1e-3]}, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()

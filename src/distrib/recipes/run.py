@@ -61,6 +61,7 @@ def resolve(recipe: Recipe, out: Path) -> dict:
     for e in recipe.experts:
         cfg = load_config(e.experiment, [*common, *e.overrides])
         experts.append((cfg, load_grid(e.grid) if e.grid else check_grid(cfg.tune.grid)))
+    _check_embed_dims(d, experts)
     names = [c.name for c, _ in experts]
     if len(set(names)) != len(names):
         raise DistribError(f"recipe experts share a name ({names}); give each a distinct 'name' "
@@ -71,6 +72,22 @@ def resolve(recipe: Recipe, out: Path) -> dict:
                       "student": student and config_to_dict(student),
                       "experts": [{"config": config_to_dict(c), "grid": g} for c, g in experts],
                       "manifests": {k: _sha(getattr(d, k)) for k in ("train", "val", "test")}}}
+
+
+def _check_embed_dims(d, experts) -> None:
+    """An expert's embed.dim needs that many val images (the alignment anchors): fail now, not after its sweep."""
+    from distrib.stacking.embed import check_val_anchors, val_count
+    if d.shards:
+        from distrib.data.index import read_index
+        n_val, where = val_count(read_index(d.shards)), f"{d.shards} (val split)"
+    elif d.val:
+        import pandas as pd
+        n_val, where = len(pd.read_csv(d.val)), str(d.val)
+    else:
+        return
+    for cfg, _ in experts:
+        if cfg.tune.embed_best:
+            check_val_anchors(n_val, cfg.embed, f"{where} (expert {cfg.name})", fix="overrides.embed.dim")
 
 
 def check_models(res: dict) -> list[str]:

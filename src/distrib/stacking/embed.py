@@ -132,6 +132,19 @@ def _load_runs(run_dirs: list[str]):
     return sorted(runs, key=lambda r: r[2].data.fold)
 
 
+def val_count(index: dict) -> int:
+    """Samples in the val split of a shard index (the alignment anchors' pool)."""
+    return sum(int(s.get("count", 0)) for s in index["shards"] if s["split"] == "val")
+
+
+def check_val_anchors(n_val: int, embed_cfg: EmbedConfig, where: str, fix: str = "embed.dim") -> None:
+    """The alignment anchors are val images: ``embed.dim`` needs at least that many. Called before a sweep or a
+    recipe starts (the shard index or the val manifest gives ``n_val``), not after the fold models are trained."""
+    if n_val < embed_cfg.dim:
+        raise DataError(f"embed.dim={embed_cfg.dim} needs at least that many val images to align the fold models' "
+                        f"embeddings, but {where} has {n_val}; add val images or set {fix}={max(1, n_val // 2)}")
+
+
 def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfig) -> pd.DataFrame:
     """Write ``out_path`` (parquet) + its alignment; return the table (see module docstring)."""
     import torch

@@ -137,6 +137,11 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
     check_search(grid, cfg.tune)
     storage_path = str(Path(storage).resolve()) if storage and "://" not in storage else (storage or str(out_dir / "ray_results"))
     exp_path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
+    if cfg.tune.embed_best:  # the OOF step aligns on val images: too few fails now, not after every fold trained
+        from distrib.data.index import read_index
+        from distrib.stacking.embed import check_val_anchors, val_count
+        check_val_anchors(val_count(read_index(cfg.data.shards)), cfg.embed,
+                          f"{cfg.data.shards} (val split)")
     reap(out_dir / PID_FILE)  # before any file is written: refuses if a live driver owns out_dir, stops orphans
     if not resume:
         check_fresh(out_dir)
