@@ -62,8 +62,10 @@ def run_demo(out: str | Path, recipe: str | Path, size: str = "demo", overrides=
     res = run_recipe(recipe, out, recipe_overrides, extra={"size": size, "data": summary, "leak_check": leak})
     folder = _test_image_folder(data_dir, out / "test_images")  # what a user would point predict at
     preds, summary_json = out / "predictions" / "predictions.csv", out / "predictions" / "predictions_summary.json"
-    if summary_json.is_file() and summary_json.stat().st_mtime >= (out / "cascade.yaml").stat().st_mtime:
-        log.info("predict: done (%s is newer than cascade.yaml), skipped", summary_json)  # a re-run of make demo
+    # any step that re-ran rewrote the cascade YAML or the results: predict again then, else keep the last one
+    inputs = [p for p in (out / "cascade.yaml", out / "evaluation_results.json") if p.is_file()]
+    if summary_json.is_file() and all(summary_json.stat().st_mtime >= p.stat().st_mtime for p in inputs):
+        log.info("predict: done (%s is newer than the cascade and its results), skipped", summary_json)
         predicted = json.loads(summary_json.read_text())
     else:
         predicted = predict(out / "cascade.yaml", folder, preds)
