@@ -171,12 +171,11 @@ def _resolve(tree: dict, base: Path) -> dict:
 def _apply(tree: dict, text: str) -> None:
     key, value = parse_override(text)
     parts = key.split(".")
-    if parts[0] == "data" and len(parts) == 2 and parts[1] not in _names(RecipeData) \
-            and parts[1] not in _names(EXPERIMENT_SECTIONS["data"]):  # neither: suggest from both, recipe first
-        names = [f"data.{n}" for n in (*_names(RecipeData), *_names(EXPERIMENT_SECTIONS["data"]))]
-        raise ConfigError(f"unknown key '{key}' in command-line overrides (neither a recipe data key nor an "
-                          f"experiment data key){closest_key(key, names)}")
     if len(parts) > 1 and (parts[0] in EXPERIMENT_ONLY or (parts[0] == "data" and parts[1] not in _names(RecipeData))):
+        if parts[0] == "data" and len(parts) == 2 and parts[1] not in _names(EXPERIMENT_SECTIONS["data"]):
+            names = [f"data.{n}" for n in (*_names(RecipeData), *_names(EXPERIMENT_SECTIONS["data"]))]
+            raise ConfigError(f"unknown key '{key}' in command-line overrides (neither a recipe data key nor an "
+                              f"experiment data key){closest_key(key, names)}")  # suggested from both, recipe first
         tree.setdefault("overrides", []).append(text)  # an experiment key: applies to every experiment
         return
     if parts[0] not in TOP:

@@ -76,10 +76,10 @@ def resolve(recipe: Recipe, out: Path) -> dict:
 
 def _check_embed_dims(d, experts) -> None:
     """An expert's embed.dim needs that many val images (the alignment anchors): fail now, not after its sweep."""
-    from distrib.stacking.embed import check_val_anchors, val_count
+    from distrib.stacking.embed import check_val_anchors
     if d.shards:
         from distrib.data.index import read_index
-        n_val, where = val_count(read_index(d.shards)), f"{d.shards} (val split)"
+        n_val, where = read_index(d.shards).get("split_counts", {}).get("val", 0), f"{d.shards} (val split)"
     elif d.val:
         import pandas as pd
         n_val, where = len(pd.read_csv(d.val)), str(d.val)

@@ -132,11 +132,6 @@ def _load_runs(run_dirs: list[str]):
     return sorted(runs, key=lambda r: r[2].data.fold)
 
 
-def val_count(index: dict) -> int:
-    """Samples in the val split of a shard index (the alignment anchors' pool)."""
-    return sum(int(s.get("count", 0)) for s in index["shards"] if s["split"] == "val")
-
-
 def check_val_anchors(n_val: int, embed_cfg: EmbedConfig, where: str, fix: str = "embed.dim") -> None:
     """The alignment anchors are val images: ``embed.dim`` needs at least that many. Called before a sweep or a
     recipe starts (the shard index or the val manifest gives ``n_val``), not after the fold models are trained."""

@@ -139,8 +139,8 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
     exp_path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
     if cfg.tune.embed_best:  # the OOF step aligns on val images: too few fails now, not after every fold trained
         from distrib.data.index import read_index
-        from distrib.stacking.embed import check_val_anchors, val_count
-        check_val_anchors(val_count(read_index(cfg.data.shards)), cfg.embed,
+        from distrib.stacking.embed import check_val_anchors
+        check_val_anchors(read_index(cfg.data.shards).get("split_counts", {}).get("val", 0), cfg.embed,
                           f"{cfg.data.shards} (val split)")
     reap(out_dir / PID_FILE)  # before any file is written: refuses if a live driver owns out_dir, stops orphans
     if not resume:
