@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -38,12 +39,17 @@ def cascade_yaml(fold_runs, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_predict_on_test_shards_equals_distrib_cascade(cascade_yaml, demo_shards, tmp_path, capsys):
+def test_predict_on_test_shards_equals_distrib_cascade(cascade_yaml, demo_shards, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="distrib")
     assert cli_main(["cascade", "--config", str(cascade_yaml), "--split", "test", "--out", str(tmp_path / "c")]) == 0
+    fitting = "thresholds: ignoring"  # the fit says which test rows it left out...
+    assert fitting in caplog.text
+    caplog.clear()
     ref = pd.read_csv(tmp_path / "c" / "cascade_predictions.csv")
     out = tmp_path / "p" / "preds.csv"
     assert cli_main(["predict", "--model", str(cascade_yaml), "--images", str(demo_shards), "--split", "test",
                      "--out", str(out)]) == 0
+    assert fitting not in caplog.text  # ...predict repeats that fit silently (it read as if predict fit on test)
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     preds = pd.read_csv(out)
     m = ref.merge(preds, left_on="key", right_on="path", validate="one_to_one")

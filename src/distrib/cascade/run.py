@@ -177,15 +177,17 @@ def cascade_score(stage1_prob, t_low, t_high, meta_prob, meta_threshold) -> np.n
     return np.where(esc, mid, np.where(dec == 0, lo, hi))
 
 
-def fit_or_load(path: str, pred: Path, out: Path, name: str, recall: float, spec: float, boot: int, fit_split=None):
-    """A stage's thresholds: the given thresholds.json, else fit on ``pred`` (val or OOF rows, never test)."""
+def fit_or_load(path: str, pred: Path, out: Path, name: str, recall: float, spec: float, boot: int, fit_split=None,
+                quiet: bool = False):
+    """A stage's thresholds: the given thresholds.json, else fit on ``pred`` (val or OOF rows, never test).
+    ``quiet``: no log line about the test rows left out (``predict`` repeats the cascade's fit)."""
     from distrib.config import ThresholdConfig
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
     if path:
         return json.loads(Path(path).read_text())
     df = load_predictions(pred)
     if fit_split:
-        df = select_fit_rows(df, fit_split, str(pred))
+        df = select_fit_rows(df, fit_split, str(pred), log_test_rows=not quiet)
     return fit_thresholds(df, ThresholdConfig(recall=recall, specificity=spec, bootstrap=boot), out, name=name)
 
 

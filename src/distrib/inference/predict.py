@@ -134,7 +134,7 @@ class CascadeScorer:
             th1 = fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", Path(tmp) / "s1",
                               "stage1", cfg.recall, cfg.specificity, 0)
             th3 = fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", Path(tmp) / "s3",
-                              "meta", cfg.recall, cfg.specificity, 0, fit_split="oof")
+                              "meta", cfg.recall, cfg.specificity, 0, fit_split="oof", quiet=True)
         band = th1["band"]
         self.t_low, self.t_high = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
         self.tau = th3["single"][cfg.stack.rule]["threshold"]

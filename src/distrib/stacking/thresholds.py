@@ -278,12 +278,15 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
     return result
 
 
-def select_fit_rows(df: pd.DataFrame, fit_split: str, source: str = "predictions") -> pd.DataFrame:
-    """Rows of ``fit_split`` ('oof', 'val' or 'oof+val'); test rows are dropped and counted, never used."""
+def select_fit_rows(df: pd.DataFrame, fit_split: str, source: str = "predictions",
+                    log_test_rows: bool = True) -> pd.DataFrame:
+    """Rows of ``fit_split`` ('oof', 'val' or 'oof+val'); test rows are dropped and counted, never used.
+
+    ``log_test_rows=False``: no log line about them (``predict`` re-derives a cascade's fitted thresholds)."""
     if "split" not in df.columns:
         return df
     n_test = int((df["split"] == "test").sum())
-    if n_test:
+    if n_test and log_test_rows:
         log.info(f"thresholds: ignoring {n_test} test rows of {source} (thresholds are never fit on test)")
     want = fit_split.split("+")
     sel = df[df["split"].isin(want)]
