@@ -32,6 +32,7 @@ import torch
 from distrib.config import load_config
 
 ROUNDS = 4
+TARGET = 0.95  # ratio_to_bare_loop: distrib's step costs at most ~5 % over a bare torch loop
 
 
 def _batches(cfg, steps: int) -> list[dict]:
@@ -201,4 +202,5 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
             "batch_size": cfg.data.batch_size, "steps": steps, "rounds": ROUNDS, **info,
             "bare_ms_per_step": round(bare_s * 1000, 2), "trainer_ms_per_step": round(trainer_s * 1000, 2),
             "bare_images_per_s": round(imgs / bare_s, 1), "trainer_images_per_s": round(imgs / trainer_s, 1),
-            "ratio_to_bare_loop": round(bare_s / trainer_s, 4), "target": 0.95, **vs_timm, **peaks}
+            "ratio_to_bare_loop": round(bare_s / trainer_s, 4), "target": TARGET,
+            "target_met": bool(bare_s / trainer_s >= TARGET), **vs_timm, **peaks}
