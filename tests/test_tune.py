@@ -121,6 +121,9 @@ def test_sweep_3_folds_x_2_configs_with_one_injected_failure(ray_cluster, demo_s
         evaluation = json.loads((Path(row.trial_dir) / "evaluation_results.json").read_text())
         assert row.group_auc == pytest.approx(evaluation["group_metrics"]["auc"], abs=1e-6)  # group level too
         assert glob.glob(f"{row.trial_dir}/tb/**/events.out.tfevents*", recursive=True), "TensorBoard per trial"
+    # Tune keeps its per-trial progress.csv/result.json but writes no TensorBoard copy of the trials' metrics
+    assert len(glob.glob(f"{out}/ray_results/sweep/*/progress.csv")) == 6
+    assert all("/trials/" in p for p in glob.glob(f"{out}/**/events.out.tfevents*", recursive=True))
 
     failed = marker.read_text()  # the one trial that failed after its first report, then was retried
     for name in (f"c{c}_fold{k}" for c in range(2) for k in range(3)):

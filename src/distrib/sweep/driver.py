@@ -164,6 +164,10 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
             for tmp in remove_stale_tmp(trial_dir):  # no trial of this sweep runs yet: a killed write's leftover
                 log.info("removed %s, a checkpoint write interrupted by a crash", tmp)
         trainable = _build_trainable(cfg, spec)
+        # Tune's own logs stay (progress.csv/result.json per trial, _run_config) but not its TensorBoard copy:
+        # each trial writes TensorBoard events in its run dir, so Tune's duplicated every trial under
+        # `tensorboard --logdir SWEEP_DIR` and printed a logdir inside Ray's temp dir, removed after the sweep
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         if resume:
             if not tune.Tuner.can_restore(exp_path):
                 raise DistribError(f"--resume: no restorable Ray experiment at {exp_path}; "
@@ -242,6 +246,9 @@ def _tune_config(cfg: ExperimentConfig):
 
 def _run_config(cfg: ExperimentConfig, storage_path: str):
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     return tune.RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=0,
+                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
