@@ -72,7 +72,9 @@ def test_predict_folder_skips_corrupt_and_non_images(tiny_run, demo_data, tmp_pa
     preds = pd.read_csv(out)
     assert sorted(preds["path"]) == sorted(good) and res["n"] == len(good) and res["skipped"] == 2
     assert preds["prob"].between(0, 1).all() and set(preds["decision"]) <= {0, 1}
-    skipped = pd.read_csv(out.parent / "skipped.csv")
+    skipped = pd.read_csv(out.parent / "preds_skipped.csv")  # named after --out, like _groups.csv
+    assert res["skipped_csv"] == str(out.parent / "preds_skipped.csv")
+    assert json.loads((out.parent / "preds_summary.json").read_text()) == res  # the summary file = the JSON line
     assert sorted(skipped["path"].map(lambda p: p.rsplit("/", 1)[-1])) == ["corrupt.jpg", "notes.txt"]
     assert skipped["reason"].str.len().min() > 10 and res["images_per_s"] > 0
 

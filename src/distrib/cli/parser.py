@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory (best_model.pth) or cascade YAML")
     p.add_argument("--images", required=True, help="image folder (recursive), CSV with a 'path' column "
                                                    "(optional group, label), or shard directory")
-    p.add_argument("--out", required=True, help="predictions CSV (skipped.csv is written beside it)")
+    p.add_argument("--out", required=True, help="predictions CSV (<stem>_skipped.csv, _summary.json and _groups.csv go beside it)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 64, or the cascade's batch_size)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")

@@ -36,7 +36,7 @@ class _Files:
         try:
             data = Path(self.paths[i]).read_bytes()
             return i, self.transform.prepare(decode_image(data, self.transform.size)), ""
-        except Exception as e:  # listed in skipped.csv; the run goes on
+        except Exception as e:  # listed in <out>_skipped.csv; the run goes on
             return i, None, f"{type(e).__name__}: {e}"
 
 

@@ -20,7 +20,7 @@ Rows: ``path, group`` (+ ``split, label`` for shards / labelled CSVs) then
   ``meta_prob`` (escalated rows only: stages 2+3 run on those alone), ``decision`` and ``score``
   (``cascade.run.cascade_score``, decided at 0.5).
 Group-level scores go to ``<out stem>_groups.csv`` when groups are given; metrics (sklearn, via
-``metrics.binary_metrics``) are added when labels are. Skipped inputs go to ``skipped.csv`` beside the CSV.
+``metrics.binary_metrics``) are added when labels are. Skipped inputs go to ``<stem>_skipped.csv`` beside the CSV.
 """
 from __future__ import annotations
 
@@ -201,7 +201,8 @@ def _group_table(df: pd.DataFrame, labelled: bool, group_decision: bool) -> pd.D
 
 def predict(model: str | Path, images: str | Path, out: str | Path, device: str = "auto", batch_size: int = 0,
             workers: int = 0, split: str | None = None, thresholds: str | None = None) -> dict:
-    """Score every image of ``images`` with ``model``; write ``out`` (CSV), skipped.csv and groups; return a summary."""
+    """Score every image of ``images`` with ``model``; write ``out`` (CSV) and, beside it, ``<stem>_skipped.csv``,
+    ``<stem>_groups.csv`` (when groups exist) and ``<stem>_summary.json`` (the returned summary)."""
     from tqdm.auto import tqdm
 
     from distrib.inference.images import open_images, skipped_frame
@@ -220,18 +221,18 @@ def predict(model: str | Path, images: str | Path, out: str | Path, device: str 
                                        "label": b["label"], **cols}))
             bar.update(len(b["path"]))
     seconds = time.perf_counter() - t0
-    skipped = skipped_frame(source)
-    with atomic_path(out.parent / "skipped.csv") as tmp:
+    skipped, skipped_csv = skipped_frame(source), out.with_name(f"{out.stem}_skipped.csv")  # per --out, like _groups
+    with atomic_path(skipped_csv) as tmp:
         skipped.to_csv(tmp, index=False)
     if not parts:
         raise DataError(f"none of the {source.total} images in {images} could be read; reasons in "
-                        f"{out.parent / 'skipped.csv'} (first: {skipped['reason'].iloc[0] if len(skipped) else '?'})")
+                        f"{skipped_csv} (first: {skipped['reason'].iloc[0] if len(skipped) else '?'})")
     df = scorer.finish(pd.concat(parts, ignore_index=True))
     labelled = bool((df["label"] >= 0).any())
     drop = [c for c, keep in (("split", source.kind == "shards"), ("label", labelled)) if not keep]
     with atomic_path(out) as tmp:
         df.drop(columns=drop).to_csv(tmp, index=False)
-    result = {"out": str(out), "skipped_csv": str(out.parent / "skipped.csv"), **scorer.info,
+    result = {"out": str(out), "skipped_csv": str(skipped_csv), **scorer.info,
               "images": str(images), "n": int(len(df)), "skipped": int(len(skipped)),
               "seconds": round(seconds, 3), "images_per_s": round(len(df) / max(seconds, 1e-9), 2),
               "decisions": {str(k): int(v) for k, v in df["decision"].value_counts().sort_index().items()}}
