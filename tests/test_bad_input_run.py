@@ -266,7 +266,8 @@ def test_sigterm_stops_the_sweep_and_its_cluster_with_exit_143(demo_shards, tmp_
 def test_sweep_with_a_trial_that_failed_for_good_exits_1(demo_shards, tmp_path):
     """Decided (README): failed trials make the sweep exit 1, so `tune && stack` stops; outputs are written."""
     from distrib.sweep.trial import FAIL_ONCE_ENV
-    res = _distrib("tune", *_sweep_args(demo_shards, tmp_path), "tune.max_failures=0", tmp=tmp_path,
+    res = _distrib("tune", *_sweep_args(demo_shards, tmp_path), "tune.max_failures=0", "tune.fork_server=false",
+                   tmp=tmp_path,
                    env={FAIL_ONCE_ENV: str(tmp_path / "fail_once.marker")})
     assert res.returncode == 1, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
@@ -274,6 +275,8 @@ def test_sweep_with_a_trial_that_failed_for_good_exits_1(demo_shards, tmp_path):
     assert "1 of 3 trials failed" in res.stderr and "no best config" in res.stderr, res.stderr[-3000:]
     assert res.stderr.rstrip().endswith("--resume")  # the last line: how to retry the failed trial
     assert (tmp_path / "sweep" / "sweep_summary.csv").is_file()
+    done = [json.loads(p.read_text()) for p in (tmp_path / "sweep" / "trials").glob("*/trial_result.json")]
+    assert [(t["fork_server"], t["torch_threads"]) for t in done] == [(False, 1)] * 2, done  # imported in-process
 
 
 def test_a_field_added_after_a_checkpoint_at_its_default_is_no_change():

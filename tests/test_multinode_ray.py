@@ -107,6 +107,11 @@ def test_sweep_spreads_trials_over_both_nodes_and_records_the_node(two_nodes, de
     assert set(summary["node_id"]) == {head, worker}, summary["node_id"]  # 3 trials on 2 one-CPU nodes
     assert (summary["node_ip"] == "127.0.0.1").all() and summary["hostname"].notna().all()
     assert (summary["attempts"] == 1).all() and summary["resume_step"].isna().all()
+    # each node was started with its own trial fork server (ray_nodes, sweep.zygote): every trial ran forked
+    # from it, with its 1 CPU's torch threads
+    trials = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep" / "trials").glob("*/trial_result.json"))]
+    print("trial startup_seconds:", [round(t["startup_seconds"], 2) for t in trials])
+    assert [(t["fork_server"], t["torch_threads"]) for t in trials] == [(True, 1)] * 3, trials
 
 
 def _worker_trial(sweep: Path, worker_node: str, proc: subprocess.Popen, timeout: float,

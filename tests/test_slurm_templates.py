@@ -51,7 +51,7 @@ def test_ray_cluster_sbatch_renders_to_valid_ray_and_tune_commands():
     from distrib.cli import _parse, build_parser
     cmds = _render("ray_cluster.sbatch", HEAD_NODE="node1", HEAD_IP="10.1.2.3", RAY_PORT="6380",
                    SWEEP_DIR="/nfs/sweep", STORAGE="/nfs/ray", CPUS_PER_NODE="16", GPUS_PER_NODE="2")
-    head, worker, tune = cmds
+    head, worker, tune, node = cmds
     for argv in (head, worker):  # Ray's own click command parses (and rejects unknown options)
         assert argv[:2] == ["ray", "start"]
         start.make_context("start", argv[2:])
@@ -63,3 +63,22 @@ def test_ray_cluster_sbatch_renders_to_valid_ray_and_tune_commands():
     assert a.overrides == ["data.shards=/shared/shards", "tune.gpus_per_trial=0.25"]
     for path in (a.config, a.grid):  # the defaults point at shipped files
         assert (REPO / path).is_file(), path
+
+
+def test_ray_cluster_sbatch_starts_a_fork_server_per_node_and_hands_the_raylet_its_socket(tmp_path):
+    """The node prefix the template puts before `ray start`, run here with a stand-in for `ray start`: a real
+    sweep.zygote comes up on the socket and the command after the prefix sees DISTRIB_ZYGOTE."""
+    import sys
+    import psutil
+    sock = str(tmp_path / "z.sock")
+    *_, node = _render("ray_cluster.sbatch", HEAD_NODE="node1", HEAD_IP="10.1.2.3", PYTHON=sys.executable,
+                       ZYGOTE_SOCK=sock)
+    probe = [sys.executable, "-c", "import os, time; time.sleep(1); print(os.environ['DISTRIB_ZYGOTE'], "
+             "os.path.exists(os.environ['DISTRIB_ZYGOTE']))"]
+    try:
+        out = subprocess.run([*node, *probe], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0 and out.stdout.split() == [sock, "True"], out.stderr
+    finally:
+        for p in psutil.process_iter(["cmdline"]):
+            if sock in (p.info["cmdline"] or []):
+                p.kill()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -86,6 +87,11 @@ def test_sweep_is_one_parent_run_with_one_child_per_trial(demo_shards, tmp_path,
     out = tmp_path / "sweep"
     result = run_sweep(cfg, {"optim.lr": [1e-3]}, out, num_cpus=2)
     assert result["best"]["config_id"] == "c0"
+    # tune.fork_server (default): the private cluster's trials ran in processes forked from sweep.zygote, with
+    # the actor's environment (MLflow's variables: the child runs below exist) and its 1 CPU's torch threads
+    trials = [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*/trial_result.json"))]
+    assert [(t["fork_server"], t["torch_threads"]) for t in trials] == [(True, 1)] * 3, trials
+    assert all((Path(t["run_dir"]) / "trial_output.log").stat().st_size > 0 for t in trials)  # the child's output
 
     runs = mlflow.search_runs(experiment_names=["debug"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

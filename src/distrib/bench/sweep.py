@@ -11,12 +11,17 @@ K/S would be unreachable. The measured wall time is Ray start/connect + ``Tuner.
   with the rest, on this host (``sweep.ray_nodes``); the sweep connects with ``--address`` and writes Ray's
   state to ``--storage``. Wall time = connect + fit; the nodes' start-up is reported as ``cluster_start_s``.
 
+Both run with a trial fork server (``sweep.zygote``: trials fork from a process that imported torch/timm,
+started with the private cluster or with each ``ray start`` node). ``no_fork_server`` repeats both without it,
+in the same run, and ``fork_server_speedup`` is its wall time / the fork server's.
+
 The breakdown attributes the gap: Ray start-up, per-trial start-up (imports, config, checkpoint restore; from
 each trial's own clock), checkpoint I/O (``tune.report`` with a checkpoint), and the rest (scheduling,
 actor creation, experiment-state snapshots, idle slots at the tail). Target: ratio_to_ideal <= 1.15.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -73,7 +78,7 @@ def _measure(cfg, sweep_dir: Path, slots: int, **ray_args) -> dict:
         "nodes": len({t.get("node_id") for t in trials}), "sweep_dir": str(sweep_dir)}
 
 
-def _two_nodes(cfg, root: Path, slots: int) -> dict:
+def _two_nodes(cfg, root: Path, slots: int, fork_server: bool = True) -> dict:
     """The same sweep on a head + 1 worker node started with `ray start` (stopped by PID afterwards)."""
     from distrib.sweep.ray_nodes import add_worker, start_head, stop_cluster
     from distrib.sweep.local_ray import _temp_dir
@@ -82,11 +87,12 @@ def _two_nodes(cfg, root: Path, slots: int) -> dict:
     cluster = {"temp_dir": _temp_dir()}
     try:
         cluster = start_head(None, max(1, math.ceil(slots / 2)), temp_dir=cluster["temp_dir"],
-                             log=root / "ray_2nodes.log")
+                             log=root / "ray_2nodes.log", fork_server=fork_server)
         if slots > 1:
-            add_worker(cluster, slots // 2)
+            add_worker(cluster, slots // 2, fork_server=fork_server)
         started = time.time() - t0
-        out = _measure(cfg, root / "sweep_2nodes", slots, address=cluster["address"], storage=str(root / "storage"))
+        name = "sweep_2nodes" if fork_server else "sweep_2nodes_no_fork_server"
+        out = _measure(cfg, root / name, slots, address=cluster["address"], storage=str(root / f"storage_{name}"))
     finally:
         stop_cluster(cluster)
     return {**out, "cluster_start_s": round(started, 2)}
@@ -103,8 +109,16 @@ def run(config: str | None = None, out: str | None = None, workers: int = 2, ove
     cfg = load_config(config, [f"data.shards={shards}", f"tune.folds={FOLDS}", "tune.cpus_per_trial=1",
                                "tune.embed_best=false", "train.epochs=2", "data.samples_per_epoch=64",
                                "train.latency_batches=1", *list(overrides or [])])
+    cold = copy.deepcopy(cfg)
+    cold.tune.fork_server = False
     t0 = time.time()
     one = _measure(cfg, root / "sweep", slots, num_cpus=slots)
     two = _two_nodes(cfg, root, slots)
+    # the baseline, same run: every trial process imports torch/timm itself (no sweep.zygote)
+    one_cold = _measure(cold, root / "sweep_no_fork_server", slots, num_cpus=slots)
+    two_cold = _two_nodes(cfg, root, slots, fork_server=False)
     return {"bench": "sweep", "trials": FOLDS, "slots": slots, "ideal": IDEAL, **one, "target_ratio": TARGET,
-            "two_nodes": two, "total_s": round(time.time() - t0, 2)}
+            "two_nodes": two, "no_fork_server": {"one_node": one_cold, "two_nodes": two_cold},
+            "fork_server_speedup": {"one_node": round(one_cold["wall_s"] / one["wall_s"], 3),
+                                    "two_nodes": round(two_cold["wall_s"] / two["wall_s"], 3)},
+            "total_s": round(time.time() - t0, 2)}

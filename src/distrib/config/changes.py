@@ -47,6 +47,7 @@ SWEEP_RESUME_SAFE = tuple(k for k in RESUME_SAFE if k not in ("train.epochs", "t
     "tune.cpus_per_trial",        # resources, not results (a trial's thread count is not part of the science)
     "tune.gpus_per_trial",
     "tune.embed_best",            # post-sweep OOF extraction on/off
+    "tune.fork_server",           # where a trial's imports happen, not what it computes
 )
 
 

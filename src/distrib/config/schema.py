@@ -208,6 +208,7 @@ class TuneConfig(Section):
     scheduler: str = "none"  # random|optuna: none|asha (ASHA stops a whole config after a fold, never one fold)
     metric: str = "val_auc"  # metric that ranks configs (mean over folds)
     embed_best: bool = True  # extract OOF embeddings for the best config after the sweep
+    fork_server: bool = True  # private cluster: trials fork from a process that imported torch/timm (sweep/zygote.py)
 
     def validate(self) -> None:
         check_value(self.folds >= 2, "tune.folds", self.folds, ">= 2")

@@ -48,10 +48,10 @@ RESUME_CHANGES = "resume_changes.json"  # allowed config changes of each --resum
 log = logging.getLogger(__name__)
 
 
-def init_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
+def init_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_server: bool = False) -> bool:
     """Connect to ``address`` or start a private loopback-only local cluster (``local_ray.start_ray``);
     returns True if this call started (or connected) Ray, and then ``stop_ray`` must follow."""
-    return start_ray(Path(out_dir), address, num_cpus)
+    return start_ray(Path(out_dir), address, num_cpus, fork_server=fork_server)
 
 
 def _check_folds(cfg: ExperimentConfig) -> None:
@@ -156,7 +156,7 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
     parent = start_parent(cfg, out_dir)  # MLflow: one parent run, each trial a child run
     spec["tracker_env"] = parent["env"] if parent else {}
     t0 = time.time()
-    started = init_ray(out_dir, address, num_cpus)
+    started = init_ray(out_dir, address, num_cpus, fork_server=cfg.tune.fork_server)
     t_ray = time.time() - t0
     sig = None
     try:

@@ -176,8 +176,11 @@ def _gcs_on_loopback(address: str) -> bool:
         return False
 
 
-def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray."""
+def start_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_server: bool = False) -> bool:
+    """Connect to ``address`` or start a loopback-only local cluster; True if this call started Ray.
+
+    ``fork_server``: the local cluster gets a trial fork server (``sweep.zygote``), started before ``ray.init``
+    so its imports overlap Ray's start-up; a cluster at ``address`` has whatever its nodes were started with."""
     # A cluster whose GCS listens on 127.0.0.1 (`sweep.ray_nodes`) needs this driver on 127.0.0.1 too; one
     # on a routable IP (another host, or a `ray start` without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) needs
     # Ray's Linux default, which turns a 127.0.0.1 address into the routable IP.
@@ -209,6 +212,12 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None) -> bool:
     else:
         ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
         try:
+            if fork_server:  # named by the temp dir: recorded, reaped and stopped with the cluster
+                from distrib.sweep import zygote
+                sock = zygote.socket_path(temp_dir)
+                zygote.start(sock)
+                _STATE["zygote_env"] = os.environ.get(zygote.ENV)
+                os.environ[zygote.ENV] = sock  # ray.init's raylet, so every trial actor, inherits it
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      _temp_dir=temp_dir, log_to_driver=False)
         except BaseException:  # a failed or interrupted init: stop whatever it had started
@@ -235,6 +244,12 @@ def stop_ray() -> int | None:
     """Shut down what ``start_ray`` started; returns the signal (SIGTERM) that interrupted it, if any."""
     import ray
     ray.shutdown()
+    if "zygote_env" in _STATE:  # this driver's later sweeps must not see the removed socket
+        from distrib.sweep.zygote import ENV
+        if _STATE["zygote_env"] is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = _STATE["zygote_env"]
     if "prev_sigterm" in _STATE and _is_main_thread():
         signal.signal(signal.SIGTERM, _STATE.pop("prev_sigterm") or signal.SIG_DFL)
     if _STATE.get("pid_file") is not None:

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from distrib.errors import DistribError
@@ -64,14 +65,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _with_fork_server(env: dict, temp_dir: str, fork_server: bool) -> dict:
+    """``env`` plus this node's own trial fork server (``sweep.zygote``), started now, when ``fork_server``."""
+    if not fork_server:
+        return env
+    from distrib.sweep import zygote
+    sock = zygote.socket_path(temp_dir, f"zygote-{uuid.uuid4().hex[:8]}")
+    zygote.start(sock, env=env)
+    return {**env, zygote.ENV: sock}
+
+
 def start_head(port: int | None, num_cpus: int, temp_dir: str | None = None, env: dict | None = None,
-               log: Path | None = None, timeout: float = 180) -> dict:
+               log: Path | None = None, timeout: float = 180, fork_server: bool = True) -> dict:
     """``ray start --head`` on 127.0.0.1:``port`` (None: a free one); returns {address, temp_dir, raylet_pid,
-    node_id, log}. The Ray client server gets a free port too (Ray's default 10001 clashes between heads)."""
+    node_id, log}. The Ray client server gets a free port too (Ray's default 10001 clashes between heads).
+    ``fork_server``: the node's trials fork from a process that has imported the trial stack (``sweep.zygote``)."""
     port = port or free_port()
     temp_dir = temp_dir or _temp_dir()
     log = Path(log or f"{temp_dir}.log")
     env = {**os.environ, **BASE_ENV, **HEALTH_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+    env = _with_fork_server(env, temp_dir, fork_server)
     _ray_start(["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                 "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats",
                 "--ray-client-server-port", str(free_port())],
@@ -81,10 +94,12 @@ def start_head(port: int | None, num_cpus: int, temp_dir: str | None = None, env
             "raylet_pid": head.get("pid"), "node_id": head.get("node_id")}
 
 
-def add_worker(cluster: dict, num_cpus: int, env: dict | None = None, timeout: float = 180) -> dict:
-    """Join a worker node (its own raylet, ``num_cpus`` CPUs) to ``cluster``; returns {raylet_pid, node_id, socket}."""
+def add_worker(cluster: dict, num_cpus: int, env: dict | None = None, timeout: float = 180,
+               fork_server: bool = True) -> dict:
+    """Join a worker node (its own raylet, ``num_cpus`` CPUs) to ``cluster``; returns {raylet_pid, node_id, socket}.
+    ``fork_server`` as in ``start_head`` (each node has its own)."""
     before = raylets(cluster["temp_dir"])
-    env = {**os.environ, **BASE_ENV, **(env or {})}
+    env = _with_fork_server({**os.environ, **BASE_ENV, **(env or {})}, cluster["temp_dir"], fork_server)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # `ray start --address` refuses to join with it
     _ray_start(["--address", cluster["address"], "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                 "--num-gpus", "0", "--disable-usage-stats"], env, Path(cluster["log"]), timeout, worker=True)

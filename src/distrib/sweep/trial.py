@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -12,8 +13,10 @@ from pathlib import Path
 from distrib.atomic import write_json
 from distrib.config import load_config
 from distrib.errors import DistribError
+from distrib.sweep import zygote
 from distrib.sweep.grid import config_id, grid_configs, trial_command, trial_overrides
 
+log = logging.getLogger(__name__)
 FAIL_ONCE_ENV = "DISTRIB_FAIL_ONCE"  # fault injection: path of a marker file; the first trial to report fails once
 
 
@@ -102,9 +105,11 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
     resume_step = _resume_step(run_dir) if resume else None
     if resume:
         _log_event(run_dir, "resume", str(resume_step))
-    from distrib.training import trainer as train  # lazy: torch/timm imports are the bulk of a trial's start-up
-
-    cfg = load_config(spec["config_path"], overrides)
+    sock = zygote.available() if spec.get("workers", 1) == 1 else None  # this node's trial fork server
+    cfg = None
+    if not sock:
+        from distrib.training import trainer  # noqa: F401  lazy: torch/timm imports are the bulk of a start-up
+        cfg = load_config(spec["config_path"], overrides)
     t_import = time.time()
     reports = {"n": 0, "ckpt_s": 0.0, "epoch": 0}
 
@@ -119,18 +124,32 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
         reports["ckpt_s"] += time.time() - t0
         _maybe_inject_failure(spec.get("fail_once", ""), name)
 
-    ranks = None
+    ranks, threads = None, None
     if spec.get("workers", 1) > 1:  # the workers report to Tune themselves; take their counts
         final = run_ddp_trial(spec, overrides, run_dir, resume)
         ranks = final.pop("ranks")
         reports["n"], reports["epoch"] = final.pop("reports"), final.pop("epochs")
     else:
-        final = train.run(cfg, str(run_dir), resume=resume, report=report)
+        final = None
+        if sock:
+            try:  # forked from a process that imported everything already (sweep/zygote.py)
+                final, threads = zygote.run_in_child(sock, spec["config_path"], overrides, run_dir, resume, report)
+            except zygote.Unreachable as e:
+                log.warning("%s; trial %s imports and trains in this process", e, name)
+                sock = None
+        if not sock:
+            import torch
+
+            from distrib.training import trainer as train
+            final = train.run(cfg or load_config(spec["config_path"], overrides), str(run_dir), resume=resume,
+                              report=report)
+            threads = torch.get_num_threads()
     t_end = time.time()
     result = {"config_id": cid, "fold": fold, "params": grid_params, "overrides": overrides,
               "metrics": _numeric(final or {}), "reports": reports["n"], "epochs": reports["epoch"], "seconds": t_end - t_import,
               "trial_seconds": t_end - t_start, "startup_seconds": t_import - t_start,
-              "report_seconds": reports["ckpt_s"], "resumed": resume, "resume_step": resume_step, **node,
+              "report_seconds": reports["ckpt_s"], "fork_server": bool(sock), "torch_threads": threads,
+              "resumed": resume, "resume_step": resume_step, **node,
               "attempts": _events(run_dir).count("start"), "run_dir": str(run_dir),
               "command": trial_command(spec["config_path"], run_dir, overrides),
               **({"ranks": ranks} if ranks else {})}
