@@ -72,8 +72,8 @@ def serve(sock: str) -> None:
     import importlib
     for name in PRELOAD:
         importlib.import_module(name)
-    print(f"zygote {os.getpid()}: imported the trial stack in {time.time() - t0:.1f} s, "
-          f"{threading.active_count()} thread(s); serving {sock}", flush=True)
+    log.info("zygote %d: imported the trial stack in %.1f s, %d thread(s); serving %s", os.getpid(),
+             time.time() - t0, threading.active_count(), sock)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     while True:
         conn = listener.accept()
@@ -179,4 +179,5 @@ def run_in_child(sock: str, config_path: str, overrides: list[str], run_dir: Pat
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # to the log file start() opens
     serve(sys.argv[1])
