@@ -105,7 +105,8 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
     resume_step = _resume_step(run_dir) if resume else None
     if resume:
         _log_event(run_dir, "resume", str(resume_step))
-    sock = zygote.available() if spec.get("workers", 1) == 1 else None  # this node's trial fork server
+    # this node's trial fork server; CPU trials only (CUDA in forked children is untested: no GPU here)
+    sock = zygote.available() if spec.get("workers", 1) == 1 and not spec.get("gpus") else None
     cfg = None
     if not sock:
         from distrib.training import trainer  # noqa: F401  lazy: torch/timm imports are the bulk of a start-up

@@ -20,7 +20,8 @@ before the child goes on, so checkpoints, ASHA and failure injection behave as i
 Safety. The zygote starts no thread and never touches CUDA before it forks. A child polls its actor's PID and
 exits within ~0.2 s of it (a lost node, a stopped trial, a killed sweep); the actor kills the child when
 ``tune.report`` raises. If the zygote cannot be reached the trial imports and trains in-process, as without
-it. Where: ``local_ray.start_ray`` starts one for a private cluster (concurrently with ``ray.init``),
+it. GPU trials (``tune.gpus_per_trial > 0``) and DDP trials always train in-process: CUDA in forked children
+has not run here (no GPU), and the zygote exits if an import initialized CUDA. Where: ``local_ray.start_ray`` starts one for a private cluster (concurrently with ``ray.init``),
 ``ray_nodes.start_head/add_worker`` one per node; ``stop_ray``/``stop_cluster`` stop it with the cluster
 (its command line names the cluster's temp dir).
 """
@@ -49,8 +50,18 @@ def socket_path(temp_dir: str, name: str = "zygote") -> str:
     return str(Path(temp_dir) / f"{name}.sock")
 
 
+def _clear_stale(sock: str) -> None:
+    """Remove a socket file left by a server that died (nobody accepts on it); never a live server's."""
+    import socket
+    if os.path.exists(sock):
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(sock) != 0:
+                os.unlink(sock)
+
+
 def start(sock: str, log_file: str | Path | None = None, env: dict | None = None) -> subprocess.Popen:
     """Start ``python -m distrib.sweep.zygote sock`` and return once its socket is listening."""
+    _clear_stale(sock)  # else the wait below would see the old file at once
     out = open(log_file or f"{sock}.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "distrib.sweep.zygote", sock], stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -58,7 +69,9 @@ def start(sock: str, log_file: str | Path | None = None, env: dict | None = None
     deadline = time.time() + 60
     while not os.path.exists(sock):  # bound before the imports: up in well under a second
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"the trial fork server did not start (exit {proc.poll()}); see {out.name}")
+            from distrib.errors import DistribError
+            raise DistribError(f"the trial fork server did not start (exit {proc.poll()}); see {out.name}, "
+                               "or set tune.fork_server=false")
         time.sleep(0.05)
     return proc
 
@@ -67,11 +80,18 @@ def serve(sock: str) -> None:
     """Bind ``sock``, import the trial stack, then fork a child per connection (never returns)."""
     from multiprocessing.connection import Listener
 
+    _clear_stale(sock)
     listener = Listener(sock, family="AF_UNIX", backlog=64)  # before the imports: early trials queue here
     t0 = time.time()
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # an import's is_available() must not init CUDA
     import importlib
     for name in PRELOAD:
         importlib.import_module(name)
+    import torch
+    if torch.cuda.is_initialized():  # a forked child could not use CUDA: serve nobody, trials import themselves
+        log.error("zygote %d: an import initialized CUDA; exiting (trials train in-process)", os.getpid())
+        os.unlink(sock)
+        raise SystemExit(1)
     log.info("zygote %d: imported the trial stack in %.1f s, %d thread(s); serving %s", os.getpid(),
              time.time() - t0, threading.active_count(), sock)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
