@@ -102,6 +102,8 @@ def serve(sock: str) -> None:
             try:
                 _child(conn)
             finally:
+                sys.stdout.flush()  # os._exit skips it: the end of RUN_DIR/trial_output.log
+                sys.stderr.flush()
                 os._exit(0)
         conn.close()
 
