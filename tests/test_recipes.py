@@ -194,6 +194,8 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     wall = time.time() - t0
     assert done.returncode == 0, first[-2000:] + done.stdout[-3000:] + done.stderr[-5000:]
     assert ray_dirs() <= before  # the recipe's private Ray cluster is stopped and its temp dir removed
+    forked = {json.loads(p.read_text())["fork_server"] for p in out.glob("sweep_*/trials/*/trial_result.json")}
+    assert forked == {True}  # the recipe's one cluster has the trial fork server too (tune.fork_server)
     log = done.stdout + done.stderr
     assert "shards: done" in log and "stage 1: done" in log  # skipped, not redone
 

@@ -296,7 +296,8 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
                 # finished sweep, OOF table gone (embed.* changed, or killed mid-extraction): re-embed, no retraining
                 steps(f"sweep {cfg.name}", None, extract_oof, best_run_dirs(sweep_dir), oofs[-1], cfg.embed)
                 continue
-            started = started or init_ray(out, address, num_cpus)  # one cluster for every sweep
+            started = started or init_ray(out, address, num_cpus,  # one cluster for every sweep
+                                          fork_server=cfg.tune.fork_server)
             summary = steps(f"sweep {cfg.name}", None, run_sweep, cfg, grid, sweep_dir)
             if not summary.get("best"):
                 raise DistribError(f"sweep {cfg.name} in {sweep_dir} has no config that finished every fold "

@@ -70,6 +70,7 @@ def _with_fork_server(env: dict, temp_dir: str, fork_server: bool) -> dict:
     if not fork_server:
         return env
     from distrib.sweep import zygote
+    Path(temp_dir).mkdir(parents=True, exist_ok=True)  # `ray start` would create it, but only after this
     sock = zygote.socket_path(temp_dir, f"zygote-{uuid.uuid4().hex[:8]}")
     zygote.start(sock, env=env)
     return {**env, zygote.ENV: sock}
