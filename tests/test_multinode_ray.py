@@ -139,7 +139,8 @@ def _worker_trial(sweep: Path, worker_node: str, proc: subprocess.Popen, timeout
 @pytest.mark.timeout(900)
 def test_losing_the_worker_node_mid_epoch_resumes_its_trial_from_shared_checkpoint(two_nodes, demo_shards, tmp_path):
     """SIGKILL the worker's raylet while its trial is mid-epoch: the sweep completes on the head, the lost
-    trial resumes from the last checkpoint in its run dir (SWEEP_DIR, shared by both nodes), not from scratch,
+    trial resumes from the last checkpoint in its run dir (SWEEP_DIR, shared by both nodes; Tune keeps no copy
+    of it with tune.ship_checkpoints off, the default), not from scratch,
     and every fold is in sweep_summary.csv and the OOF table exactly once."""
     sweep = tmp_path / "sweep"
     worker = two_nodes["worker"]
@@ -178,6 +179,8 @@ def test_losing_the_worker_node_mid_epoch_resumes_its_trial_from_shared_checkpoi
     # steps first, so the retry resumes from the newest checkpoint in the run dir: at or after the one at the kill
     assert row.attempts == 2 and len(resumes) == 1 and resumes[0] >= step_at_kill >= ckpt_step > 0, (ev, step_at_kill)
     assert row.resume_step == resumes[0]
+    # tune.ship_checkpoints is off by default: Ray's storage holds no copy, the retry read the shared run dir
+    assert not list((tmp_path / "shared" / "ray").rglob("checkpoint_*")), "Tune copied checkpoints unasked"
     res = json.loads((lost / "trial_result.json").read_text())
     total_steps = int(res["metrics"]["steps"])
     log = pd.read_csv(lost / "training_log.csv")

@@ -102,7 +102,8 @@ def _events(run_dir: Path) -> list[str]:
 def test_sweep_3_folds_x_2_configs_with_one_injected_failure(ray_cluster, demo_shards, tmp_path, monkeypatch):
     marker = tmp_path / "fail_once.marker"
     monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
-    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", *TRIAL, "tune.max_failures=1", "eval.group_agg=max"])
+    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", *TRIAL, "tune.max_failures=1", "eval.group_agg=max",
+                              "tune.ship_checkpoints=true"])
     out = tmp_path / "sweep"
     result = run_sweep(cfg, {"optim.lr": [1e-3, 3e-3]}, out, address=ray_cluster)
 
@@ -123,6 +124,9 @@ def test_sweep_3_folds_x_2_configs_with_one_injected_failure(ray_cluster, demo_s
         assert glob.glob(f"{row.trial_dir}/tb/**/events.out.tfevents*", recursive=True), "TensorBoard per trial"
     # Tune keeps its per-trial progress.csv/result.json but writes no TensorBoard copy of the trials' metrics
     assert len(glob.glob(f"{out}/ray_results/sweep/*/progress.csv")) == 6
+    # tune.ship_checkpoints=true (opt-in): Tune also keeps each trial's last checkpoint in its storage
+    shipped = glob.glob(f"{out}/ray_results/sweep/*/checkpoint_*/state.pt")
+    assert len(shipped) == 6, shipped
     assert all("/trials/" in p for p in glob.glob(f"{out}/**/events.out.tfevents*", recursive=True))
 
     failed = marker.read_text()  # the one trial that failed after its first report, then was retried
@@ -220,3 +224,42 @@ def test_embed_dim_above_the_val_count_fails_before_ray_starts(demo_shards, tmp_
     with pytest.raises(DataError, match=rf"embed.dim={n_val + 1} needs .* has {n_val}; .*embed.dim="):
         run_sweep(cfg, {"optim.lr": [1e-3]}, tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_trial_on_a_node_that_cannot_see_the_sweep_dir_names_the_file_node_and_fix(tmp_path):
+    """A retry resumes from RUN_DIR/last_checkpoint in the sweep dir (Tune ships no copy by default), so a node
+    without that dir fails the trial at once, naming the file, the node and the shared-storage rule."""
+    from distrib.sweep.trial import check_shared_sweep_dir
+    node = {"hostname": "node7", "node_ip": "10.0.0.7"}
+    missing = tmp_path / "not_mounted" / "config.yaml"
+    with pytest.raises(DistribError) as e:
+        check_shared_sweep_dir({"config_path": str(missing)}, node)
+    assert str(missing) in str(e.value) and "node7 (10.0.0.7)" in str(e.value) and "shared-storage rule" in str(e.value)
+    missing.parent.mkdir()
+    missing.write_text("model: {}\n")
+    check_shared_sweep_dir({"config_path": str(missing)}, node)  # visible: no error
+
+
+def test_what_tuner_fit_imports_to_count_callbacks_is_pre_imported(tmp_path):
+    """Tuner.fit imports mlflow (~1 s on 2 cores) only to count the callbacks for Ray's usage stats
+    (ray.air._internal.usage). The driver pre-imports TUNE_FIT_IMPORTS on a thread while Ray starts; after
+    that, counting our callbacks must import nothing heavy outside ray (a Ray upgrade adding one fails here)."""
+    code = """
+import sys, json
+import ray.tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from distrib.sweep.driver import TUNE_FIT_IMPORTS, _import_while_ray_starts
+_import_while_ray_starts().join(120)
+before = set(sys.modules)
+from ray.air._internal.usage import _count_callbacks
+_count_callbacks([CSVLoggerCallback(), JsonLoggerCallback()])
+new = sorted(m for m in set(sys.modules) - before if not m.startswith("ray"))
+print(json.dumps({"new": new, "pre": [m for m in TUNE_FIT_IMPORTS if m in before]}))
+"""
+    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=subprocess_env(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["pre"] == ["mlflow"], res
+    heavy = [m for m in res["new"] if m.split(".")[0] in ("mlflow", "wandb", "comet_ml", "aim", "torch", "pandas")]
+    assert not heavy, heavy

@@ -14,7 +14,8 @@ DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 
 @pytest.mark.timeout(300)
 def test_a_forked_trial_reports_through_the_caller_with_its_env_and_threads(demo_shards, tmp_path, monkeypatch):
-    """Over a stale socket file (a server that died): the server starts anyway; the child trains with the
+    """Over a stale socket file (a server that died): the server starts anyway and says when it has imported
+    (``wait_ready``, not before: the stale ready marker is gone); the child trains with the
     caller's environment and OMP_NUM_THREADS, every epoch's report runs in the caller before the child goes on,
     and its output lands in the run dir."""
     from distrib.sweep import zygote
@@ -22,8 +23,11 @@ def test_a_forked_trial_reports_through_the_caller_with_its_env_and_threads(demo
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(sock)
     stale.close()  # the file stays, nobody listens
+    open(zygote.ready_path(sock), "w").close()  # and the dead server's ready marker
     proc = zygote.start(sock, env=subprocess_env(tmp_path))
     try:
+        assert not os.path.exists(zygote.ready_path(sock))  # not ready before its imports
+        assert zygote.wait_ready(sock, timeout=120) >= 0 and os.path.exists(zygote.ready_path(sock))
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         monkeypatch.setenv("DISTRIB_TEST_MARK", "from-the-actor")  # the child must see the caller's environment
         reports = []

@@ -4,16 +4,22 @@
 
 Ideal schedule: K trials on S slots take ceil(K/S) rounds, so ideal = ceil(K/S) x the single-trial time
 (the median of the trials' own ``train.run`` seconds, without checkpoint I/O): trials cannot be split, so
-K/S would be unreachable. The measured wall time is Ray start/connect + ``Tuner.fit``. Two layouts:
+K/S would be unreachable. The measured wall time is Ray start/connect + ``Tuner.fit``. Three layouts:
 
 - ``one_node`` (the top-level keys): a private local cluster with S CPUs (``run_sweep(num_cpus=S)``).
-- ``two_nodes``: ``ray start --head`` with ceil(S/2) CPUs plus a worker node (``ray start --address``)
-  with the rest, on this host (``sweep.ray_nodes``); the sweep connects with ``--address`` and writes Ray's
-  state to ``--storage``. Wall time = connect + fit; the nodes' start-up is reported as ``cluster_start_s``.
+- ``one_node_cluster``: ``ray start --head`` with S CPUs, already up and idle (its fork server has imported),
+  as a team shares one between sweeps; the sweep connects with ``--address`` and writes Ray's state to
+  ``--storage``. Wall time = connect + fit; the node's start-up is reported as ``cluster_start_s``.
+- ``two_nodes``: the same with ceil(S/2) CPUs on the head plus a worker node (``ray start --address``) with
+  the rest, on this host (``sweep.ray_nodes``).
 
-Both run with a trial fork server (``sweep.zygote``: trials fork from a process that imported torch/timm,
-started with the private cluster or with each ``ray start`` node). ``no_fork_server`` repeats both without it,
-in the same run, and ``fork_server_speedup`` is its wall time / the fork server's.
+All run with a trial fork server (``sweep.zygote``: trials fork from a process that imported torch/timm,
+started with the private cluster or with each ``ray start`` node). ``no_fork_server`` repeats ``one_node`` and
+``two_nodes`` without it, in the same run, and ``fork_server_speedup`` is its wall time / the fork server's.
+
+Each ``ray start`` layout also runs K no-op trials on the same cluster (``tune_floor_s``: connect + fit,
+what Ray Tune itself costs, nothing to train) and reports ``ratio_net_of_tune_floor`` = (wall - that) /
+ideal; ``ratio_to_ideal`` and ``target_met`` stay the figures judged.
 
 The breakdown attributes the gap: Ray start-up, per-trial start-up (imports, config, checkpoint restore; from
 each trial's own clock), checkpoint I/O (``tune.report`` with a checkpoint), and the rest (scheduling,
@@ -78,23 +84,63 @@ def _measure(cfg, sweep_dir: Path, slots: int, **ray_args) -> dict:
         "nodes": len({t.get("node_id") for t in trials}), "sweep_dir": str(sweep_dir)}
 
 
-def _two_nodes(cfg, root: Path, slots: int, fork_server: bool = True) -> dict:
-    """The same sweep on a head + 1 worker node started with `ray start` (stopped by PID afterwards)."""
+def _noop_trial(config: dict) -> None:
+    from ray import tune
+    tune.report({"fold": config["fold"]})
+
+
+def tune_floor(address: str, root: Path, slots: int) -> float:
+    """Connect + ``Tuner.fit`` of K no-op trials (1 CPU each, reuse_actors, the sweep's loggers) on the
+    cluster at ``address``: what Ray Tune itself costs a K-trial sweep there, with nothing to train."""
+    import os
+
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from distrib.sweep.local_ray import start_ray, stop_ray
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.time()
+    start_ray(root, address, None)
+    try:
+        tune.Tuner(tune.with_resources(_noop_trial, {"cpu": 1}),
+                   param_space={"fold": tune.grid_search(list(range(FOLDS)))},
+                   tune_config=tune.TuneConfig(reuse_actors=True),
+                   run_config=tune.RunConfig(name="noop", storage_path=str(root / "storage"), verbose=0,
+                                             callbacks=[CSVLoggerCallback(), JsonLoggerCallback()])).fit()
+        return time.time() - t0
+    finally:
+        stop_ray()
+
+
+def _cluster(cfg, root: Path, slots: int, nodes: int = 2, fork_server: bool = True) -> dict:
+    """The same sweep on a cluster started with `ray start` (stopped by PID afterwards): a head alone with S
+    CPUs (``nodes=1``), or a head with ceil(S/2) CPUs plus a worker node with the rest (``nodes=2``)."""
+    from distrib.sweep import zygote
     from distrib.sweep.ray_nodes import add_worker, start_head, stop_cluster
     from distrib.sweep.local_ray import _temp_dir
 
     t0 = time.time()
     cluster = {"temp_dir": _temp_dir()}
     try:
-        cluster = start_head(None, max(1, math.ceil(slots / 2)), temp_dir=cluster["temp_dir"],
-                             log=root / "ray_2nodes.log", fork_server=fork_server)
-        if slots > 1:
-            add_worker(cluster, slots // 2, fork_server=fork_server)
+        head_cpus = slots if nodes == 1 else max(1, math.ceil(slots / 2))
+        cluster = start_head(None, head_cpus, temp_dir=cluster["temp_dir"],
+                             log=root / f"ray_{nodes}node.log", fork_server=fork_server)
+        servers = [cluster["fork_server"]]
+        if nodes > 1 and slots > 1:
+            servers.append(add_worker(cluster, slots - head_cpus, fork_server=fork_server)["fork_server"])
+        for sock in filter(None, servers):  # an idle cluster: its fork servers have finished their imports
+            zygote.wait_ready(sock)
         started = time.time() - t0
-        name = "sweep_2nodes" if fork_server else "sweep_2nodes_no_fork_server"
+        name = f"sweep_{nodes}node{'s' if nodes > 1 else ''}" + ("" if fork_server else "_no_fork_server")
         out = _measure(cfg, root / name, slots, address=cluster["address"], storage=str(root / f"storage_{name}"))
+        floor = tune_floor(cluster["address"], root / f"{name}_tune_floor", slots) if fork_server else None
     finally:
         stop_cluster(cluster)
+    if floor is not None:  # Ray Tune's own cost on this cluster, and the ratio without it
+        out.update(tune_floor_s=round(floor, 2),
+                   ratio_net_of_tune_floor=round((out["wall_s"] - floor) / out["ideal_s"], 3))
     return {**out, "cluster_start_s": round(started, 2)}
 
 
@@ -113,12 +159,14 @@ def run(config: str | None = None, out: str | None = None, workers: int = 2, ove
     cold.tune.fork_server = False
     t0 = time.time()
     one = _measure(cfg, root / "sweep", slots, num_cpus=slots)
-    two = _two_nodes(cfg, root, slots)
+    one_cluster = _cluster(cfg, root, slots, nodes=1)
+    two = _cluster(cfg, root, slots, nodes=2)
     # the baseline, same run: every trial process imports torch/timm itself (no sweep.zygote)
     one_cold = _measure(cold, root / "sweep_no_fork_server", slots, num_cpus=slots)
-    two_cold = _two_nodes(cfg, root, slots, fork_server=False)
+    two_cold = _cluster(cfg, root, slots, nodes=2, fork_server=False)
     return {"bench": "sweep", "trials": FOLDS, "slots": slots, "ideal": IDEAL, **one, "target_ratio": TARGET,
-            "two_nodes": two, "no_fork_server": {"one_node": one_cold, "two_nodes": two_cold},
+            "one_node_cluster": one_cluster, "two_nodes": two,
+            "no_fork_server": {"one_node": one_cold, "two_nodes": two_cold},
             "fork_server_speedup": {"one_node": round(one_cold["wall_s"] / one["wall_s"], 3),
                                     "two_nodes": round(two_cold["wall_s"] / two["wall_s"], 3)},
             "total_s": round(time.time() - t0, 2)}

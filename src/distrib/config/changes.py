@@ -48,6 +48,7 @@ SWEEP_RESUME_SAFE = tuple(k for k in RESUME_SAFE if k not in ("train.epochs", "t
     "tune.gpus_per_trial",
     "tune.embed_best",            # post-sweep OOF extraction on/off
     "tune.fork_server",           # where a trial's imports happen, not what it computes
+    "tune.ship_checkpoints",      # a second copy of each checkpoint in Ray's storage, not what is trained
 )
 
 

@@ -209,6 +209,9 @@ class TuneConfig(Section):
     metric: str = "val_auc"  # metric that ranks configs (mean over folds)
     embed_best: bool = True  # extract OOF embeddings for the best config after the sweep
     fork_server: bool = True  # private cluster: trials fork from a process that imported torch/timm (sweep/zygote.py)
+    # cluster/--storage: also copy each epoch's checkpoint into Ray's storage. Off: a retry resumes from
+    # RUN_DIR/last_checkpoint in the shared sweep dir (which trials need anyway: they read its config.yaml)
+    ship_checkpoints: bool = False
 
     def validate(self) -> None:
         check_value(self.folds >= 2, "tune.folds", self.folds, ">= 2")

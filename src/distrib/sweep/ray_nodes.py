@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from distrib.errors import DistribError
+from distrib.sweep import zygote
 from distrib.sweep.local_ray import _temp_dir, _uses_dir, terminate
 
 HEALTH_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
@@ -69,7 +70,6 @@ def _with_fork_server(env: dict, temp_dir: str, fork_server: bool) -> dict:
     """``env`` plus this node's own trial fork server (``sweep.zygote``), started now, when ``fork_server``."""
     if not fork_server:
         return env
-    from distrib.sweep import zygote
     Path(temp_dir).mkdir(parents=True, exist_ok=True)  # `ray start` would create it, but only after this
     sock = zygote.socket_path(temp_dir, f"zygote-{uuid.uuid4().hex[:8]}")
     zygote.start(sock, env=env)
@@ -79,7 +79,8 @@ def _with_fork_server(env: dict, temp_dir: str, fork_server: bool) -> dict:
 def start_head(port: int | None, num_cpus: int, temp_dir: str | None = None, env: dict | None = None,
                log: Path | None = None, timeout: float = 180, fork_server: bool = True) -> dict:
     """``ray start --head`` on 127.0.0.1:``port`` (None: a free one); returns {address, temp_dir, raylet_pid,
-    node_id, log}. The Ray client server gets a free port too (Ray's default 10001 clashes between heads).
+    node_id, log, fork_server (its socket, or None)}. The Ray client server gets a free port too (Ray's default
+    10001 clashes between heads).
     ``fork_server``: the node's trials fork from a process that has imported the trial stack (``sweep.zygote``)."""
     port = port or free_port()
     temp_dir = temp_dir or _temp_dir()
@@ -92,12 +93,14 @@ def start_head(port: int | None, num_cpus: int, temp_dir: str | None = None, env
                env, log, timeout, worker=False)
     head = next(iter(raylets(temp_dir).values()), {})
     return {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "log": str(log),
-            "raylet_pid": head.get("pid"), "node_id": head.get("node_id")}
+            "raylet_pid": head.get("pid"), "node_id": head.get("node_id"),
+            "fork_server": env.get(zygote.ENV) if fork_server else None}
 
 
 def add_worker(cluster: dict, num_cpus: int, env: dict | None = None, timeout: float = 180,
                fork_server: bool = True) -> dict:
-    """Join a worker node (its own raylet, ``num_cpus`` CPUs) to ``cluster``; returns {raylet_pid, node_id, socket}.
+    """Join a worker node (its own raylet, ``num_cpus`` CPUs) to ``cluster``; returns {raylet_pid, node_id,
+    socket, fork_server}.
     ``fork_server`` as in ``start_head`` (each node has its own)."""
     before = raylets(cluster["temp_dir"])
     env = _with_fork_server({**os.environ, **BASE_ENV, **(env or {})}, cluster["temp_dir"], fork_server)
@@ -108,7 +111,8 @@ def add_worker(cluster: dict, num_cpus: int, env: dict | None = None, timeout: f
     if len(new) != 1:
         raise DistribError(f"added a worker node but found {len(new)} new raylets under {cluster['temp_dir']}")
     (sock, node), = new.items()
-    return {"raylet_pid": node["pid"], "node_id": node["node_id"], "socket": sock}
+    return {"raylet_pid": node["pid"], "node_id": node["node_id"], "socket": sock,
+            "fork_server": env.get(zygote.ENV) if fork_server else None}
 
 
 def kill_node(raylet_pid: int) -> float:

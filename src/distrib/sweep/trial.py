@@ -39,6 +39,15 @@ def node_info() -> dict:
             "hostname": socket.gethostname()}
 
 
+def check_shared_sweep_dir(spec: dict, node: dict) -> None:
+    """A trial reads SWEEP_DIR/config.yaml and writes its run dir there, and a retry resumes from that run dir's
+    last_checkpoint on whichever node runs it: the sweep dir must be the same directory on every node."""
+    if not Path(spec["config_path"]).is_file():
+        raise DistribError(f"{spec['config_path']} (the sweep's config) is not visible on node {node['hostname']} "
+                           f"({node['node_ip']}): put --out on a filesystem every node mounts at the same path "
+                           "(README, shared-storage rule)")
+
+
 def _resume_step(run_dir: Path) -> int | None:
     """The optimizer step of the run dir's checkpoint a retry resumes from (None: none, starts from scratch)."""
     from distrib.runs import find_checkpoint
@@ -99,6 +108,7 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
     run_dir = Path(spec["trials_dir"]) / name
     overrides = trial_overrides(config_overrides, fold)
     node = node_info()
+    check_shared_sweep_dir(spec, node)
     _log_event(run_dir, "start", node["node_id"])
     os.environ.update(spec.get("tracker_env", {}))  # MLflow: parent run id, experiment, store (sweep/tracking.py)
     resume = _restore_checkpoint(run_dir)

@@ -50,6 +50,11 @@ def socket_path(temp_dir: str, name: str = "zygote") -> str:
     return str(Path(temp_dir) / f"{name}.sock")
 
 
+def ready_path(sock: str) -> str:
+    """Created once the server has imported the trial stack (``wait_ready``)."""
+    return f"{sock}.ready"
+
+
 def _clear_stale(sock: str) -> None:
     """Remove a socket file left by a server that died (nobody accepts on it); never a live server's."""
     import socket
@@ -57,6 +62,21 @@ def _clear_stale(sock: str) -> None:
         with socket.socket(socket.AF_UNIX) as probe:
             if probe.connect_ex(sock) != 0:
                 os.unlink(sock)
+    if not os.path.exists(sock) and os.path.exists(ready_path(sock)):
+        os.unlink(ready_path(sock))
+
+
+def wait_ready(sock: str, timeout: float = 120) -> float:
+    """Wait until the server at ``sock`` has imported the trial stack; returns the seconds waited. Trials need
+    not wait (they queue on the socket): this is for measuring an idle cluster (``distrib bench sweep``)."""
+    t0 = time.time()
+    while not os.path.exists(ready_path(sock)):
+        if not os.path.exists(sock) or time.time() - t0 > timeout:
+            from distrib.errors import DistribError
+            raise DistribError(f"the trial fork server at {sock} is not serving after {time.time() - t0:.0f} s; "
+                               f"see {sock}.log")
+        time.sleep(0.05)
+    return time.time() - t0
 
 
 def start(sock: str, log_file: str | Path | None = None, env: dict | None = None) -> subprocess.Popen:
@@ -94,6 +114,7 @@ def serve(sock: str) -> None:
         raise SystemExit(1)
     log.info("zygote %d: imported the trial stack in %.1f s, %d thread(s); serving %s", os.getpid(),
              time.time() - t0, threading.active_count(), sock)
+    Path(ready_path(sock)).touch()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     while True:
         conn = listener.accept()
