@@ -89,7 +89,7 @@ def _noop_trial(config: dict) -> None:
     tune.report({"fold": config["fold"]})
 
 
-def tune_floor(address: str, root: Path, slots: int) -> float:
+def tune_floor(address: str, root: Path) -> float:
     """Connect + ``Tuner.fit`` of K no-op trials (1 CPU each, reuse_actors, the sweep's loggers) on the
     cluster at ``address``: what Ray Tune itself costs a K-trial sweep there, with nothing to train."""
     import os
@@ -135,7 +135,7 @@ def _cluster(cfg, root: Path, slots: int, nodes: int = 2, fork_server: bool = Tr
         started = time.time() - t0
         name = f"sweep_{nodes}node{'s' if nodes > 1 else ''}" + ("" if fork_server else "_no_fork_server")
         out = _measure(cfg, root / name, slots, address=cluster["address"], storage=str(root / f"storage_{name}"))
-        floor = tune_floor(cluster["address"], root / f"{name}_tune_floor", slots) if fork_server else None
+        floor = tune_floor(cluster["address"], root / f"{name}_tune_floor") if fork_server else None
     finally:
         stop_cluster(cluster)
     if floor is not None:  # Ray Tune's own cost on this cluster, and the ratio without it
