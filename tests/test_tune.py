@@ -263,3 +263,12 @@ print(json.dumps({"new": new, "pre": [m for m in TUNE_FIT_IMPORTS if m in before
     assert res["pre"] == ["mlflow"], res
     heavy = [m for m in res["new"] if m.split(".")[0] in ("mlflow", "wandb", "comet_ml", "aim", "torch", "pandas")]
     assert not heavy, heavy
+
+
+def test_bench_sweep_tune_floor_runs_k_noop_trials_on_the_cluster(ray_cluster, tmp_path):
+    """`distrib bench sweep`'s measure of Ray Tune's own cost: K no-op trials on the same (real) cluster."""
+    from distrib.bench.sweep import FOLDS, tune_floor
+    seconds = tune_floor(ray_cluster, tmp_path / "floor")
+    results = glob.glob(f"{tmp_path}/floor/storage/noop/*/result.json")
+    assert len(results) == FOLDS and seconds > 0
+    assert sorted(json.loads(open(p).readline())["fold"] for p in results) == list(range(FOLDS))
