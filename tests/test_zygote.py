@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import PYTHON, REPO, subprocess_env
 
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 
@@ -78,3 +78,16 @@ def test_the_child_dies_with_its_caller(demo_shards, tmp_path):
         actor.kill()
         proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_the_server_imports_the_trial_stack_but_not_ray(tmp_path):
+    """The forked child trains and reports over the socket; the actor talks to Tune. Importing Ray in the server
+    only delayed the first trials (the server imports while they queue)."""
+    code = ("import importlib, json, sys; from distrib.sweep.zygote import PRELOAD; "
+            "[importlib.import_module(m) for m in PRELOAD]; "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))))")
+    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=subprocess_env(tmp_path), capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
