@@ -95,8 +95,8 @@ def tune_floor(address: str, root: Path) -> float:
     import os
 
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from distrib.sweep.driver import tune_loggers
     from distrib.sweep.local_ray import start_ray, stop_ray
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -108,7 +108,7 @@ def tune_floor(address: str, root: Path) -> float:
                    param_space={"fold": tune.grid_search(list(range(FOLDS)))},
                    tune_config=tune.TuneConfig(reuse_actors=True),
                    run_config=tune.RunConfig(name="noop", storage_path=str(root / "storage"), verbose=0,
-                                             callbacks=[CSVLoggerCallback(), JsonLoggerCallback()])).fit()
+                                             callbacks=tune_loggers())).fit()
         return time.time() - t0
     finally:
         stop_ray()

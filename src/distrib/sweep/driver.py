@@ -266,11 +266,15 @@ def _tune_config(cfg: ExperimentConfig):
     return tune.TuneConfig(**metric, scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent or None, reuse_actors=True)
 
 
+def tune_loggers() -> list:
+    """Tune's per-trial progress.csv/result.json loggers, passed explicitly (TensorBoard's is left out)."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
 def _run_config(cfg: ExperimentConfig, storage_path: str):
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    return tune.RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=0,
-                          callbacks=[CSVLoggerCallback(), JsonLoggerCallback()],
+    return tune.RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=0, callbacks=tune_loggers(),
                           failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1))

@@ -66,14 +66,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _with_fork_server(env: dict, temp_dir: str, fork_server: bool) -> dict:
-    """``env`` plus this node's own trial fork server (``sweep.zygote``), started now, when ``fork_server``."""
+def _with_fork_server(env: dict, temp_dir: str, fork_server: bool) -> tuple[dict, str | None]:
+    """``env`` plus this node's own trial fork server (``sweep.zygote``), started now, when ``fork_server``;
+    and that server's socket (None without one)."""
     if not fork_server:
-        return env
+        return env, None
     Path(temp_dir).mkdir(parents=True, exist_ok=True)  # `ray start` would create it, but only after this
     sock = zygote.socket_path(temp_dir, f"zygote-{uuid.uuid4().hex[:8]}")
     zygote.start(sock, env=env)
-    return {**env, zygote.ENV: sock}
+    return {**env, zygote.ENV: sock}, sock
 
 
 def start_head(port: int | None, num_cpus: int, temp_dir: str | None = None, env: dict | None = None,
@@ -86,15 +87,14 @@ def start_head(port: int | None, num_cpus: int, temp_dir: str | None = None, env
     temp_dir = temp_dir or _temp_dir()
     log = Path(log or f"{temp_dir}.log")
     env = {**os.environ, **BASE_ENV, **HEALTH_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
-    env = _with_fork_server(env, temp_dir, fork_server)
+    env, server = _with_fork_server(env, temp_dir, fork_server)
     _ray_start(["--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                 "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats",
                 "--ray-client-server-port", str(free_port())],
                env, log, timeout, worker=False)
     head = next(iter(raylets(temp_dir).values()), {})
     return {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "log": str(log),
-            "raylet_pid": head.get("pid"), "node_id": head.get("node_id"),
-            "fork_server": env.get(zygote.ENV) if fork_server else None}
+            "raylet_pid": head.get("pid"), "node_id": head.get("node_id"), "fork_server": server}
 
 
 def add_worker(cluster: dict, num_cpus: int, env: dict | None = None, timeout: float = 180,
@@ -103,7 +103,7 @@ def add_worker(cluster: dict, num_cpus: int, env: dict | None = None, timeout: f
     socket, fork_server}.
     ``fork_server`` as in ``start_head`` (each node has its own)."""
     before = raylets(cluster["temp_dir"])
-    env = _with_fork_server({**os.environ, **BASE_ENV, **(env or {})}, cluster["temp_dir"], fork_server)
+    env, server = _with_fork_server({**os.environ, **BASE_ENV, **(env or {})}, cluster["temp_dir"], fork_server)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # `ray start --address` refuses to join with it
     _ray_start(["--address", cluster["address"], "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                 "--num-gpus", "0", "--disable-usage-stats"], env, Path(cluster["log"]), timeout, worker=True)
@@ -111,8 +111,7 @@ def add_worker(cluster: dict, num_cpus: int, env: dict | None = None, timeout: f
     if len(new) != 1:
         raise DistribError(f"added a worker node but found {len(new)} new raylets under {cluster['temp_dir']}")
     (sock, node), = new.items()
-    return {"raylet_pid": node["pid"], "node_id": node["node_id"], "socket": sock,
-            "fork_server": env.get(zygote.ENV) if fork_server else None}
+    return {"raylet_pid": node["pid"], "node_id": node["node_id"], "socket": sock, "fork_server": server}
 
 
 def kill_node(raylet_pid: int) -> float:

@@ -37,6 +37,8 @@ import time
 import traceback
 from pathlib import Path
 
+from distrib.errors import DistribError
+
 ENV = "DISTRIB_ZYGOTE"  # the node's zygote socket, in the raylet's (so every trial actor's) environment
 # the trial stack, without Ray: the child never uses it (the actor reports to Tune); measured on the private
 # cluster, importing ray.tune too kept the server importing ~1-2 s longer while the first trials queued
@@ -74,7 +76,6 @@ def wait_ready(sock: str, timeout: float = 120) -> float:
     t0 = time.time()
     while not os.path.exists(ready_path(sock)):
         if not os.path.exists(sock) or time.time() - t0 > timeout:
-            from distrib.errors import DistribError
             raise DistribError(f"the trial fork server at {sock} is not serving after {time.time() - t0:.0f} s; "
                                f"see {sock}.log")
         time.sleep(0.05)
@@ -91,7 +92,6 @@ def start(sock: str, log_file: str | Path | None = None, env: dict | None = None
     deadline = time.time() + 60
     while not os.path.exists(sock):  # bound before the imports: up in well under a second
         if proc.poll() is not None or time.time() > deadline:
-            from distrib.errors import DistribError
             raise DistribError(f"the trial fork server did not start (exit {proc.poll()}); see {out.name}, "
                                "or set tune.fork_server=false")
         time.sleep(0.05)
@@ -205,7 +205,6 @@ def run_in_child(sock: str, config_path: str, overrides: list[str], run_dir: Pat
             try:
                 msg = conn.recv()
             except EOFError:
-                from distrib.errors import DistribError
                 raise DistribError(f"trial process {pid} exited without a result; see {out}") from None
             if msg[0] == "report":
                 report(msg[1], msg[2])  # tune.report; raises if Tune stops the trial
@@ -213,7 +212,6 @@ def run_in_child(sock: str, config_path: str, overrides: list[str], run_dir: Pat
             elif msg[0] == "done":
                 return msg[1], msg[2]
             else:
-                from distrib.errors import DistribError
                 raise DistribError(f"{msg[1]} (trial process {pid}; its traceback is in {out})\n{msg[2]}")
     finally:
         conn.close()
