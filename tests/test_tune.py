@@ -265,6 +265,7 @@ print(json.dumps({"new": new, "pre": [m for m in TUNE_FIT_IMPORTS if m in before
     assert not heavy, heavy
 
 
+@pytest.mark.timeout(300)
 def test_bench_sweep_tune_floor_runs_k_noop_trials_on_the_cluster(ray_cluster, tmp_path):
     """`distrib bench sweep`'s measure of Ray Tune's own cost: K no-op trials on the same (real) cluster."""
     from distrib.bench.sweep import FOLDS, tune_floor
