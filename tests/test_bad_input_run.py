@@ -279,6 +279,18 @@ def test_sweep_with_a_trial_that_failed_for_good_exits_1(demo_shards, tmp_path):
     assert [(t["fork_server"], t["torch_threads"]) for t in done] == [(False, 1)] * 2, done  # imported in-process
 
 
+def test_tune_with_missing_hub_weights_fails_before_ray_starts(demo_shards, tmp_path):
+    """Offline with an empty hub cache, `distrib tune ... model.pretrained=true` used to start Ray and fail every
+    trial on the hub error (a new user met 12 failed trials and a --resume hint); now the driver builds each of
+    the grid's models once before anything is written or started, as `distrib run` does."""
+    hf = tmp_path / "empty_hf"
+    res = _distrib("tune", *_sweep_args(demo_shards, tmp_path), "model.pretrained=true", tmp=tmp_path,
+                   env={"HF_HOME": str(hf), "HF_HUB_CACHE": str(hf / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "could not load timm's pretrained weights" in res.stderr and "model.pretrained_file" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "sweep").exists()  # no config.yaml, no Ray PID file
+
+
 def test_a_field_added_after_a_checkpoint_at_its_default_is_no_change():
     from distrib.config import config_changes, config_to_dict, load_config
     new = config_to_dict(load_config(None))

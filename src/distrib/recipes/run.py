@@ -91,25 +91,10 @@ def _check_embed_dims(d, experts) -> None:
 
 
 def check_models(res: dict) -> list[str]:
-    """Build every experiment's model once, here, and run one batch-1 forward at its data.img_size.
-
-    A size the model cannot take (e.g. GenConViT built for 224 px fed 64 px) or a missing hub weight
-    (offline, empty cache) fails with its clear error before any file, process group or Ray trial
-    exists, not minutes in when that expert's first trial starts; online, ``model.pretrained`` weights
-    land in the Hugging Face cache once instead of in every trial at the same time. Returns the names built.
-    """
-    from distrib.models import build_model
-    from distrib.training.setup import dry_forward
-    names, seen = [], set()
-    for cfg in [res["stage1"], res["student"], *(c for c, _ in res["experts"])]:
-        if cfg is None:
-            continue
-        key = (repr(cfg.model), cfg.data.img_size)
-        if key not in seen:
-            seen.add(key)
-            dry_forward(cfg, build_model(cfg.model))
-            names.append(cfg.model.name)
-    return names
+    """Every model of the recipe (stage 1, student, experts) built once with one forward
+    (``training.setup.check_models``), before anything is written or started. Returns the names built."""
+    from distrib.training.setup import check_models as check
+    return check([res["stage1"], res["student"], *(c for c, _ in res["experts"])])
 
 
 DOWNSTREAM = ("name", "stack", "thresholds", "cascade")  # recipe sections read only after the sweeps
@@ -298,7 +283,7 @@ def run_recipe(path: str | Path, out: str | Path, overrides=(), overwrite: bool 
                 continue
             started = started or init_ray(out, address, num_cpus,  # one cluster for every sweep
                                           fork_server=cfg.tune.fork_server)
-            summary = steps(f"sweep {cfg.name}", None, run_sweep, cfg, grid, sweep_dir)
+            summary = steps(f"sweep {cfg.name}", None, run_sweep, cfg, grid, sweep_dir, models_checked=True)
             if not summary.get("best"):
                 raise DistribError(f"sweep {cfg.name} in {sweep_dir} has no config that finished every fold "
                                    f"({summary.get('best_error', '')}; errors: {summary.get('errors')}); fix the "

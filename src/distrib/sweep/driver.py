@@ -116,16 +116,21 @@ def _check_resume(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
     return saved
 
 
-def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
-    """Save the resolved base config (absolute shard path) and validate every grid combination."""
+def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path, models_checked: bool = False) -> Path:
+    """Save the resolved base config (absolute shard path) and validate every grid combination: its values,
+    and (unless ``models_checked``) its model, built once with one forward (``training.setup.check_models``:
+    an input size the model cannot take, or hub weights missing offline, fail before Ray starts)."""
     _check_folds(_absolute_shards(cfg))
-    base = config_to_dict(cfg)
+    base, built = config_to_dict(cfg), []
     for c in validation_configs(grid, cfg.tune.search):  # a typo or bad value fails here, before any file exists
         tree = copy.deepcopy(base)
         for text in trial_overrides(c["overrides"], 0):
             key, value = parse_override(text)
             set_dotted(tree, key, value, "the sweep grid")
-        build_config(tree)
+        built.append(build_config(tree))
+    if not models_checked:
+        from distrib.training.setup import check_models
+        check_models(built)
     saved = out_dir / "config.yaml"
     if saved.is_file() and (out_dir / "trials").is_dir():
         # trials resume from their run dirs' checkpoints: only the same sweep may reuse them
@@ -149,8 +154,10 @@ def _build_trainable(cfg: ExperimentConfig, spec: dict):
 
 
 def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: str | None = None,
-              storage: str | None = None, resume: bool = False, num_cpus: int | None = None) -> dict:
-    """Run (or ``resume``) the grid x fold sweep, then summarise, pick the best config and embed it."""
+              storage: str | None = None, resume: bool = False, num_cpus: int | None = None,
+              models_checked: bool = False) -> dict:
+    """Run (or ``resume``) the grid x fold sweep, then summarise, pick the best config and embed it.
+    ``models_checked``: the caller already built each model once (``distrib run`` does, for every expert)."""
     from ray import tune
     _import_while_ray_starts()
 
@@ -167,7 +174,7 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
     reap(out_dir / PID_FILE)  # before any file is written: refuses if a live driver owns out_dir, stops orphans
     if not resume:
         check_fresh(out_dir)
-    config_path = _check_resume(cfg, grid, out_dir) if resume else _prepare(cfg, grid, out_dir)
+    config_path = _check_resume(cfg, grid, out_dir) if resume else _prepare(cfg, grid, out_dir, models_checked)
     spec = {"folds": cfg.tune.folds, "sweep_dir": str(out_dir), "grid": grid, "config_path": str(config_path), "trials_dir": str(out_dir / "trials"),
             "workers": cfg.tune.workers_per_trial, "cpus": cfg.tune.cpus_per_trial,
             "gpus": cfg.tune.gpus_per_trial, "fail_once": os.environ.get(FAIL_ONCE_ENV, ""),

@@ -116,6 +116,24 @@ def dry_forward(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
         model.train()
 
 
+def check_models(cfgs) -> list[str]:
+    """Build each distinct (model section, data.img_size) of ``cfgs`` once and run one batch-1 forward.
+
+    A size the model cannot take (e.g. GenConViT built for 224 px fed 64 px) or a missing hub weight
+    (offline, empty cache) fails with its clear error before any file, process group or Ray trial exists,
+    not minutes in when a trial starts; online, ``model.pretrained`` weights land in the Hugging Face cache
+    once instead of in every trial at the same time. ``None`` entries are skipped; returns the names built."""
+    from distrib.models import build_model
+    names, seen = [], set()
+    for cfg in cfgs:
+        key = cfg and (repr(cfg.model), cfg.data.img_size)
+        if key and key not in seen:
+            seen.add(key)
+            dry_forward(cfg, build_model(cfg.model))
+            names.append(cfg.model.name)
+    return names
+
+
 def _mean_std(cfg: ExperimentConfig, model: torch.nn.Module):
     from distrib.data.transforms import resolve_mean_std
     if cfg.data.normalize != "model":
