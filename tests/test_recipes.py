@@ -163,6 +163,36 @@ def test_an_embed_dim_larger_than_the_val_set_fails_before_anything_starts(tmp_p
     assert not out.exists()
 
 
+def test_too_few_groups_for_the_folds_or_the_meta_cv_fail_before_anything_starts(tmp_path):
+    """Found by a new-user pass: 4 train groups under data.folds=5 failed at the shard step (naming `--folds`, a
+    `distrib shard` flag), and under stack.folds=5 only after every model had trained. Both fail first now."""
+    from distrib.recipes import run_recipe
+    _manifests(tmp_path)  # 10 train groups
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    with pytest.raises(DataError, match=r"data.folds=11 but .*train.csv has 10 group\(s\).* set data.folds=10 or fewer"):
+        run_recipe(recipe, out, ["data.folds=11"])
+    with pytest.raises(DataError, match=r"stack.folds=11: .* has 10; set stack.folds=10 or fewer"):
+        run_recipe(recipe, out, ["stack.folds=11"])
+    assert not out.exists()
+
+
+def test_a_changed_recipe_replaces_one_whose_run_finished_no_step(tmp_path):
+    """A run that failed before its first step finished trained nothing: the corrected command goes on (it used
+    to be refused as a different recipe). Once a step has finished, the same change is refused."""
+    from distrib.recipes.config import load_recipe as load
+    from distrib.recipes.run import SAVED, STATE, _check_saved, resolve
+    _manifests(tmp_path)
+    recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
+    old, new = (resolve(load(recipe, [f"data.folds={k}"]), out)["saved"] for k in (2, 3))
+    _check_saved(out, old, overwrite=False)
+    _check_saved(out, new, overwrite=False)  # nothing finished: replaced
+    assert yaml.safe_load((out / SAVED).read_text()) == new
+    (out / STATE).write_text(json.dumps({"shards": 1.0}))
+    with pytest.raises(Exception, match=r"different recipe .*recipe data"):
+        _check_saved(out, old, overwrite=False)
+    assert yaml.safe_load((out / SAVED).read_text()) == new
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):

@@ -6,7 +6,8 @@ Every step is the library call of its own subcommand (``shard``, ``train``, ``tu
 ``thresholds``, ``cascade``). Everything resolves first: a bad key, value or path in the recipe or any
 experiment/grid fails before a file, process group or Ray cluster exists. The resolved recipe (plus
 each resolved experiment config, grid and manifest checksum) is saved as ``DIR/recipe.yaml``; a
-second run with a different one is refused unless ``overwrite`` (which clears the recipe's outputs).
+second run with a different one is refused unless ``overwrite`` (which clears the recipe's outputs), once
+a step has finished (before that, nothing was trained and the new one replaces it).
 ``DIR/recipe_state.json`` records each finished step and its seconds: a step recorded there whose
 outputs exist is skipped, so a killed run continues with the same command (stage 1 and the sweeps
 also resume inside their own checkpoints).
@@ -52,6 +53,7 @@ def resolve(recipe: Recipe, out: Path) -> dict:
         if path and not d.shards and not Path(path).is_file():
             raise DistribError(f"recipe data.{key}: manifest not found: {path} (paths resolve against the recipe's "
                                "folder; on the command line, against the current one)")
+    _check_groups(recipe, folds)
     common = [f"data.shards={shard_dir}", f"tune.folds={folds}", *recipe.overrides]
     stage1 = load_config(recipe.stage1.experiment, [*common, "data.fold=-1", *recipe.stage1.overrides]) \
         if recipe.stage1.experiment else None
@@ -72,6 +74,30 @@ def resolve(recipe: Recipe, out: Path) -> dict:
                       "student": student and config_to_dict(student),
                       "experts": [{"config": config_to_dict(c), "grid": g} for c, g in experts],
                       "manifests": {k: _sha(getattr(d, k)) for k in ("train", "val", "test")}}}
+
+
+def _check_groups(recipe: Recipe, folds: int) -> None:
+    """Whole groups per fold, in the shard folds and in the meta-model's group K-fold over the OOF table (the
+    train split): too few groups fail now, not at the shard step or after every model has trained."""
+    from distrib.errors import DataError
+    d = recipe.data
+    if d.shards:
+        from distrib.data.index import read_index
+        index = read_index(d.shards)
+        if "groups" not in index:
+            return
+        n, where = len(index["groups"]), f"{d.shards} (train split)"
+    else:
+        from distrib.data.manifest import read_manifest
+        n, where = len({r["group"] for r in read_manifest(d.train, "train")}), str(d.train)
+        if n < folds:
+            raise DataError(f"data.folds={folds} but {where} has {n} group(s), and every fold needs whole groups; "
+                            f"set data.folds={max(2, n)} or fewer (in the recipe or as data.folds=N on the command "
+                            "line), or add groups")
+    if recipe.mode == "cascade" and n < recipe.stack.folds:
+        raise DataError(f"stack.folds={recipe.stack.folds}: the meta-model's group K-fold needs that many groups in "
+                        f"the train split, but {where} has {n}; set stack.folds={max(2, n)} or fewer (in the recipe "
+                        "or as stack.folds=N on the command line), or add groups")
 
 
 def _check_embed_dims(d, experts) -> None:
@@ -144,7 +170,10 @@ def plan_changes(old: dict, new: dict) -> tuple[list[str], bool, list[str]]:
 def _check_saved(out: Path, saved: dict, overwrite: bool) -> None:
     path = out / SAVED
     old = yaml.safe_load(path.read_text()) if path.is_file() else None
-    if old is not None and old != saved and not overwrite:
+    trained = bool(_read_json(out / STATE)) or (out / "stage1").exists() or any(out.glob("sweep_*"))
+    if old is not None and old != saved and not overwrite and not trained:
+        log.info(f"replacing {path}: the run that saved it finished no step")
+    elif old is not None and old != saved and not overwrite:
         refused, redo_tail, reembed = plan_changes(old, saved)
         if refused:
             raise DistribError(f"{out} holds a run of a different recipe ({'; '.join(refused)} changed since "
