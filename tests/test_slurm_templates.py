@@ -27,6 +27,15 @@ def test_template_is_valid_bash(name):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.parametrize("name,var", [("train.sbatch", "MAIN_IP"), ("ray_cluster.sbatch", "HEAD_IP")])
+def test_template_without_the_main_address_stops_and_names_the_variable(name, var):
+    """Outside Slurm (no node list), the address used to come out empty (`--main_process_ip ''`) with exit 0."""
+    proc = subprocess.run(["bash", str(SLURM / name)], cwd=REPO, env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"{var} is empty" in proc.stderr and f"set {var}=" in proc.stderr, proc.stderr
+    assert "launch" not in proc.stdout and "tune" not in proc.stdout  # nothing printed to run
+
+
 def test_train_sbatch_renders_to_valid_accelerate_launches():
     from accelerate.commands.launch import launch_command_parser
     cmds = _render("train.sbatch", MAIN_IP="10.1.2.3", NNODES="3", GPUS_PER_NODE="4", RUN_DIR="/nfs/runs/x",
