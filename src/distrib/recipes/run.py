@@ -170,10 +170,10 @@ def plan_changes(old: dict, new: dict) -> tuple[list[str], bool, list[str]]:
 def _check_saved(out: Path, saved: dict, overwrite: bool) -> None:
     path = out / SAVED
     old = yaml.safe_load(path.read_text()) if path.is_file() else None
-    trained = bool(_read_json(out / STATE)) or (out / "stage1").exists() or any(out.glob("sweep_*"))
-    if old is not None and old != saved and not overwrite and not trained:
-        log.info(f"replacing {path}: the run that saved it finished no step")
-    elif old is not None and old != saved and not overwrite:
+    changed = old is not None and old != saved and not overwrite
+    if changed and not (_read_json(out / STATE) or (out / "stage1").exists() or any(out.glob("sweep_*"))):
+        log.info(f"replacing {path}: the run that saved it finished no step")  # nothing was trained
+    elif changed:
         refused, redo_tail, reembed = plan_changes(old, saved)
         if refused:
             raise DistribError(f"{out} holds a run of a different recipe ({'; '.join(refused)} changed since "
