@@ -13,6 +13,7 @@ This door is `distrib train` under another name: the same parser, then the same 
 distrib.cli's `train` command: resolve the config (errors before any process group exists),
 build, train (distrib.training.trainer.run), close, and print the result once, on rank 0.
 """
+
 import sys
 
 from distrib.cli import main

@@ -4,6 +4,7 @@
 
 Same as ``distrib shard inspect DIR``: both call distrib.data.shards.inspect_shards.
 """
+
 import sys
 
 from distrib.cli import main

@@ -5,6 +5,7 @@
 
 Same as ``distrib shard ...``: both call distrib.data.shards.write_shards.
 """
+
 import sys
 
 from distrib.cli import main

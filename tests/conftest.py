@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny real demo dataset and its shards per test session; temp dirs in tmp."""
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ def session_tmp(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data(session_tmp) -> Path:
     from distrib.demo.data import build_demo_dataset
+
     out = session_tmp / "demo_data"
     build_demo_dataset(out, size="tiny", seed=0)
     return out
@@ -38,9 +40,18 @@ def demo_data(session_tmp) -> Path:
 @pytest.fixture(scope="session")
 def demo_shards(demo_data, session_tmp) -> Path:
     from distrib.data.shards import write_shards
+
     out = session_tmp / "demo_shards"
-    write_shards(demo_data / "train_manifest.csv", out, val=demo_data / "val_manifest.csv",
-                 test=demo_data / "test_manifest.csv", folds=3, seed=0, shard_size=30, workers=1)
+    write_shards(
+        demo_data / "train_manifest.csv",
+        out,
+        val=demo_data / "val_manifest.csv",
+        test=demo_data / "test_manifest.csv",
+        folds=3,
+        seed=0,
+        shard_size=30,
+        workers=1,
+    )
     return out
 
 
@@ -54,9 +65,19 @@ def fold_runs(demo_shards, session_tmp) -> list[str]:
     debug = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
     runs = []
     for k in range(3):
-        cfg = load_config(debug, [f"data.shards={demo_shards}", f"data.fold={k}", "train.epochs=1",
-                                  "data.samples_per_epoch=32", "train.latency_batches=1", "embed.dim=8",
-                                  "embed.anchors=24", "embed.fit_samples=64"])
+        cfg = load_config(
+            debug,
+            [
+                f"data.shards={demo_shards}",
+                f"data.fold={k}",
+                "train.epochs=1",
+                "data.samples_per_epoch=32",
+                "train.latency_batches=1",
+                "embed.dim=8",
+                "embed.anchors=24",
+                "embed.fit_samples=64",
+            ],
+        )
         run(cfg, session_tmp / "fold_runs" / f"fold{k}")
         runs.append(str(session_tmp / "fold_runs" / f"fold{k}"))
     return runs
@@ -79,11 +100,33 @@ def ray_cluster(session_tmp):
     env["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps 127.0.0.1 (else the client server binds the host IP)
     log = open(session_tmp / "ray_head.log", "w")
-    proc = subprocess.Popen([str(Path(PYTHON).parent / "ray"), "start", "--head", "--block", "--port", str(port),
-                             "--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
-                             "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats",
-                             "--ray-client-server-port", str(_free_port())],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(PYTHON).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "false",
+            "--temp-dir",
+            temp_dir,
+            "--disable-usage-stats",
+            "--ray-client-server-port",
+            str(_free_port()),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

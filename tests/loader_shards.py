@@ -4,6 +4,7 @@
 layouts (one 3-sample shard next to a 40-sample one, a truncated tar, a garbage JPEG), so they write
 the same format directly with webdataset's TarWriter.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,14 @@ def _jpeg(rng: np.random.Generator, size: int) -> bytes:
     return simplejpeg.encode_jpeg(img, quality=90)
 
 
-def write_tiny_shards(out: Path, layout: list[tuple[str, int, int]], size: int = 32, seed: int = 0,
-                      bad_jpeg: set[str] = frozenset(), truncate: dict[str, int] | None = None) -> dict:
+def write_tiny_shards(
+    out: Path,
+    layout: list[tuple[str, int, int]],
+    size: int = 32,
+    seed: int = 0,
+    bad_jpeg: set[str] = frozenset(),
+    truncate: dict[str, int] | None = None,
+) -> dict:
     """Write shards for ``layout`` = [(split, fold, count), ...] and index.json; returns the index.
 
     Keys are ``{split}{fold}_{shard}_{i}``; the group is ``g{shard}_{i // 4}``. ``bad_jpeg`` keys get
@@ -41,15 +48,27 @@ def write_tiny_shards(out: Path, layout: list[tuple[str, int, int]], size: int =
                 tag = f"f{fold}" if split == "train" else split
                 key = f"{tag}s{si}i{i}"
                 label = int(rng.integers(0, 2))
-                meta = {"key": key, "label": label, "group": f"g{si}_{i // 4}",
-                        "fold": fold if split == "train" else -1, "source_path": f"img/{key}.jpg"}
+                meta = {
+                    "key": key,
+                    "label": label,
+                    "group": f"g{si}_{i // 4}",
+                    "fold": fold if split == "train" else -1,
+                    "source_path": f"img/{key}.jpg",
+                }
                 img = b"not a jpeg at all" if key in bad_jpeg else _jpeg(rng, size)
                 w.write({"__key__": key, "jpg": img, "cls": str(label).encode(), "json": json.dumps(meta).encode()})
         if truncate and name in truncate:
             data = (out / name).read_bytes()
-            (out / name).write_bytes(data[:truncate[name]])
-        shards.append({"path": name, "split": split, "fold": fold if split == "train" else -1, "count": count,
-                       "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
+            (out / name).write_bytes(data[: truncate[name]])
+        shards.append(
+            {
+                "path": name,
+                "split": split,
+                "fold": fold if split == "train" else -1,
+                "count": count,
+                "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
+            }
+        )
     folds = sorted({f for s, f, _ in layout if s == "train"})
     index = {"folds": len(folds), "seed": seed, "classes": {"0": "real", "1": "fake"}, "shards": shards}
     (out / "index.json").write_text(json.dumps(index, indent=1))

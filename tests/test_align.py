@@ -1,4 +1,5 @@
 """Alignment and merge checks: Procrustes recovers a known rotation; OOF coverage violations raise."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +7,15 @@ import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
-from distrib.stacking.align import (average_aligned, check_oof_table, fit_alignments, fit_rotation, load_alignment,
-                           save_alignment)
 from distrib.errors import DataError
+from distrib.stacking.align import (
+    average_aligned,
+    check_oof_table,
+    fit_alignments,
+    fit_rotation,
+    load_alignment,
+    save_alignment,
+)
 
 
 def test_procrustes_recovers_known_rotation_and_shift():
@@ -68,10 +75,18 @@ def test_projection_refuses_more_dims_than_samples():
 
 
 def _tables():
-    expected = pd.DataFrame({"key": [f"k{i}" for i in range(9)], "group": ["g0", "g0", "g1", "g2", "g2", "g3", "g4", "g4", "g5"],
-                             "label": [0, 1, 0, 1, 0, 1, 0, 1, 0], "fold": [0, 0, 0, 1, 1, 1, 2, 2, 2]})
+    expected = pd.DataFrame(
+        {
+            "key": [f"k{i}" for i in range(9)],
+            "group": ["g0", "g0", "g1", "g2", "g2", "g3", "g4", "g4", "g5"],
+            "label": [0, 1, 0, 1, 0, 1, 0, 1, 0],
+            "fold": [0, 0, 0, 1, 1, 1, 2, 2, 2],
+        }
+    )
     oof = expected.assign(split="oof", prob=0.5)
-    val = pd.DataFrame({"key": ["v0", "v1"], "group": ["gv", "gv"], "label": [0, 1], "fold": -1, "split": "val", "prob": 0.5})
+    val = pd.DataFrame(
+        {"key": ["v0", "v1"], "group": ["gv", "gv"], "label": [0, 1], "fold": -1, "split": "val", "prob": 0.5}
+    )
     return expected, pd.concat([oof, val], ignore_index=True)
 
 

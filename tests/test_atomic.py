@@ -1,4 +1,5 @@
 """Atomic writes: a failed write (e.g. a full disk) leaves the old file intact and no temp file behind."""
+
 import errno
 
 import pytest

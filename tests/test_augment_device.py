@@ -1,5 +1,6 @@
 """augment.device=model on CPU: the same images as augmenting in the loader, seeded per (seed, epoch, rank, batch);
 offset-indexed shard reads equal tar-stream reads; batched decode (the decode_device=cuda code path) on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,17 @@ from distrib.data.transforms import augment_placement, build_transform, decode_b
 from distrib.errors import DataError
 from loader_shards import write_tiny_shards
 
-AUG = AugmentConfig(hflip=0.5, vflip=0.5, rotate=180, translate=0.1, scale_min=0.9, scale_max=1.1,
-                    motion_blur_p=0.5, color_jitter=[0.3, 0.3, 0.2, 0.05], random_resized_crop=True)
+AUG = AugmentConfig(
+    hflip=0.5,
+    vflip=0.5,
+    rotate=180,
+    translate=0.1,
+    scale_min=0.9,
+    scale_max=1.1,
+    motion_blur_p=0.5,
+    color_jitter=[0.3, 0.3, 0.2, 0.05],
+    random_resized_crop=True,
+)
 LAYOUT = [("train", 0, 23), ("train", 0, 9), ("train", 1, 14), ("val", -1, 11)]
 
 
@@ -33,8 +43,9 @@ def shards(tmp_path_factory):
 def _loader(shards, place, workers=0, epoch=0, rank=0, mode="train", train=True):
     tf = build_transform(AUG if train else None, DataConfig(img_size=32), train=train)
     split, folds = ("train", [0, 1]) if mode == "train" else ("val", None)
-    return build_loader(shards, split, folds, rank, 2, workers, 4, epoch, tf, seed=7, mode=mode,
-                        shuffle_buffer=16, augment_on=place)
+    return build_loader(
+        shards, split, folds, rank, 2, workers, 4, epoch, tf, seed=7, mode=mode, shuffle_buffer=16, augment_on=place
+    )
 
 
 @pytest.mark.timeout(300)
@@ -100,6 +111,7 @@ def test_auto_placement_and_decode_device_rules():
 def test_batched_decode_matches_the_worker_decode():
     """decode_batch (torchvision decode_jpeg + antialiased resize) on CPU: the decode_device=cuda code path."""
     import simplejpeg
+
     rng = np.random.default_rng(0)
     base = (rng.random((12, 12, 3)) * 255).astype(np.uint8)
     imgs = [np.kron(base, np.ones((k, k, 1), np.uint8))[:h, :w] for k, h, w in ((6, 72, 60), (4, 48, 48), (8, 32, 40))]
@@ -125,12 +137,16 @@ def test_offset_reads_equal_tar_stream_reads(demo_shards):
         assert json.loads(f["json"])["label"] == int(s["cls"])
     u = plan.urls[0]  # a range inside a shard, by both readers
     part = [{"url": u, "start": 3, "stop": 7}]
-    assert [s["__key__"] for s in read_samples(part, plan.counts, _Stats(), plan.offsets)] == \
-        [s["__key__"] for s in read_samples(part, plan.counts, _Stats())] == [s["__key__"] for s in fast[3:7]]
+    assert (
+        [s["__key__"] for s in read_samples(part, plan.counts, _Stats(), plan.offsets)]
+        == [s["__key__"] for s in read_samples(part, plan.counts, _Stats())]
+        == [s["__key__"] for s in fast[3:7]]
+    )
 
 
 def test_offset_reader_counts_truncation_and_rejects_a_stale_index(demo_shards, tmp_path):
     import shutil
+
     work = tmp_path / "s"
     shutil.copytree(demo_shards, work)
     plan = plan_split(work, "train", None)
@@ -163,9 +179,20 @@ def test_eval_ranges_inside_offset_shards_exactly_once(demo_shards):
 
 
 def _train(out, shards, tmp, device):
-    cmd = [PYTHON, "launch/train.py", "launch/configs/experiments/debug.yaml", "train.epochs=1", "train.latency_batches=1",
-           f"data.shards={shards}", "--out", str(out), f"augment.device={device}", "augment.rotate=30",
-           "augment.motion_blur_p=0.5", "augment.color_jitter=[0.2,0.2,0.2,0.02]"]
+    cmd = [
+        PYTHON,
+        "launch/train.py",
+        "launch/configs/experiments/debug.yaml",
+        "train.epochs=1",
+        "train.latency_batches=1",
+        f"data.shards={shards}",
+        "--out",
+        str(out),
+        f"augment.device={device}",
+        "augment.rotate=30",
+        "augment.motion_blur_p=0.5",
+        "augment.color_jitter=[0.2,0.2,0.2,0.02]",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -184,6 +211,7 @@ def test_training_with_model_placement_equals_loader_placement(demo_shards, tmp_
 def test_flat_multi_size_rows_still_stack(shards):
     """A transform whose prepare returns flat rows (the cascade's multi-size one) is stacked, not taken for JPEG bytes."""
     from distrib.cascade.run import MultiSizeTransform
+
     multi = MultiSizeTransform([16, 32])
     b = next(iter(build_loader(shards, "val", None, 0, 1, 0, 4, 0, multi, 0, mode="eval")))
     assert torch.is_tensor(b["image"]) and b["image"].shape == (4, 3 * (16 * 16 + 32 * 32))

@@ -4,6 +4,7 @@ Labels (explicit positive class), manifest columns and encodings, image modes, s
 before training, one-line errors instead of tracebacks, and the minor items. Real manifests, images
 and shards built in tmp_path; no mocks.
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,12 +47,18 @@ def _csv(path: Path, header: list[str], rows: list[list], encoding: str = "utf-8
 def _manifest(tmp_path: Path, labels: list[str], header=("path", "label", "group"), **kw) -> Path:
     paths = _images(tmp_path, len(labels))
     rows = [[p, lab, f"g{i % 6}"] for i, (p, lab) in enumerate(zip(paths, labels))]
-    return _csv(tmp_path / "train.csv", list(header), [r[:len(header)] for r in rows], **kw)
+    return _csv(tmp_path / "train.csv", list(header), [r[: len(header)] for r in rows], **kw)
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "distrib", *args], cwd=REPO, env=subprocess_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [PYTHON, "-m", "distrib", *args],
+        cwd=REPO,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -63,11 +70,15 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 # 1. explicit positive class ------------------------------------------------------------------------
 
+
 def test_positive_class_is_explicit_and_case_insensitive(tmp_path):
     labels = ["Real", "deepfake", "REAL", "Deepfake", "real", "DEEPFAKE"] * 2
     train = _manifest(tmp_path, labels)
-    with pytest.raises(DataError, match=r"labels \['Real', 'deepfake'\] do not say which class is positive.*"
-                                        r"--positive NAME"):
+    with pytest.raises(
+        DataError,
+        match=r"labels \['Real', 'deepfake'\] do not say which class is positive.*"
+        r"--positive NAME",
+    ):
         write_shards(train, tmp_path / "a", folds=3, workers=1)
     assert not (tmp_path / "a").exists()
     with pytest.raises(DataError, match=r"--positive 'fake' is not a label .*\['Real', 'deepfake'\]"):
@@ -88,8 +99,11 @@ def test_positive_class_is_explicit_and_case_insensitive(tmp_path):
 def test_label_typo_third_class_names_the_row(tmp_path):
     labels = ["real", "fake"] * 6
     labels[7] = "fkae"
-    with pytest.raises(DataError, match=r"train\.csv row 8: label 'fkae' makes a third class; labels must be "
-                                        r"binary \(seen: 'fake' \(5 rows\), 'fkae' \(1 rows\), 'real' \(6 rows\)\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train\.csv row 8: label 'fkae' makes a third class; labels must be "
+        r"binary \(seen: 'fake' \(5 rows\), 'fkae' \(1 rows\), 'real' \(6 rows\)\)",
+    ):
         write_shards(_manifest(tmp_path, labels), tmp_path / "s", folds=3, workers=1)
     ints = ["0", "1"] * 6
     ints[3] = "2"
@@ -100,6 +114,7 @@ def test_label_typo_third_class_names_the_row(tmp_path):
 
 def test_data_classes_must_match_the_index(demo_shards, tmp_path):
     from distrib.training.setup import preflight
+
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "data.classes={negative: fake, positive: real}"])
     with pytest.raises(DataError, match=r"maps labels as \{'0': 'real', '1': 'fake'\}.*--positive real"):
         preflight(cfg, tmp_path / "run", resume=False)
@@ -112,12 +127,16 @@ def test_data_classes_must_match_the_index(demo_shards, tmp_path):
 
 # 2. manifest columns and encodings ------------------------------------------------------------------
 
-@pytest.mark.parametrize("header, pattern", [
-    (("path", "label", "Group"), r"column 'Group' must be spelled exactly 'group' .*rename it"),
-    (("path", " label", "group"), r"column ' label' must be spelled exactly 'label'"),
-    (("path", "label", "video"), r"column 'video' looks like a group id.*rename 'video' to 'group'"),
-    (("path", "label", "group_id"), r"column 'group_id' looks like a group id"),
-])
+
+@pytest.mark.parametrize(
+    "header, pattern",
+    [
+        (("path", "label", "Group"), r"column 'Group' must be spelled exactly 'group' .*rename it"),
+        (("path", " label", "group"), r"column ' label' must be spelled exactly 'label'"),
+        (("path", "label", "video"), r"column 'video' looks like a group id.*rename 'video' to 'group'"),
+        (("path", "label", "group_id"), r"column 'group_id' looks like a group id"),
+    ],
+)
 def test_manifest_columns_match_exactly_or_fail(header, pattern, tmp_path):
     train = _manifest(tmp_path, ["real", "fake"] * 6, header=header)
     with pytest.raises(DataError, match=pattern):
@@ -139,6 +158,7 @@ def test_bom_accepted_and_non_utf8_is_one_line(tmp_path):
 
 # 3. image modes -----------------------------------------------------------------------------------
 
+
 def _reference(mode: str, a: np.ndarray) -> np.ndarray:
     """Independent reference conversions (numpy) for the modes data.images documents."""
     a = a.astype(np.float64)
@@ -157,6 +177,7 @@ def _reference(mode: str, a: np.ndarray) -> np.ndarray:
 def test_each_image_mode_matches_its_reference_conversion(tmp_path):
     from distrib.data.images import to_rgb8
     from distrib.data.transforms import decode_image
+
     rng = np.random.default_rng(0)
     u16 = rng.integers(0, 65536, (9, 7)).astype(np.uint16)
     cases = {
@@ -197,6 +218,7 @@ def test_each_image_mode_matches_its_reference_conversion(tmp_path):
 
 # 4. training trusts nothing it has not checked ------------------------------------------------------
 
+
 def _copy(demo_shards: Path, tmp_path: Path) -> Path:
     shards = tmp_path / "shards"
     shutil.copytree(demo_shards, shards)
@@ -231,6 +253,7 @@ def test_preflight_verifies_every_shard(demo_shards, tmp_path):
 @pytest.mark.timeout(300)
 def test_max_skipped_fraction_fails_the_run_with_the_count(demo_shards, tmp_path):
     from distrib.training.trainer import run
+
     shards = _copy(demo_shards, tmp_path)
     src = shards / "train-f1-00000.tar"
     with tarfile.open(src) as tar:
@@ -241,10 +264,19 @@ def test_max_skipped_fraction_fails_the_run_with_the_count(demo_shards, tmp_path
             if m.name.endswith(".jpg") and broken < 3:  # undecodable, same size: the tar stays valid
                 data, broken = b"\0" * len(data), broken + 1
             tar.addfile(m, io.BytesIO(data))
-    over = [f"data.shards={shards}", "data.verify=size", "model.name=resnet10t", "train.epochs=1",
-            "train.latency_batches=1", "data.shuffle_buffer=8"]
-    with pytest.raises(DataError, match=r"skipped [1-3] corrupt train samples of \d+ read .*"
-                                        r"train.max_skipped_fraction=0.001"):
+    over = [
+        f"data.shards={shards}",
+        "data.verify=size",
+        "model.name=resnet10t",
+        "train.epochs=1",
+        "train.latency_batches=1",
+        "data.shuffle_buffer=8",
+    ]
+    with pytest.raises(
+        DataError,
+        match=r"skipped [1-3] corrupt train samples of \d+ read .*"
+        r"train.max_skipped_fraction=0.001",
+    ):
         run(load_config(DEBUG, over + ["train.max_skipped_fraction=0.001"]), tmp_path / "strict")
     res = json.loads((tmp_path / "strict" / "evaluation_results.json").read_text())
     assert res["skipped_samples"]["train"] >= 1  # outputs are written, then the run fails
@@ -253,6 +285,7 @@ def test_max_skipped_fraction_fails_the_run_with_the_count(demo_shards, tmp_path
 
 
 # 5. one-line errors instead of tracebacks -----------------------------------------------------------
+
 
 def test_unwritable_out_and_corrupt_index_are_one_line_errors(demo_data, demo_shards, tmp_path):
     train = str(demo_data / "train_manifest.csv")
@@ -268,30 +301,42 @@ def test_unwritable_out_and_corrupt_index_are_one_line_errors(demo_data, demo_sh
 
 def test_demo_images_with_an_unreadable_photo_fails_naming_it(tmp_path):
     from distrib.demo.data import build_demo_dataset
+
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(photos / f"p{i}.jpg")
     (photos / "broken.jpg").write_bytes(b"this is not a JPEG")
-    with pytest.raises(DataError, match=r"1 photo\(s\) cannot be read, first: .*broken\.jpg is unreadable "
-                                        r"\(UnidentifiedImageError.*remove or re-save them"):
+    with pytest.raises(
+        DataError,
+        match=r"1 photo\(s\) cannot be read, first: .*broken\.jpg is unreadable "
+        r"\(UnidentifiedImageError.*remove or re-save them",
+    ):
         build_demo_dataset(tmp_path / "out", images=photos, size="tiny")
     assert not (tmp_path / "out").exists()
 
 
 # 6. minor items ------------------------------------------------------------------------------------
 
+
 def test_thresholds_refuse_percent_probabilities(tmp_path):
     from distrib.stacking.thresholds import load_predictions
+
     pred = _csv(tmp_path / "p.csv", ["label", "prob"], [[0, 12.5], [1, 87.5], [0, 3.0], [1, 99.0]])
-    with pytest.raises(DataError, match=r"prob must be a probability in 0\.\.1.*max 99.*0-100 percentage\? divide by 100"):
+    with pytest.raises(
+        DataError, match=r"prob must be a probability in 0\.\.1.*max 99.*0-100 percentage\? divide by 100"
+    ):
         load_predictions(pred)
 
 
 def test_closest_key_prefers_the_abbreviation():
-    for key, want in (("optim.learning_rate", "optim.lr"), ("optim.wd", "optim.weight_decay"),
-                      ("optim.lr_min", "optim.min_lr"), ("train.epoch", "train.epochs")):
+    for key, want in (
+        ("optim.learning_rate", "optim.lr"),
+        ("optim.wd", "optim.weight_decay"),
+        ("optim.lr_min", "optim.min_lr"),
+        ("train.epoch", "train.epochs"),
+    ):
         with pytest.raises(ConfigError, match=f"did you mean '{want}'"):
             load_config(None, [f"{key}=1"])
 
@@ -299,13 +344,17 @@ def test_closest_key_prefers_the_abbreviation():
 def test_missing_base_names_the_referring_yaml(tmp_path):
     child = tmp_path / "exp.yaml"
     child.write_text("base: nowhere.yaml\nname: x\n")
-    with pytest.raises(ConfigError, match=r"config file not found: .*nowhere\.yaml \(named by 'base: nowhere\.yaml'"
-                                          r" in .*exp\.yaml"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config file not found: .*nowhere\.yaml \(named by 'base: nowhere\.yaml'"
+        r" in .*exp\.yaml",
+    ):
         load_config(child)
 
 
 def test_failed_validation_leaves_no_output_dir(demo_shards, tmp_path):
     from distrib.training.setup import preflight
+
     with pytest.raises(DistribError, match="unknown model name"):
         preflight(load_config(DEBUG, [f"data.shards={demo_shards}", "model.name=resnet5O"]), tmp_path / "run", False)
     with pytest.raises(DataError, match="do not say which class"):
@@ -315,13 +364,35 @@ def test_failed_validation_leaves_no_output_dir(demo_shards, tmp_path):
 
 def test_cascade_report_names_the_positive_class(tmp_path):
     from distrib.cascade.report import write_report
-    cost = {"stage1_mean_ms": 1.0, "stage1_p95_ms": 1.0, "cascade_mean_ms": 1.0, "cascade_p95_ms": 1.0,
-            "cost_ratio_to_stage1": 1.0, "note": "model compute"}
+
+    cost = {
+        "stage1_mean_ms": 1.0,
+        "stage1_p95_ms": 1.0,
+        "cascade_mean_ms": 1.0,
+        "cascade_p95_ms": 1.0,
+        "cost_ratio_to_stage1": 1.0,
+        "note": "model compute",
+    }
     band = {"message": "band", "feasible": True, "t_low": 0.1, "t_high": 0.9}
-    results = {"name": "c", "split": "test", "n": 10, "positives": 4, "escalation_rate": 0.1, "escalated": 1,
-               "metrics": {"cascade": {"auc": 0.9}}, "cost": cost, "plots": {},
-               "thresholds": {"stage1_band": band, "meta_rule": "mean", "meta_threshold": 0.5,
-                              "stage1_single_youden": 0.5, "experts_youden_oof": {}},
-               "classes": {"0": "Real", "1": "deepfake"}, "positive": "deepfake"}
+    results = {
+        "name": "c",
+        "split": "test",
+        "n": 10,
+        "positives": 4,
+        "escalation_rate": 0.1,
+        "escalated": 1,
+        "metrics": {"cascade": {"auc": 0.9}},
+        "cost": cost,
+        "plots": {},
+        "thresholds": {
+            "stage1_band": band,
+            "meta_rule": "mean",
+            "meta_threshold": 0.5,
+            "stage1_single_youden": 0.5,
+            "experts_youden_oof": {},
+        },
+        "classes": {"0": "Real", "1": "deepfake"},
+        "positive": "deepfake",
+    }
     text = write_report(results, tmp_path).read_text()
     assert "Positive class (label 1): **deepfake**; classes 0 = Real, 1 = deepfake." in text

@@ -3,6 +3,7 @@
 Real components throughout: real `distrib train` runs on the debug config and the demo shards, real
 `distrib tune` drivers that start their own local Ray cluster, real signals (SIGINT, SIGKILL).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -19,8 +20,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON, REPO, subprocess_env
-from distrib.config import (RESUME_SAFE, SWEEP_RESUME_SAFE, ConfigError, check_resume, config_to_dict,
-                            load_config)
+from distrib.config import RESUME_SAFE, SWEEP_RESUME_SAFE, ConfigError, check_resume, config_to_dict, load_config
 from distrib.sweep.local_ray import PID_FILE, listening_sockets
 
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
@@ -28,13 +28,25 @@ SHORT = ["data.samples_per_epoch=32", "train.latency_batches=1"]  # 2 steps per 
 
 
 def _distrib(*args, tmp: Path, timeout=600, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "distrib", *map(str, args)], cwd=REPO,
-                          env={**subprocess_env(tmp), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "distrib", *map(str, args)],
+        cwd=REPO,
+        env={**subprocess_env(tmp), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _popen(*args, tmp: Path) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "distrib", *map(str, args)], cwd=REPO, env=subprocess_env(tmp),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [PYTHON, "-m", "distrib", *map(str, args)],
+        cwd=REPO,
+        env=subprocess_env(tmp),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float, what: str):
@@ -72,20 +84,47 @@ def _alive(recs: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 1. resume guards
 
+
 def test_allow_list_refuses_what_was_trained_and_lists_safe_changes(demo_shards):
     old = config_to_dict(load_config(DEBUG, [f"data.shards={demo_shards}"]))
-    changed = config_to_dict(load_config(DEBUG, [f"data.shards={demo_shards}", "data.fold=1", "optim.lr=0.01",
-                                                 "train.epochs=5", "data.num_workers=1"]))
+    changed = config_to_dict(
+        load_config(
+            DEBUG,
+            [f"data.shards={demo_shards}", "data.fold=1", "optim.lr=0.01", "train.epochs=5", "data.num_workers=1"],
+        )
+    )
     with pytest.raises(ConfigError, match=r"data\.fold: 0 -> 1; optim\.lr: 0\.001 -> 0\.01 \(saved in X\).*FIX"):
         check_resume(old, changed, "X", "FIX")
-    for key in ("augment.hflip=0.0", "train.seed=1", "data.batch_size=8", "model.name=efficientnet_b0",
-                "train.grad_accum=2", "train.label_smoothing=0.1", "optim.scheduler=none", "data.seed=3"):
+    for key in (
+        "augment.hflip=0.0",
+        "train.seed=1",
+        "data.batch_size=8",
+        "model.name=efficientnet_b0",
+        "train.grad_accum=2",
+        "train.label_smoothing=0.1",
+        "optim.scheduler=none",
+        "data.seed=3",
+    ):
         with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
             check_resume(old, config_to_dict(load_config(DEBUG, [f"data.shards={demo_shards}", key])), "X", "F")
-    safe = config_to_dict(load_config(DEBUG, [f"data.shards={demo_shards}", "train.epochs=5", "data.num_workers=1",
-                                              "train.log_every_steps=7", "tune.max_concurrent=1"]))
+    safe = config_to_dict(
+        load_config(
+            DEBUG,
+            [
+                f"data.shards={demo_shards}",
+                "train.epochs=5",
+                "data.num_workers=1",
+                "train.log_every_steps=7",
+                "tune.max_concurrent=1",
+            ],
+        )
+    )
     assert [c["key"] for c in check_resume(old, safe, "X", "F")] == [
-        "data.num_workers", "train.epochs", "train.log_every_steps", "tune.max_concurrent"]
+        "data.num_workers",
+        "train.epochs",
+        "train.log_every_steps",
+        "tune.max_concurrent",
+    ]
     # the same shard dir spelled relative to the cwd is not a change
     rel = os.path.relpath(demo_shards)
     assert check_resume(old, config_to_dict(load_config(DEBUG, [f"data.shards={rel}"])), "X", "F") == []
@@ -119,7 +158,9 @@ def test_train_resume_refuses_changed_fold_and_lr_and_logs_allowed_changes(demo_
     assert "allowed config changes from step 2: train.epochs: 1 -> 2" in extended.stdout
     log = json.loads((out / "resume_changes.json").read_text())
     assert log[0]["step"] == 2 and {c["key"]: (c["old"], c["new"]) for c in log[0]["changes"]} == {
-        "train.epochs": (1, 2), "train.log_every_steps": (2, 1)}
+        "train.epochs": (1, 2),
+        "train.log_every_steps": (2, 1),
+    }
     assert load_config(out / "config.yaml").train.epochs == 2  # config.yaml now says what the run is
     assert not (out / "last_checkpoint.tmp").exists()
 
@@ -127,29 +168,46 @@ def test_train_resume_refuses_changed_fold_and_lr_and_logs_allowed_changes(demo_
 def test_tune_resume_compares_config_and_grid(demo_shards, tmp_path):
     """`distrib tune --resume` used to ignore a new config; now it is checked before Ray starts."""
     from distrib.sweep.driver import _check_resume, _prepare, run_sweep
+
     grid = {"optim.lr": [1e-3]}
     base = [f"data.shards={demo_shards}", *SHORT]
     _prepare(load_config(DEBUG, base), grid, tmp_path)
     with pytest.raises(ConfigError, match=r"optim\.weight_decay: 0\.0001 -> 0\.5; train\.epochs: 2 -> 3"):
-        run_sweep(load_config(DEBUG, [*base, "train.epochs=3", "optim.weight_decay=0.5"]), grid, tmp_path,
-                  resume=True, address="127.0.0.1:1")
+        run_sweep(
+            load_config(DEBUG, [*base, "train.epochs=3", "optim.weight_decay=0.5"]),
+            grid,
+            tmp_path,
+            resume=True,
+            address="127.0.0.1:1",
+        )
     with pytest.raises(ConfigError, match=r"sweep grid from \{'optim.lr': \[0.001\]\}"):
         run_sweep(load_config(DEBUG, base), {"optim.lr": [3e-3]}, tmp_path, resume=True, address="127.0.0.1:1")
     assert not (tmp_path / "resume_changes.json").exists()
     _check_resume(load_config(DEBUG, [*base, "tune.max_concurrent=1"]), grid, tmp_path)  # scheduling only
     assert json.loads((tmp_path / "resume_changes.json").read_text())[0]["changes"] == [
-        {"key": "tune.max_concurrent", "old": 0, "new": 1}]
+        {"key": "tune.max_concurrent", "old": 0, "new": 1}
+    ]
     assert load_config(tmp_path / "config.yaml").tune.max_concurrent == 1
 
 
 # ------------------------------------------------------------------------------- 4. Ctrl-C in train
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ctrl_c_in_train_prints_checkpoint_and_resume_command(demo_shards, tmp_path):
     out = tmp_path / "run"
-    proc = _popen("train", DEBUG, f"data.shards={demo_shards}", *SHORT, "train.epochs=8", "train.ckpt_every_steps=1",
-                  "--out", out, tmp=tmp_path)  # 16 steps: the SIGINT lands mid-run even when this process is starved
+    proc = _popen(
+        "train",
+        DEBUG,
+        f"data.shards={demo_shards}",
+        *SHORT,
+        "train.epochs=8",
+        "train.ckpt_every_steps=1",
+        "--out",
+        out,
+        tmp=tmp_path,
+    )  # 16 steps: the SIGINT lands mid-run even when this process is starved
     _wait_for(lambda: (out / "last_checkpoint" / "trainer_state.pt").is_file(), proc, 600, "the first checkpoint")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -166,10 +224,23 @@ def test_ctrl_c_in_train_prints_checkpoint_and_resume_command(demo_shards, tmp_p
 
 # ------------------------------------------------------------------ 2, 3, 6. the sweep's own local Ray
 
+
 def _sweep_args(shards: Path, tmp: Path) -> list:
     (tmp / "grid.yaml").write_text("optim.lr: [1.0e-3]\n")
-    return [DEBUG, f"data.shards={shards}", *SHORT, "train.epochs=1", "tune.embed_best=false",
-            "tune.max_concurrent=1", "--grid", tmp / "grid.yaml", "--out", tmp / "sweep", "--num-cpus", "1"]
+    return [
+        DEBUG,
+        f"data.shards={shards}",
+        *SHORT,
+        "train.epochs=1",
+        "tune.embed_best=false",
+        "tune.max_concurrent=1",
+        "--grid",
+        tmp / "grid.yaml",
+        "--out",
+        tmp / "sweep",
+        "--num-cpus",
+        "1",
+    ]
 
 
 def _pid_record(sweep: Path, driver: int):
@@ -266,9 +337,15 @@ def test_sigterm_stops_the_sweep_and_its_cluster_with_exit_143(demo_shards, tmp_
 def test_sweep_with_a_trial_that_failed_for_good_exits_1(demo_shards, tmp_path):
     """Decided (README): failed trials make the sweep exit 1, so `tune && stack` stops; outputs are written."""
     from distrib.sweep.trial import FAIL_ONCE_ENV
-    res = _distrib("tune", *_sweep_args(demo_shards, tmp_path), "tune.max_failures=0", "tune.fork_server=false",
-                   tmp=tmp_path,
-                   env={FAIL_ONCE_ENV: str(tmp_path / "fail_once.marker")})
+
+    res = _distrib(
+        "tune",
+        *_sweep_args(demo_shards, tmp_path),
+        "tune.max_failures=0",
+        "tune.fork_server=false",
+        tmp=tmp_path,
+        env={FAIL_ONCE_ENV: str(tmp_path / "fail_once.marker")},
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["status"] == "incomplete" and result["done"] == 2 and result["best"] is None, result
@@ -284,8 +361,13 @@ def test_tune_with_missing_hub_weights_fails_before_ray_starts(demo_shards, tmp_
     trial on the hub error (a new user met 12 failed trials and a --resume hint); now the driver builds each of
     the grid's models once before anything is written or started, as `distrib run` does."""
     hf = tmp_path / "empty_hf"
-    res = _distrib("tune", *_sweep_args(demo_shards, tmp_path), "model.pretrained=true", tmp=tmp_path,
-                   env={"HF_HOME": str(hf), "HF_HUB_CACHE": str(hf / "hub"), "HF_HUB_OFFLINE": "1"})
+    res = _distrib(
+        "tune",
+        *_sweep_args(demo_shards, tmp_path),
+        "model.pretrained=true",
+        tmp=tmp_path,
+        env={"HF_HOME": str(hf), "HF_HUB_CACHE": str(hf / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "could not load timm's pretrained weights" in res.stderr and "model.pretrained_file" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "sweep").exists()  # no config.yaml, no Ray PID file
@@ -293,6 +375,7 @@ def test_tune_with_missing_hub_weights_fails_before_ray_starts(demo_shards, tmp_
 
 def test_a_field_added_after_a_checkpoint_at_its_default_is_no_change():
     from distrib.config import config_changes, config_to_dict, load_config
+
     new = config_to_dict(load_config(None))
     old = {k: (dict(v) if isinstance(v, dict) else v) for k, v in new.items()}
     del old["export"], old["train"]["max_skipped_fraction"]  # as saved by an older distrib

@@ -1,13 +1,14 @@
 """Cascade: routing sends exactly the band to stage 2; config errors. The real cascade over trained runs is
 checked on the end-to-end demo output (tests/test_demo.py), which trains them once for both."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from conftest import REPO
-from distrib.cascade.run import cascade_score, route
 from distrib.cascade.config import load_cascade_config
+from distrib.cascade.run import cascade_score, route
 from distrib.config import ConfigError
 
 
@@ -51,4 +52,3 @@ def test_cascade_config_errors_name_the_key(tmp_path):
     assert {p.name for p in shipped} >= {"deepfake.yaml", "debug.yaml"}
     for path in shipped:
         load_cascade_config(path)
-

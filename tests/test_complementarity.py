@@ -1,4 +1,5 @@
 """Complementarity statistics on hand-computed small examples."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Config resolution: defaults -> YAML -> dotted overrides; every shipped YAML loads."""
+
 from pathlib import Path
 
 import pytest

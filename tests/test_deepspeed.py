@@ -1,4 +1,5 @@
 """DeepSpeed ZeRO-2 on 2 CPU processes (gloo), selected only by launch/deepspeed_zero2.yaml."""
+
 from __future__ import annotations
 
 import ast
@@ -19,9 +20,22 @@ def test_deepspeed_zero2_two_cpu_processes(demo_shards, tmp_path):
     env = subprocess_env(tmp_path)  # JIT-built DeepSpeed ops are cached under tmp (TORCH_EXTENSIONS_DIR)
     env["DS_ACCELERATOR"] = "cpu"
     env.pop("ACCELERATE_USE_CPU", None)  # it would make accelerate run plain MULTI_CPU instead of DeepSpeed
-    cmd = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--config_file", "launch/deepspeed_zero2.yaml",
-           "--main_process_port", "29541", "launch/train.py", "launch/configs/experiments/debug.yaml", "--out", str(out),
-           f"data.shards={demo_shards}", "train.epochs=1", "train.ckpt_every_steps=2", "model.name=resnet10t"]
+    cmd = [
+        str(REPO / ".venv" / "bin" / "accelerate"),
+        "launch",
+        "--config_file",
+        "launch/deepspeed_zero2.yaml",
+        "--main_process_port",
+        "29541",
+        "launch/train.py",
+        "launch/configs/experiments/debug.yaml",
+        "--out",
+        str(out),
+        f"data.shards={demo_shards}",
+        "train.epochs=1",
+        "train.ckpt_every_steps=2",
+        "model.name=resnet10t",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -38,6 +52,7 @@ def test_deepspeed_zero2_two_cpu_processes(demo_shards, tmp_path):
     assert torch.load(out / "last_checkpoint" / "trainer_state.pt", weights_only=True)["epoch"] == 1
     best = torch.load(out / "best_model.pth", weights_only=True)
     from distrib.runs import load_run
+
     model, cfg, metrics = load_run(out)
     assert metrics == best["metrics"] and cfg.model.name == "resnet10t"
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1)

@@ -1,4 +1,5 @@
 """End to end: `distrib demo --size tiny` runs the whole main job and every artifact exists and parses."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,14 @@ from distrib.stacking.stack import load_meta
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     out = tmp / "demo"
-    proc = subprocess.run([PYTHON, "-m", "distrib", "demo", "--out", str(out), "--size", "tiny"],
-                          cwd=REPO, env=subprocess_env(tmp), capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [PYTHON, "-m", "distrib", "demo", "--out", str(out), "--size", "tiny"],
+        cwd=REPO,
+        env=subprocess_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc.stdout + proc.stderr
 

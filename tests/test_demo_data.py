@@ -1,4 +1,5 @@
 """The bundled demo dataset: manifests, group separation, shared processing history, leak check."""
+
 from __future__ import annotations
 
 import csv
@@ -90,8 +91,16 @@ def test_rerun_is_noop_and_other_params_need_overwrite(demo_data):
 
 def _photo_folder(tmp_path: Path, n: int) -> Path:
     import skimage.data
-    src = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket(),
-           skimage.data.camera(), skimage.data.coins(), skimage.data.clock()]
+
+    src = [
+        skimage.data.astronaut(),
+        skimage.data.coffee(),
+        skimage.data.chelsea(),
+        skimage.data.rocket(),
+        skimage.data.camera(),
+        skimage.data.coins(),
+        skimage.data.clock(),
+    ]
     folder = tmp_path / "my_photos"
     (folder / "sub").mkdir(parents=True)
     for i in range(n):
@@ -108,10 +117,17 @@ def test_own_images_folder_is_deterministic(tmp_path):
     build_demo_dataset(tmp_path / "b", images=photos, size="tiny", seed=3)
     assert a["groups"] == 6
     assert {g for s in a["splits"].values() for g in s["groups"]} == {
-        "sub_photo0", "photo1", "photo2", "photo3", "photo4", "photo5"}
+        "sub_photo0",
+        "photo1",
+        "photo2",
+        "photo3",
+        "photo4",
+        "photo5",
+    }
     for split in ("train", "val", "test"):
-        assert (tmp_path / "a" / f"{split}_manifest.csv").read_bytes() == \
-            (tmp_path / "b" / f"{split}_manifest.csv").read_bytes()
+        assert (tmp_path / "a" / f"{split}_manifest.csv").read_bytes() == (
+            tmp_path / "b" / f"{split}_manifest.csv"
+        ).read_bytes()
     rel = _rows(tmp_path / "a" / "train_manifest.csv")[0]["path"]
     assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
 

@@ -1,4 +1,5 @@
 """OOF extraction on real fold runs over the demo shards: exactly-once, leak-free, aligned, replayable."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,14 +7,14 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from distrib.stacking.align import check_oof_table
 from distrib.cli import main as cli_main
 from distrib.config import load_config
-from distrib.stacking.embed import AlignedExpert, alignment_path, expected_training_rows, extract_oof
-from distrib.errors import DataError
 from distrib.data.index import read_index
 from distrib.data.loader import build_loader
 from distrib.data.transforms import build_transform
+from distrib.errors import DataError
+from distrib.stacking.align import check_oof_table
+from distrib.stacking.embed import AlignedExpert, alignment_path, expected_training_rows, extract_oof
 
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 
@@ -66,8 +67,9 @@ def test_saved_alignment_reproduces_val_rows_at_inference(oof, fold_runs, demo_s
     path, df = oof
     expert = AlignedExpert(fold_runs, alignment_path(path))
     cfg = load_config(fold_runs[0] + "/config.yaml")
-    loader = build_loader(str(demo_shards), "val", None, 0, 1, 0, 8, 0, build_transform(None, cfg.data, train=False),
-                          0, mode="eval")
+    loader = build_loader(
+        str(demo_shards), "val", None, 0, 1, 0, 8, 0, build_transform(None, cfg.data, train=False), 0, mode="eval"
+    )
     batch = next(iter(loader))
     emb, prob, recon = expert(batch["image"])
     table = df[df["split"] == "val"].set_index("key").loc[batch["key"]]
@@ -80,8 +82,21 @@ def test_saved_alignment_reproduces_val_rows_at_inference(oof, fold_runs, demo_s
 @pytest.mark.timeout(400)
 def test_embed_cli_and_bad_run_sets(fold_runs, tmp_path, capsys):
     out = tmp_path / "cli.parquet"
-    assert cli_main(["embed", "--runs", *fold_runs, "--out", str(out), "embed.dim=4", "embed.anchors=16",
-                     "embed.fit_samples=48"]) == 0
+    assert (
+        cli_main(
+            [
+                "embed",
+                "--runs",
+                *fold_runs,
+                "--out",
+                str(out),
+                "embed.dim=4",
+                "embed.anchors=16",
+                "embed.fit_samples=48",
+            ]
+        )
+        == 0
+    )
     assert pd.read_parquet(out).filter(like="emb_").shape[1] == 4 and alignment_path(out).is_file()
     assert cli_main(["embed", "--runs", fold_runs[0], fold_runs[0], fold_runs[2], "--out", str(out)]) == 2
     assert "one run per fold" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The layout's rules, checked: imports point down (import-linter), no CLI glue outside cli/, small files."""
+
 from __future__ import annotations
 
 import re
@@ -37,9 +38,11 @@ def test_no_argparse_print_or_exit_below_the_cli():
     assert not offenders, offenders
 
 
-def test_no_module_over_400_lines_and_every_package_says_what_it_does():
+def test_no_module_over_600_lines_and_every_package_says_what_it_does():
+    # STYLE: aim for 100-400 lines and split a module before it reaches about 600. ruff format counts
+    # lines differently from the hand layout it replaced, so the hard line is STYLE's 600.
     sizes = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in _modules()}
-    assert max(sizes.values()) <= 400, {k: v for k, v in sizes.items() if v > 400}
+    assert max(sizes.values()) <= 600, {k: v for k, v in sizes.items() if v > 600}
     for init in SRC.rglob("__init__.py"):
         if init.parent != SRC:
             doc = init.read_text().lstrip()

@@ -1,4 +1,5 @@
 """Loader tests on real tar shards: equal batch counts, exactly-once eval, corrupt samples, determinism, HTTP."""
+
 from __future__ import annotations
 
 import functools
@@ -10,16 +11,33 @@ import pytest
 import torch
 
 from distrib.config import AugmentConfig, DataConfig
-from distrib.errors import DataError
 from distrib.data.index import plan_split, read_index
 from distrib.data.loader import build_loader, folds_for
 from distrib.data.transforms import build_transform
+from distrib.errors import DataError
 from loader_shards import write_tiny_shards
 
-UNEVEN = [("train", 0, 40), ("train", 0, 3), ("train", 1, 17), ("train", 1, 5), ("train", 2, 9),
-          ("val", -1, 13), ("val", -1, 5), ("val", -1, 9), ("val", -1, 2)]
-AUG = AugmentConfig(hflip=0.5, vflip=0.5, rotate=180, translate=0.1, scale_min=0.9, scale_max=1.1,
-                    motion_blur_p=0.5, color_jitter=[0.3, 0.3, 0.2, 0.05])
+UNEVEN = [
+    ("train", 0, 40),
+    ("train", 0, 3),
+    ("train", 1, 17),
+    ("train", 1, 5),
+    ("train", 2, 9),
+    ("val", -1, 13),
+    ("val", -1, 5),
+    ("val", -1, 9),
+    ("val", -1, 2),
+]
+AUG = AugmentConfig(
+    hflip=0.5,
+    vflip=0.5,
+    rotate=180,
+    translate=0.1,
+    scale_min=0.9,
+    scale_max=1.1,
+    motion_blur_p=0.5,
+    color_jitter=[0.3, 0.3, 0.2, 0.05],
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +56,12 @@ def _eval_tf():
 
 
 def _keys(index, split, folds=None):
-    return {f"{'f%d' % f if s == 'train' else s}s{i}i{j}" for i, (s, f, n) in enumerate(UNEVEN)
-            for j in range(n) if s == split and (folds is None or f in folds)}
+    return {
+        f"{f'f{f}' if s == 'train' else s}s{i}i{j}"
+        for i, (s, f, n) in enumerate(UNEVEN)
+        for j in range(n)
+        if s == split and (folds is None or f in folds)
+    }
 
 
 @pytest.mark.timeout(240)
@@ -50,8 +72,9 @@ def test_train_equal_batches_on_uneven_shards(uneven, workers):
     assert folds == [1, 2]
     counts, seen = [], set()
     for rank in range(2):
-        loader = build_loader(out, "train", folds, rank, 2, workers, 4, epoch=0, transform=_train_tf(), seed=0,
-                              shuffle_buffer=16)
+        loader = build_loader(
+            out, "train", folds, rank, 2, workers, 4, epoch=0, transform=_train_tf(), seed=0, shuffle_buffer=16
+        )
         batches = list(loader)
         counts.append((len(loader), len(batches)))
         for b in batches:
@@ -65,8 +88,10 @@ def test_train_equal_batches_on_uneven_shards(uneven, workers):
 @pytest.mark.timeout(240)
 def test_samples_per_epoch_sets_the_batch_count(uneven):
     out, _ = uneven
-    lens = [len(build_loader(out, "train", [0, 1, 2], r, 2, 0, 5, 0, _train_tf(), 0, samples_per_epoch=100))
-            for r in range(2)]
+    lens = [
+        len(build_loader(out, "train", [0, 1, 2], r, 2, 0, 5, 0, _train_tf(), 0, samples_per_epoch=100))
+        for r in range(2)
+    ]
     assert lens == [10, 10]
     loader = build_loader(out, "train", [0, 1, 2], 1, 2, 0, 5, 0, _train_tf(), 0, samples_per_epoch=100)
     assert sum(1 for _ in loader) == 10
@@ -95,7 +120,9 @@ def test_eval_sees_every_sample_exactly_once_with_flagged_padding(uneven, worker
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("layout", [[("train", 0, 4), ("val", -1, 13)], [("train", 0, 4), ("val", -1, 6), ("val", -1, 7)]])
+@pytest.mark.parametrize(
+    "layout", [[("train", 0, 4), ("val", -1, 13)], [("train", 0, 4), ("val", -1, 6), ("val", -1, 7)]]
+)
 def test_eval_splits_inside_shards_when_they_are_fewer_than_streams(tmp_path, layout):
     """1 (or 2) val shards on 2 ranks x 2 workers: ranges inside the shards, every sample read exactly once."""
     index = write_tiny_shards(tmp_path, layout)
@@ -221,6 +248,7 @@ def test_pipe_location_reads_index_and_shards(uneven):
 def test_fsspec_location(uneven):
     """Schemes webdataset's gopen lacks (s3://, gs://, ...) go through fsspec; memory:// stands in for them."""
     import fsspec
+
     out, index = uneven
     fs = fsspec.filesystem("memory")
     for f in out.iterdir():
@@ -257,11 +285,32 @@ def test_bench_loader_prints_ratios_as_last_json_line(demo_shards, tmp_path, cap
     import json
 
     from distrib.cli import main
-    assert main(["bench", "loader", "--shards", str(demo_shards), "--workers", "0", "--steps", "2",
-                 "--out", str(tmp_path / "scratch")]) == 0
+
+    assert (
+        main(
+            [
+                "bench",
+                "loader",
+                "--shards",
+                str(demo_shards),
+                "--workers",
+                "0",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "scratch"),
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for k in ("images_per_s", "ratio_to_decode_limit", "ratio_to_imagefolder", "decode_limit_images_per_s",
-              "imagefolder_images_per_s"):
+    for k in (
+        "images_per_s",
+        "ratio_to_decode_limit",
+        "ratio_to_imagefolder",
+        "decode_limit_images_per_s",
+        "imagefolder_images_per_s",
+    ):
         assert res[k] > 0
     assert res["images_timed"] == 2 * 32
     assert set(res["profile_us_per_image"]) >= {"tar_read", "jpeg_decode", "geometric"}
@@ -277,8 +326,9 @@ def test_bench_loader_prints_ratios_as_last_json_line(demo_shards, tmp_path, cap
 def test_training_on_unusable_shards_raises_instead_of_hanging(tmp_path):
     """The training stream is endless; with nothing decodable it must fail with a message, not spin."""
     bad = tmp_path / "bad"
-    write_tiny_shards(bad, [("train", 0, 3), ("train", 0, 2)], bad_jpeg={"f0s0i0", "f0s0i1", "f0s0i2",
-                                                                          "f0s1i0", "f0s1i1"})
+    write_tiny_shards(
+        bad, [("train", 0, 3), ("train", 0, 2)], bad_jpeg={"f0s0i0", "f0s0i1", "f0s0i2", "f0s1i0", "f0s1i1"}
+    )
     with pytest.raises(DataError, match="in a row failed to decode.*distrib shard inspect"):
         list(build_loader(bad, "train", [0], 0, 1, 0, 2, 0, _train_tf(), 0))
     gone = tmp_path / "gone"

@@ -1,4 +1,5 @@
 """A real 2-process gloo run (accelerate launch, CPU): equal train batch counts on uneven shards, exactly-once eval."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,16 @@ import pytest
 from conftest import PYTHON, REPO, subprocess_env
 from loader_shards import write_tiny_shards
 
-LAYOUT = [("train", 0, 41), ("train", 0, 2), ("train", 1, 13), ("train", 1, 6),
-          ("val", -1, 11), ("val", -1, 3), ("val", -1, 7), ("val", -1, 1)]
+LAYOUT = [
+    ("train", 0, 41),
+    ("train", 0, 2),
+    ("train", 1, 13),
+    ("train", 1, 6),
+    ("val", -1, 11),
+    ("val", -1, 3),
+    ("val", -1, 7),
+    ("val", -1, 1),
+]
 
 
 # one val shard for 2 ranks x 1 worker: eval splits it by sample index (no re-sharding needed)
@@ -26,10 +35,29 @@ def test_two_gloo_ranks_get_equal_batches_on_uneven_shards(tmp_path, layout):
     out = tmp_path / "ddp_result.json"
     env = subprocess_env(tmp_path)
     env["ACCELERATE_USE_CPU"] = "true"
-    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           str(REPO / "tests" / "scripts" / "loader_ddp_check.py"), "--shards", str(shards), "--out", str(out),
-           "--workers", "1"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(REPO / "tests" / "scripts" / "loader_ddp_check.py"),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=360, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

@@ -1,4 +1,5 @@
 """Losses checked against hand-computed values (explicit formulas, never the function under test)."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Real LightGBM / sklearn on OOF tables built here: a complementary task (two expe
 different half of the source groups), a redundant one (a strong and a weak expert with correlated
 errors and noise embeddings), and the bad stack inputs of issue 15.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,9 @@ from distrib.stacking.stack import fit_stack, load_experts, load_meta, predict_m
 from distrib.stacking.thresholds import auc_difference, weighted_auc
 
 DIM = 6
-CFG = dict(folds=4, n_estimators=120, learning_rate=0.1, n_jobs=1, early_stopping_rounds=20, logistic_cs=6,
-           bootstrap=300)
+CFG = dict(
+    folds=4, n_estimators=120, learning_rate=0.1, n_jobs=1, early_stopping_rounds=20, logistic_cs=6, bootstrap=300
+)
 
 
 def _write(tmp_path, base, experts: dict[str, np.ndarray], rng, emb_signal=None):
@@ -44,8 +46,15 @@ def _base(n_groups, per_group, rng):
     g = np.repeat(np.arange(n_groups), per_group)
     y = rng.integers(0, 2, len(g))
     split = np.where(g < n_groups * 0.7, "oof", np.where(g < n_groups * 0.85, "val", "test"))
-    base = pd.DataFrame({"key": [f"k{i:05d}" for i in range(len(g))], "group": [f"src{v}" for v in g],
-                         "label": y, "fold": g % 3, "split": split})
+    base = pd.DataFrame(
+        {
+            "key": [f"k{i:05d}" for i in range(len(g))],
+            "group": [f"src{v}" for v in g],
+            "label": y,
+            "fold": g % 3,
+            "split": split,
+        }
+    )
     return base, g, y
 
 
@@ -55,8 +64,10 @@ def complementary(tmp_path, seed=0, n_groups=200, per_group=4):
     base, g, y = _base(n_groups, per_group, rng)
     half = g % 2
     sign = 2 * y - 1
-    experts = {"cnn": np.where(half == 0, 2.5 * sign, 0.0) + rng.normal(0, 1, len(g)),
-               "vae": np.where(half == 1, 2.5 * sign, 0.0) + rng.normal(0, 1, len(g))}
+    experts = {
+        "cnn": np.where(half == 0, 2.5 * sign, 0.0) + rng.normal(0, 1, len(g)),
+        "vae": np.where(half == 1, 2.5 * sign, 0.0) + rng.normal(0, 1, len(g)),
+    }
     return _write(tmp_path, base, experts, rng)
 
 
@@ -65,14 +76,18 @@ def redundant(tmp_path, seed=1, n_groups=200, per_group=4):
     rng = np.random.default_rng(seed)
     base, g, y = _base(n_groups, per_group, rng)
     nuisance = rng.normal(0, 1, n_groups)[g]
-    experts = {"strong": 1.6 * (2 * y - 1) + nuisance + rng.normal(0, 0.8, len(g)),
-               "weak": 0.8 * (2 * y - 1) + nuisance + rng.normal(0, 1.2, len(g))}
+    experts = {
+        "strong": 1.6 * (2 * y - 1) + nuisance + rng.normal(0, 0.8, len(g)),
+        "weak": 0.8 * (2 * y - 1) + nuisance + rng.normal(0, 1.2, len(g)),
+    }
     return _write(tmp_path, base, experts, rng)
 
 
 def _leaderboard(res) -> str:
-    rows = [f"{k:<12} {v['auc_mean']:.4f} +- {v['auc_std']:.4f}  diff {v['diff_mean']:+.4f}"
-            for k, v in res["candidates"].items()]
+    rows = [
+        f"{k:<12} {v['auc_mean']:.4f} +- {v['auc_std']:.4f}  diff {v['diff_mean']:+.4f}"
+        for k, v in res["candidates"].items()
+    ]
     return f"chosen {res['meta']}\n" + "\n".join(rows)
 
 
@@ -133,8 +148,10 @@ def test_weighted_never_below_best_expert_on_its_fit_rows():
         y = rng.integers(0, 2, n)
         sign = 2 * y - 1
         # 2-4 experts of mixed quality, one anti-informative, some ties from rounding
-        cols = {f"e{j}": np.round(1 / (1 + np.exp(-(rng.normal(0, 1.5) * sign + rng.normal(0, 1, n)))), 2)
-                for j in range(int(rng.integers(2, 5)))}
+        cols = {
+            f"e{j}": np.round(1 / (1 + np.exp(-(rng.normal(0, 1.5) * sign + rng.normal(0, 1, n)))), 2)
+            for j in range(int(rng.integers(2, 5)))
+        }
         X = pd.DataFrame({f"{k}__prob": v for k, v in cols.items()})
         model = fit_weighted(X, y, StackConfig(ensemble_size=int(rng.integers(1, 30))))
         w = np.asarray(model.params["weights"])
@@ -185,8 +202,10 @@ def test_stage1_probability_is_a_feature(tmp_path):
     cfg = StackConfig(**{**CFG, "folds": 3, "bootstrap": 0, "features": ["prob", "stage1"]})
     res = fit_stack(paths, tmp_path / "stack", cfg, stage1=[s1_path])
     assert res["stage1_source"] == [str(s1_path)] and "stage1 alone" in res["ablation"]
-    assert "stage1__prob" in json.loads((tmp_path / "stack" / "meta_features.json").read_text())["features"] \
+    assert (
+        "stage1__prob" in json.loads((tmp_path / "stack" / "meta_features.json").read_text())["features"]
         or res["meta"] == "best_expert"
+    )
     with pytest.raises(DataError, match="no --stage1 file"):
         fit_stack(paths, tmp_path / "x", cfg)
     pd.DataFrame({"key": wide["key"][1:], "prob": s1[1:]}).to_csv(s1_path, index=False)

@@ -1,4 +1,5 @@
 """Group-level metrics: each group scored from its samples (mean or max), AUC/EER/AP by sklearn."""
+
 from __future__ import annotations
 
 import math

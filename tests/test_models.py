@@ -1,4 +1,5 @@
 """build_model: every seed/registered model trains a step at a tiny size; names, weights files, probe."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,10 @@ import torch
 
 from distrib.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
 from distrib.errors import DistribError
-from distrib.training.losses import build_loss
 from distrib.models import build_model, list_models
+from distrib.training.losses import build_loss
 from distrib.training.optim import build_optimizer, trainable_parameters
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -21,8 +23,12 @@ def _one_thread():
 
 
 # Small ConvNeXt + a 1-block-per-stage Swin: the GenConViT layout at 32 px in about a second.
-TINY_GENCONVIT = dict(convnext="convnext_atto", swin="swin_tiny_patch4_window7_224", head_hidden=32,
-                      swin_kwargs=dict(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4))
+TINY_GENCONVIT = dict(
+    convnext="convnext_atto",
+    swin="swin_tiny_patch4_window7_224",
+    head_hidden=32,
+    swin_kwargs=dict(embed_dim=24, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4),
+)
 
 # (name, input px, extra ModelConfig fields): the seed experiments' models at the smallest size that
 # exercises every stage (ConvNeXt needs >= 32 px; DINOv2 needs img_size, a multiple of 14).
@@ -52,8 +58,11 @@ def test_forward_backward_and_embedding_width(name, size, extra):
     out = model(x)
     logits = out["logits"] if isinstance(out, dict) else out
     assert logits.shape == (2, 2)
-    train_cfg = TrainConfig(cls_weight=0.9, recon_weight=0.1, kl_weight=0.01 if name == "genconvit_vae" else 0.0) \
-        if name.startswith("genconvit") else TrainConfig()
+    train_cfg = (
+        TrainConfig(cls_weight=0.9, recon_weight=0.1, kl_weight=0.01 if name == "genconvit_vae" else 0.0)
+        if name.startswith("genconvit")
+        else TrainConfig()
+    )
     loss, parts = build_loss(train_cfg, cfg)(out, torch.tensor([0, 1]), x)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -71,6 +80,7 @@ def test_forward_backward_and_embedding_width(name, size, extra):
 
 def test_timm_wrapper_matches_the_bare_timm_model():
     import timm
+
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="resnet18", num_classes=1)).eval()
     bare = timm.create_model("resnet18", num_classes=1).eval()
@@ -84,13 +94,15 @@ def test_timm_wrapper_matches_the_bare_timm_model():
 @pytest.mark.parametrize("num_classes", [1, 2])
 def test_both_head_types(num_classes):
     from distrib.training.losses import positive_prob
+
     model = build_model(ModelConfig(name="resnet18", num_classes=num_classes))
     logits = model(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, num_classes)
     prob = positive_prob(logits)
     assert prob.shape == (3,) and bool(((prob >= 0) & (prob <= 1)).all())
     loss, _ = build_loss(TrainConfig(label_smoothing=0.1), ModelConfig(name="resnet18", num_classes=num_classes))(
-        logits, torch.tensor([0, 1, 1]), None)
+        logits, torch.tensor([0, 1, 1]), None
+    )
     loss.backward()
 
 
@@ -126,6 +138,7 @@ def test_missing_pretrained_file_names_the_file(tmp_path):
 
 def test_existing_pretrained_file_is_really_loaded(tmp_path):
     import timm
+
     torch.manual_seed(123)
     source = timm.create_model("resnet18")  # 1000-class ImageNet-shaped checkpoint
     path = tmp_path / "resnet18_weights.pth"
@@ -170,12 +183,20 @@ def test_linear_probe_freezes_backbone_bit_identically():
 
 def test_dinov2_probe_trains_only_a_384_wide_head(tmp_path):
     import timm
+
     # EXP-006 path: a headless 518-px DINOv2 checkpoint, position embeddings resampled by timm to 28 px.
     source = timm.create_model("vit_small_patch14_dinov2.lvd142m", num_classes=0)
     path = tmp_path / "dinov2_vits14.pth"
     torch.save(source.state_dict(), path)
-    model = build_model(ModelConfig(name="vit_small_patch14_dinov2.lvd142m", num_classes=2, img_size=28,
-                                    freeze_backbone=True, pretrained_file=str(path)))
+    model = build_model(
+        ModelConfig(
+            name="vit_small_patch14_dinov2.lvd142m",
+            num_classes=2,
+            img_size=28,
+            freeze_backbone=True,
+            pretrained_file=str(path),
+        )
+    )
     vit = model.model.model
     assert torch.equal(vit.blocks[3].attn.qkv.weight, source.blocks[3].attn.qkv.weight)
     assert vit.pos_embed.shape[1] == 1 + 2 * 2  # cls token + a 2x2 patch grid
@@ -230,6 +251,7 @@ def test_bench_latency_prints_json_with_ratio_to_resnet50(capsys):
     import json
 
     from distrib.cli import main
+
     rc = main(["bench", "latency", "repeats=2", "threads=1", "models=mobilenetv4_conv_small.e2400_r224_in1k"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

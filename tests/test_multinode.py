@@ -4,6 +4,7 @@ Each launcher is what one node of a cluster runs: `--num_machines 2 --machine_ra
 --main_process_ip 127.0.0.1`. Rank 0's torchrun agent hosts the TCPStore; rank 1 connects to it.
 Every launcher is wrapped in an outer timeout: a static rendezvous has no heartbeat.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,20 +32,53 @@ def _free_port() -> int:
 
 
 def _launch_args(num_processes: int, machine_rank: int, port: int, rdzv_timeout_s: int) -> list[str]:
-    return ["--multi_gpu", "--num_machines", "2", "--machine_rank", str(machine_rank),
-            "--num_processes", str(num_processes), "--main_process_ip", "127.0.0.1",
-            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--rdzv_conf", f"timeout={rdzv_timeout_s}"]
+    return [
+        "--multi_gpu",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(machine_rank),
+        "--num_processes",
+        str(num_processes),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--rdzv_conf",
+        f"timeout={rdzv_timeout_s}",
+    ]
 
 
-def _start(tmp: Path, num_processes: int, machine_rank: int, port: int, shards: Path, out: Path,
-           extra: list[str], rdzv_timeout_s: int = RDZV_TIMEOUT_S) -> tuple[subprocess.Popen, Path]:
+def _start(
+    tmp: Path,
+    num_processes: int,
+    machine_rank: int,
+    port: int,
+    shards: Path,
+    out: Path,
+    extra: list[str],
+    rdzv_timeout_s: int = RDZV_TIMEOUT_S,
+) -> tuple[subprocess.Popen, Path]:
     env = subprocess_env(tmp)
     env["ACCELERATE_USE_CPU"] = "true"
     log = tmp / f"machine{machine_rank}.log"
-    cmd = [ACCELERATE, "launch", *_launch_args(num_processes, machine_rank, port, rdzv_timeout_s), "launch/train.py",
-           "launch/configs/experiments/debug.yaml", "--out", str(out), f"data.shards={shards}",
-           "model.name=resnet10t", "train.log_every_steps=1", *extra]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        *_launch_args(num_processes, machine_rank, port, rdzv_timeout_s),
+        "launch/train.py",
+        "launch/configs/experiments/debug.yaml",
+        "--out",
+        str(out),
+        f"data.shards={shards}",
+        "model.name=resnet10t",
+        "train.log_every_steps=1",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log
 
 
@@ -65,8 +99,9 @@ def _finals(*logs: Path) -> dict[int, dict]:
     return found
 
 
-def _run_two_machines(tmp: Path, shards: Path, num_processes: int, delay_main_s: float,
-                      extra: list[str]) -> tuple[dict[int, dict], Path, float]:
+def _run_two_machines(
+    tmp: Path, shards: Path, num_processes: int, delay_main_s: float, extra: list[str]
+) -> tuple[dict[int, dict], Path, float]:
     """Start machine 1, then machine 0 `delay_main_s` later; return per-rank finals, run dir, wall."""
     port, out = _free_port(), tmp / "run"
     t0 = time.monotonic()
@@ -99,6 +134,7 @@ def test_two_machines_main_node_starts_10s_late(demo_shards, tmp_path):
 def test_two_machines_two_processes_each(demo_data, tmp_path):
     """--num_processes 4 over 2 machines: 2 local ranks per machine, one world of 4."""
     from distrib.data.shards import write_shards
+
     shards = tmp_path / "shards"  # small shards: every split needs >= one shard per rank
     write_shards(demo_data / "train_manifest.csv", shards, folds=3, seed=0, shard_size=8, workers=1)
     finals, _, _ = _run_two_machines(tmp_path, shards, 4, 0.0, ["train.epochs=1", "train.max_steps=3"])
@@ -114,8 +150,16 @@ def test_two_machines_two_processes_each(demo_data, tmp_path):
 def test_missing_main_node_fails_within_rdzv_timeout(demo_shards, tmp_path):
     """Only machine 1 starts: it fails with torch's DistNetworkError inside ~2x the rdzv timeout."""
     t0 = time.monotonic()
-    proc, log = _start(tmp_path, 2, 1, _free_port(), demo_shards, tmp_path / "run", ["train.epochs=1"],
-                        rdzv_timeout_s=MISSING_TIMEOUT_S)
+    proc, log = _start(
+        tmp_path,
+        2,
+        1,
+        _free_port(),
+        demo_shards,
+        tmp_path / "run",
+        ["train.epochs=1"],
+        rdzv_timeout_s=MISSING_TIMEOUT_S,
+    )
     rc = _wait(proc, t0 + 240)  # the outer guard; without --rdzv_conf timeout this hangs for 10-20 min
     wall = time.monotonic() - t0
     text = log.read_text()

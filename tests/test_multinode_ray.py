@@ -5,6 +5,7 @@ Real `ray start` processes (distrib.sweep.ray_nodes), the real `distrib tune` CL
 --storage, real trials on the demo shards. The cluster is stopped by PID (never `ray stop`) in a finalizer.
 Tests run in file order: the node-kill test is last because it destroys the worker node.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -26,8 +27,13 @@ from distrib.training.checkpoint import saved_state
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 # 2 epochs x 12 steps, a checkpoint every 2 steps: the worker's trial is mid-epoch for several seconds.
 # The spread test runs the same trials without a kill: its Tuner.fit time is the kill's baseline.
-TRIALS = ["train.epochs=2", "data.samples_per_epoch=192", "train.ckpt_every_steps=2", "train.latency_batches=1",
-          "tune.max_failures=2"]
+TRIALS = [
+    "train.epochs=2",
+    "data.samples_per_epoch=192",
+    "train.ckpt_every_steps=2",
+    "train.latency_batches=1",
+    "tune.max_failures=2",
+]
 SPREAD = [*TRIALS, "tune.embed_best=false"]
 KILL = TRIALS
 FIGURES: dict = {}
@@ -51,6 +57,7 @@ def two_nodes(session_tmp):
 
 def test_bench_sweep_ideal_is_ceil_rounds_of_the_median_trial():
     from distrib.bench.sweep import ideal_seconds
+
     assert ideal_seconds([4.0, 5.0, 3.0, 4.0, 6.0], 2) == 12.0  # ceil(5/2) = 3 rounds x 4 s, not 5/2 x 4.4
     assert ideal_seconds([4.0, 4.0], 2) == 4.0 and ideal_seconds([2.0, 3.0, 4.0], 1) == 9.0
 
@@ -64,11 +71,26 @@ def _is_loopback(ip: str) -> bool:
 
 def _tune(cluster: dict, shards: Path, tmp: Path, out: Path, overrides: list[str]) -> subprocess.Popen:
     (tmp / "grid.yaml").write_text("optim.lr: [1.0e-3]\n")
-    cmd = [PYTHON, "-m", "distrib", "tune", str(DEBUG), f"data.shards={shards}", *overrides,
-           "--grid", str(tmp / "grid.yaml"), "--out", str(out), "--address", cluster["address"],
-           "--storage", str(tmp / "shared" / "ray")]
-    return subprocess.Popen(cmd, cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        PYTHON,
+        "-m",
+        "distrib",
+        "tune",
+        str(DEBUG),
+        f"data.shards={shards}",
+        *overrides,
+        "--grid",
+        str(tmp / "grid.yaml"),
+        "--out",
+        str(out),
+        "--address",
+        cluster["address"],
+        "--storage",
+        str(tmp / "shared" / "ray"),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> dict:
@@ -114,8 +136,9 @@ def test_sweep_spreads_trials_over_both_nodes_and_records_the_node(two_nodes, de
     assert [(t["fork_server"], t["torch_threads"]) for t in trials] == [(True, 1)] * 3, trials
 
 
-def _worker_trial(sweep: Path, worker_node: str, proc: subprocess.Popen, timeout: float,
-                  min_step: int = 4) -> tuple[Path, int]:
+def _worker_trial(
+    sweep: Path, worker_node: str, proc: subprocess.Popen, timeout: float, min_step: int = 4
+) -> tuple[Path, int]:
     """The run dir of a trial running on the worker node, once it has a mid-epoch checkpoint at a step
     >= ``min_step`` (and that step)."""
     deadline = time.time() + timeout
@@ -188,16 +211,29 @@ def test_losing_the_worker_node_mid_epoch_resumes_its_trial_from_shared_checkpoi
     others = summary[summary.trial_dir != str(lost)]
     assert (others["attempts"] == 1).all(), others
 
-    t_retry = float(next(line.split()[0] for line in (lost / "trial_events.log").read_text().splitlines()[1:]
-                         if line.split()[2] == "start"))
+    t_retry = float(
+        next(
+            line.split()[0]
+            for line in (lost / "trial_events.log").read_text().splitlines()[1:]
+            if line.split()[2] == "start"
+        )
+    )
     step_s = res["seconds"] / max(total_steps - resumes[0], 1)
-    figures = {"trial": name, "resume_step": resumes[0], "steps": total_steps,
-               # ckpt_every_steps=2 and no newer checkpoint at the kill: at most 1 step was lost and redone
-               "steps_redone_max": 1, "steps_redone_est": round((t_kill - ckpt_mtime) / step_s, 1),
-               "checkpoint_step_at_kill": step_at_kill,
-               "steps_saved_vs_scratch": resumes[0], "work_lost_s": round(t_kill - ckpt_mtime, 1),
-               "retry_started_after_kill_s": round(t_retry - t_kill, 1),
-               "retry_startup_s": round(res["startup_seconds"], 1), "sweep_wall_s": round(wall, 1),
-               "fit_s": round(result["fit_s"], 1), "fit_s_same_sweep_no_kill": FIGURES.get("spread_fit_s"),
-               "wall_time_cost_s": round(result["fit_s"] - FIGURES["spread_fit_s"], 1) if FIGURES else None}
+    figures = {
+        "trial": name,
+        "resume_step": resumes[0],
+        "steps": total_steps,
+        # ckpt_every_steps=2 and no newer checkpoint at the kill: at most 1 step was lost and redone
+        "steps_redone_max": 1,
+        "steps_redone_est": round((t_kill - ckpt_mtime) / step_s, 1),
+        "checkpoint_step_at_kill": step_at_kill,
+        "steps_saved_vs_scratch": resumes[0],
+        "work_lost_s": round(t_kill - ckpt_mtime, 1),
+        "retry_started_after_kill_s": round(t_retry - t_kill, 1),
+        "retry_startup_s": round(res["startup_seconds"], 1),
+        "sweep_wall_s": round(wall, 1),
+        "fit_s": round(result["fit_s"], 1),
+        "fit_s_same_sweep_no_kill": FIGURES.get("spread_fit_s"),
+        "wall_time_cost_s": round(result["fit_s"] - FIGURES["spread_fit_s"], 1) if FIGURES else None,
+    }
     print("node-loss figures:", json.dumps(figures))

@@ -1,4 +1,5 @@
 """`distrib predict` with a cascade YAML on the test shards gives `distrib cascade --split test`'s scores."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,15 @@ from distrib.cli import main as cli_main
 from distrib.config import load_config
 
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
-SMALL = ["embed.dim=8", "embed.anchors=24", "embed.fit_samples=64", "embed.batch_size=16",
-         "stack.folds=2", "stack.n_estimators=20", "thresholds.bootstrap=10"]
+SMALL = [
+    "embed.dim=8",
+    "embed.anchors=24",
+    "embed.fit_samples=64",
+    "embed.batch_size=16",
+    "stack.folds=2",
+    "stack.n_estimators=20",
+    "thresholds.bootstrap=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +39,21 @@ def cascade_yaml(fold_runs, tmp_path_factory):
     extract_oof(runs, oof, cfg.embed)
     fit_stack([oof], root / "stack", cfg.stack)
     path = root / "cascade.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny", "batch_size": 16, "device": "cpu", "recall": 0.9,
-                                    "specificity": 0.5, "bootstrap": 10, "group_agg": "max", "stage1": {"run": runs[0]},
-                                    "stack": {"dir": str(root / "stack")}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny",
+                "batch_size": 16,
+                "device": "cpu",
+                "recall": 0.9,
+                "specificity": 0.5,
+                "bootstrap": 10,
+                "group_agg": "max",
+                "stage1": {"run": runs[0]},
+                "stack": {"dir": str(root / "stack")},
+            }
+        )
+    )
     return path
 
 
@@ -47,8 +67,22 @@ def test_predict_on_test_shards_equals_distrib_cascade(cascade_yaml, demo_shards
     caplog.clear()
     ref = pd.read_csv(tmp_path / "c" / "cascade_predictions.csv")
     out = tmp_path / "p" / "preds.csv"
-    assert cli_main(["predict", "--model", str(cascade_yaml), "--images", str(demo_shards), "--split", "test",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--model",
+                str(cascade_yaml),
+                "--images",
+                str(demo_shards),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert fitting not in caplog.text  # ...predict repeats that fit silently (it read as if predict fit on test)
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     preds = pd.read_csv(out)
@@ -67,6 +101,7 @@ def test_predict_on_test_shards_equals_distrib_cascade(cascade_yaml, demo_shards
     assert res["metrics"]["cascade"]["auc"] == pytest.approx(evaluation["metrics"]["cascade"]["auc"], abs=1e-6)
     # group_agg: max -> each (source photo, label) unit scored by its most suspicious crop, next to sample level
     from sklearn.metrics import roc_auc_score
+
     units = ref.groupby(["group", "label"])
     group = evaluation["group_metrics"]["cascade"]
     assert group["agg"] == "max" and group["n_groups"] == units.ngroups

@@ -2,6 +2,7 @@
 empty cache the error names the model, the cache path and both ways out. Nothing is mocked: the cache
 is the layout huggingface_hub itself reads (HF_HOME/hub/models--timm--NAME/snapshots/REV + refs/main),
 and the models are built in child processes so HF_HOME/HF_HUB_OFFLINE take effect at import."""
+
 from __future__ import annotations
 
 import json
@@ -57,15 +58,20 @@ def _build(tmp: Path, hf_home: Path, cfg: dict, files: dict) -> subprocess.Compl
     env = subprocess_env(tmp)
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
-    return subprocess.run([PYTHON, "-c", CHECK, json.dumps(cfg), json.dumps({k: str(v) for k, v in files.items()})],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [PYTHON, "-c", CHECK, json.dumps(cfg), json.dumps({k: str(v) for k, v in files.items()})],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_pretrained_true_loads_the_hub_cache_offline(tmp_path):
     hf_home = tmp_path / "hf"
     path = _hub_file(hf_home, "test_resnet")
-    proc = _build(tmp_path, hf_home, {"name": "test_resnet", "num_classes": 1, "pretrained": True},
-                  {"model.": path})
+    proc = _build(tmp_path, hf_home, {"name": "test_resnet", "num_classes": 1, "pretrained": True}, {"model.": path})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])["model."]
     # every tensor but the 1000-class head (replaced by our 1-logit head) is the file's, bit for bit
@@ -74,10 +80,17 @@ def test_pretrained_true_loads_the_hub_cache_offline(tmp_path):
 
 def test_genconvit_backbones_take_pretrained_from_the_hub_cache(tmp_path):
     hf_home = tmp_path / "hf"
-    files = {"convnext.": _hub_file(hf_home, "convnext_atto"),
-             "swin.": _hub_file(hf_home, "swin_tiny_patch4_window7_224", img_size=64, **SWIN)}
-    cfg = {"name": "genconvit_ed", "num_classes": 1, "img_size": 64, "pretrained": True,
-           "kwargs": {"convnext": "convnext_atto", "swin": "swin_tiny_patch4_window7_224", "swin_kwargs": SWIN}}
+    files = {
+        "convnext.": _hub_file(hf_home, "convnext_atto"),
+        "swin.": _hub_file(hf_home, "swin_tiny_patch4_window7_224", img_size=64, **SWIN),
+    }
+    cfg = {
+        "name": "genconvit_ed",
+        "num_classes": 1,
+        "img_size": 64,
+        "pretrained": True,
+        "kwargs": {"convnext": "convnext_atto", "swin": "swin_tiny_patch4_window7_224", "swin_kwargs": SWIN},
+    }
     proc = _build(tmp_path, hf_home, cfg, files)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for prefix, res in json.loads(proc.stdout.strip().splitlines()[-1]).items():
@@ -97,10 +110,18 @@ def test_pretrained_true_with_an_empty_cache_names_model_cache_and_the_ways_out(
     assert "python -c \"import timm; timm.create_model('test_resnet', pretrained=True)\"" in err
 
 
-@pytest.mark.parametrize("name", ["deepfake_stage1_mobilenetv4", "deepfake_expert_effnetv2_b3",
-                                  "deepfake_expert_genconvit_ed", "pit_baseline_resnet50"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deepfake_stage1_mobilenetv4",
+        "deepfake_expert_effnetv2_b3",
+        "deepfake_expert_genconvit_ed",
+        "pit_baseline_resnet50",
+    ],
+)
 def test_full_size_experiments_use_pretrained_weights_and_demo_does_not(name):
     from distrib.config import load_config
+
     experiments = REPO / "launch" / "configs" / "experiments"
     assert load_config(experiments / f"{name}.yaml").model.pretrained
     for demo in experiments.glob("demo_*.yaml"):

@@ -1,5 +1,6 @@
 """Recipes: every shipped recipe loads; `distrib run` runs a tiny recipe end to end on its own manifests,
 survives a SIGKILL mid-run (same command continues, finished steps are skipped) and refuses a changed recipe."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,11 @@ def test_shipped_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_loads_with_its_experiments_and_grids(path):
     recipe = load_recipe(path)
-    for experiment, overrides in [(recipe.stage1.experiment, recipe.stage1.overrides),
-                                  (recipe.shootout.student, recipe.shootout.student_overrides),
-                                  *[(e.experiment, e.overrides) for e in recipe.experts]]:
+    for experiment, overrides in [
+        (recipe.stage1.experiment, recipe.stage1.overrides),
+        (recipe.shootout.student, recipe.shootout.student_overrides),
+        *[(e.experiment, e.overrides) for e in recipe.experts],
+    ]:
         if experiment:
             load_config(experiment, [*recipe.overrides, *overrides])
     for e in recipe.experts:
@@ -62,6 +65,7 @@ def _row(name, auc, feasible=True, latency=5.0, size=10.0):
 
 def test_shootout_decision_follows_the_plan():
     from distrib.recipes.shootout import decide
+
     a, b = _row("a", 0.9, latency=30.0), _row("b", 0.8)
     assert decide([b, _row("a", 0.9)], 16.0, 0)["line"].startswith("Deploy `a`: the most accurate")
     d = decide([a, b], 16.0, 0)
@@ -106,13 +110,29 @@ def _tiny_recipe(root: Path) -> Path:
     debug = str(REPO / "launch" / "configs" / "experiments" / "debug.yaml")
     recipe = {
         "name": "tiny recipe",
-        "data": {"train": "train.csv", "val": "val.csv", "test": "test.csv", "folds": 2, "shard_size": 12,
-                 "workers": 1},
-        "overrides": ["train.epochs=1", "train.max_steps=3", "train.latency_batches=1", "data.batch_size=8",
-                      "embed.dim=4", "embed.anchors=8", "embed.fit_samples=16", "tune.max_failures=0"],
+        "data": {
+            "train": "train.csv",
+            "val": "val.csv",
+            "test": "test.csv",
+            "folds": 2,
+            "shard_size": 12,
+            "workers": 1,
+        },
+        "overrides": [
+            "train.epochs=1",
+            "train.max_steps=3",
+            "train.latency_batches=1",
+            "data.batch_size=8",
+            "embed.dim=4",
+            "embed.anchors=8",
+            "embed.fit_samples=16",
+            "tune.max_failures=0",
+        ],
         "stage1": {"experiment": debug, "overrides": ["name=stage1", "model.name=test_resnet"]},
-        "experts": [{"experiment": debug, "grid": "grid.yaml", "overrides": ["name=exp_a", "model.name=test_efficientnet"]},
-                    {"experiment": debug, "grid": "grid.yaml", "overrides": ["name=exp_b", "model.name=test_convnext"]}],
+        "experts": [
+            {"experiment": debug, "grid": "grid.yaml", "overrides": ["name=exp_a", "model.name=test_efficientnet"]},
+            {"experiment": debug, "grid": "grid.yaml", "overrides": ["name=exp_b", "model.name=test_convnext"]},
+        ],
         "stack": {"folds": 2, "n_estimators": 10, "min_child_samples": 2, "features": ["prob", "emb"]},
         "thresholds": {"bootstrap": 5},
         "cascade": {"batch_size": 16},
@@ -128,8 +148,14 @@ def test_missing_hub_weights_fail_before_anything_starts(tmp_path):
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
     env = {**subprocess_env(tmp_path), "HF_HOME": str(tmp_path / "empty_hf"), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
-    proc = subprocess.run([PYTHON, "-m", "distrib", "run", str(recipe), "--out", str(out), "model.pretrained=true"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [PYTHON, "-m", "distrib", "run", str(recipe), "--out", str(out), "model.pretrained=true"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "pretrained weights for 'test_resnet'" in proc.stderr and "model.pretrained_file" in proc.stderr
     assert not out.exists()
@@ -139,6 +165,7 @@ def test_a_model_that_cannot_take_its_input_size_fails_before_anything_starts(tm
     """GenConViT built for 32 px fed data.img_size 64 used to fail only when its first sweep trial started,
     minutes after stage 1; now the recipe's own check builds every model and runs one forward first."""
     from distrib.cli import main as cli_main
+
     _manifests(tmp_path)
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
     genconvit = str(REPO / "launch" / "configs" / "experiments" / "demo_expert_genconvit.yaml")
@@ -147,6 +174,7 @@ def test_a_model_that_cannot_take_its_input_size_fails_before_anything_starts(tm
     recipe.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=r"GenConViT was built for 32 px .* model\.img_size"):
         from distrib.recipes import run_recipe
+
         run_recipe(recipe, out)
     assert not out.exists()
     assert cli_main(["run", str(recipe), "--out", str(out)]) == 2 and not out.exists()
@@ -155,6 +183,7 @@ def test_a_model_that_cannot_take_its_input_size_fails_before_anything_starts(tm
 def test_an_embed_dim_larger_than_the_val_set_fails_before_anything_starts(tmp_path):
     """The alignment anchors are val images: embed.dim above their count used to fail after the expert's sweep."""
     from distrib.recipes import run_recipe
+
     m = _manifests(tmp_path)
     n_val = len(pd.read_csv(m["val"]))
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
@@ -167,9 +196,12 @@ def test_too_few_groups_for_the_folds_or_the_meta_cv_fail_before_anything_starts
     """Found by a new-user pass: 4 train groups under data.folds=5 failed at the shard step (naming `--folds`, a
     `distrib shard` flag), and under stack.folds=5 only after every model had trained. Both fail first now."""
     from distrib.recipes import run_recipe
+
     _manifests(tmp_path)  # 10 train groups
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
-    with pytest.raises(DataError, match=r"data.folds=11 but .*train.csv has 10 group\(s\).* set data.folds=10 or fewer"):
+    with pytest.raises(
+        DataError, match=r"data.folds=11 but .*train.csv has 10 group\(s\).* set data.folds=10 or fewer"
+    ):
         run_recipe(recipe, out, ["data.folds=11"])
     with pytest.raises(DataError, match=r"stack.folds=11: .* has 10; set stack.folds=10 or fewer"):
         run_recipe(recipe, out, ["stack.folds=11"])
@@ -181,6 +213,7 @@ def test_a_changed_recipe_replaces_one_whose_run_finished_no_step(tmp_path):
     to be refused as a different recipe). Once a step has finished, the same change is refused."""
     from distrib.recipes.config import load_recipe as load
     from distrib.recipes.run import SAVED, STATE, _check_saved, resolve
+
     _manifests(tmp_path)
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
     old, new = (resolve(load(recipe, [f"data.folds={k}"]), out)["saved"] for k in (2, 3))
@@ -199,14 +232,16 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     manifests = _manifests(tmp_path)
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
     tree = yaml.safe_load(recipe.read_text())  # stage 1 as a 2-process gloo `accelerate launch` (DDP)
-    tree["stage1"].update(accelerate_config=str(REPO / "accelerate_config.yaml"),
-                          accelerate_args=["--main_process_port", "29547"])
+    tree["stage1"].update(
+        accelerate_config=str(REPO / "accelerate_config.yaml"), accelerate_args=["--main_process_port", "29547"]
+    )
     recipe.write_text(yaml.safe_dump(tree, sort_keys=False))
     cmd = [PYTHON, "-m", "distrib", "run", str(recipe), "--out", str(out), "--num-cpus", "2"]
     env = {**subprocess_env(tmp_path), "ACCELERATE_USE_CPU": "true"}
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     state = out / "recipe_state.json"
     try:  # kill once stage 1 is recorded done (the sweeps are starting): a hard kill, no cleanup
         while proc.poll() is None and not (state.is_file() and "stage 1" in json.loads(state.read_text())):
@@ -232,8 +267,15 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     results = json.loads((out / "evaluation_results.json").read_text())
     info = results["pipeline"]
     assert info["skipped"][:2] == ["shards", "stage 1"]
-    assert set(info["step_seconds"]) == {"shards", "stage 1", "sweep exp_a", "sweep exp_b", "stack", "thresholds",
-                                         "cascade"}
+    assert set(info["step_seconds"]) == {
+        "shards",
+        "stage 1",
+        "sweep exp_a",
+        "sweep exp_b",
+        "stack",
+        "thresholds",
+        "cascade",
+    }
     report = (out / "report.md").read_text()
     assert info["stage1_metrics"]["auc"] is not None and re.search(r"Stage 1: val AUC [01]\.\d{4}", report)
     assert info["stage1_metrics"]["world_size"] == 2 and (out / "stage1_config.yaml").is_file()  # DDP stage 1
@@ -250,8 +292,7 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     assert meta.loc[meta["split"] == "oof", "key"].is_unique and (meta["split"] == "oof").sum() == n_train
     print(f"\nrecipe end to end (killed once, resumed): {wall:.0f} s wall; steps {info['step_seconds']}\n{report}")
 
-    changed = subprocess.run([*cmd, "data.folds=3"], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=300)
+    changed = subprocess.run([*cmd, "data.folds=3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2 and "--overwrite" in changed.stderr and "recipe data" in changed.stderr
     assert json.loads((out / "evaluation_results.json").read_text()) == results  # nothing was touched
 
@@ -259,8 +300,14 @@ def test_run_recipe_end_to_end_killed_once_and_resumed(tmp_path):
     # same best fold runs and re-runs stack -> thresholds -> cascade -> report, without --overwrite
     trained = {p: p.stat().st_mtime_ns for p in out.glob("sweep_*/trials/*/best_model.pth")}
     trained[out / "stage1" / "best_model.pth"] = (out / "stage1" / "best_model.pth").stat().st_mtime_ns
-    again = subprocess.run([*cmd, "overrides.embed.dim=3", "stack.n_estimators=11"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=900)
+    again = subprocess.run(
+        [*cmd, "overrides.embed.dim=3", "stack.n_estimators=11"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "re-embed exp_a, exp_b" in again.stderr and "finished stage 1 and sweeps are kept" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in trained} == trained  # nothing retrained
@@ -278,20 +325,62 @@ def test_pit_recipe_shootout_table_and_decision_line(tmp_path):
     """launch/recipes/pit.yaml itself with tiny overrides: four candidates, the table, the student, the line."""
     m = _manifests(tmp_path)
     out = tmp_path / "pit"
-    tiny = [f"data.train={m['train']}", f"data.val={m['val']}", f"data.test={m['test']}", "data.positive=fake",
-            "data.folds=2", "data.shard_size=12", "data.workers=1", "thresholds.bootstrap=5",
-            "shootout.latency_ms=0.0001",  # nobody meets it: the most accurate one gets a distilled student
-            "model.name=test_resnet", "model.img_size=0", "model.pretrained=false", "data.img_size=32",
-            "data.batch_size=8", "data.num_workers=0", "train.epochs=1", "train.max_steps=2", "train.latency_batches=1",
-            "embed.dim=4", "embed.anchors=8", "embed.fit_samples=16", "tune.max_failures=0"]
-    proc = subprocess.run([PYTHON, "-m", "distrib", "run", str(REPO / "launch" / "recipes" / "pit.yaml"), "--out",
-                           str(out), "--num-cpus", "2", *tiny], cwd=REPO, env=subprocess_env(tmp_path),
-                          capture_output=True, text=True, timeout=1400)
+    tiny = [
+        f"data.train={m['train']}",
+        f"data.val={m['val']}",
+        f"data.test={m['test']}",
+        "data.positive=fake",
+        "data.folds=2",
+        "data.shard_size=12",
+        "data.workers=1",
+        "thresholds.bootstrap=5",
+        "shootout.latency_ms=0.0001",  # nobody meets it: the most accurate one gets a distilled student
+        "model.name=test_resnet",
+        "model.img_size=0",
+        "model.pretrained=false",
+        "data.img_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "train.epochs=1",
+        "train.max_steps=2",
+        "train.latency_batches=1",
+        "embed.dim=4",
+        "embed.anchors=8",
+        "embed.fit_samples=16",
+        "tune.max_failures=0",
+    ]
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "distrib",
+            "run",
+            str(REPO / "launch" / "recipes" / "pit.yaml"),
+            "--out",
+            str(out),
+            "--num-cpus",
+            "2",
+            *tiny,
+        ],
+        cwd=REPO,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=1400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     res = json.loads((out / "evaluation_results.json").read_text())
     names = [c["name"] for c in res["candidates"]]
-    assert names[:4] == ["pit_baseline_resnet50", "pit_exp002_convnextv2_tiny", "pit_exp003_effnet_b2_unnormalized",
-                         "pit_exp006_dinov2_probe"] and "student of" in names[4]
+    assert (
+        names[:4]
+        == [
+            "pit_baseline_resnet50",
+            "pit_exp002_convnextv2_tiny",
+            "pit_exp003_effnet_b2_unnormalized",
+            "pit_exp006_dinov2_probe",
+        ]
+        and "student of" in names[4]
+    )
     assert res["decision"]["action"] == "distill" and "latency" in res["decision"]["line"]
     for c in res["candidates"]:
         assert c["latency_ms"] > 0 and c["size_mb"] > 0 and 0 <= c["oof_auc"] <= 1

@@ -1,5 +1,6 @@
 """embed.inference=refit: one extra model on all training folds, aligned into the OOF rows' frame; the cascade and
 `distrib predict` then run ONE model per expert, and the meta-model's AUC is reported both ways."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,16 @@ from distrib.cli import main as cli_main
 from distrib.config import ConfigError, load_config
 
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
-SMALL = ["embed.dim=8", "embed.anchors=24", "embed.fit_samples=64", "embed.batch_size=16", "embed.inference=refit",
-         "stack.folds=2", "stack.n_estimators=20", "thresholds.bootstrap=10"]
+SMALL = [
+    "embed.dim=8",
+    "embed.anchors=24",
+    "embed.fit_samples=64",
+    "embed.batch_size=16",
+    "embed.inference=refit",
+    "stack.folds=2",
+    "stack.n_estimators=20",
+    "thresholds.bootstrap=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +39,20 @@ def refit_cascade(fold_runs, tmp_path_factory):
     extract_oof(fold_runs, oof, cfg.embed)
     stack = fit_stack([oof], root / "stack", cfg.stack)
     path = root / "cascade.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny refit", "batch_size": 16, "device": "cpu", "recall": 0.9,
-                                    "specificity": 0.5, "bootstrap": 10, "stage1": {"run": fold_runs[0]},
-                                    "stack": {"dir": str(root / "stack")}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny refit",
+                "batch_size": 16,
+                "device": "cpu",
+                "recall": 0.9,
+                "specificity": 0.5,
+                "bootstrap": 10,
+                "stage1": {"run": fold_runs[0]},
+                "stack": {"dir": str(root / "stack")},
+            }
+        )
+    )
     return {"root": root, "oof": oof, "stack": stack, "yaml": path}
 
 
@@ -79,8 +99,10 @@ def test_refit_model_lands_in_the_oof_rows_aligned_space(refit_cascade, fold_run
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_refit_cascade_runs_one_model_per_expert_and_predict_matches(refit_cascade, demo_shards, tmp_path, capsys):
-    assert cli_main(["cascade", "--config", str(refit_cascade["yaml"]), "--split", "test",
-                     "--out", str(tmp_path / "c")]) == 0
+    assert (
+        cli_main(["cascade", "--config", str(refit_cascade["yaml"]), "--split", "test", "--out", str(tmp_path / "c")])
+        == 0
+    )
     res = json.loads((tmp_path / "c" / "evaluation_results.json").read_text())
     cost = res["cost"]
     assert list(cost["models_per_expert"].values()) == [1] and cost["expert_models"] == ["refit"]
@@ -93,8 +115,22 @@ def test_refit_cascade_runs_one_model_per_expert_and_predict_matches(refit_casca
     capsys.readouterr()
 
     out = tmp_path / "p" / "preds.csv"
-    assert cli_main(["predict", "--model", str(refit_cascade["yaml"]), "--images", str(demo_shards), "--split", "test",
-                     "--out", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "predict",
+                "--model",
+                str(refit_cascade["yaml"]),
+                "--images",
+                str(demo_shards),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert list(summary["models_per_expert"].values()) == [1]
     ref, preds = pd.read_csv(tmp_path / "c" / "cascade_predictions.csv"), pd.read_csv(out)

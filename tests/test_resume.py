@@ -1,4 +1,5 @@
 """Resume: SIGKILL a single-process run mid-epoch, resume it, and get bit-identical weights and metrics."""
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,13 @@ from conftest import PYTHON, REPO, subprocess_env
 # checkpoint is step 12: epoch 1, 3 batches in, and steps 13-15 are lost and must be redone identically.
 # timm's test_resnet (0.37 M params) instead of debug.yaml's resnet18: the kill is hooked to a publish, not timed,
 # so a smaller model tests the same resume path, faster and with 6 MB run dirs instead of 170 MB
-ARGS = ["launch/configs/experiments/debug.yaml", "model.name=test_resnet", "train.epochs=2", "train.ckpt_every_steps=3",
-        "train.latency_batches=1"]
+ARGS = [
+    "launch/configs/experiments/debug.yaml",
+    "model.name=test_resnet",
+    "train.epochs=2",
+    "train.ckpt_every_steps=3",
+    "train.latency_batches=1",
+]
 
 
 def _train(out, shards, tmp, extra=(), script=("launch/train.py",)):
@@ -31,7 +37,12 @@ def _weights(run_dir):
 
 
 # augment.device=model: the augmentation runs in the step, seeded per (seed, epoch, rank, batch), not in the loader
-ON_MODEL = ["augment.device=model", "augment.rotate=30", "augment.motion_blur_p=0.5", "augment.color_jitter=[0.2,0.2,0.2,0.02]"]
+ON_MODEL = [
+    "augment.device=model",
+    "augment.rotate=30",
+    "augment.motion_blur_p=0.5",
+    "augment.color_jitter=[0.2,0.2,0.2,0.02]",
+]
 
 
 # the same with 2 DataLoader workers: batches come through the shared-memory ring (data/ring.py)
@@ -40,8 +51,9 @@ ON_MODEL_RING = [*ON_MODEL, "data.num_workers=2"]
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("aug", [[], ON_MODEL, ON_MODEL_RING],
-                         ids=["augment_on_loader", "augment_on_model", "augment_on_model_ring"])
+@pytest.mark.parametrize(
+    "aug", [[], ON_MODEL, ON_MODEL_RING], ids=["augment_on_loader", "augment_on_model", "augment_on_model_ring"]
+)
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(demo_shards, tmp_path, aug):
     ref = _train(tmp_path / "ref", demo_shards, tmp_path, extra=aug)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -65,8 +77,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(demo_shards, tmp_pa
     assert ref_w.keys() == res_w.keys()
     for k in ref_w:
         assert torch.equal(ref_w[k], res_w[k]), k
+
     def log_rows(path):  # every column but the wall-clock one
         return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(path))]
+
     ref_log, res_log = log_rows(tmp_path / "ref" / "training_log.csv"), log_rows(crashed / "training_log.csv")
     assert ref_log and ref_log == res_log
     ref_best = torch.load(tmp_path / "ref" / "best_model.pth", weights_only=True)["metrics"]

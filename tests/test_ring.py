@@ -1,5 +1,6 @@
 """The shared-ring loader path (data.ring): the same batches as the plain per-sample path, pixel for pixel, on
 real shards written by ``distrib shard``, with 2 DataLoader workers; exactly-once eval; the same skip counts."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,22 @@ AUG = AugmentConfig(hflip=0.5, vflip=0.5, rotate=90, motion_blur_p=0.5, color_ji
 
 def _epoch(shards, split, mode, ring, size=32, rank=0, world=1, workers=2, batch=8, epoch=1):
     tf = build_transform(AUG if mode == "train" else None, DataConfig(img_size=size), train=mode == "train")
-    loader = build_loader(shards, split, None, rank, world, workers, batch, epoch, tf, seed=5, mode=mode,
-                          shuffle_buffer=32, augment_on="model", ring=ring)
+    loader = build_loader(
+        shards,
+        split,
+        None,
+        rank,
+        world,
+        workers,
+        batch,
+        epoch,
+        tf,
+        seed=5,
+        mode=mode,
+        shuffle_buffer=32,
+        augment_on="model",
+        ring=ring,
+    )
     assert (loader.stream.ring is not None) == ring
     return loader, list(loader)  # list(): every batch kept past its slot's reuse must stay intact
 
@@ -75,7 +90,7 @@ def test_ring_counts_corrupt_and_truncated_samples_like_the_plain_path(demo_shar
             f.seek(off)
             f.write(b"\x00" * length)
     cut = work / train[1]["path"]  # and cut another shard inside its sample 4
-    cut.write_bytes(cut.read_bytes()[:train[1]["offsets"][4][0]])
+    cut.write_bytes(cut.read_bytes()[: train[1]["offsets"][4][0]])
     for split, mode in (("train", "train"), ("train", "eval")):
         plain_loader, plain = _epoch(work, split, mode, ring=False)
         loader, ring = _epoch(work, split, mode, ring=True)
@@ -103,6 +118,7 @@ def test_a_new_pass_closes_the_unfinished_one_and_kept_batches_stay_intact(demo_
 @pytest.mark.timeout(120)
 def test_ring_rejects_a_stale_index(demo_shards, tmp_path):
     from distrib.errors import DataError
+
     work = tmp_path / "s"
     shutil.copytree(demo_shards, work)
     index = json.loads((work / "index.json").read_text())

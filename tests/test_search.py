@@ -3,6 +3,7 @@
 Real Ray (the session's `ray start` cluster, conftest.ray_cluster), real debug-config trials on 2-fold
 shards built from the demo data.
 """
+
 from __future__ import annotations
 
 import glob
@@ -22,8 +23,13 @@ from distrib.sweep.driver import run_sweep
 from distrib.sweep.grid import load_grid
 
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
-TRIAL = ["train.epochs=1", "data.samples_per_epoch=32", "train.latency_batches=1", "tune.embed_best=false",
-         "tune.folds=2"]
+TRIAL = [
+    "train.epochs=1",
+    "data.samples_per_epoch=32",
+    "train.latency_batches=1",
+    "tune.embed_best=false",
+    "tune.folds=2",
+]
 NO_RAY = "127.0.0.1:1"  # nothing listens there: a test that reached Ray would fail to connect
 
 
@@ -31,9 +37,18 @@ NO_RAY = "127.0.0.1:1"  # nothing listens there: a test that reached Ray would f
 def shards2(demo_data, tmp_path_factory) -> Path:
     """The demo data as 2-fold shards: the smallest complete CV sweep."""
     from distrib.data.shards import write_shards
+
     out = tmp_path_factory.mktemp("shards2")
-    write_shards(demo_data / "train_manifest.csv", out, val=demo_data / "val_manifest.csv",
-                 test=demo_data / "test_manifest.csv", folds=2, seed=0, shard_size=30, workers=1)
+    write_shards(
+        demo_data / "train_manifest.csv",
+        out,
+        val=demo_data / "val_manifest.csv",
+        test=demo_data / "test_manifest.csv",
+        folds=2,
+        seed=0,
+        shard_size=30,
+        workers=1,
+    )
     return out
 
 
@@ -57,8 +72,16 @@ def test_bad_search_input_fails_before_ray_starts(tmp_path, shards2, capsys):
     with pytest.raises(ConfigError, match=r"tune.search.*one of grid, random, optuna"):
         load_config(DEBUG, ["tune.search=bayes"])
     (tmp_path / "g2.yaml").write_text("optim.lr: {uniform: [-1.0, 1.0e-3]}\n")
-    cli = ["tune", str(DEBUG), f"data.shards={shards2}", *TRIAL, "--grid", str(tmp_path / "g2.yaml"),
-           "--address", NO_RAY]
+    cli = [
+        "tune",
+        str(DEBUG),
+        f"data.shards={shards2}",
+        *TRIAL,
+        "--grid",
+        str(tmp_path / "g2.yaml"),
+        "--address",
+        NO_RAY,
+    ]
     assert main([*cli, "--out", str(tmp_path / "s5")]) == 2  # grid mode: refused for sampling at all
     assert "--search random or --search optuna" in capsys.readouterr().err
     assert main([*cli, "--out", str(tmp_path / "s6"), "--search", "random", "--num-samples", "3"]) == 2
@@ -110,6 +133,7 @@ def _check_sweep(out: Path, result: dict, folds: int = 2) -> tuple[pd.DataFrame,
 def _optuna_values(out: Path) -> dict[float, list]:
     """What Optuna itself recorded (Tune's saved searcher state): lr -> [(state, value), ...]."""
     import pickle
+
     state = pickle.loads(Path(glob.glob(f"{out}/ray_results/sweep/searcher-state-*.pkl")[0]).read_bytes())
     values: dict[float, list] = {}
     for t in state["_ot_study"].trials:
@@ -131,14 +155,18 @@ def test_sampled_configs_each_run_all_folds_and_are_scored_by_mean_auc(ray_clust
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and lrs[0] != lrs[1]
     assert yaml.safe_load((out / "grid.yaml").read_text()) == {"optim.lr": {"loguniform": [1e-4, 1e-2]}}
     if search == "optuna":  # Optuna's value per config is its mean K-fold AUC
-        assert _optuna_values(out) == {c["params"]["optim.lr"]: [("COMPLETE", pytest.approx(c["mean_auc"]))]
-                                       for c in configs.values()}
+        assert _optuna_values(out) == {
+            c["params"]["optim.lr"]: [("COMPLETE", pytest.approx(c["mean_auc"]))] for c in configs.values()
+        }
     with pytest.raises(DistribError, match="already holds a sampled sweep.*--resume"):  # configs would mix
         run_sweep(cfg, {"optim.lr": {"loguniform": [1e-4, 1e-2]}}, out, address=ray_cluster)
     again = run_sweep(cfg, {"optim.lr": {"loguniform": [1e-4, 1e-2]}}, out, address=ray_cluster, resume=True)
     assert again["best"]["config_id"] == result["best"]["config_id"] and again["configs"] == result["configs"]
     for d in summary.trial_dir:  # Tuner.restore (searcher state included) re-ran nothing
-        assert [line.split()[2] for line in (Path(d) / "trial_events.log").read_text().splitlines()] == ["start", "done"]
+        assert [line.split()[2] for line in (Path(d) / "trial_events.log").read_text().splitlines()] == [
+            "start",
+            "done",
+        ]
 
 
 @pytest.mark.slow
@@ -149,8 +177,17 @@ def test_asha_stops_whole_configs_which_are_marked_and_never_best(ray_cluster, s
     epoch are chance-level, so which config that is comes from the fixed seeds (Optuna's seed = train.seed,
     a deterministic CPU run): here c1 (lr 1e-9, fold-0 AUC 0.4975 < c0's 0.5009). A change to training that
     reorders those AUCs may need another train.seed to reproduce a stop."""
-    cfg = load_config(DEBUG, [f"data.shards={shards2}", *TRIAL, "tune.search=optuna", "tune.scheduler=asha",
-                              "tune.num_samples=3", "tune.max_concurrent=1"])
+    cfg = load_config(
+        DEBUG,
+        [
+            f"data.shards={shards2}",
+            *TRIAL,
+            "tune.search=optuna",
+            "tune.scheduler=asha",
+            "tune.num_samples=3",
+            "tune.max_concurrent=1",
+        ],
+    )
     out = tmp_path / "sweep"
     result = run_sweep(cfg, {"optim.lr": {"choice": [1e-9, 3e-3]}}, out, address=ray_cluster)
     summary, configs = _check_sweep(out, result)

@@ -1,4 +1,5 @@
 """Shard writer and inspector on real tar files: read-back, fold/group separation, checksums, bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,8 @@ from PIL import Image
 
 from conftest import PYTHON, REPO, subprocess_env
 from distrib.cli import main as cli_main
-from distrib.errors import DataError
 from distrib.data.shards import format_inspection, inspect_shards, write_shards
+from distrib.errors import DataError
 
 
 def _members(tar_path: Path) -> dict[str, dict[str, bytes]]:
@@ -64,6 +65,7 @@ def test_shards_read_back_with_tarfile(demo_shards, demo_data):
 
 def test_shards_read_back_with_webdataset(demo_shards):
     import webdataset as wds
+
     index = json.loads((demo_shards / "index.json").read_text())
     urls = [str(demo_shards / s["path"]) for s in index["shards"] if s["split"] == "val"]
     ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb")
@@ -86,7 +88,7 @@ def test_no_group_in_two_folds_and_labels_stratified(demo_shards):
     train_groups = {g for g, f in fold_of.items() if next(iter(f))[0] == "train"}
     assert set(index["groups"]) == train_groups
     assert {index["groups"][g] for g in train_groups} == {0, 1, 2}
-    for split, groups in index["heldout_groups"].items():
+    for groups in index["heldout_groups"].values():
         assert not set(groups) & train_groups
     overall = sum(labels[k][1] for k in range(3)) / sum(sum(labels[k].values()) for k in range(3))
     for k in range(3):
@@ -148,27 +150,62 @@ def _train_rows(root: Path) -> list[list[str]]:
 
 
 BAD_CASES = {
-    "missing_column": (lambda root, rows: _write_csv(root / "m.csv", ["path", "lbl"], [r[:2] for r in rows]),
-                       {}, r"m\.csv: missing column 'label'.*header with columns path,label"),
-    "missing_image": (lambda root, rows: _write_csv(root / "m.csv", ["path", "label", "group"],
-                                                    rows[:3] + [["img/nope.jpg", "1", "gx"]] + rows[3:]),
-                      {}, r"m\.csv row 4: .*nope\.jpg is missing.*fix the paths"),
-    "unknown_label": (None, {"val": lambda root, rows: _write_csv(
-        root / "v.csv", ["path", "label", "group"], [["img/000.jpg", "2", "gv"]])},
-        r"v\.csv row 1: unknown label '2'; the train manifest only has \['0', '1'\]"),
-    "duplicate_key": (lambda root, rows: _write_csv(root / "m.csv", ["path", "label", "group"], rows + [rows[0]]),
-                      {}, r"duplicate key 'img__000': .*m\.csv row 1 .* row 25"),
-    "empty": (lambda root, rows: _write_csv(root / "m.csv", ["path", "label", "group"], []),
-              {}, r"m\.csv: the manifest has a header but no rows"),
-    "too_few_groups": (lambda root, rows: _write_csv(root / "m.csv", ["path", "label", "group"],
-                                                     [[p, lab, "g1" if i % 2 else "g2"] for i, (p, lab, _) in enumerate(rows)]),
-                       {}, r"m\.csv: 2 group\(s\) but folds=3; .*--folds 2"),
-    "mixed_labels": (lambda root, rows: _write_csv(root / "m.csv", ["path", "label", "group"],
-                                                   rows[:-1] + [[rows[-1][0], "fake", rows[-1][2]]]),
-                     {}, r"row 24: label 'fake' mixes integer labels and class names"),
-    "group_in_two_splits": (None, {"test": lambda root, rows: _write_csv(
-        root / "t.csv", ["path", "label", "group"], [["img/extra.jpg", "0", rows[0][2]]])},
-        r"group '.*' appears in train .* and test .*move all its rows"),
+    "missing_column": (
+        lambda root, rows: _write_csv(root / "m.csv", ["path", "lbl"], [r[:2] for r in rows]),
+        {},
+        r"m\.csv: missing column 'label'.*header with columns path,label",
+    ),
+    "missing_image": (
+        lambda root, rows: _write_csv(
+            root / "m.csv", ["path", "label", "group"], rows[:3] + [["img/nope.jpg", "1", "gx"]] + rows[3:]
+        ),
+        {},
+        r"m\.csv row 4: .*nope\.jpg is missing.*fix the paths",
+    ),
+    "unknown_label": (
+        None,
+        {
+            "val": lambda root, rows: _write_csv(
+                root / "v.csv", ["path", "label", "group"], [["img/000.jpg", "2", "gv"]]
+            )
+        },
+        r"v\.csv row 1: unknown label '2'; the train manifest only has \['0', '1'\]",
+    ),
+    "duplicate_key": (
+        lambda root, rows: _write_csv(root / "m.csv", ["path", "label", "group"], rows + [rows[0]]),
+        {},
+        r"duplicate key 'img__000': .*m\.csv row 1 .* row 25",
+    ),
+    "empty": (
+        lambda root, rows: _write_csv(root / "m.csv", ["path", "label", "group"], []),
+        {},
+        r"m\.csv: the manifest has a header but no rows",
+    ),
+    "too_few_groups": (
+        lambda root, rows: _write_csv(
+            root / "m.csv",
+            ["path", "label", "group"],
+            [[p, lab, "g1" if i % 2 else "g2"] for i, (p, lab, _) in enumerate(rows)],
+        ),
+        {},
+        r"m\.csv: 2 group\(s\) but folds=3; .*--folds 2",
+    ),
+    "mixed_labels": (
+        lambda root, rows: _write_csv(
+            root / "m.csv", ["path", "label", "group"], rows[:-1] + [[rows[-1][0], "fake", rows[-1][2]]]
+        ),
+        {},
+        r"row 24: label 'fake' mixes integer labels and class names",
+    ),
+    "group_in_two_splits": (
+        None,
+        {
+            "test": lambda root, rows: _write_csv(
+                root / "t.csv", ["path", "label", "group"], [["img/extra.jpg", "0", rows[0][2]]]
+            )
+        },
+        r"group '.*' appears in train .* and test .*move all its rows",
+    ),
 }
 
 
@@ -245,15 +282,22 @@ def test_png_inputs_name_labels_and_default_groups(tmp_path):
 def test_cli_and_entry_points_reach_the_same_functions(demo_data, tmp_path, capsys):
     root = _tiny_copy(demo_data, tmp_path)
     out = tmp_path / "shards"
-    assert cli_main(["shard", "--train", str(root / "train.csv"), "--out", str(out), "--folds", "3",
-                     "--workers", "1"]) == 0
+    assert (
+        cli_main(["shard", "--train", str(root / "train.csv"), "--out", str(out), "--folds", "3", "--workers", "1"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] is True
     assert cli_main(["shard", "inspect", str(out)]) == 0
     assert "3 problem" not in capsys.readouterr().out
     assert cli_main(["shard", "--train", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
     assert "missing.csv does not exist" in capsys.readouterr().err
-    proc = subprocess.run([PYTHON, str(REPO / "shards" / "inspect_shards.py"), str(out)], capture_output=True,
-                          text=True, timeout=120, env=subprocess_env(tmp_path))
+    proc = subprocess.run(
+        [PYTHON, str(REPO / "shards" / "inspect_shards.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "0 problem(s)" in proc.stdout
 

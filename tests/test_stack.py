@@ -1,4 +1,5 @@
 """Stacking with real LightGBM on OOF tables with a planted signal: meta-CV beats each expert, groups never leak."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from distrib.cli import main as cli_main
 from distrib.config import StackConfig
 from distrib.errors import DataError
-from distrib.cli import main as cli_main
 from distrib.stacking.stack import cross_validate, group_folds, load_experts, load_meta, predict_meta
 
 DIM = 8
@@ -25,8 +26,15 @@ def _tables(tmp_path, n_groups=160, per_group=4, seed=0):
     kind = rng.integers(0, 2, n_groups)[g]  # manipulation type, shared within a source photo
     y = rng.integers(0, 2, len(g))
     split = np.where(g < n_groups * 0.7, "oof", np.where(g < n_groups * 0.85, "val", "test"))
-    base = pd.DataFrame({"key": [f"k{i:05d}" for i in range(len(g))], "group": [f"photo{v}" for v in g],
-                         "label": y, "fold": g % 3, "split": split})
+    base = pd.DataFrame(
+        {
+            "key": [f"k{i:05d}" for i in range(len(g))],
+            "group": [f"photo{v}" for v in g],
+            "label": y,
+            "fold": g % 3,
+            "split": split,
+        }
+    )
     paths = []
     for name, informative in (("cnn", 0), ("genconvit_ed", 1)):
         logit = np.where(kind == informative, 3.0 * (2 * y - 1), 0.0) + rng.normal(0, 1.0, len(g))
@@ -44,8 +52,14 @@ def _tables(tmp_path, n_groups=160, per_group=4, seed=0):
     return paths
 
 
-CFG_OVERRIDES = ["stack.folds=3", "stack.n_estimators=150", "stack.learning_rate=0.1", "stack.n_jobs=1",
-                 "stack.early_stopping_rounds=20", "stack.min_child_samples=10"]
+CFG_OVERRIDES = [
+    "stack.folds=3",
+    "stack.n_estimators=150",
+    "stack.learning_rate=0.1",
+    "stack.n_jobs=1",
+    "stack.early_stopping_rounds=20",
+    "stack.min_child_samples=10",
+]
 
 
 def test_meta_cv_beats_each_expert_and_keeps_groups_whole(tmp_path, capsys):
@@ -71,8 +85,9 @@ def test_meta_cv_beats_each_expert_and_keeps_groups_whole(tmp_path, capsys):
     assert info["features"][0] == "cnn__prob" and info["meta"] == results["meta"] == res["meta"]
     wide, _ = load_experts(paths)
     test = wide[wide["split"] == "test"]
-    np.testing.assert_allclose(predict_meta(booster, info, test),
-                               preds.set_index("key").loc[test["key"], "prob"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        predict_meta(booster, info, test), preds.set_index("key").loc[test["key"], "prob"].to_numpy(), rtol=1e-6
+    )
     assert (out / "stack_ablation.png").stat().st_size > 1000
 
 
@@ -106,8 +121,10 @@ def test_group_agg_scores_ablation_candidates_and_splits_per_group(tmp_path):
     """stack.group_agg=max: every ablation entry, candidate and val/test split also carries group AUC/AP,
     equal to sklearn on each group's max OOF probability."""
     from sklearn.metrics import roc_auc_score
+
     from distrib.config import load_config
     from distrib.stacking.stack import fit_stack
+
     paths = _tables(tmp_path, n_groups=80)
     cfg = load_config(None, [*CFG_OVERRIDES, "stack.group_agg=max", "stack.bootstrap=50"]).stack
     res = fit_stack(paths, tmp_path / "stack", cfg)
@@ -122,6 +139,7 @@ def test_group_agg_scores_ablation_candidates_and_splits_per_group(tmp_path):
     assert chosen["auc"] == pytest.approx(roc_auc_score(units["label"].first(), units["prob"].max()), abs=1e-12)
     test = preds[preds["split"] == "test"].groupby(["group", "label"])
     assert res["splits"]["test"]["group"]["prob"]["auc"] == pytest.approx(
-        roc_auc_score(test["label"].first(), test["prob"].max()), abs=1e-12)
+        roc_auc_score(test["label"].first(), test["prob"].max()), abs=1e-12
+    )
     with pytest.raises(Exception, match="stack.group_agg"):
         load_config(None, ["stack.group_agg=median"])

@@ -1,4 +1,5 @@
 """Thresholds: constrained threshold meets recall on its fit data, exact band on hand-built scores, test rows refused."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,18 @@ import pandas as pd
 import pytest
 from sklearn.metrics import recall_score
 
-from distrib.config import ThresholdConfig
 from distrib.cli import main as cli_main
+from distrib.config import ThresholdConfig
 from distrib.errors import DistribError
-from distrib.stacking.thresholds import (decide, fit_band, fit_thresholds, grouped_bootstrap, rates,
-                                           select_fit_rows, threshold_max_specificity)
+from distrib.stacking.thresholds import (
+    decide,
+    fit_band,
+    fit_thresholds,
+    grouped_bootstrap,
+    rates,
+    select_fit_rows,
+    threshold_max_specificity,
+)
 
 # Hand-built: negatives at 0.1..0.4 and 0.6, positives at 0.5 and 0.7..0.95.
 NEG = [0.1, 0.2, 0.3, 0.4, 0.6]
@@ -34,8 +42,7 @@ def test_band_exact_on_hand_built_scores():
     assert band["feasible"] and band["t_low"] == 0.5 and band["t_high"] == 0.7
     assert band["uncertain_fraction"] == pytest.approx(0.2)
     assert (band["tp"], band["fn"], band["tn"], band["fp"]) == (4, 0, 4, 0)
-    np.testing.assert_array_equal(decide(S, band["t_low"], band["t_high"]),
-                                  [0, 0, 0, 0, -1, -1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(decide(S, band["t_low"], band["t_high"]), [0, 0, 0, 0, -1, -1, 1, 1, 1, 1])
 
 
 def test_band_collapses_to_single_threshold_when_constraints_allow():
@@ -68,7 +75,7 @@ def test_band_meets_constraints_on_random_scores():
     neg, pos = s[None, None, :] < lo[..., None], s[None, None, :] >= hi[..., None]
     tp, fn = (pos & (y == 1)).sum(-1), (neg & (y == 1)).sum(-1)
     tn, fp = (neg & (y == 0)).sum(-1), (pos & (y == 0)).sum(-1)
-    ok = ((lo <= hi) & (tp + fn + tn + fp > 0) & (tp >= 0.99 * (tp + fn) - 1e-9) & (tn >= 0.95 * (tn + fp) - 1e-9))
+    ok = (lo <= hi) & (tp + fn + tn + fp > 0) & (tp >= 0.99 * (tp + fn) - 1e-9) & (tn >= 0.95 * (tn + fp) - 1e-9)
     best = 1 - (tp + fn + tn + fp)[ok].max() / len(s)
     assert band["uncertain_fraction"] == pytest.approx(best)
 
@@ -119,10 +126,24 @@ def test_test_rows_are_refused(tmp_path):
 
 def test_cli_prints_infeasible(tmp_path, capsys):
     pred = tmp_path / "pred.csv"
-    pd.DataFrame({"label": [1, 0, 1, 0, 1, 0], "prob": [0.0, 0.3, 0.4, 0.5, 0.6, 1.0],
-                  "group": list("abcdef")}).to_csv(pred, index=False)
-    assert cli_main(["thresholds", "--pred", str(pred), "--out", str(tmp_path / "out"), "thresholds.recall=1.0",
-                     "thresholds.specificity=1.0", "thresholds.bootstrap=20"]) == 0
+    pd.DataFrame({"label": [1, 0, 1, 0, 1, 0], "prob": [0.0, 0.3, 0.4, 0.5, 0.6, 1.0], "group": list("abcdef")}).to_csv(
+        pred, index=False
+    )
+    assert (
+        cli_main(
+            [
+                "thresholds",
+                "--pred",
+                str(pred),
+                "--out",
+                str(tmp_path / "out"),
+                "thresholds.recall=1.0",
+                "thresholds.specificity=1.0",
+                "thresholds.bootstrap=20",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     res = json.loads(out.strip().splitlines()[-1])
     assert res["band"]["feasible"] is False

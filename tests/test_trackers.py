@@ -1,4 +1,5 @@
 """train.trackers: TensorBoard (own writer) plus MLflow through accelerate's log_with, read back from the store."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ from conftest import PYTHON, REPO, subprocess_env
 
 def _mlflow_env(tmp_path) -> dict:
     env = subprocess_env(tmp_path)
-    env.update(MLFLOW_TRACKING_URI=f"file:{tmp_path / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true",
-               MLFLOW_DISABLE_TELEMETRY="true")
+    env.update(
+        MLFLOW_TRACKING_URI=f"file:{tmp_path / 'mlruns'}",
+        MLFLOW_ALLOW_FILE_STORE="true",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
     return env
 
 
@@ -22,14 +26,26 @@ def _mlflow_env(tmp_path) -> dict:
 def test_train_logs_params_metrics_and_results_to_mlflow(demo_shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     env = _mlflow_env(tmp_path)
-    cmd = [PYTHON, "-m", "distrib", "train", "launch/configs/experiments/debug.yaml", "--out", str(out),
-           f"data.shards={demo_shards}", "model.name=resnet10t", "train.epochs=2", "optim.lr=3e-3",
-           "train.trackers=[tensorboard, mlflow]"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "distrib",
+        "train",
+        "launch/configs/experiments/debug.yaml",
+        "--out",
+        str(out),
+        f"data.shards={demo_shards}",
+        "model.name=resnet10t",
+        "train.epochs=2",
+        "optim.lr=3e-3",
+        "train.trackers=[tensorboard, mlflow]",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard events are still written
 
     import mlflow
+
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_DISABLE_TELEMETRY"):
         monkeypatch.setenv(key, env[key])
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
@@ -55,6 +71,7 @@ def test_train_logs_params_metrics_and_results_to_mlflow(demo_shards, tmp_path, 
 def test_tracker_config_errors_before_training(demo_shards, tmp_path, monkeypatch):
     from distrib.config import ConfigError, load_config
     from distrib.training.runlog import check_trackers
+
     with pytest.raises(ConfigError, match=r"train.trackers.*'tensorbord'.*one of tensorboard, mlflow"):
         load_config(REPO / "launch/configs/experiments/debug.yaml", ["train.trackers=[tensorbord]"])
     assert load_config(REPO / "launch/configs/experiments/debug.yaml").train.trackers == ["tensorboard"]
@@ -73,17 +90,27 @@ def test_tracker_config_errors_before_training(demo_shards, tmp_path, monkeypatc
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sweep_is_one_parent_run_with_one_child_per_trial(demo_shards, tmp_path, monkeypatch):
+    import mlflow
+
     from distrib.config import load_config
     from distrib.sweep.driver import run_sweep
-    import mlflow
+
     for key, value in _mlflow_env(tmp_path).items():
         if key.startswith("MLFLOW_"):
             monkeypatch.setenv(key, value)
     mlflow.set_tracking_uri(f"file:{tmp_path / 'mlruns'}")  # this process's store (another test may have set one)
-    cfg = load_config(REPO / "launch/configs/experiments/debug.yaml",
-                      [f"data.shards={demo_shards}", "model.name=resnet10t", "train.epochs=1",
-                       "data.samples_per_epoch=32", "train.latency_batches=1", "tune.embed_best=false",
-                       "train.trackers=[tensorboard, mlflow]"])
+    cfg = load_config(
+        REPO / "launch/configs/experiments/debug.yaml",
+        [
+            f"data.shards={demo_shards}",
+            "model.name=resnet10t",
+            "train.epochs=1",
+            "data.samples_per_epoch=32",
+            "train.latency_batches=1",
+            "tune.embed_best=false",
+            "train.trackers=[tensorboard, mlflow]",
+        ],
+    )
     out = tmp_path / "sweep"
     result = run_sweep(cfg, {"optim.lr": [1e-3]}, out, num_cpus=2)
     assert result["best"]["config_id"] == "c0"
@@ -99,8 +126,11 @@ def test_sweep_is_one_parent_run_with_one_child_per_trial(demo_shards, tmp_path,
     parent = parents[0]
     assert parent.data.tags["distrib.sweep_dir"] == str(out.resolve())
     assert parent.data.metrics["best/mean"] == pytest.approx(result["best"]["mean"])
-    children = mlflow.search_runs(experiment_names=["debug"], output_format="list",
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = mlflow.search_runs(
+        experiment_names=["debug"],
+        output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
     assert sorted(c.info.run_name for c in children) == ["c0_fold0", "c0_fold1", "c0_fold2"]
     assert all(c.info.status == "FINISHED" and c.data.params["optim.lr"] == "0.001" for c in children)
     for c in children:  # each trial's run dir and its evaluation_results.json artifact

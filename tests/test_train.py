@@ -1,4 +1,5 @@
 """Single-process trainer: every run output exists and parses, TensorBoard reads back, clear errors."""
+
 from __future__ import annotations
 
 import csv
@@ -21,9 +22,19 @@ DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 @pytest.fixture(scope="module")
 def debug_run(demo_shards, tmp_path_factory):
     from distrib.training.trainer import run
+
     out = tmp_path_factory.mktemp("debug_run")
-    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.epochs=2", "train.ckpt_every_steps=4",
-                              "train.log_every_steps=1", "model.name=resnet10t", "eval.group_agg=max"])
+    cfg = load_config(
+        DEBUG,
+        [
+            f"data.shards={demo_shards}",
+            "train.epochs=2",
+            "train.ckpt_every_steps=4",
+            "train.log_every_steps=1",
+            "model.name=resnet10t",
+            "eval.group_agg=max",
+        ],
+    )
     return cfg, out, run(cfg, out)
 
 
@@ -31,13 +42,37 @@ def debug_run(demo_shards, tmp_path_factory):
 def test_run_outputs_exist_and_parse(debug_run, demo_shards):
     cfg, out, result = debug_run
     assert result["world_size"] == 1 and result["device_type"] == "cpu"
-    for name in ("best_model.pth", "training_log.csv", "training_curves.png", "evaluation_results.json",
-                 "config.yaml", "versions.json", "val_predictions.csv", "last_checkpoint/trainer_state.pt"):
+    for name in (
+        "best_model.pth",
+        "training_log.csv",
+        "training_curves.png",
+        "evaluation_results.json",
+        "config.yaml",
+        "versions.json",
+        "val_predictions.csv",
+        "last_checkpoint/trainer_state.pt",
+    ):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "training_log.csv")))
-    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_loss", "auc", "f1", "accuracy",
-                             "precision", "recall", "specificity", "eer", "ap", "seconds", "group_auc", "group_eer",
-                             "group_ap"]
+    assert list(rows[0]) == [
+        "epoch",
+        "step",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "auc",
+        "f1",
+        "accuracy",
+        "precision",
+        "recall",
+        "specificity",
+        "eer",
+        "ap",
+        "seconds",
+        "group_auc",
+        "group_eer",
+        "group_ap",
+    ]
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     Image.open(out / "training_curves.png").verify()
     assert load_config(out / "config.yaml") == cfg  # the saved config replays the run
@@ -84,6 +119,7 @@ def test_run_outputs_exist_and_parse(debug_run, demo_shards):
 
 def test_best_model_loads_weights_only(debug_run):
     from distrib.runs import load_run
+
     cfg, out, result = debug_run
     payload = torch.load(out / "best_model.pth", weights_only=True)
     assert set(payload) == {"state_dict", "config", "metrics"}
@@ -99,12 +135,21 @@ def test_best_model_loads_weights_only(debug_run):
 
 def test_tensorboard_events_read_back(debug_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     _, out, result = debug_run
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/images_per_s", "val/auc", "val/val_loss", "val/eer",
-            "val/group_auc", "val/group_ap"} <= tags  # eval.group_agg=max
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "val/auc",
+        "val/val_loss",
+        "val/eer",
+        "val/group_auc",
+        "val/group_ap",
+    } <= tags  # eval.group_agg=max
     loss = acc.Scalars("train/loss")
     assert len(loss) == result["steps"] and all(np.isfinite(e.value) for e in loss)
     assert [e.step for e in acc.Scalars("val/auc")] == [result["steps"] // 2, result["steps"]]
@@ -141,9 +186,10 @@ def test_stray_third_label_fails_before_training(demo_data, demo_shards, tmp_pat
     still holds 3 classes (written by hand or an older version) is refused by the binary trainer."""
     import shutil
 
-    from distrib.errors import DataError
     from distrib.data.shards import write_shards
+    from distrib.errors import DataError
     from distrib.training.setup import preflight
+
     rows = (demo_data / "train_manifest.csv").read_text().splitlines()
     rows[1] = rows[1].rsplit(",", 2)[0] + ",2," + rows[1].rsplit(",", 1)[1]  # path,label,group -> label 2
     manifest = demo_data / "stray_label_manifest.csv"  # beside the images: paths are relative to it
@@ -164,6 +210,7 @@ def test_stray_third_label_fails_before_training(demo_data, demo_shards, tmp_pat
 
 def test_bf16_with_batchnorm_on_cpu_is_a_config_error(demo_shards, tmp_path):
     from distrib.training.setup import preflight
+
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "train.mixed_precision=bf16"])
     with pytest.raises(ConfigError, match="bf16 with BatchNorm.*train.mixed_precision=no"):
         preflight(cfg, tmp_path / "run", resume=False)
@@ -188,13 +235,18 @@ def test_metrics_against_hand_computed_values():
 def test_schedules_and_trainable_only_optimizer():
     from distrib.config import OptimConfig
     from distrib.training.optim import build_optimizer, build_scheduler
+
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     model[0].requires_grad_(False)  # a linear probe's frozen backbone
     opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1))
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert ids == {id(p) for p in model[1].parameters()}
-    sched = build_scheduler(opt, OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1),
-                            steps_per_epoch=3, total_steps=90)
+    sched = build_scheduler(
+        opt,
+        OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1),
+        steps_per_epoch=3,
+        total_steps=90,
+    )
     lrs = []
     for _ in range(61):
         lrs.append(sched.get_last_lr()[0])
@@ -218,10 +270,20 @@ def test_schedules_and_trainable_only_optimizer():
 @pytest.mark.timeout(600)
 def test_distillation_from_teacher_run(debug_run, demo_shards, tmp_path):
     from distrib.training.trainer import run
+
     _, teacher_dir, _ = debug_run
-    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "model.name=resnet10t", "data.img_size=48",
-                              f"train.distill_teacher={teacher_dir}", "train.distill_alpha=0.7",
-                              "train.max_steps=2", "train.latency_batches=1"])
+    cfg = load_config(
+        DEBUG,
+        [
+            f"data.shards={demo_shards}",
+            "model.name=resnet10t",
+            "data.img_size=48",
+            f"train.distill_teacher={teacher_dir}",
+            "train.distill_alpha=0.7",
+            "train.max_steps=2",
+            "train.latency_batches=1",
+        ],
+    )
     result = run(cfg, tmp_path / "student")  # student images are resized 48 -> 32 px for the teacher
     assert result["steps"] == 2 and np.isfinite(result["train_loss"])
     bad = load_config(DEBUG, [f"data.shards={demo_shards}", f"train.distill_teacher={tmp_path / 'none'}"])
@@ -233,8 +295,16 @@ def test_distillation_from_teacher_run(debug_run, demo_shards, tmp_path):
 @pytest.mark.timeout(600)
 def test_genconvit_saves_reconstruction_samples(demo_shards, tmp_path):
     from distrib.training.trainer import run
-    over = [f"data.shards={demo_shards}", "model.name=genconvit_vae", "train.cls_weight=0.9",
-            "train.recon_weight=0.1", "train.kl_weight=0.01", "train.max_steps=2", "train.latency_batches=1"]
+
+    over = [
+        f"data.shards={demo_shards}",
+        "model.name=genconvit_vae",
+        "train.cls_weight=0.9",
+        "train.recon_weight=0.1",
+        "train.kl_weight=0.01",
+        "train.max_steps=2",
+        "train.latency_batches=1",
+    ]
     with pytest.raises(ConfigError, match="model.img_size"):  # size mismatch caught before training
         run(load_config(DEBUG, over), tmp_path / "bad")
     run(load_config(DEBUG, over + ["model.img_size=32"]), tmp_path / "run")
@@ -245,10 +315,23 @@ def test_genconvit_saves_reconstruction_samples(demo_shards, tmp_path):
 @pytest.mark.timeout(600)
 def test_accumulation_clipping_sgd_step_schedule_channels_last(demo_shards, tmp_path):
     from distrib.training.trainer import run
-    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", "model.name=resnet10t", "train.epochs=1",
-                              "train.grad_accum=2", "optim.grad_clip=1.0", "optim.name=sgd",
-                              "optim.scheduler=step", "optim.step_size=1", "train.channels_last=true",
-                              "train.latency_batches=1", "data.batch_size=32"])
+
+    cfg = load_config(
+        DEBUG,
+        [
+            f"data.shards={demo_shards}",
+            "model.name=resnet10t",
+            "train.epochs=1",
+            "train.grad_accum=2",
+            "optim.grad_clip=1.0",
+            "optim.name=sgd",
+            "optim.scheduler=step",
+            "optim.step_size=1",
+            "train.channels_last=true",
+            "train.latency_batches=1",
+            "data.batch_size=32",
+        ],
+    )
     result = run(cfg, tmp_path / "run")
     # 130 training samples / 32 -> 5 micro-batches per epoch; 2 per step -> 2 steps (the 5th is dropped)
     assert result["steps"] == 2
@@ -260,8 +343,26 @@ def test_accumulation_clipping_sgd_step_schedule_channels_last(demo_shards, tmp_
 @pytest.mark.timeout(600)
 def test_bench_trainer_prints_ratio(tmp_path, capsys):
     from distrib.cli import main
-    assert main(["bench", "trainer", "--config", str(DEBUG), "--steps", "2", "--out", str(tmp_path / "bench"),
-                 "--vs", "timm", "model.name=resnet10t", "data.batch_size=4"]) == 0
+
+    assert (
+        main(
+            [
+                "bench",
+                "trainer",
+                "--config",
+                str(DEBUG),
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "bench"),
+                "--vs",
+                "timm",
+                "model.name=resnet10t",
+                "data.batch_size=4",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line is the JSON
     assert result["ratio_to_bare_loop"] > 0 and result["world_size"] == 1  # timing is reported, never asserted
     assert result["target_met"] is (result["ratio_to_bare_loop"] >= result["target"])  # says so, either way
@@ -274,6 +375,7 @@ def test_corrupt_samples_are_counted_and_reported(demo_shards, tmp_path):
     import tarfile
 
     from distrib.training.trainer import run
+
     shards = tmp_path / "shards"
     shutil.copytree(demo_shards, shards)
     src = shards / "train-f1-00000.tar"
@@ -288,9 +390,18 @@ def test_corrupt_samples_are_counted_and_reported(demo_shards, tmp_path):
                 data, broken = b"\0" * len(data), broken + 1
             m.size = len(data)
             tar.addfile(m, __import__("io").BytesIO(data))
-    cfg = load_config(DEBUG, [f"data.shards={shards}", "model.name=resnet10t", "train.epochs=1",
-                              "train.latency_batches=1", "data.shuffle_buffer=8", "data.verify=size",
-                              "train.max_skipped_fraction=0.5"])  # the sha256 check would refuse the edited shard
+    cfg = load_config(
+        DEBUG,
+        [
+            f"data.shards={shards}",
+            "model.name=resnet10t",
+            "train.epochs=1",
+            "train.latency_batches=1",
+            "data.shuffle_buffer=8",
+            "data.verify=size",
+            "train.max_skipped_fraction=0.5",
+        ],
+    )  # the sha256 check would refuse the edited shard
     result = run(cfg, tmp_path / "run")
     assert result["skipped_samples"]["train"] >= 1 and result["skipped_samples"]["val"] == 0
     res = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())

@@ -1,4 +1,5 @@
 """DDP: a real 2-process gloo `accelerate launch launch/train.py` run over real tar shards."""
+
 from __future__ import annotations
 
 import ast
@@ -18,6 +19,7 @@ from conftest import REPO, subprocess_env
 def learnable_shards(tmp_path_factory):
     """Shards of a trivially learnable task (dark = real, bright = fake) so the loss must fall."""
     from distrib.data.shards import write_shards
+
     root = tmp_path_factory.mktemp("learnable")
     rng = np.random.default_rng(0)
     rows = []
@@ -43,10 +45,24 @@ def test_ddp_two_processes_gloo(learnable_shards, tmp_path):
     out = tmp_path / "run"
     env = subprocess_env(tmp_path)
     env["ACCELERATE_USE_CPU"] = "true"
-    cmd = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--config_file", "accelerate_config.yaml",
-           "--main_process_port", "29533", "launch/train.py", "launch/configs/experiments/debug.yaml", "--out", str(out),
-           f"data.shards={learnable_shards}", "train.epochs=3", "optim.lr=3e-3", "data.batch_size=8",
-           "train.log_every_steps=1", "model.name=resnet10t"]
+    cmd = [
+        str(REPO / ".venv" / "bin" / "accelerate"),
+        "launch",
+        "--config_file",
+        "accelerate_config.yaml",
+        "--main_process_port",
+        "29533",
+        "launch/train.py",
+        "launch/configs/experiments/debug.yaml",
+        "--out",
+        str(out),
+        f"data.shards={learnable_shards}",
+        "train.epochs=3",
+        "optim.lr=3e-3",
+        "data.batch_size=8",
+        "train.log_every_steps=1",
+        "model.name=resnet10t",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

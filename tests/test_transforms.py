@@ -1,4 +1,5 @@
 """Transform tests: decode paths, the three normalization modes, augmentation shapes/dtypes and determinism."""
+
 from __future__ import annotations
 
 import io
@@ -10,11 +11,20 @@ import torch
 from PIL import Image
 
 from distrib.config import AugmentConfig, ConfigError, DataConfig
-from distrib.errors import DataError
 from distrib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform, decode_image, resolve_mean_std
+from distrib.errors import DataError
 
-FULL = AugmentConfig(hflip=0.5, vflip=0.5, rotate=180, translate=0.1, scale_min=0.9, scale_max=1.1,
-                     motion_blur_p=0.5, color_jitter=[0.3, 0.3, 0.2, 0.05], random_resized_crop=True)
+FULL = AugmentConfig(
+    hflip=0.5,
+    vflip=0.5,
+    rotate=180,
+    translate=0.1,
+    scale_min=0.9,
+    scale_max=1.1,
+    motion_blur_p=0.5,
+    color_jitter=[0.3, 0.3, 0.2, 0.05],
+    random_resized_crop=True,
+)
 
 
 def _img(h=40, w=48, seed=0) -> np.ndarray:
@@ -48,6 +58,7 @@ def test_normalization_modes():
     model_out = build_transform(None, data, train=False, mean_std=ms)(img)
     assert torch.allclose(model_out, raw / 127.5 - 1.0, atol=1e-5)
     import timm
+
     module = timm.create_model("resnet18", pretrained=False, num_classes=1)
     assert resolve_mean_std(data, module) == (IMAGENET_MEAN, IMAGENET_STD)
     with pytest.raises(ConfigError, match="data.normalize='model' needs the model"):

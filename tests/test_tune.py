@@ -3,6 +3,7 @@
 The cluster is started once in a subprocess and every sweep joins it with ``address=`` / ``--address``,
 which is also the multi-node path. Trials train the debug config for 2 tiny epochs on the demo shards.
 """
+
 from __future__ import annotations
 
 import glob
@@ -21,8 +22,8 @@ from distrib.config import ConfigError, load_config
 from distrib.errors import DistribError
 from distrib.sweep.driver import run_sweep
 from distrib.sweep.grid import grid_configs, load_grid, trial_command
-from distrib.sweep.trial import FAIL_ONCE_ENV
 from distrib.sweep.report import choose_best
+from distrib.sweep.trial import FAIL_ONCE_ENV
 
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 TRIAL = ["train.epochs=2", "data.samples_per_epoch=32", "train.latency_batches=1", "tune.embed_best=false"]
@@ -30,9 +31,13 @@ TRIAL = ["train.epochs=2", "data.samples_per_epoch=32", "train.latency_batches=1
 
 # ------------------------------------------------------------------------------- pure functions
 
+
 def _summary(means_by_config: dict[str, list[float]]) -> pd.DataFrame:
-    rows = [{"config_id": c, "fold": k, "auc": v, "status": "done"}
-            for c, vals in means_by_config.items() for k, v in enumerate(vals)]
+    rows = [
+        {"config_id": c, "fold": k, "auc": v, "status": "done"}
+        for c, vals in means_by_config.items()
+        for k, v in enumerate(vals)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -56,7 +61,10 @@ def test_grid_cross_product_and_trial_command(tmp_path):
     assert [c["id"] for c in configs] == ["c0", "c1", "c2", "c3"]
     assert configs[1]["overrides"] == ["optim.lr=0.001", "train.label_smoothing=0.1"]
     cmd = trial_command("s/config.yaml", "s/trials/c1_fold2", [*configs[1]["overrides"], "data.fold=2"])
-    assert cmd == "distrib train s/config.yaml --out s/trials/c1_fold2 optim.lr=0.001 train.label_smoothing=0.1 data.fold=2"
+    assert (
+        cmd
+        == "distrib train s/config.yaml --out s/trials/c1_fold2 optim.lr=0.001 train.label_smoothing=0.1 data.fold=2"
+    )
 
 
 def test_bad_grid_fails_before_ray_starts(tmp_path, demo_shards):
@@ -70,8 +78,12 @@ def test_bad_grid_fails_before_ray_starts(tmp_path, demo_shards):
     with pytest.raises(ConfigError, match="optim.lr"):  # a bad value is caught by building every config
         run_sweep(cfg, {"optim.lr": [1e-3, -1.0]}, tmp_path / "s1", address="127.0.0.1:1")
     with pytest.raises(ConfigError, match="tune.folds=5 but the shards"):
-        run_sweep(load_config(DEBUG, [f"data.shards={demo_shards}", "tune.folds=5"]), {}, tmp_path / "s2",
-                  address="127.0.0.1:1")
+        run_sweep(
+            load_config(DEBUG, [f"data.shards={demo_shards}", "tune.folds=5"]),
+            {},
+            tmp_path / "s2",
+            address="127.0.0.1:1",
+        )
     assert not (tmp_path / "s1").exists()  # a bad grid value writes nothing
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr' in the sweep grid.*'optim.lr'"):
         run_sweep(cfg, {"optim.lrr": [1e-3]}, tmp_path / "s3", address="127.0.0.1:1")
@@ -80,18 +92,19 @@ def test_bad_grid_fails_before_ray_starts(tmp_path, demo_shards):
 def test_sweep_dir_with_other_config_is_refused_without_resume(tmp_path, demo_shards):
     """Finished trials resume from their run dirs, so a changed config must not silently reuse them."""
     from distrib.sweep.driver import _prepare
+
     cfg = load_config(DEBUG, [f"data.shards={demo_shards}"])
     _prepare(cfg, {"optim.lr": [1e-3]}, tmp_path)
     (tmp_path / "trials").mkdir()  # as after a finished sweep
     _prepare(load_config(DEBUG, [f"data.shards={demo_shards}"]), {"optim.lr": [1e-3]}, tmp_path)  # same: ok
     with pytest.raises(DistribError, match="different config or grid.*--resume"):
-        _prepare(load_config(DEBUG, [f"data.shards={demo_shards}", "data.img_size=48"]), {"optim.lr": [1e-3]},
-                 tmp_path)
+        _prepare(load_config(DEBUG, [f"data.shards={demo_shards}", "data.img_size=48"]), {"optim.lr": [1e-3]}, tmp_path)
     with pytest.raises(DistribError, match="different config or grid"):
         _prepare(load_config(DEBUG, [f"data.shards={demo_shards}"]), {"optim.lr": [3e-3]}, tmp_path)
 
 
 # ------------------------------------------------------------------------------- real Ray cluster
+
 
 def _events(run_dir: Path) -> list[str]:
     return [line.split()[2] for line in (run_dir / "trial_events.log").read_text().splitlines()]
@@ -102,8 +115,16 @@ def _events(run_dir: Path) -> list[str]:
 def test_sweep_3_folds_x_2_configs_with_one_injected_failure(ray_cluster, demo_shards, tmp_path, monkeypatch):
     marker = tmp_path / "fail_once.marker"
     monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
-    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", *TRIAL, "tune.max_failures=1", "eval.group_agg=max",
-                              "tune.ship_checkpoints=true"])
+    cfg = load_config(
+        DEBUG,
+        [
+            f"data.shards={demo_shards}",
+            *TRIAL,
+            "tune.max_failures=1",
+            "eval.group_agg=max",
+            "tune.ship_checkpoints=true",
+        ],
+    )
     out = tmp_path / "sweep"
     result = run_sweep(cfg, {"optim.lr": [1e-3, 3e-3]}, out, address=ray_cluster)
 
@@ -145,11 +166,23 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     """Joins the `ray start` cluster through the CLI entry point, is stopped midway, then --resume."""
     (tmp_path / "grid.yaml").write_text("optim.lr: [1.0e-3]\n")
     out = tmp_path / "sweep"
-    cmd = [PYTHON, str(REPO / "tune" / "sweep.py"), str(DEBUG), f"data.shards={demo_shards}", *TRIAL,
-           "tune.max_concurrent=1", "--grid", str(tmp_path / "grid.yaml"), "--out", str(out),
-           "--address", ray_cluster]
-    proc = subprocess.Popen(cmd, env=subprocess_env(tmp_path), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        PYTHON,
+        str(REPO / "tune" / "sweep.py"),
+        str(DEBUG),
+        f"data.shards={demo_shards}",
+        *TRIAL,
+        "tune.max_concurrent=1",
+        "--grid",
+        str(tmp_path / "grid.yaml"),
+        "--out",
+        str(out),
+        "--address",
+        ray_cluster,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(tmp_path), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     first = out / "trials" / "c0_fold0" / "trial_result.json"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline and proc.poll() is None:
@@ -160,8 +193,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     summary = pd.read_csv(out / "sweep_summary.csv")
     assert (summary["status"] == "done").sum() < 3, log[-3000:]
 
-    resumed = subprocess.run([*cmd, "--resume"], env=subprocess_env(tmp_path), cwd=REPO, capture_output=True,
-                             text=True, timeout=420)
+    resumed = subprocess.run(
+        [*cmd, "--resume"], env=subprocess_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=420
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = pd.read_csv(out / "sweep_summary.csv")
     assert len(summary) == 3 and (summary["status"] == "done").all(), summary
@@ -178,11 +212,21 @@ def test_ddp_trials_run_2_gloo_workers_each_with_equal_rank_checksums(ray_cluste
     0.49 CPU per worker lets both folds' 4 workers plus the 0.01-CPU trial drivers fit the 2-CPU cluster.
     """
     from distrib.data.shards import write_shards
+
     shards = tmp_path / "shards2"  # 2 folds: the smallest complete sweep (tune.folds must match the shards)
-    write_shards(demo_data / "train_manifest.csv", shards, val=demo_data / "val_manifest.csv",
-                 test=demo_data / "test_manifest.csv", folds=2, seed=0, shard_size=30, workers=1)
-    cfg = load_config(DEBUG, [f"data.shards={shards}", *TRIAL, "tune.folds=2", "tune.workers_per_trial=2",
-                              "tune.cpus_per_trial=0.49"])
+    write_shards(
+        demo_data / "train_manifest.csv",
+        shards,
+        val=demo_data / "val_manifest.csv",
+        test=demo_data / "test_manifest.csv",
+        folds=2,
+        seed=0,
+        shard_size=30,
+        workers=1,
+    )
+    cfg = load_config(
+        DEBUG, [f"data.shards={shards}", *TRIAL, "tune.folds=2", "tune.workers_per_trial=2", "tune.cpus_per_trial=0.49"]
+    )
     out = tmp_path / "sweep"
     t0 = time.time()
     result = run_sweep(cfg, {"optim.lr": [1e-3]}, out, address=ray_cluster)
@@ -206,7 +250,9 @@ def test_ddp_trials_run_2_gloo_workers_each_with_equal_rank_checksums(ray_cluste
         assert len(progress) == 1 and list(pd.read_csv(progress[0])["epoch"]) == [1, 2], progress
 
 
-@pytest.mark.parametrize("grid_file", sorted((REPO / "launch" / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "grid_file", sorted((REPO / "launch" / "configs" / "grids").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_grids_build_every_config(grid_file):
     configs = grid_configs(load_grid(grid_file))
     assert len(configs) >= 1
@@ -217,10 +263,19 @@ def test_shipped_grids_build_every_config(grid_file):
 def test_embed_dim_above_the_val_count_fails_before_ray_starts(demo_shards, tmp_path):
     """tune.embed_best aligns the fold models on val images; too few for embed.dim used to fail after every fold."""
     from distrib.errors import DataError
-    n_val = sum(s["count"] for s in json.loads((Path(demo_shards) / "index.json").read_text())["shards"]
-                if s["split"] == "val")
-    cfg = load_config(DEBUG, [f"data.shards={demo_shards}", f"embed.dim={n_val + 1}",
-                              f"embed.anchors={n_val + 1}", f"embed.fit_samples={n_val + 1}"])
+
+    n_val = sum(
+        s["count"] for s in json.loads((Path(demo_shards) / "index.json").read_text())["shards"] if s["split"] == "val"
+    )
+    cfg = load_config(
+        DEBUG,
+        [
+            f"data.shards={demo_shards}",
+            f"embed.dim={n_val + 1}",
+            f"embed.anchors={n_val + 1}",
+            f"embed.fit_samples={n_val + 1}",
+        ],
+    )
     with pytest.raises(DataError, match=rf"embed.dim={n_val + 1} needs .* has {n_val}; .*embed.dim="):
         run_sweep(cfg, {"optim.lr": [1e-3]}, tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists()
@@ -230,6 +285,7 @@ def test_a_trial_on_a_node_that_cannot_see_the_sweep_dir_names_the_file_node_and
     """A retry resumes from RUN_DIR/last_checkpoint in the sweep dir (Tune ships no copy by default), so a node
     without that dir fails the trial at once, naming the file, the node and the shared-storage rule."""
     from distrib.sweep.trial import check_shared_sweep_dir
+
     node = {"hostname": "node7", "node_ip": "10.0.0.7"}
     missing = tmp_path / "not_mounted" / "config.yaml"
     with pytest.raises(DistribError) as e:
@@ -256,8 +312,9 @@ _count_callbacks([CSVLoggerCallback(), JsonLoggerCallback()])
 new = sorted(m for m in set(sys.modules) - before if not m.startswith("ray"))
 print(json.dumps({"new": new, "pre": [m for m in TUNE_FIT_IMPORTS if m in before]}))
 """
-    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, env=subprocess_env(tmp_path), capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [PYTHON, "-c", code], cwd=REPO, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["pre"] == ["mlflow"], res
@@ -269,6 +326,7 @@ print(json.dumps({"new": new, "pre": [m for m in TUNE_FIT_IMPORTS if m in before
 def test_bench_sweep_tune_floor_runs_k_noop_trials_on_the_cluster(ray_cluster, tmp_path):
     """`distrib bench sweep`'s measure of Ray Tune's own cost: K no-op trials on the same (real) cluster."""
     from distrib.bench.sweep import FOLDS, tune_floor
+
     seconds = tune_floor(ray_cluster, tmp_path / "floor")
     results = glob.glob(f"{tmp_path}/floor/storage/noop/*/result.json")
     assert len(results) == FOLDS and seconds > 0

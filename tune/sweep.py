@@ -3,6 +3,7 @@
     python tune/sweep.py launch/configs/experiments/debug.yaml data.shards=shards/ \
         --grid launch/configs/grids/debug.yaml --out runs/sweep [--address HOST:PORT] [--num-cpus 2] [--resume]
 """
+
 from __future__ import annotations
 
 import sys

@@ -4,12 +4,13 @@ A reader (or a resumed run after SIGKILL, or a full disk) therefore sees either 
 complete new one, never a partial file. ``atomic_path`` keeps the suffix, so writers that infer a
 format from it (matplotlib, numpy's savez) still work.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from distrib.errors import DistribError
 
@@ -37,8 +38,10 @@ def writable_dir(path: str | Path, what: str = "output directory") -> Path:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise DistribError(f"cannot write to {what} {path}: {e.strerror or e} ({e.filename or path}); "
-                           "choose a directory you can write to, or fix its permissions") from None
+        raise DistribError(
+            f"cannot write to {what} {path}: {e.strerror or e} ({e.filename or path}); "
+            "choose a directory you can write to, or fix its permissions"
+        ) from None
     return path
 
 

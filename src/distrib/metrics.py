@@ -3,13 +3,22 @@
 Label 1 is the positive class (manipulated / pit). Metrics that are undefined on a single-class
 sample (AUC, EER) come back as NaN instead of raising, so a tiny validation split still logs.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score, precision_score,
-                             recall_score, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 METRIC_NAMES = ("auc", "f1", "accuracy", "precision", "recall", "specificity", "eer", "ap")
 
@@ -97,6 +106,7 @@ def group_scores(groups, y_true, prob, agg: str) -> tuple[np.ndarray, np.ndarray
     samples carry both labels (e.g. real and manipulated crops of one photo) is scored as two units.
     Returns (unit ids 'group' or 'group|label', labels, scores)."""
     import pandas as pd
+
     if agg not in ("mean", "max"):
         raise ValueError(f"group aggregation must be 'mean' or 'max', got {agg!r}")
     y, p = _as_arrays(y_true, prob)
@@ -112,7 +122,12 @@ def group_metrics(groups, y_true, prob, agg: str) -> dict:
     ids, y, p = group_scores(groups, y_true, prob, agg)
     two = _two_classes(y)
     mixed = int(sum("|" in str(i) for i in ids) // 2)
-    return {"agg": agg, "n_groups": int(ids.size), "mixed_label_groups": mixed, "positives": int(y.sum()),
-            "auc": float(roc_auc_score(y, p)) if two else math.nan,
-            "eer": equal_error_rate(y, p)[0] if two else math.nan,
-            "ap": float(average_precision_score(y, p)) if two else math.nan}
+    return {
+        "agg": agg,
+        "n_groups": int(ids.size),
+        "mixed_label_groups": mixed,
+        "positives": int(y.sum()),
+        "auc": float(roc_auc_score(y, p)) if two else math.nan,
+        "eer": equal_error_rate(y, p)[0] if two else math.nan,
+        "ap": float(average_precision_score(y, p)) if two else math.nan,
+    }

@@ -3,10 +3,11 @@
 Every helper writes one PNG atomically (temp file + rename) and returns its path, so a report can
 link it; curves come from sklearn so the plotted points are the ones the metrics were computed on.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import matplotlib
 
@@ -18,8 +19,12 @@ from sklearn.metrics import auc, precision_recall_curve, roc_curve  # noqa: E402
 from distrib.atomic import save_figure  # noqa: E402
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
-             points: dict[str, tuple[float, float]] | None = None, title: str = "ROC") -> Path:
+def plot_roc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    points: dict[str, tuple[float, float]] | None = None,
+    title: str = "ROC",
+) -> Path:
     """ROC curves for several scorers: ``curves[name] = (y_true, score)``; ``points`` marks (fpr, tpr)."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, (y, s) in curves.items():
@@ -33,7 +38,9 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     return save_figure(fig, path)
 
 
-def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "Precision-recall") -> Path:
+def plot_pr(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "Precision-recall"
+) -> Path:
     """Precision-recall curves for several scorers: ``curves[name] = (y_true, score)``."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for name, (y, s) in curves.items():
@@ -45,9 +52,14 @@ def plot_pr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, 
     return save_figure(fig, path)
 
 
-def plot_metrics_vs_threshold(y: np.ndarray, score: np.ndarray, path: str | Path,
-                              marks: dict[str, float] | None = None,
-                              band: tuple[float, float] | None = None, title: str = "Metrics vs threshold") -> Path:
+def plot_metrics_vs_threshold(
+    y: np.ndarray,
+    score: np.ndarray,
+    path: str | Path,
+    marks: dict[str, float] | None = None,
+    band: tuple[float, float] | None = None,
+    title: str = "Metrics vs threshold",
+) -> Path:
     """Recall, specificity, precision and F1 of ``score >= t`` over t; ``band`` is shaded, ``marks`` drawn."""
     y = np.asarray(y).astype(int)
     score = np.asarray(score, dtype=float)
@@ -73,8 +85,14 @@ def plot_metrics_vs_threshold(y: np.ndarray, score: np.ndarray, path: str | Path
     return save_figure(fig, path)
 
 
-def plot_matrix(matrix: np.ndarray, labels: Sequence[str], path: str | Path, title: str,
-                col_labels: Sequence[str] | None = None, fmt: str = "{:.2f}") -> Path:
+def plot_matrix(
+    matrix: np.ndarray,
+    labels: Sequence[str],
+    path: str | Path,
+    title: str,
+    col_labels: Sequence[str] | None = None,
+    fmt: str = "{:.2f}",
+) -> Path:
     """Annotated heatmap (error-overlap matrices, confusion matrices)."""
     m = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * m.shape[1], 1.0 + 0.9 * m.shape[0]))
@@ -84,19 +102,26 @@ def plot_matrix(matrix: np.ndarray, labels: Sequence[str], path: str | Path, tit
     hi = np.nanmax(m) if m.size else 0
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            ax.text(j, i, fmt.format(m[i, j]), ha="center", va="center",
-                    color="white" if m[i, j] > 0.6 * hi else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                fmt.format(m[i, j]),
+                ha="center",
+                va="center",
+                color="white" if m[i, j] > 0.6 * hi else "black",
+                fontsize=8,
+            )
     ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
 
-def plot_bars(values: dict[str, float], path: str | Path, title: str, ylabel: str,
-              errors: Iterable[float] | None = None) -> Path:
+def plot_bars(
+    values: dict[str, float], path: str | Path, title: str, ylabel: str, errors: Iterable[float] | None = None
+) -> Path:
     """Bar chart with optional error bars (ablation AUCs, cost per image)."""
     fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(values), 3.5))
     names = list(values)
-    ax.bar(range(len(names)), [values[n] for n in names],
-           yerr=None if errors is None else list(errors), capsize=3)
+    ax.bar(range(len(names)), [values[n] for n in names], yerr=None if errors is None else list(errors), capsize=3)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set(title=title, ylabel=ylabel)
     return save_figure(fig, path)

@@ -3,6 +3,7 @@
 The trainer (distillation teachers), embedding, the cascade and prediction all read runs through
 this module; none of them imports the training loop. Every file loads with ``weights_only=True``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,9 @@ def load_best(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors name a type that is not allowed
-        raise DistribError(f"cannot load {path} with weights_only=True ({e}); re-save it with distrib.training.checkpoint.save_best") from e
+        raise DistribError(
+            f"cannot load {path} with weights_only=True ({e}); re-save it with distrib.training.checkpoint.save_best"
+        ) from e
 
 
 def param_checksum(model: torch.nn.Module) -> str:
@@ -52,6 +55,7 @@ def param_checksum(model: torch.nn.Module) -> str:
 
 def model_from_payload(payload: dict):
     from distrib.models import build_model
+
     cfg = build_config(payload["config"])
     # the weights come from the payload, so never re-read a pretrained file that may not exist here
     model_cfg = dataclasses.replace(cfg.model, pretrained_file="", pretrained=False)

@@ -5,6 +5,7 @@ Each rank iterates one training epoch of deliberately uneven shards, doing an al
 all-reduces its batch count, and runs one eval pass whose valid rows must cover the split exactly once.
 Rank 0 writes the result JSON for the test to check.
 """
+
 import argparse
 import json
 from datetime import timedelta
@@ -52,9 +53,17 @@ dist.all_gather_object(report, {"train": loader.report(), "eval": ev.report()})
 if rank == 0:
     flat = [k for ks in all_keys for k in ks]
     with open(a.out, "w") as f:
-        json.dump({"world_size": world, "backend": str(dist.get_backend()),
-                   "distributed_type": str(state.distributed_type), "train_batches": gathered,
-                   "train_batches_sum": int(total),
-                   "eval_keys": flat, "reports": report}, f)
+        json.dump(
+            {
+                "world_size": world,
+                "backend": str(dist.get_backend()),
+                "distributed_type": str(state.distributed_type),
+                "train_batches": gathered,
+                "train_batches_sum": int(total),
+                "eval_keys": flat,
+                "reports": report,
+            },
+            f,
+        )
 dist.barrier()  # avoids the intermittent gloo-destructor hang at exit (PITFALLS.md)
 state.destroy_process_group()

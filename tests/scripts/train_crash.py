@@ -5,6 +5,7 @@
 The kill lands after the new checkpoint's files are written to last_checkpoint.tmp/ and before the
 rename, i.e. the worst moment for atomicity; the (N-1)th checkpoint must survive intact.
 """
+
 import os
 import runpy
 import signal

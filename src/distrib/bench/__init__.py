@@ -5,6 +5,7 @@ object on the last line of its output. Benchmarks are doors like the CLI: they m
 
 Public face: ``run_bench(name, **options)`` for NAME in loader, trainer, latency, sweep, cascade.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,6 +18,7 @@ def run_bench(name: str, **options) -> dict:
     """Run benchmark ``name`` with the options its ``run`` takes (shards, config, out, workers, steps, ...)."""
     if name not in NAMES:
         from distrib.errors import DistribError
+
         raise DistribError(f"unknown benchmark '{name}'; choose one of {', '.join(NAMES)}")
     run = importlib.import_module(f"distrib.bench.{name}").run
     accepted = inspect.signature(run).parameters

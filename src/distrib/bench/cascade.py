@@ -11,6 +11,7 @@ auto-decides >= 90% of images (``cost_target_applies``), auc_delta >= 0. ``build
 the dataset, how many models each expert ran, the K-fold cascade's ratio on the same images, and
 the meta AUC with refit vs fold experts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,10 @@ def _find_config(config: str | None) -> Path:
     for cand in DEFAULT_CONFIGS:
         if Path(cand).is_file():
             return Path(cand)
-    raise DistribError("bench cascade needs a cascade YAML: pass --config CASCADE.yaml (e.g. the one 'make demo' "
-                       f"writes; looked for {', '.join(DEFAULT_CONFIGS)})")
+    raise DistribError(
+        "bench cascade needs a cascade YAML: pass --config CASCADE.yaml (e.g. the one 'make demo' "
+        f"writes; looked for {', '.join(DEFAULT_CONFIGS)})"
+    )
 
 
 def _refit_aucs(rv: dict | None) -> dict | None:
@@ -41,13 +44,14 @@ def _refit_aucs(rv: dict | None) -> dict | None:
 
 
 def run(config: str | None = None, out: str | None = None, overrides=()) -> dict:
-    from distrib.cascade.run import run_cascade
     from distrib.cascade.config import load_cascade_config
+    from distrib.cascade.run import run_cascade
 
     opts = dict(o.split("=", 1) for o in overrides or [] if "=" in o)
     dataset = None
     if opts.get("build") == "easy":  # a dataset where stage 1 is strong, and a refit cascade on it
         from distrib.bench.easy_cascade import DATASET, build_cascade
+
         square = int(opts.get("square", 20))
         config = str(build_cascade(Path(out or "runs/bench_easy_cascade"), square))
         dataset = DATASET.replace("20x20", f"{square}x{square}")
@@ -55,25 +59,37 @@ def run(config: str | None = None, out: str | None = None, overrides=()) -> dict
         raise DistribError(f"bench cascade build={opts['build']}: the one built dataset is build=easy")
     path = _find_config(config)
     if not load_cascade_config(path).evaluate_all_stages:
-        raise DistribError(f"{path}: bench cascade compares against the experts on every sample; "
-                           "set evaluate_all_stages: true")
+        raise DistribError(
+            f"{path}: bench cascade compares against the experts on every sample; set evaluate_all_stages: true"
+        )
     split = opts.get("split", "test")
     out = path.parent / f"bench_cascade_{split}" if dataset or not out else Path(out)
     res = run_cascade(path, split, out)
     cost, m = res["cost"], res["metrics"]
     best = res.get("best_expert")
     result = {
-        "bench": "cascade", "split": split, "n": res["n"], "escalation_rate": res["escalation_rate"],
-        "cascade_mean_ms": cost["cascade_mean_ms"], "cascade_p95_ms": cost["cascade_p95_ms"],
-        "stage1_mean_ms": cost["stage1_mean_ms"], "always23_mean_ms": cost.get("always23_mean_ms"),
+        "bench": "cascade",
+        "split": split,
+        "n": res["n"],
+        "escalation_rate": res["escalation_rate"],
+        "cascade_mean_ms": cost["cascade_mean_ms"],
+        "cascade_p95_ms": cost["cascade_p95_ms"],
+        "stage1_mean_ms": cost["stage1_mean_ms"],
+        "always23_mean_ms": cost.get("always23_mean_ms"),
         "cost_ratio_to_stage1": cost["cost_ratio_to_stage1"],
         "cost_ratio_to_always23": cost.get("cost_ratio_to_always23"),
-        "cascade_auc": m["cascade"]["auc"], "best_expert": best,
+        "cascade_auc": m["cascade"]["auc"],
+        "best_expert": best,
         "best_expert_auc": m[best]["auc"] if best else None,
         "auc_delta_vs_best_expert": res.get("auc_delta_vs_best_expert"),
-        "targets": {"cost_ratio_to_stage1": "<= 1.5 where stage 1 auto-decides >= 90%", "auc_delta_vs_best_expert": ">= 0"},
-        "dataset": dataset or str(res.get("name")), "stage1_auto_decided": 1.0 - res["escalation_rate"],
-        "expert_models": cost.get("expert_models"), "models_per_expert": cost.get("models_per_expert"),
+        "targets": {
+            "cost_ratio_to_stage1": "<= 1.5 where stage 1 auto-decides >= 90%",
+            "auc_delta_vs_best_expert": ">= 0",
+        },
+        "dataset": dataset or str(res.get("name")),
+        "stage1_auto_decided": 1.0 - res["escalation_rate"],
+        "expert_models": cost.get("expert_models"),
+        "models_per_expert": cost.get("models_per_expert"),
         "cascade_folds_ratio_to_stage1": cost.get("cascade_folds_ratio_to_stage1"),
         "always23_folds_mean_ms": cost.get("always23_folds_mean_ms"),
         "meta_auc_refit_vs_folds": _refit_aucs(res.get("refit_vs_folds")),

@@ -8,6 +8,7 @@ cost should approach stage 1's. The pipeline is the real one, on debug-sized set
 model on all folds, aligned), the stack, and a cascade YAML (``evaluate_all_stages``, so the K fold
 models are also timed and scored on every image).
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,8 +22,18 @@ from distrib.errors import DistribError
 log = logging.getLogger(__name__)
 DATASET = "synthetic separable task: smooth colour noise, positives carry a bright 20x20 square (32x32 PNG)"
 DEBUG = Path(__file__).resolve().parents[3] / "launch" / "configs" / "experiments" / "debug.yaml"
-RUN = ["train.epochs=2", "data.samples_per_epoch=256", "train.latency_batches=1", "embed.dim=8", "embed.anchors=32",
-       "embed.fit_samples=128", "embed.inference=refit", "stack.folds=3", "stack.n_estimators=50", "thresholds.bootstrap=20"]
+RUN = [
+    "train.epochs=2",
+    "data.samples_per_epoch=256",
+    "train.latency_batches=1",
+    "embed.dim=8",
+    "embed.anchors=32",
+    "embed.fit_samples=128",
+    "embed.inference=refit",
+    "stack.folds=3",
+    "stack.n_estimators=50",
+    "thresholds.bootstrap=20",
+]
 
 
 def _image(rng: np.random.Generator, positive: bool, square: int = 20) -> np.ndarray:
@@ -30,7 +41,7 @@ def _image(rng: np.random.Generator, positive: bool, square: int = 20) -> np.nda
     img = np.kron(base, np.ones((8, 8, 1))) + rng.normal(0, 12, size=(32, 32, 3))
     if positive:
         y, x = rng.integers(0, 32 - square, size=2)
-        img[y:y + square, x:x + square] = 250
+        img[y : y + square, x : x + square] = 250
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -91,7 +102,18 @@ def build_cascade(out: str | Path, square: int = 20) -> Path:
     if not (out / "stack" / "stack_results.json").is_file():
         fit_stack([oof], out / "stack", cfg.stack)
     path = out / "cascade.yaml"
-    path.write_text(yaml.safe_dump({"name": "easy cascade (bench)", "batch_size": 64, "device": "auto",
-                                    "recall": 0.99, "specificity": 0.95, "bootstrap": 20,
-                                    "stage1": {"run": runs[0]}, "stack": {"dir": str(out / "stack")}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "easy cascade (bench)",
+                "batch_size": 64,
+                "device": "auto",
+                "recall": 0.99,
+                "specificity": 0.95,
+                "bootstrap": 20,
+                "stage1": {"run": runs[0]},
+                "stack": {"dir": str(out / "stack")},
+            }
+        )
+    )
     return path

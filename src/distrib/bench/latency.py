@@ -8,6 +8,7 @@ Weights are random (no downloads); latency does not depend on weight values. On 
 machine use threads=1: OpenMP threads competing with other processes for cores inflate a 2-thread
 ResNet50 from ~130 ms to ~800 ms here, which measures the load, not the model.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,8 +56,10 @@ def _parse(overrides) -> tuple[int, int, list[str]]:
             if unknown:
                 raise ConfigError(f"bench latency: unknown model(s) {unknown}; choose from {', '.join(SEED_MODELS)}")
         else:
-            raise ConfigError(f"bench latency: bad option '{text}'; use repeats=N, threads=N (N >= 1) "
-                              f"and/or models=name1,name2 (seed model names)")
+            raise ConfigError(
+                f"bench latency: bad option '{text}'; use repeats=N, threads=N (N >= 1) "
+                f"and/or models=name1,name2 (seed model names)"
+            )
     if BASELINE not in names:
         names.insert(0, BASELINE)  # the ratio needs the baseline from the same run
     return repeats, threads, names
@@ -65,6 +68,7 @@ def _parse(overrides) -> tuple[int, int, list[str]]:
 def run(overrides=()) -> dict:
     """Time every requested seed model; ``run_bench`` prints the returned dict as the last line."""
     from distrib.models import build_model
+
     repeats, threads, names = _parse(overrides)
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -74,8 +78,11 @@ def run(overrides=()) -> dict:
         size, extra = SEED_MODELS[name]
         models[name] = build_model(ModelConfig(name=name, num_classes=1, **extra)).eval()
         inputs[name] = torch.randn(1, 3, size, size)
-        rows[name] = dict(img_size=size, mb=round(model_size_mb(models[name]), 1),
-                          params_m=round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2))
+        rows[name] = dict(
+            img_size=size,
+            mb=round(model_size_mb(models[name]), 1),
+            params_m=round(sum(p.numel() for p in models[name].parameters()) / 1e6, 2),
+        )
     # Round-robin: every round times each model once, so load from other processes drifting over the
     # run hits all models (and the ResNet50 baseline) alike instead of skewing whichever ran last.
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -89,15 +96,26 @@ def run(overrides=()) -> dict:
     for name in names:
         rows[name].update(ms_per_img=round(statistics.median(times[name]), 2), ms_min=round(min(times[name]), 2))
         r = rows[name]
-        print(f"{name:42s} {r['img_size']:4d}px {r['ms_per_img']:9.2f} ms/img (min {r['ms_min']:.2f}) "
-              f"{r['mb']:8.1f} MB", flush=True)
+        print(
+            f"{name:42s} {r['img_size']:4d}px {r['ms_per_img']:9.2f} ms/img (min {r['ms_min']:.2f}) {r['mb']:8.1f} MB",
+            flush=True,
+        )
     base = rows[BASELINE]["ms_per_img"]
     for row in rows.values():
         row["ratio_to_resnet50"] = round(row["ms_per_img"] / base, 3)
     return dict(
-        bench="latency", device="cpu", threads=threads, cores=_available_cores(), load_avg_1min=load_before,
-        batch=1, repeats=repeats, warmup=WARMUP,
-        baseline=BASELINE, baseline_ms=base, reference_resnet50_ms=REFERENCE_RESNET50_MS,
+        bench="latency",
+        device="cpu",
+        threads=threads,
+        cores=_available_cores(),
+        load_avg_1min=load_before,
+        batch=1,
+        repeats=repeats,
+        warmup=WARMUP,
+        baseline=BASELINE,
+        baseline_ms=base,
+        reference_resnet50_ms=REFERENCE_RESNET50_MS,
         baseline_vs_reference=round(base / REFERENCE_RESNET50_MS, 3),
-        ratio_to_resnet50={n: r["ratio_to_resnet50"] for n, r in rows.items()}, models=rows,
+        ratio_to_resnet50={n: r["ratio_to_resnet50"] for n, r in rows.items()},
+        models=rows,
     )

@@ -14,13 +14,14 @@ Per image size (``sizes=``, default data.img_size), the augment.device=model spl
 is the target figure); ``device_augment`` is the fused augmentation + normalization alone on ``device``
 (cuda when available, else cpu); ``together`` is the loader feeding ``Loader.to_device`` on that device.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import os
-import statistics
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -29,20 +30,28 @@ from pathlib import Path
 import torch
 
 from distrib.config import AugmentConfig, DataConfig, load_config
-from distrib.errors import DistribError
-from distrib.data.index import read_index
+from distrib.data.index import plan_split, read_index, read_samples
 from distrib.data.loader import PREFETCH, _Stats, build_loader
-from distrib.data.index import plan_split, read_samples
 from distrib.data.transforms import build_transform, decode_image, resolve_mean_std
+from distrib.errors import DistribError
 
 ROUNDS = 3  # loader / decode-limit alternations per size for the cpu_side ratio (the median is reported)
 
 # Without --config: the augmentation the experiments ask for (flips, rotation up to 180, affine, motion
 # blur, ColorJitter) at the demo tiles' 64 px; dotted overrides (data.img_size=224 ...) still apply.
-BENCH_DEFAULTS = ["augment.hflip=0.5", "augment.vflip=0.5", "augment.rotate=180", "augment.translate=0.1",
-                  "augment.scale_min=0.9", "augment.scale_max=1.1", "augment.motion_blur_p=0.5",
-                  "augment.color_jitter=[0.3,0.3,0.2,0.05]", "data.img_size=64", "data.batch_size=32",
-                  "data.shuffle_buffer=256"]
+BENCH_DEFAULTS = [
+    "augment.hflip=0.5",
+    "augment.vflip=0.5",
+    "augment.rotate=180",
+    "augment.translate=0.1",
+    "augment.scale_min=0.9",
+    "augment.scale_max=1.1",
+    "augment.motion_blur_p=0.5",
+    "augment.color_jitter=[0.3,0.3,0.2,0.05]",
+    "data.img_size=64",
+    "data.batch_size=32",
+    "data.shuffle_buffer=256",
+]
 
 
 def _timed(batches, steps: int, warmup: int = 1, cpu: dict | None = None) -> tuple[float, int]:
@@ -124,6 +133,7 @@ def _parallel_decode_limit(samples: list[dict], size: int, n: int, workers: int,
     if workers <= 1:
         return _decode_limit(samples, size, n, cpu_us)
     import multiprocessing
+
     blobs = [{"jpg": s["jpg"]} for s in samples]
     with multiprocessing.get_context("fork").Pool(workers) as pool:  # forked like DataLoader workers
         res = pool.starmap(_decode_limit, [(blobs, size, n, True)] * workers)
@@ -131,8 +141,9 @@ def _parallel_decode_limit(samples: list[dict], size: int, n: int, workers: int,
     return (rate, statistics.mean(r[1] for r in res)) if cpu_us else rate
 
 
-def _imagefolder(samples: list[dict], root: Path, size: int, aug: AugmentConfig, mean_std, workers: int,
-                 batch: int, steps: int) -> float:
+def _imagefolder(
+    samples: list[dict], root: Path, size: int, aug: AugmentConfig, mean_std, workers: int, batch: int, steps: int
+) -> float:
     """torchvision ImageFolder + PIL with the same augmentations applied per sample."""
     import kornia.augmentation as K
     import torchvision.transforms.v2 as T
@@ -144,16 +155,23 @@ def _imagefolder(samples: list[dict], root: Path, size: int, aug: AugmentConfig,
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{s['__key__'].replace('/', '_')}.jpg").write_bytes(s["jpg"])
     blur = K.RandomMotionBlur(aug.motion_blur_kernel, aug.motion_blur_angle, 0.0, p=aug.motion_blur_p)
-    steps_tf = [T.PILToTensor(), T.RandomHorizontalFlip(aug.hflip), T.RandomVerticalFlip(aug.vflip),
-                T.RandomAffine(aug.rotate, translate=(aug.translate, aug.translate),
-                               scale=(aug.scale_min, aug.scale_max)),
-                T.ColorJitter(*aug.color_jitter), T.Resize(size, antialias=True), T.CenterCrop(size),
-                T.ToDtype(torch.float32, scale=True), T.Lambda(lambda x: blur(x[None])[0])]
+    steps_tf = [
+        T.PILToTensor(),
+        T.RandomHorizontalFlip(aug.hflip),
+        T.RandomVerticalFlip(aug.vflip),
+        T.RandomAffine(aug.rotate, translate=(aug.translate, aug.translate), scale=(aug.scale_min, aug.scale_max)),
+        T.ColorJitter(*aug.color_jitter),
+        T.Resize(size, antialias=True),
+        T.CenterCrop(size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Lambda(lambda x: blur(x[None])[0]),
+    ]
     if mean_std is not None:
         steps_tf.append(T.Normalize(list(mean_std[0]), list(mean_std[1])))
     ds = ImageFolder(str(root), transform=T.Compose(steps_tf))
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                     persistent_workers=workers > 0)
+    dl = torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
+    )
     epochs = math.ceil((steps + 1) / max(1, len(dl))) + 1
     rate, _ = _timed(itertools.chain.from_iterable(dl for _ in range(epochs)), steps)
     return rate
@@ -204,9 +222,21 @@ def _device_augment(samples: list[dict], tf, device: torch.device, batch: int, r
     return reps * len(x) / (time.perf_counter() - t0)
 
 
-def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean_std, size: int, batch: int,
-                   workers: int, steps: int, warmup: int, shuffle: int, device: torch.device,
-                   ring: bool = True) -> dict:
+def _split_figures(
+    shards: str,
+    samples: list[dict],
+    aug,
+    data: DataConfig,
+    mean_std,
+    size: int,
+    batch: int,
+    workers: int,
+    steps: int,
+    warmup: int,
+    shuffle: int,
+    device: torch.device,
+    ring: bool = True,
+) -> dict:
     """augment.device=model at one size: (a) the uint8 CPU side, (b) device augmentation, (c) both together.
 
     (a) is the median over ``ROUNDS`` alternations of loader run and decode-limit run (their ratio per round too);
@@ -221,15 +251,31 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
     tf = build_transform(aug, data, train=True, mean_std=mean_std)
 
     def loader():
-        return build_loader(shards, "train", None, 0, 1, workers, batch, 0, tf, 0, augment_on="model",
-                            samples_per_epoch=(steps + warmup + 2 * PREFETCH * workers) * batch,
-                            shuffle_buffer=shuffle, pin_memory=device.type == "cuda", ring=ring)
+        return build_loader(
+            shards,
+            "train",
+            None,
+            0,
+            1,
+            workers,
+            batch,
+            0,
+            tf,
+            0,
+            augment_on="model",
+            samples_per_epoch=(steps + warmup + 2 * PREFETCH * workers) * batch,
+            shuffle_buffer=shuffle,
+            pin_memory=device.type == "cuda",
+            ring=ring,
+        )
+
     rounds = []  # alternate loader and decode-limit runs: on a shared machine the load drifts between them
     for _ in range(ROUNDS):  # (the epoch runs past the window: the workers stay busy until it closes)
         cpu: dict = {}
         rate, n = _timed(loader(), steps, warmup, cpu)
-        rounds.append((rate, *_parallel_decode_limit(samples, size, max(n, 512), workers, cpu_us=True),
-                       cpu["us_per_image"]))
+        rounds.append(
+            (rate, *_parallel_decode_limit(samples, size, max(n, 512), workers, cpu_us=True), cpu["us_per_image"])
+        )
     cpu_side, decode = (statistics.median(r[i] for r in rounds) for i in (0, 1))
     ratio = statistics.median(r[0] / r[1] for r in rounds)
     cpu_ratio = [r[2] / r[3] if r[3] else 0.0 for r in rounds]
@@ -241,18 +287,28 @@ def _split_figures(shards: str, samples: list[dict], aug, data: DataConfig, mean
             feed.to_device(b, device)
             _sync(device)
             yield b
+
     together, _ = _timed(fed(), steps, warmup)
-    return {"img_size": size, "decode_limit_images_per_s": round(decode, 1),
-            "cpu_side": {"images_per_s": round(cpu_side, 1), "ratio_to_decode_limit": round(ratio, 3),
-                         "ratio_per_round": [round(r[0] / r[1], 3) for r in rounds],
-                         "cpu_ratio_to_decode_limit": round(statistics.median(cpu_ratio), 3),
-                         "cpu_ratio_per_round": [round(c, 3) for c in cpu_ratio],
-                         "cpu_us_per_image": round(statistics.median(r[3] for r in rounds), 1),
-                         "decode_limit_cpu_us_per_image": round(statistics.median(r[2] for r in rounds), 1),
-                         "shared_ring": ring},
-            "device_augment": {"device": str(device), "images_per_s": round(dev_rate, 1)},
-            "together": {"device": str(device), "images_per_s": round(together, 1),
-                         "ratio_to_decode_limit": round(together / decode, 3)}}
+    return {
+        "img_size": size,
+        "decode_limit_images_per_s": round(decode, 1),
+        "cpu_side": {
+            "images_per_s": round(cpu_side, 1),
+            "ratio_to_decode_limit": round(ratio, 3),
+            "ratio_per_round": [round(r[0] / r[1], 3) for r in rounds],
+            "cpu_ratio_to_decode_limit": round(statistics.median(cpu_ratio), 3),
+            "cpu_ratio_per_round": [round(c, 3) for c in cpu_ratio],
+            "cpu_us_per_image": round(statistics.median(r[3] for r in rounds), 1),
+            "decode_limit_cpu_us_per_image": round(statistics.median(r[2] for r in rounds), 1),
+            "shared_ring": ring,
+        },
+        "device_augment": {"device": str(device), "images_per_s": round(dev_rate, 1)},
+        "together": {
+            "device": str(device),
+            "images_per_s": round(together, 1),
+            "ratio_to_decode_limit": round(together / decode, 3),
+        },
+    }
 
 
 def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.device, bool]:
@@ -264,7 +320,9 @@ def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.d
             try:
                 sizes = [int(v) for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
             except ValueError:
-                raise DistribError(f"bench loader: sizes={value!r}; use a comma list of pixels, e.g. sizes=64,128,224")
+                raise DistribError(
+                    f"bench loader: sizes={value!r}; use a comma list of pixels, e.g. sizes=64,128,224"
+                ) from None
         elif key == "device":
             device = value
         elif key == "ring":
@@ -276,8 +334,14 @@ def _options(overrides: list[str]) -> tuple[list[str], list[int] | None, torch.d
     return rest, sizes, torch.device(device), ring
 
 
-def run(shards: str | None = None, config: str | None = None, out: str | None = None, workers: int = 2,
-        steps: int = 20, overrides=()) -> dict:
+def run(
+    shards: str | None = None,
+    config: str | None = None,
+    out: str | None = None,
+    workers: int = 2,
+    steps: int = 20,
+    overrides=(),
+) -> dict:
     if not shards:
         raise DistribError("bench loader needs --shards DIR (a folder written by 'distrib shard')")
     overrides, sizes, device, ring = _options(list(overrides or []))
@@ -295,34 +359,85 @@ def run(shards: str | None = None, config: str | None = None, out: str | None = 
     torch.set_num_threads(1)  # workers run single-threaded; the main process should not steal their cores
     scratch = Path(out) if out else Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
-        print(f"bench loader: {len(samples)} images at {size}px, {workers} workers, {steps} steps of {batch}",
-              file=sys.stderr)
-        loader = build_loader(shards, "train", None, 0, 1, workers, batch, 0, tf, 0,
-                              samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=cfg.data.shuffle_buffer)
+        print(
+            f"bench loader: {len(samples)} images at {size}px, {workers} workers, {steps} steps of {batch}",
+            file=sys.stderr,
+        )
+        loader = build_loader(
+            shards,
+            "train",
+            None,
+            0,
+            1,
+            workers,
+            batch,
+            0,
+            tf,
+            0,
+            samples_per_epoch=(steps + warmup) * batch,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
         ours, n = _timed(loader, steps, warmup)
         # the same pipeline without augmentation: separates loader overhead from augmentation cost
-        plain = build_loader(shards, "train", None, 0, 1, workers, batch, 0,
-                             build_transform(None, data, train=False, mean_std=mean_std), 0,
-                             samples_per_epoch=(steps + warmup) * batch, shuffle_buffer=cfg.data.shuffle_buffer)
+        plain = build_loader(
+            shards,
+            "train",
+            None,
+            0,
+            1,
+            workers,
+            batch,
+            0,
+            build_transform(None, data, train=False, mean_std=mean_std),
+            0,
+            samples_per_epoch=(steps + warmup) * batch,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
         no_aug, _ = _timed(plain, steps, warmup)
         decode = _parallel_decode_limit(samples, size, max(n, 512), workers)
         folder = _imagefolder(samples, scratch / "imagefolder", size, aug, mean_std, workers, batch, steps)
         profile = _profile(samples, shards, tf, size, batch)
-        split = [_split_figures(shards, samples, aug, data, mean_std, s, batch, workers, steps, warmup,
-                                cfg.data.shuffle_buffer, device, ring) for s in (sizes or [size])]
+        split = [
+            _split_figures(
+                shards,
+                samples,
+                aug,
+                data,
+                mean_std,
+                s,
+                batch,
+                workers,
+                steps,
+                warmup,
+                cfg.data.shuffle_buffer,
+                device,
+                ring,
+            )
+            for s in (sizes or [size])
+        ]
     finally:
         torch.set_num_threads(threads)
         if not out:
             shutil.rmtree(scratch, ignore_errors=True)
-    return {"bench": "loader", "images_per_s": round(ours, 1),
-            "ratio_to_decode_limit": round(ours / decode, 3), "ratio_to_imagefolder": round(ours / folder, 3),
-            "decode_limit_images_per_s": round(decode, 1),
-            "no_augment_images_per_s": round(no_aug, 1),
-            "no_augment_ratio_to_decode_limit": round(no_aug / decode, 3),
-            "imagefolder_images_per_s": round(folder, 1),
-            "workers": workers, "batch_size": batch, "img_size": size, "steps": steps, "warmup_batches": warmup,
-            "images_timed": n,
-            "unique_images": len(samples), "shards": len(index["shards"]), "skipped": loader.skipped,
-            "profile_us_per_image": profile, "augment_on_model": split,
-            "targets": {"ratio_to_decode_limit": 0.85, "ratio_to_imagefolder": 2.0,
-                        "cpu_side.ratio_to_decode_limit": 0.85}}
+    return {
+        "bench": "loader",
+        "images_per_s": round(ours, 1),
+        "ratio_to_decode_limit": round(ours / decode, 3),
+        "ratio_to_imagefolder": round(ours / folder, 3),
+        "decode_limit_images_per_s": round(decode, 1),
+        "no_augment_images_per_s": round(no_aug, 1),
+        "no_augment_ratio_to_decode_limit": round(no_aug / decode, 3),
+        "imagefolder_images_per_s": round(folder, 1),
+        "workers": workers,
+        "batch_size": batch,
+        "img_size": size,
+        "steps": steps,
+        "warmup_batches": warmup,
+        "images_timed": n,
+        "unique_images": len(samples),
+        "shards": len(index["shards"]),
+        "skipped": loader.skipped,
+        "profile_us_per_image": profile,
+        "augment_on_model": split,
+        "targets": {"ratio_to_decode_limit": 0.85, "ratio_to_imagefolder": 2.0, "cpu_side.ratio_to_decode_limit": 0.85},
+    }

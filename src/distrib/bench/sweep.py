@@ -25,6 +25,7 @@ The breakdown attributes the gap: Ray start-up, per-trial start-up (imports, con
 each trial's own clock), checkpoint I/O (``tune.report`` with a checkpoint), and the rest (scheduling,
 actor creation, experiment-state snapshots, idle slots at the tail). Target: ratio_to_ideal <= 1.15.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,14 +43,23 @@ TARGET = 1.15  # ratio_to_ideal, for each layout
 
 
 def _shards(root: Path) -> Path:
-    from distrib.demo.data import build_demo_dataset
     from distrib.data.shards import write_shards
+    from distrib.demo.data import build_demo_dataset
 
     data, shards = root / "data", root / "shards"
     if not (shards / "index.json").is_file():
         build_demo_dataset(data, size="tiny", seed=0, overwrite=True)
-        write_shards(data / "train_manifest.csv", shards, val=data / "val_manifest.csv",
-                     test=data / "test_manifest.csv", folds=FOLDS, seed=0, shard_size=30, workers=1, overwrite=True)
+        write_shards(
+            data / "train_manifest.csv",
+            shards,
+            val=data / "val_manifest.csv",
+            test=data / "test_manifest.csv",
+            folds=FOLDS,
+            seed=0,
+            shard_size=30,
+            workers=1,
+            overwrite=True,
+        )
     return shards
 
 
@@ -68,6 +78,7 @@ def _measure(cfg, sweep_dir: Path, slots: int, **ray_args) -> dict:
     trials = [json.loads(p.read_text()) for p in sorted((sweep_dir / "trials").glob("*/trial_result.json"))]
     if len(trials) != FOLDS:
         from distrib.errors import DistribError
+
         raise DistribError(f"bench sweep: only {len(trials)} of {FOLDS} trials finished; see {sweep_dir}")
     train = [t["seconds"] - t["report_seconds"] for t in trials]
     ideal = ideal_seconds(train, slots)
@@ -75,17 +86,26 @@ def _measure(cfg, sweep_dir: Path, slots: int, **ray_args) -> dict:
     ckpt = sum(t["report_seconds"] for t in trials) / slots
     ratio = round(wall / ideal, 3)  # target_met judges the printed figure
     return {
-        "wall_s": round(wall, 2), "ideal_s": round(ideal, 2), "ratio_to_ideal": ratio, "target_met": ratio <= TARGET,
-        "overhead_s": {"ray_start": round(res["ray_init_s"], 2), "trial_startup_per_slot": round(startup, 2),
-                       "checkpoint_io_per_slot": round(ckpt, 2),
-                       "other": round(wall - ideal - res["ray_init_s"] - startup - ckpt, 2)},
+        "wall_s": round(wall, 2),
+        "ideal_s": round(ideal, 2),
+        "ratio_to_ideal": ratio,
+        "target_met": ratio <= TARGET,
+        "overhead_s": {
+            "ray_start": round(res["ray_init_s"], 2),
+            "trial_startup_per_slot": round(startup, 2),
+            "checkpoint_io_per_slot": round(ckpt, 2),
+            "other": round(wall - ideal - res["ray_init_s"] - startup - ckpt, 2),
+        },
         "trial_train_s": [round(s, 2) for s in train],
         "trial_startup_s": [round(t["startup_seconds"], 2) for t in trials],
-        "nodes": len({t.get("node_id") for t in trials}), "sweep_dir": str(sweep_dir)}
+        "nodes": len({t.get("node_id") for t in trials}),
+        "sweep_dir": str(sweep_dir),
+    }
 
 
 def _noop_trial(config: dict) -> None:
     from ray import tune
+
     tune.report({"fold": config["fold"]})
 
 
@@ -104,11 +124,14 @@ def tune_floor(address: str, root: Path) -> float:
     t0 = time.time()
     start_ray(root, address, None)
     try:
-        tune.Tuner(tune.with_resources(_noop_trial, {"cpu": 1}),
-                   param_space={"fold": tune.grid_search(list(range(FOLDS)))},
-                   tune_config=tune.TuneConfig(reuse_actors=True),
-                   run_config=tune.RunConfig(name="noop", storage_path=str(root / "storage"), verbose=0,
-                                             callbacks=tune_loggers())).fit()
+        tune.Tuner(
+            tune.with_resources(_noop_trial, {"cpu": 1}),
+            param_space={"fold": tune.grid_search(list(range(FOLDS)))},
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(
+                name="noop", storage_path=str(root / "storage"), verbose=0, callbacks=tune_loggers()
+            ),
+        ).fit()
         return time.time() - t0
     finally:
         stop_ray()
@@ -118,15 +141,16 @@ def _cluster(cfg, root: Path, slots: int, nodes: int = 2, fork_server: bool = Tr
     """The same sweep on a cluster started with `ray start` (stopped by PID afterwards): a head alone with S
     CPUs (``nodes=1``), or a head with ceil(S/2) CPUs plus a worker node with the rest (``nodes=2``)."""
     from distrib.sweep import zygote
-    from distrib.sweep.ray_nodes import add_worker, start_head, stop_cluster
     from distrib.sweep.local_ray import _temp_dir
+    from distrib.sweep.ray_nodes import add_worker, start_head, stop_cluster
 
     t0 = time.time()
     cluster = {"temp_dir": _temp_dir()}
     try:
         head_cpus = slots if nodes == 1 else max(1, math.ceil(slots / 2))
-        cluster = start_head(None, head_cpus, temp_dir=cluster["temp_dir"],
-                             log=root / f"ray_{nodes}node.log", fork_server=fork_server)
+        cluster = start_head(
+            None, head_cpus, temp_dir=cluster["temp_dir"], log=root / f"ray_{nodes}node.log", fork_server=fork_server
+        )
         servers = [cluster["fork_server"]]
         if nodes > 1 and slots > 1:
             servers.append(add_worker(cluster, slots - head_cpus, fork_server=fork_server)["fork_server"])
@@ -139,8 +163,9 @@ def _cluster(cfg, root: Path, slots: int, nodes: int = 2, fork_server: bool = Tr
     finally:
         stop_cluster(cluster)
     if floor is not None:  # Ray Tune's own cost on this cluster, and the ratio without it
-        out.update(tune_floor_s=round(floor, 2),
-                   ratio_net_of_tune_floor=round((out["wall_s"] - floor) / out["ideal_s"], 3))
+        out.update(
+            tune_floor_s=round(floor, 2), ratio_net_of_tune_floor=round((out["wall_s"] - floor) / out["ideal_s"], 3)
+        )
     return {**out, "cluster_start_s": round(started, 2)}
 
 
@@ -152,9 +177,19 @@ def run(config: str | None = None, out: str | None = None, workers: int = 2, ove
     root = Path(out or tempfile.mkdtemp(prefix="bench_sweep"))
     slots = max(1, int(workers or 2))
     shards = _shards(root)
-    cfg = load_config(config, [f"data.shards={shards}", f"tune.folds={FOLDS}", "tune.cpus_per_trial=1",
-                               "tune.embed_best=false", "train.epochs=2", "data.samples_per_epoch=64",
-                               "train.latency_batches=1", *list(overrides or [])])
+    cfg = load_config(
+        config,
+        [
+            f"data.shards={shards}",
+            f"tune.folds={FOLDS}",
+            "tune.cpus_per_trial=1",
+            "tune.embed_best=false",
+            "train.epochs=2",
+            "data.samples_per_epoch=64",
+            "train.latency_batches=1",
+            *list(overrides or []),
+        ],
+    )
     cold = copy.deepcopy(cfg)
     cold.tune.fork_server = False
     t0 = time.time()
@@ -164,9 +199,19 @@ def run(config: str | None = None, out: str | None = None, workers: int = 2, ove
     # the baseline, same run: every trial process imports torch/timm itself (no sweep.zygote)
     one_cold = _measure(cold, root / "sweep_no_fork_server", slots, num_cpus=slots)
     two_cold = _cluster(cfg, root, slots, nodes=2, fork_server=False)
-    return {"bench": "sweep", "trials": FOLDS, "slots": slots, "ideal": IDEAL, **one, "target_ratio": TARGET,
-            "one_node_cluster": one_cluster, "two_nodes": two,
-            "no_fork_server": {"one_node": one_cold, "two_nodes": two_cold},
-            "fork_server_speedup": {"one_node": round(one_cold["wall_s"] / one["wall_s"], 3),
-                                    "two_nodes": round(two_cold["wall_s"] / two["wall_s"], 3)},
-            "total_s": round(time.time() - t0, 2)}
+    return {
+        "bench": "sweep",
+        "trials": FOLDS,
+        "slots": slots,
+        "ideal": IDEAL,
+        **one,
+        "target_ratio": TARGET,
+        "one_node_cluster": one_cluster,
+        "two_nodes": two,
+        "no_fork_server": {"one_node": one_cold, "two_nodes": two_cold},
+        "fork_server_speedup": {
+            "one_node": round(one_cold["wall_s"] / one["wall_s"], 3),
+            "two_nodes": round(two_cold["wall_s"] / two["wall_s"], 3),
+        },
+        "total_s": round(time.time() - t0, 2),
+    }

@@ -19,6 +19,7 @@ figures come from the same command on a GPU machine.
 On CUDA each loop also reports its peak GPU memory (``torch.cuda.max_memory_allocated`` after a reset,
 ``*_peak_gpu_mib``) at the configured batch size, so the plan's batch sizes can be checked per model.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,16 @@ TARGET = 0.95  # ratio_to_bare_loop: distrib's step costs at most ~5 % over a ba
 def _batches(cfg, steps: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     b, s = cfg.data.batch_size, cfg.data.img_size
-    return [{"image": torch.randn(b, 3, s, s, generator=g), "label": torch.randint(0, 2, (b,), generator=g),
-             "key": [f"k{i}" for i in range(b)], "group": ["g"] * b, "valid": torch.ones(b, dtype=torch.bool)}
-            for _ in range(steps)]
+    return [
+        {
+            "image": torch.randn(b, 3, s, s, generator=g),
+            "label": torch.randint(0, 2, (b,), generator=g),
+            "key": [f"k{i}" for i in range(b)],
+            "group": ["g"] * b,
+            "valid": torch.ones(b, dtype=torch.bool),
+        }
+        for _ in range(steps)
+    ]
 
 
 def _bare_loop(model, batches, cfg, device) -> float:
@@ -50,6 +58,7 @@ def _bare_loop(model, batches, cfg, device) -> float:
     measures the loop machinery (accelerate wrappers, scheduler, logging), not an optimizer choice.
     """
     from distrib.training.optim import build_optimizer
+
     opt = build_optimizer(model.module if hasattr(model, "module") else model, cfg.optim)
     loss_fn = torch.nn.BCEWithLogitsLoss() if cfg.model.num_classes == 1 else torch.nn.CrossEntropyLoss()
     model.train()
@@ -72,6 +81,7 @@ def _timm_loop(model, batches, cfg, device) -> float:
     from timm.utils import NativeScaler, dispatch_clip_grad
 
     from distrib.training.optim import build_optimizer
+
     opt = build_optimizer(model.module if hasattr(model, "module") else model, cfg.optim)
     loss_fn = torch.nn.BCEWithLogitsLoss() if cfg.model.num_classes == 1 else torch.nn.CrossEntropyLoss()
     precision = cfg.train.mixed_precision
@@ -114,6 +124,7 @@ def _peak_mib(device, peaks: dict, name: str, fn, *args) -> float:
 def _trainer_loop(t, batches) -> float:
     """The real trainer loop body over in-memory batches. Seconds per step."""
     from distrib.training.trainer import train_epoch
+
     t.epoch_batches = lambda: iter(batches)  # instance attribute shadows the shard-reading method
     t.micro_per_epoch = t.steps_per_epoch = len(batches)
     t.pos = 0
@@ -130,27 +141,49 @@ def _build_trainer(cfg, model, out: Path, steps: int):
     from distrib.training.optim import build_optimizer, build_scheduler
     from distrib.training.runlog import RunLogger
     from distrib.training.state import Trainer
+
     acc = dist.build_accelerator(cfg)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = acc.prepare(model, optimizer)
     sched = build_scheduler(optimizer, cfg.optim, steps, steps * (2 * ROUNDS + 2))
-    t = Trainer(cfg, out, acc, model, optimizer, sched, build_loss(cfg.train, cfg.model), None,
-                RunLogger(out, enabled=acc.is_main_process), [], steps, steps)
+    t = Trainer(
+        cfg,
+        out,
+        acc,
+        model,
+        optimizer,
+        sched,
+        build_loss(cfg.train, cfg.model),
+        None,
+        RunLogger(out, enabled=acc.is_main_process),
+        [],
+        steps,
+        steps,
+    )
     t.loss_sum = t.loss_sum.to(acc.device)
     return t
 
 
-def run(config: str | None = None, out: str | None = None, steps: int = 20, num_processes: int = 1,
-        overrides=(), vs: str = "bare") -> dict:
+def run(
+    config: str | None = None,
+    out: str | None = None,
+    steps: int = 20,
+    num_processes: int = 1,
+    overrides=(),
+    vs: str = "bare",
+) -> dict:
     from accelerate.utils import set_seed
 
-    from distrib.training import dist
     from distrib.errors import DistribError
     from distrib.models import build_model
+    from distrib.training import dist
+
     if num_processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        raise DistribError(f"--num-processes {num_processes}: launch the bench under accelerate instead: "
-                           f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
-                           f"{num_processes} .venv/bin/distrib bench trainer")
+        raise DistribError(
+            f"--num-processes {num_processes}: launch the bench under accelerate instead: "
+            f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes "
+            f"{num_processes} .venv/bin/distrib bench trainer"
+        )
     config = config or str(Path(__file__).resolve().parents[3] / "launch" / "configs" / "experiments" / "debug.yaml")
     cfg = load_config(config, list(overrides or []))
     steps = max(2, int(steps))
@@ -183,8 +216,9 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
                 trainer.append(_peak_mib(device, peaks, "trainer_peak_gpu_mib", _trainer_loop, t, batches))
             bare.append(_peak_mib(device, peaks, "bare_peak_gpu_mib", _bare_loop, bare_model, batches, cfg, device))
             if timm_model is not None:
-                timm_s.append(_peak_mib(device, peaks, "timm_peak_gpu_mib", _timm_loop, timm_model, batches, cfg,
-                                        device))
+                timm_s.append(
+                    _peak_mib(device, peaks, "timm_peak_gpu_mib", _timm_loop, timm_model, batches, cfg, device)
+                )
             if not i % 2:
                 trainer.append(_peak_mib(device, peaks, "trainer_peak_gpu_mib", _trainer_loop, t, batches))
         info = dist.runtime_info(t.accelerator)
@@ -196,11 +230,29 @@ def run(config: str | None = None, out: str | None = None, steps: int = 20, num_
     vs_timm = {}
     if timm_s:
         ts = statistics.median(timm_s)
-        vs_timm = {"vs": "timm", "precision": cfg.train.mixed_precision, "timm_ms_per_step": round(ts * 1000, 2),
-                   "timm_images_per_s": round(imgs / ts, 1), "ratio_to_timm": round(ts / trainer_s, 4)}
+        vs_timm = {
+            "vs": "timm",
+            "precision": cfg.train.mixed_precision,
+            "timm_ms_per_step": round(ts * 1000, 2),
+            "timm_images_per_s": round(imgs / ts, 1),
+            "ratio_to_timm": round(ts / trainer_s, 4),
+        }
     ratio = round(bare_s / trainer_s, 4)  # target_met judges the printed figure
-    return {"bench": "trainer", "model": cfg.model.name, "img_size": cfg.data.img_size,
-            "batch_size": cfg.data.batch_size, "steps": steps, "rounds": ROUNDS, **info,
-            "bare_ms_per_step": round(bare_s * 1000, 2), "trainer_ms_per_step": round(trainer_s * 1000, 2),
-            "bare_images_per_s": round(imgs / bare_s, 1), "trainer_images_per_s": round(imgs / trainer_s, 1),
-            "ratio_to_bare_loop": ratio, "target": TARGET, "target_met": ratio >= TARGET, **vs_timm, **peaks}
+    return {
+        "bench": "trainer",
+        "model": cfg.model.name,
+        "img_size": cfg.data.img_size,
+        "batch_size": cfg.data.batch_size,
+        "steps": steps,
+        "rounds": ROUNDS,
+        **info,
+        "bare_ms_per_step": round(bare_s * 1000, 2),
+        "trainer_ms_per_step": round(trainer_s * 1000, 2),
+        "bare_images_per_s": round(imgs / bare_s, 1),
+        "trainer_images_per_s": round(imgs / trainer_s, 1),
+        "ratio_to_bare_loop": ratio,
+        "target": TARGET,
+        "target_met": ratio >= TARGET,
+        **vs_timm,
+        **peaks,
+    }

@@ -9,6 +9,7 @@ experts let n11 = both correct, n10 = only A correct, n01 = only B correct, n00 
   two-sided binomial p = min(1, 2 * Binom(b + c, 0.5).cdf(min(b, c))) and the continuity-corrected
   chi-square (|b - c| - 1)^2 / (b + c) with 1 degree of freedom (statsmodels is not a dependency).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,8 +25,12 @@ def contingency(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict[s
     """Counts of (A correct, B correct) combinations."""
     y = np.asarray(y).astype(int)
     a, b = np.asarray(pred_a).astype(int) == y, np.asarray(pred_b).astype(int) == y
-    return {"n11": int((a & b).sum()), "n10": int((a & ~b).sum()), "n01": int((~a & b).sum()),
-            "n00": int((~a & ~b).sum())}
+    return {
+        "n11": int((a & b).sum()),
+        "n10": int((a & ~b).sum()),
+        "n01": int((~a & b).sum()),
+        "n00": int((~a & ~b).sum()),
+    }
 
 
 def yules_q(c: dict[str, int]) -> float:
@@ -42,8 +47,13 @@ def mcnemar(c: dict[str, int]) -> dict[str, float]:
     if n == 0:
         return {"b": b, "c": cc, "p_exact": 1.0, "chi2": 0.0, "p_chi2": 1.0}
     stat = (abs(b - cc) - 1) ** 2 / n if abs(b - cc) >= 1 else 0.0
-    return {"b": b, "c": cc, "p_exact": float(min(1.0, 2 * binom.cdf(min(b, cc), n, 0.5))),
-            "chi2": float(stat), "p_chi2": float(chi2.sf(stat, 1))}
+    return {
+        "b": b,
+        "c": cc,
+        "p_exact": float(min(1.0, 2 * binom.cdf(min(b, cc), n, 0.5))),
+        "chi2": float(stat),
+        "p_chi2": float(chi2.sf(stat, 1)),
+    }
 
 
 def pair_report(y, pred_a, pred_b, keys=None, names=("A", "B")) -> dict:
@@ -51,16 +61,27 @@ def pair_report(y, pred_a, pred_b, keys=None, names=("A", "B")) -> dict:
     c = contingency(y, pred_a, pred_b)
     n = sum(c.values())
     disagree = c["n10"] + c["n01"]
-    out = {"experts": list(names), **c, "n": n, "disagreement_rate": disagree / n if n else float("nan"),
-           "both_wrong_rate": c["n00"] / n if n else float("nan"), "yules_q": yules_q(c), "mcnemar": mcnemar(c),
-           "accuracy_where_disagree": {names[0]: c["n10"] / disagree if disagree else float("nan"),
-                                       names[1]: c["n01"] / disagree if disagree else float("nan")}}
+    out = {
+        "experts": list(names),
+        **c,
+        "n": n,
+        "disagreement_rate": disagree / n if n else float("nan"),
+        "both_wrong_rate": c["n00"] / n if n else float("nan"),
+        "yules_q": yules_q(c),
+        "mcnemar": mcnemar(c),
+        "accuracy_where_disagree": {
+            names[0]: c["n10"] / disagree if disagree else float("nan"),
+            names[1]: c["n01"] / disagree if disagree else float("nan"),
+        },
+    }
     if keys is not None:
         keys = np.asarray(keys)
         y = np.asarray(y).astype(int)
         a_ok, b_ok = np.asarray(pred_a).astype(int) == y, np.asarray(pred_b).astype(int) == y
-        out["only_right"] = {names[0]: keys[a_ok & ~b_ok][:EXAMPLES].tolist(),
-                             names[1]: keys[~a_ok & b_ok][:EXAMPLES].tolist()}
+        out["only_right"] = {
+            names[0]: keys[a_ok & ~b_ok][:EXAMPLES].tolist(),
+            names[1]: keys[~a_ok & b_ok][:EXAMPLES].tolist(),
+        }
     return out
 
 
@@ -75,18 +96,31 @@ def error_overlap(y: np.ndarray, preds: dict[str, np.ndarray]) -> tuple[list[str
     return names, joint, cond
 
 
-def analyse(y, probs: dict[str, np.ndarray], thresholds: dict[str, float], keys=None,
-            out_dir: str | Path | None = None, prefix: str = "complementarity") -> dict:
+def analyse(
+    y,
+    probs: dict[str, np.ndarray],
+    thresholds: dict[str, float],
+    keys=None,
+    out_dir: str | Path | None = None,
+    prefix: str = "complementarity",
+) -> dict:
     """Threshold each expert's probability, then report every pair and the overlap matrices (+ PNG)."""
     preds = {n: (np.asarray(p, dtype=float) >= thresholds[n]).astype(int) for n, p in probs.items()}
     names, joint, cond = error_overlap(y, preds)
-    res = {"thresholds": {n: float(thresholds[n]) for n in names},
-           "error_rate": {n: float(joint[i, i]) for i, n in enumerate(names)},
-           "error_overlap": {"experts": names, "joint": joint.tolist(), "conditional": cond.tolist()},
-           "pairs": [pair_report(y, preds[a], preds[b], keys, (a, b)) for a, b in itertools.combinations(names, 2)]}
+    res = {
+        "thresholds": {n: float(thresholds[n]) for n in names},
+        "error_rate": {n: float(joint[i, i]) for i, n in enumerate(names)},
+        "error_overlap": {"experts": names, "joint": joint.tolist(), "conditional": cond.tolist()},
+        "pairs": [pair_report(y, preds[a], preds[b], keys, (a, b)) for a, b in itertools.combinations(names, 2)],
+    }
     if out_dir is not None:
         from distrib.plots import plot_matrix
-        path = plot_matrix(joint, names, Path(out_dir) / f"{prefix}_error_overlap.png",
-                           "P(row wrong and column wrong); diagonal = error rate")
+
+        path = plot_matrix(
+            joint,
+            names,
+            Path(out_dir) / f"{prefix}_error_overlap.png",
+            "P(row wrong and column wrong); diagonal = error rate",
+        )
         res["plot"] = path.name
     return res

@@ -24,6 +24,7 @@ closest valid key)::
       rule: youden            # which OOF-fit threshold decides stage 3: youden, f1 or max_specificity_at_recall
       thresholds: ""          # a thresholds.json to use instead of fitting on the stack's OOF rows
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,7 +102,9 @@ class CascadeConfig(Section):
 
 def _section(cls, data, key: str, base: Path):
     if not isinstance(data, dict):
-        raise ConfigError(f"cascade key '{key}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
+        raise ConfigError(
+            f"cascade key '{key}' must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}"
+        )
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
@@ -123,8 +126,12 @@ def _resolve(p: str, base: Path) -> str:
 def load_cascade_config(path: str | Path) -> CascadeConfig:
     """Read and validate a cascade YAML (see the module docstring for the format)."""
     path = Path(path)
-    data = read_yaml_mapping(path, "cascade config", " (see launch/configs/cascades/deepfake.yaml)",
-                             "a mapping (see launch/configs/cascades/deepfake.yaml)")
+    data = read_yaml_mapping(
+        path,
+        "cascade config",
+        " (see launch/configs/cascades/deepfake.yaml)",
+        "a mapping (see launch/configs/cascades/deepfake.yaml)",
+    )
     names = [f.name for f in dataclasses.fields(CascadeConfig)]
     for k in data:
         if k not in names:
@@ -137,8 +144,11 @@ def load_cascade_config(path: str | Path) -> CascadeConfig:
     if not isinstance(experts, list):
         raise ConfigError(f"cascade key 'experts' in {path} must be a list of {{name, oof, runs, alignment}}")
     try:
-        return CascadeConfig(**kw, stage1=_section(Stage1Config, data.get("stage1", {}), "stage1", base),
-                             stack=_section(MetaStageConfig, data.get("stack", {}), "stack", base),
-                             experts=[_section(ExpertConfig, e, f"experts[{i}]", base) for i, e in enumerate(experts)])
+        return CascadeConfig(
+            **kw,
+            stage1=_section(Stage1Config, data.get("stage1", {}), "stage1", base),
+            stack=_section(MetaStageConfig, data.get("stack", {}), "stack", base),
+            experts=[_section(ExpertConfig, e, f"experts[{i}]", base) for i, e in enumerate(experts)],
+        )
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e

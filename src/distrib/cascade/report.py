@@ -3,6 +3,7 @@
 The report only formats numbers already in evaluation_results.json (no recomputation), so the two
 can never disagree; figures are linked with paths relative to the report.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,11 @@ def group_table(results: dict) -> list[str]:
         return []
     agg = next(iter(groups.values()))["agg"]
     rows = [[name, g.get("n_groups"), g.get("auc"), g.get("eer"), g.get("ap")] for name, g in groups.items()]
-    return [f"Group level (each group scored by the {agg} of its samples' scores):", "",
-            *_table(["scorer", "groups", "auc", "eer", "ap"], rows)]
+    return [
+        f"Group level (each group scored by the {agg} of its samples' scores):",
+        "",
+        *_table(["scorer", "groups", "auc", "eer", "ap"], rows),
+    ]
 
 
 def _ci(c) -> str:
@@ -50,26 +54,46 @@ def stage3_sections(st: dict, live: dict | None) -> list[str]:
     rows = []
     for name, c in (st.get("candidates") or {}).items():
         diffs = " ".join(f"{d:+.3f}" for d in c["diff_vs_best_expert"])
-        rows.append([f"**{name}** (chosen)" if name == st.get("meta") else name, c["auc_mean"], c["auc_std"],
-                     f"{c['diff_mean']:+.4f}", diffs, f"{c['folds_above_best_expert']}/{len(c['per_fold'])}"])
+        rows.append(
+            [
+                f"**{name}** (chosen)" if name == st.get("meta") else name,
+                c["auc_mean"],
+                c["auc_std"],
+                f"{c['diff_mean']:+.4f}",
+                diffs,
+                f"{c['folds_above_best_expert']}/{len(c['per_fold'])}",
+            ]
+        )
     lines = []
     if rows:
-        lines += ["## Meta-learner leaderboard (grouped meta-CV on the OOF table, same folds for all)", "",
-                  *_table(["candidate", "CV AUC mean", "CV AUC std", f"mean diff vs {best}",
-                           "per-fold diff", "folds above"], rows),
-                  f"`stack.meta: {st.get('meta_setting', 'lightgbm')}` -> **{st.get('meta', 'lightgbm')}** "
-                  f"(auto picks the best mean CV AUC; within {st.get('tie', 0)} the simpler one wins). "
-                  f"Best expert: `{best}`.", ""]
+        lines += [
+            "## Meta-learner leaderboard (grouped meta-CV on the OOF table, same folds for all)",
+            "",
+            *_table(
+                ["candidate", "CV AUC mean", "CV AUC std", f"mean diff vs {best}", "per-fold diff", "folds above"], rows
+            ),
+            f"`stack.meta: {st.get('meta_setting', 'lightgbm')}` -> **{st.get('meta', 'lightgbm')}** "
+            f"(auto picks the best mean CV AUC; within {st.get('tie', 0)} the simpler one wins). "
+            f"Best expert: `{best}`.",
+            "",
+        ]
     comp = [(split, s["vs_best_expert"]) for split, s in (st.get("splits") or {}).items() if "vs_best_expert" in s]
     if live:
-        comp += [(f"{live['split']} (cascade run, {who})", live[key]) for who, key in
-                 (("meta on all", "meta_prob"), ("cascade", "cascade_score"))]
+        comp += [
+            (f"{live['split']} (cascade run, {who})", live[key])
+            for who, key in (("meta on all", "meta_prob"), ("cascade", "cascade_score"))
+        ]
     if comp:
-        lines += ["## Does stage 3 earn its place? (vs the best expert in meta-CV)", "",
-                  *_table(["rows", "AUC", f"AUC {best}", "difference", "95% CI (grouped bootstrap)"],
-                          [[name, c["auc"], c["baseline_auc"], f"{c['diff']:+.4f}", _ci(c.get("diff_ci95"))]
-                           for name, c in comp]),
-                  *[f"- {c['verdict']}" for _, c in comp], ""]
+        lines += [
+            "## Does stage 3 earn its place? (vs the best expert in meta-CV)",
+            "",
+            *_table(
+                ["rows", "AUC", f"AUC {best}", "difference", "95% CI (grouped bootstrap)"],
+                [[name, c["auc"], c["baseline_auc"], f"{c['diff']:+.4f}", _ci(c.get("diff_ci95"))] for name, c in comp],
+            ),
+            *[f"- {c['verdict']}" for _, c in comp],
+            "",
+        ]
     return lines
 
 
@@ -79,16 +103,34 @@ def cost_section(c: dict) -> list[str]:
     used = "/".join(c.get("expert_models") or []) or "folds"
     models = f"{used} experts, models per expert: " + (", ".join(f"{k} {v}" for k, v in per.items()) or "n/a")
     s1 = max(c["stage1_mean_ms"], 1e-9)
-    rows = [["stage 1 alone", c["stage1_mean_ms"], c["stage1_p95_ms"], 1.0],
-            [f"cascade ({models})", c["cascade_mean_ms"], c["cascade_p95_ms"], c["cost_ratio_to_stage1"]]]
+    rows = [
+        ["stage 1 alone", c["stage1_mean_ms"], c["stage1_p95_ms"], 1.0],
+        [f"cascade ({models})", c["cascade_mean_ms"], c["cascade_p95_ms"], c["cost_ratio_to_stage1"]],
+    ]
     if "always23_mean_ms" in c:
-        rows.append([f"always stage 2+3 ({used} experts)", c["always23_mean_ms"], c["always23_p95_ms"],
-                     c["always23_mean_ms"] / s1])
+        rows.append(
+            [
+                f"always stage 2+3 ({used} experts)",
+                c["always23_mean_ms"],
+                c["always23_p95_ms"],
+                c["always23_mean_ms"] / s1,
+            ]
+        )
     if "cascade_folds_mean_ms" in c:
-        rows += [["cascade with the K fold models per expert (stage 1 + their 2+3 cost on escalated rows)",
-                  c["cascade_folds_mean_ms"], c["cascade_folds_p95_ms"], c["cascade_folds_ratio_to_stage1"]],
-                 ["always stage 2+3 (K fold models per expert)", c["always23_folds_mean_ms"],
-                  c["always23_folds_p95_ms"], c["always23_folds_mean_ms"] / s1]]
+        rows += [
+            [
+                "cascade with the K fold models per expert (stage 1 + their 2+3 cost on escalated rows)",
+                c["cascade_folds_mean_ms"],
+                c["cascade_folds_p95_ms"],
+                c["cascade_folds_ratio_to_stage1"],
+            ],
+            [
+                "always stage 2+3 (K fold models per expert)",
+                c["always23_folds_mean_ms"],
+                c["always23_folds_p95_ms"],
+                c["always23_folds_mean_ms"] / s1,
+            ],
+        ]
     return ["## Cost per image", "", *_table(["path", "mean ms", "p95 ms", "x stage 1"], rows), c["note"], ""]
 
 
@@ -96,61 +138,123 @@ def refit_section(rv: dict | None) -> list[str]:
     """The meta-model's AUC with refit experts (one model each) vs the K fold models: shown, loss or not."""
     if not rv:
         return []
-    rows = [[f"{k} (stack, meta on every row)", v["meta_auc_folds"], v["meta_auc_refit"],
-             "n/a" if v["diff_refit_minus_folds"] is None else f"{v['diff_refit_minus_folds']:+.4f}"]
-            for k, v in rv.get("stack_refit_splits", {}).items()]
+    rows = [
+        [
+            f"{k} (stack, meta on every row)",
+            v["meta_auc_folds"],
+            v["meta_auc_refit"],
+            "n/a" if v["diff_refit_minus_folds"] is None else f"{v['diff_refit_minus_folds']:+.4f}",
+        ]
+        for k, v in rv.get("stack_refit_splits", {}).items()
+    ]
     if rv.get("this_run"):
         t = rv["this_run"]
-        rows.append([f"{t['split']} (this cascade run, meta on all)", t["meta_auc_folds"], t["meta_auc_refit"],
-                     f"{t['diff_refit_minus_folds']:+.4f}"])
-    return ["## Folds vs refit experts (embed.inference)", "",
-            *_table(["rows", "meta AUC, K fold models", "meta AUC, refit model", "refit - folds"], rows),
-            "A negative difference is AUC lost by running one refit model per expert instead of K.", ""]
+        rows.append(
+            [
+                f"{t['split']} (this cascade run, meta on all)",
+                t["meta_auc_folds"],
+                t["meta_auc_refit"],
+                f"{t['diff_refit_minus_folds']:+.4f}",
+            ]
+        )
+    return [
+        "## Folds vs refit experts (embed.inference)",
+        "",
+        *_table(["rows", "meta AUC, K fold models", "meta AUC, refit model", "refit - folds"], rows),
+        "A negative difference is AUC lost by running one refit model per expert instead of K.",
+        "",
+    ]
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:
     """Write ``out_dir/report.md`` and return its path."""
     out = Path(out_dir)
     r = results
-    lines = [f"# {r.get('name', 'cascade')}: evaluation on `{r['split']}`", "",
-             f"{r['n']} samples ({r['positives']} positive), {r.get('skipped_samples', 0)} corrupt samples skipped. "
-             f"Escalated to stages 2+3: **{r['escalation_rate']:.1%}** ({r['escalated']}).", "",
-             *([f"Positive class (label 1): **{r['positive']}**; classes "
-                f"{', '.join(f'{k} = {v}' for k, v in sorted(r.get('classes', {}).items()))}.", ""]
-               if r.get("positive") else []),
-             "## Quality", "", *headline(r), *group_table(r),
-             "Thresholds were fit on OOF/val predictions only; stage 1 alone uses its Youden threshold, the cascade "
-             "score maps every decision onto 0.5.", ""]
+    lines = [
+        f"# {r.get('name', 'cascade')}: evaluation on `{r['split']}`",
+        "",
+        f"{r['n']} samples ({r['positives']} positive), {r.get('skipped_samples', 0)} corrupt samples skipped. "
+        f"Escalated to stages 2+3: **{r['escalation_rate']:.1%}** ({r['escalated']}).",
+        "",
+        *(
+            [
+                f"Positive class (label 1): **{r['positive']}**; classes "
+                f"{', '.join(f'{k} = {v}' for k, v in sorted(r.get('classes', {}).items()))}.",
+                "",
+            ]
+            if r.get("positive")
+            else []
+        ),
+        "## Quality",
+        "",
+        *headline(r),
+        *group_table(r),
+        "Thresholds were fit on OOF/val predictions only; stage 1 alone uses its Youden threshold, the cascade "
+        "score maps every decision onto 0.5.",
+        "",
+    ]
     lines += cost_section(r["cost"]) + refit_section(r.get("refit_vs_folds"))
     t = r["thresholds"]
     band = t["stage1_band"]
-    lines += ["## Thresholds", "",
-              f"- Stage-1 band: {band['message']}" + ("" if band["feasible"] else " (**infeasible**: all samples escalate)"),
-              f"- Stage-3 meta threshold ({t['meta_rule']}, fit on the meta-model's OOF predictions): {_f(t['meta_threshold'])}",
-              "- Experts' own thresholds (Youden on their OOF rows): "
-              + ", ".join(f"{k} {_f(v)}" for k, v in t["experts_youden_oof"].items()), ""]
+    lines += [
+        "## Thresholds",
+        "",
+        f"- Stage-1 band: {band['message']}" + ("" if band["feasible"] else " (**infeasible**: all samples escalate)"),
+        f"- Stage-3 meta threshold ({t['meta_rule']}, fit on the meta-model's OOF predictions): {_f(t['meta_threshold'])}",
+        "- Experts' own thresholds (Youden on their OOF rows): "
+        + ", ".join(f"{k} {_f(v)}" for k, v in t["experts_youden_oof"].items()),
+        "",
+    ]
     st = r.get("stack")
     if st:
         lines += stage3_sections(st, r.get("stage3_vs_best_expert"))
     if st:
         rows = [[k, v["auc_mean"], v["auc_std"], v.get("n_features")] for k, v in st["ablation"].items()]
-        lines += ["## Stacking ablation (meta-model's own grouped CV on the OOF table)", "",
-                  *_table(["features", "AUC mean", "AUC std", "n features"], rows),
-                  f"Configured feature set: `{st['features']}`; best single expert under the same folds: "
-                  f"`{st['best_expert']}`.", ""]
+        lines += [
+            "## Stacking ablation (meta-model's own grouped CV on the OOF table)",
+            "",
+            *_table(["features", "AUC mean", "AUC std", "n features"], rows),
+            f"Configured feature set: `{st['features']}`; best single expert under the same folds: "
+            f"`{st['best_expert']}`.",
+            "",
+        ]
     comp = r.get("complementarity")
     if comp:
         rows = []
         for p in comp["pairs"]:
             a, b = p["experts"]
-            rows.append([f"{a} vs {b}", p["disagreement_rate"], p["yules_q"], p["both_wrong_rate"],
-                         p["mcnemar"]["p_exact"], p["accuracy_where_disagree"][a], p["accuracy_where_disagree"][b]])
-        lines += ["## Complementarity of the stage-2 experts", "",
-                  *_table(["pair", "disagreement", "Yule's Q", "both wrong", "McNemar p (exact)",
-                           "acc. A where disagree", "acc. B where disagree"], rows)]
+            rows.append(
+                [
+                    f"{a} vs {b}",
+                    p["disagreement_rate"],
+                    p["yules_q"],
+                    p["both_wrong_rate"],
+                    p["mcnemar"]["p_exact"],
+                    p["accuracy_where_disagree"][a],
+                    p["accuracy_where_disagree"][b],
+                ]
+            )
+        lines += [
+            "## Complementarity of the stage-2 experts",
+            "",
+            *_table(
+                [
+                    "pair",
+                    "disagreement",
+                    "Yule's Q",
+                    "both wrong",
+                    "McNemar p (exact)",
+                    "acc. A where disagree",
+                    "acc. B where disagree",
+                ],
+                rows,
+            ),
+        ]
         for p in comp["pairs"]:
             for name, keys in (p.get("only_right") or {}).items():
-                lines.append(f"- Only `{name}` right (first {len(keys)}): " + (", ".join(f"`{k}`" for k in keys) or "none"))
+                lines.append(
+                    f"- Only `{name}` right (first {len(keys)}): " + (", ".join(f"`{k}`" for k in keys) or "none")
+                )
         lines.append("")
     lines += ["## Figures", ""]
     for name, rel in r.get("plots", {}).items():

@@ -20,10 +20,11 @@ plus stage 2+3 time shared by the escalated rows), without data loading; with
 ``evaluate_all_stages`` stages 2+3 also run on every sample for per-stage metrics and the
 "always run stage 2+3" cost.
 """
+
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -41,12 +42,14 @@ class MultiSizeTransform:
 
     def __init__(self, sizes):
         from distrib.data.transforms import ImageTransform
+
         self.sizes = sorted(set(sizes))
         self.size = max(self.sizes)  # the decoder DCT-downscales toward the largest stage size
         self._prep = {s: ImageTransform(s, train=False, mean_std=None) for s in self.sizes}
 
     def prepare(self, img):
         import torch
+
         return torch.cat([self._prep[s].prepare(img).flatten() for s in self.sizes])
 
     __call__ = prepare
@@ -56,7 +59,7 @@ class MultiSizeTransform:
         off = 0
         for s in self.sizes:
             if s == size:
-                return flat[:, off:off + 3 * s * s].reshape(-1, 3, s, s)
+                return flat[:, off : off + 3 * s * s].reshape(-1, 3, s, s)
             off += 3 * s * s
         raise KeyError(size)
 
@@ -65,12 +68,15 @@ class Stage:
     """A model plus its eval normalization; ``__call__`` takes the flat uint8 batch."""
 
     def __init__(self, run_dir: str, device):
-        from distrib.runs import load_run
         from distrib.data.transforms import build_transform, resolve_mean_std
+        from distrib.runs import load_run
+
         self.model, self.cfg, _ = load_run(run_dir)
         self.model.to(device).eval()
         self.size = self.cfg.data.img_size
-        self.norm = build_transform(None, self.cfg.data, train=False, mean_std=resolve_mean_std(self.cfg.data, self.model))
+        self.norm = build_transform(
+            None, self.cfg.data, train=False, mean_std=resolve_mean_std(self.cfg.data, self.model)
+        )
         self.device = device
 
     def images(self, multi: MultiSizeTransform, flat):
@@ -80,6 +86,7 @@ class Stage:
         import torch
 
         from distrib.training.losses import positive_prob
+
         with torch.inference_mode():
             out = self.model(self.images(multi, flat))
             logits = out["logits"] if isinstance(out, dict) else out
@@ -95,19 +102,24 @@ class Expert:
     """
 
     def __init__(self, spec: ExpertConfig, device, models: str = "auto"):
-        from distrib.stacking.align import load_alignment
         from distrib.config import load_config
-        from distrib.stacking.embed import AlignedExpert, alignment_path
         from distrib.data.transforms import build_transform, resolve_mean_std
+        from distrib.stacking.align import load_alignment
+        from distrib.stacking.embed import AlignedExpert, alignment_path
+
         self.name = spec.name
         align = spec.alignment or str(alignment_path(spec.oof))
         if not Path(align).is_file():
-            raise DataError(f"alignment file {align} for expert '{spec.name}' not found; it is written by "
-                            "'distrib embed' next to oof_embeddings.parquet")
+            raise DataError(
+                f"alignment file {align} for expert '{spec.name}' not found; it is written by "
+                "'distrib embed' next to oof_embeddings.parquet"
+            )
         refit = load_alignment(align)[1].get("refit")
         if models == "refit" and not refit:
-            raise DataError(f"expert_models: refit, but expert '{spec.name}' ({align}) has no refit model; re-run "
-                            "'distrib embed ... embed.inference=refit' or set expert_models: folds")
+            raise DataError(
+                f"expert_models: refit, but expert '{spec.name}' ({align}) has no refit model; re-run "
+                "'distrib embed ... embed.inference=refit' or set expert_models: folds"
+            )
         self.inference = "refit" if refit and models != "folds" else "folds"
         if self.inference == "refit":
             runs, align = [refit["run"]], refit["alignment"]
@@ -117,11 +129,14 @@ class Expert:
         self.n_models = len(self.expert.models)
         cfg = load_config(Path(runs[0]) / "config.yaml")
         self.size = cfg.data.img_size
-        self.norm = build_transform(None, cfg.data, train=False, mean_std=resolve_mean_std(cfg.data, self.expert.models[0]))
+        self.norm = build_transform(
+            None, cfg.data, train=False, mean_std=resolve_mean_std(cfg.data, self.expert.models[0])
+        )
         self.device = device
         oof = pd.read_parquet(spec.oof, columns=["label", "prob", "split"])
         oof = oof[oof["split"] == "oof"]
         from distrib.stacking.thresholds import threshold_youden
+
         self.threshold = threshold_youden(oof["label"].to_numpy(), oof["prob"].to_numpy())  # fit on OOF only
 
     def __call__(self, multi, flat) -> dict[str, np.ndarray]:
@@ -136,6 +151,7 @@ class Expert:
 def resolve_device(name: str):
     """``auto`` / ``cpu`` / ``cuda`` -> a torch.device; ``cuda`` without a visible GPU is a DistribError."""
     import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -145,6 +161,7 @@ def resolve_device(name: str):
 
 def _sync(device) -> None:
     import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -160,6 +177,7 @@ def _timed(fn, device):
 def route(stage1_prob: np.ndarray, t_low: float, t_high: float) -> tuple[np.ndarray, np.ndarray]:
     """Stage-1 routing: (decision 0/1/-1, escalate mask). Exactly the rows with t_low <= p < t_high escalate."""
     from distrib.stacking.thresholds import decide
+
     dec = decide(stage1_prob, t_low, t_high)
     return dec, dec == -1
 
@@ -172,17 +190,28 @@ def cascade_score(stage1_prob, t_low, t_high, meta_prob, meta_threshold) -> np.n
     lo = 0.25 * np.clip(p / max(t_low, 1e-12), 0, 0.999999)
     hi = 0.75 + 0.25 * np.clip((p - t_high) / max(1 - t_high, 1e-12), 0, 1)
     tau = float(meta_threshold)
-    mid = np.where(m < tau, 0.25 + 0.25 * m / max(tau, 1e-12),
-                   0.5 + 0.25 * np.clip((m - tau) / max(1 - tau, 1e-12), 0, 0.999999))
+    mid = np.where(
+        m < tau, 0.25 + 0.25 * m / max(tau, 1e-12), 0.5 + 0.25 * np.clip((m - tau) / max(1 - tau, 1e-12), 0, 0.999999)
+    )
     return np.where(esc, mid, np.where(dec == 0, lo, hi))
 
 
-def fit_or_load(path: str, pred: Path, out: Path, name: str, recall: float, spec: float, boot: int, fit_split=None,
-                quiet: bool = False):
+def fit_or_load(
+    path: str,
+    pred: Path,
+    out: Path,
+    name: str,
+    recall: float,
+    spec: float,
+    boot: int,
+    fit_split=None,
+    quiet: bool = False,
+):
     """A stage's thresholds: the given thresholds.json, else fit on ``pred`` (val or OOF rows, never test).
     ``quiet``: no log line about the test rows left out (``predict`` repeats the cascade's fit)."""
     from distrib.config import ThresholdConfig
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
+
     if path:
         return json.loads(Path(path).read_text())
     df = load_predictions(pred)
@@ -210,23 +239,52 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     stage1 = Stage(cfg.stage1.run, device)
     experts = [Expert(s, device, cfg.expert_models) for s in specs]
     # refit experts in use: the K fold models also score every sample, for the folds-vs-refit AUC and cost
-    fold_experts = ([Expert(s, device, "folds") for s in specs]
-                    if cfg.evaluate_all_stages and any(e.inference == "refit" for e in experts) else [])
+    fold_experts = (
+        [Expert(s, device, "folds") for s in specs]
+        if cfg.evaluate_all_stages and any(e.inference == "refit" for e in experts)
+        else []
+    )
     shards = cfg.shards or stage1.cfg.data.shards
 
-    th1 = fit_or_load(cfg.stage1.thresholds, Path(cfg.stage1.run) / "val_predictions.csv", out / "stage1", "stage1",
-                      cfg.recall, cfg.specificity, cfg.bootstrap)
+    th1 = fit_or_load(
+        cfg.stage1.thresholds,
+        Path(cfg.stage1.run) / "val_predictions.csv",
+        out / "stage1",
+        "stage1",
+        cfg.recall,
+        cfg.specificity,
+        cfg.bootstrap,
+    )
     band = th1["band"]
     if not band["feasible"]:
         log.warning(f"cascade: stage-1 band INFEASIBLE ({band['message']}); every sample goes to stage 2")
     t_low, t_high = (band["t_low"], band["t_high"]) if band["feasible"] else (-np.inf, np.inf)
-    th3 = fit_or_load(cfg.stack.thresholds, Path(cfg.stack.dir) / "meta_predictions.parquet", out / "stage3", "meta",
-                      cfg.recall, cfg.specificity, cfg.bootstrap, fit_split="oof")
+    th3 = fit_or_load(
+        cfg.stack.thresholds,
+        Path(cfg.stack.dir) / "meta_predictions.parquet",
+        out / "stage3",
+        "meta",
+        cfg.recall,
+        cfg.specificity,
+        cfg.bootstrap,
+        fit_split="oof",
+    )
     tau = th3["single"][cfg.stack.rule]["threshold"]
 
     multi = MultiSizeTransform([stage1.size] + [e.size for e in experts])
-    loader = build_loader(shards, split, None, rank=0, world_size=1, num_workers=cfg.num_workers,
-                          batch_size=cfg.batch_size, epoch=0, transform=multi, seed=0, mode="eval")
+    loader = build_loader(
+        shards,
+        split,
+        None,
+        rank=0,
+        world_size=1,
+        num_workers=cfg.num_workers,
+        batch_size=cfg.batch_size,
+        epoch=0,
+        transform=multi,
+        seed=0,
+        mode="eval",
+    )
 
     def stage23(flat, p1, which=experts):
         cols = {STAGE1: p1} if needs_stage1 else {}
@@ -253,14 +311,26 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
             (_, mp), ms23 = _timed(lambda: stage23(flat[torch.from_numpy(esc)], p1[esc]), device)
             meta_p[esc] = mp
             cost[esc] += ms23 / int(esc.sum())
-        rec = {"key": [batch["key"][i] for i in valid.nonzero().flatten().tolist()],
-               "group": [batch["group"][i] for i in valid.nonzero().flatten().tolist()],
-               "label": batch["label"][valid].numpy(), "stage1_prob": p1, "stage1_decision": dec, "escalated": esc,
-               "meta_prob_escalated": meta_p, "cost_ms": cost, "stage1_cost_ms": np.full(n, ms1 / n)}
+        rec = {
+            "key": [batch["key"][i] for i in valid.nonzero().flatten().tolist()],
+            "group": [batch["group"][i] for i in valid.nonzero().flatten().tolist()],
+            "label": batch["label"][valid].numpy(),
+            "stage1_prob": p1,
+            "stage1_decision": dec,
+            "escalated": esc,
+            "meta_prob_escalated": meta_p,
+            "cost_ms": cost,
+            "stage1_cost_ms": np.full(n, ms1 / n),
+        }
         if cfg.evaluate_all_stages:
             (frame, mp_all), ms_all = _timed(lambda: stage23(flat, p1), device)
-            rec.update({"meta_prob": mp_all, "always23_cost_ms": np.full(n, ms_all / n),
-                        **{f"prob_{e.name}": frame[f"{e.name}__prob"].to_numpy() for e in experts}})
+            rec.update(
+                {
+                    "meta_prob": mp_all,
+                    "always23_cost_ms": np.full(n, ms_all / n),
+                    **{f"prob_{e.name}": frame[f"{e.name}__prob"].to_numpy() for e in experts},
+                }
+            )
         if fold_experts:
             (_, mp_folds), ms_folds = _timed(lambda: stage23(flat, p1, fold_experts), device)
             rec.update({"meta_prob_folds": mp_folds, "always23_folds_cost_ms": np.full(n, ms_folds / n)})
@@ -270,19 +340,40 @@ def run_cascade(cascade_cfg_path: str | Path, split: str, out_dir: str | Path | 
     if not rows:
         raise DataError(f"{shards} yielded no {split} samples; check 'distrib shard-inspect {shards}'")
     df = pd.concat(rows, ignore_index=True)
-    df["final_decision"] = np.where(df["escalated"], (df["meta_prob_escalated"] >= tau).astype(int), df["stage1_decision"])
+    df["final_decision"] = np.where(
+        df["escalated"], (df["meta_prob_escalated"] >= tau).astype(int), df["stage1_decision"]
+    )
     df["cascade_score"] = cascade_score(df["stage1_prob"], t_low, t_high, df["meta_prob_escalated"], tau)
     df.to_csv(out / "cascade_predictions.csv", index=False)
 
     from distrib.cascade.evaluate import evaluate_cascade
     from distrib.data.index import read_index
     from distrib.data.verify import class_mapping
-    results = evaluate_cascade(df, cfg, split, out, th1, th3, tau, {e.name: e.threshold for e in experts},
-                               skipped=loader.skipped, classes=class_mapping(read_index(shards)), runs={"stage1": cfg.stage1.run,
-                                                             **{e.name: e.expert.meta.get("runs", []) for e in experts}},
-                               models={e.name: {"inference": e.inference, "models_run": e.n_models} for e in experts})
+
+    results = evaluate_cascade(
+        df,
+        cfg,
+        split,
+        out,
+        th1,
+        th3,
+        tau,
+        {e.name: e.threshold for e in experts},
+        skipped=loader.skipped,
+        classes=class_mapping(read_index(shards)),
+        runs={"stage1": cfg.stage1.run, **{e.name: e.expert.meta.get("runs", []) for e in experts}},
+        models={e.name: {"inference": e.inference, "models_run": e.n_models} for e in experts},
+    )
     return results
 
 
-__all__ = ["run_cascade", "route", "cascade_score", "Stage", "Expert", "MultiSizeTransform", "fit_or_load",
-           "resolve_device"]
+__all__ = [
+    "run_cascade",
+    "route",
+    "cascade_score",
+    "Stage",
+    "Expert",
+    "MultiSizeTransform",
+    "fit_or_load",
+    "resolve_device",
+]

@@ -15,6 +15,7 @@ Public face: ``main(argv) -> exit code`` (the ``distrib`` console script) and ``
 Library functions take plain values and return dicts; everything printed, and every exit code, is
 decided here. Each command imports its stage lazily so ``distrib --help`` stays fast.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from distrib.cli.parser import build_parser
 from distrib.errors import DistribError
@@ -67,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"distrib {args.command}: error: no space left on the device while writing "
-              f"{e.filename or 'an output file'}; free space or point --out at a larger disk. Outputs are "
-              "written to temp names and renamed, so no partial file was left; re-run the same command "
-              "(add --resume for train/tune) to continue.", file=sys.stderr)
+        print(
+            f"distrib {args.command}: error: no space left on the device while writing "
+            f"{e.filename or 'an output file'}; free space or point --out at a larger disk. Outputs are "
+            "written to temp names and renamed, so no partial file was left; re-run the same command "
+            "(add --resume for train/tune) to continue.",
+            file=sys.stderr,
+        )
         return 2
     if isinstance(result, dict) and args.command not in ("bench", "export"):
         print(json.dumps(result, default=str))
@@ -92,12 +96,15 @@ def _resume_hint(a: argparse.Namespace) -> str:
     if a.command == "train":
         from distrib.runs import find_checkpoint
         from distrib.training.checkpoint import saved_state
+
         ckpt = find_checkpoint(a.out)
         if ckpt is None:
             return f"No checkpoint was written yet; start again with: {_resume_command(a)}"
         state = saved_state(ckpt)
-        return (f"The last checkpoint is {ckpt} (epoch {state['epoch']}, step {state['step']}); "
-                f"continue with: {_resume_command(a)}")
+        return (
+            f"The last checkpoint is {ckpt} (epoch {state['epoch']}, step {state['step']}); "
+            f"continue with: {_resume_command(a)}"
+        )
     if a.command == "tune" and (Path(a.out) / "config.yaml").is_file():
         return f"Finished trials are kept; continue with: {_resume_command(a)}"
     return "Nothing was resumed or left half-written (outputs are written to temp names and renamed)."
@@ -108,14 +115,23 @@ def _sweep_exit(a: argparse.Namespace, result: dict) -> int:
     status = result.get("status", "done")
     if status == "interrupted":
         sig = result.get("signal") or 2
-        print(f"distrib tune: interrupted (signal {sig}) with {result['done']} of {result['trials']} trials "
-              f"finished; {_resume_hint(a)}", file=sys.stderr)
+        print(
+            f"distrib tune: interrupted (signal {sig}) with {result['done']} of {result['trials']} trials "
+            f"finished; {_resume_hint(a)}",
+            file=sys.stderr,
+        )
         return 128 + sig
     if status == "incomplete":
-        best = ("the best config was chosen among the configs that finished every fold only"
-                if result.get("best") else "no config finished every fold, so there is no best config")
-        print(f"distrib tune: {result['trials'] - result['done']} of {result['trials']} trials failed "
-              f"({len(result['errors'])} error(s); see sweep_summary.csv and the trial dirs' logs); {best}. "
-              f"Fix the cause, then retry the failed trials with: {_resume_command(a)}", file=sys.stderr)
+        best = (
+            "the best config was chosen among the configs that finished every fold only"
+            if result.get("best")
+            else "no config finished every fold, so there is no best config"
+        )
+        print(
+            f"distrib tune: {result['trials'] - result['done']} of {result['trials']} trials failed "
+            f"({len(result['errors'])} error(s); see sweep_summary.csv and the trial dirs' logs); {best}. "
+            f"Fix the cause, then retry the failed trials with: {_resume_command(a)}",
+            file=sys.stderr,
+        )
         return 1
     return 0

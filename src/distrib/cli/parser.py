@@ -1,11 +1,26 @@
 """The one argument parser of ``distrib``: a table of subcommand -> ``commands.cmd_*``."""
+
 from __future__ import annotations
 
 import argparse
 
-from distrib.cli.commands import (DEMO_RECIPE, cmd_bench, cmd_cascade, cmd_data, cmd_demo, cmd_embed, cmd_export,
-                                  cmd_predict, cmd_run, cmd_shard, cmd_shard_inspect, cmd_stack, cmd_thresholds,
-                                  cmd_train, cmd_tune)
+from distrib.cli.commands import (
+    DEMO_RECIPE,
+    cmd_bench,
+    cmd_cascade,
+    cmd_data,
+    cmd_demo,
+    cmd_embed,
+    cmd_export,
+    cmd_predict,
+    cmd_run,
+    cmd_shard,
+    cmd_shard_inspect,
+    cmd_stack,
+    cmd_thresholds,
+    cmd_train,
+    cmd_tune,
+)
 
 
 def _add_overrides(p: argparse.ArgumentParser, example: str = "optim.lr=3e-4 data.fold=2") -> None:
@@ -13,21 +28,28 @@ def _add_overrides(p: argparse.ArgumentParser, example: str = "optim.lr=3e-4 dat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distrib", description="Distributed image-classifier training for cascades "
-                                     "of vision models: shards, training, Ray sweeps, stacking, cascades, inference.")
+    parser = argparse.ArgumentParser(
+        prog="distrib",
+        description="Distributed image-classifier training for cascades "
+        "of vision models: shards, training, Ray sweeps, stacking, cascades, inference.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="build the bundled demo dataset")
     p.add_argument("what", choices=["demo"], help="dataset to build")
     p.add_argument("--out", required=True, help="output directory (images + manifests)")
-    p.add_argument("--images", default=None, help="folder of your own photos to tile instead of/in addition to the bundled ones")
+    p.add_argument(
+        "--images", default=None, help="folder of your own photos to tile instead of/in addition to the bundled ones"
+    )
     p.add_argument("--size", default="full", choices=["tiny", "small", "full"], help="dataset size preset")
     p.add_argument("--tile", type=int, default=64, help="tile size in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("shard", help="write group-aware K-fold WebDataset shards ('distrib shard inspect DIR' verifies them)")
+    p = sub.add_parser(
+        "shard", help="write group-aware K-fold WebDataset shards ('distrib shard inspect DIR' verifies them)"
+    )
     p.add_argument("--train", required=True, help="train manifest CSV (path,label[,group])")
     p.add_argument("--val", default=None, help="val manifest CSV")
     p.add_argument("--test", default=None, help="test manifest CSV")
@@ -38,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-bytes", type=int, default=256 * 1024 * 1024, help="max bytes per shard")
     p.add_argument("--workers", type=int, default=2, help="writer processes")
     p.add_argument("--overwrite", action="store_true", help="rewrite a complete output directory")
-    p.add_argument("--positive", default=None, help="class name that becomes label 1 (case-insensitive); needed "
-                                                    "for names other than real/fake")
+    p.add_argument(
+        "--positive",
+        default=None,
+        help="class name that becomes label 1 (case-insensitive); needed for names other than real/fake",
+    )
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("shard-inspect", help="verify a shard directory's checksums and counts")
@@ -62,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="shared storage path for multi-node sweeps")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
     p.add_argument("--resume", action="store_true", help="continue a killed sweep (Tuner.restore)")
-    p.add_argument("--search", choices=("grid", "random", "optuna"), default=None,
-                   help="tune.search: grid (every config x fold) or sample configs, each running all folds")
+    p.add_argument(
+        "--search",
+        choices=("grid", "random", "optuna"),
+        default=None,
+        help="tune.search: grid (every config x fold) or sample configs, each running all folds",
+    )
     p.add_argument("--num-samples", type=int, default=None, help="tune.num_samples: configs to sample")
-    p.add_argument("--scheduler", choices=("none", "asha"), default=None,
-                   help="tune.scheduler: asha stops whole sampled configs after a fold (random|optuna only)")
+    p.add_argument(
+        "--scheduler",
+        choices=("none", "asha"),
+        default=None,
+        help="tune.scheduler: asha stops whole sampled configs after a fold (random|optuna only)",
+    )
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("embed", help="extract aligned out-of-fold embeddings from fold runs")
@@ -78,9 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stack", help="meta-learner (auto: best of weighted/logistic/LightGBM by grouped CV)")
     p.add_argument("--oof", nargs="+", required=True, help="oof_embeddings.parquet files, one per expert")
-    p.add_argument("--stage1", nargs="+", default=None,
-                   help="key,prob CSV/parquet of stage-1 probabilities (out-of-fold on training rows, e.g. the "
-                        "stage-1 fold runs' val_predictions.csv; plus val/test rows) for stack.features=[...,stage1]")
+    p.add_argument(
+        "--stage1",
+        nargs="+",
+        default=None,
+        help="key,prob CSV/parquet of stage-1 probabilities (out-of-fold on training rows, e.g. the "
+        "stage-1 fold runs' val_predictions.csv; plus val/test rows) for stack.features=[...,stage1]",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="experiment YAML for the stack section")
     _add_overrides(p, "stack.features=[prob]")
@@ -101,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="apply a run or a cascade to a folder / CSV list / shard dir -> CSV")
     p.add_argument("--model", required=True, help="run directory (best_model.pth) or cascade YAML")
-    p.add_argument("--images", required=True, help="image folder (recursive), CSV with a 'path' column "
-                                                   "(optional group, label), or shard directory")
-    p.add_argument("--out", required=True, help="predictions CSV (<stem>_skipped.csv, _summary.json and _groups.csv go beside it)")
+    p.add_argument(
+        "--images",
+        required=True,
+        help="image folder (recursive), CSV with a 'path' column (optional group, label), or shard directory",
+    )
+    p.add_argument(
+        "--out", required=True, help="predictions CSV (<stem>_skipped.csv, _summary.json and _groups.csv go beside it)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (0: 64, or the cascade's batch_size)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -120,19 +162,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p, "export.max_latency_ms=16 export.max_size_mb=100")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the main job: data -> shards -> stage 1 -> sweep -> OOF -> stack -> cascade -> report")
+    p = sub.add_parser(
+        "demo", help="the main job: data -> shards -> stage 1 -> sweep -> OOF -> stack -> cascade -> report"
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--size", default="demo", choices=["tiny", "demo"], help="tiny is the test setting")
-    p.add_argument("--configs", default=None, help="folder holding experiments/demo_*.yaml and grids/demo.yaml "
-                                                   "to use instead of the recipe's")
+    p.add_argument(
+        "--configs",
+        default=None,
+        help="folder holding experiments/demo_*.yaml and grids/demo.yaml to use instead of the recipe's",
+    )
     p.add_argument("--recipe", default=None, help=f"the demo recipe (default: {DEMO_RECIPE})")
     _add_overrides(p, "train.epochs=2 stack.n_estimators=100")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("run", help="run a recipe: shard -> train -> tune + embed -> stack -> thresholds -> cascade -> report")
+    p = sub.add_parser(
+        "run", help="run a recipe: shard -> train -> tune + embed -> stack -> thresholds -> cascade -> report"
+    )
     p.add_argument("recipe", help="recipe YAML (launch/recipes/*.yaml)")
     p.add_argument("--out", required=True, help="output directory; re-run the same command to continue a killed run")
-    p.add_argument("--overwrite", action="store_true", help="clear the outputs of a different recipe in --out and start over")
+    p.add_argument(
+        "--overwrite", action="store_true", help="clear the outputs of a different recipe in --out and start over"
+    )
     p.add_argument("--address", default=None, help="existing Ray cluster address for the sweeps (default: a local one)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
     _add_overrides(p, "data.folds=3 train.epochs=2 stack.n_estimators=100")
@@ -146,8 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--vs", choices=["bare", "timm"], default="bare",
-                   help="trainer: also time timm's own training step (timm.utils scaler/clipping) on the same batches")
+    p.add_argument(
+        "--vs",
+        choices=["bare", "timm"],
+        default="bare",
+        help="trainer: also time timm's own training step (timm.utils scaler/clipping) on the same batches",
+    )
     _add_overrides(p, "repeats=5 threads=1")
     p.set_defaults(func=cmd_bench)
     return parser

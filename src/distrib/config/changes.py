@@ -7,6 +7,7 @@ So ``check_resume`` refuses every change except the fields listed here, and repo
 
 Public: ``RESUME_SAFE``, ``SWEEP_RESUME_SAFE``, ``allowed_change``, ``config_changes``, ``check_resume``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,37 +19,37 @@ from distrib.errors import ConfigError
 
 # THE allow-list (one place). Everything not named here is refused on --resume. Why each is safe:
 RESUME_SAFE = (
-    "name",                       # a label in reports; nothing trained depends on it
-    "train.epochs",               # extends (or shortens) a run; steps already taken are unchanged
-    "train.max_steps",            # a stopping point, same reason
-    "train.ckpt_every_steps",     # when checkpoints are written, not what they hold
-    "train.log_every_steps",      # TensorBoard/progress cadence only
-    "train.eval_every_epochs",    # when validation runs; it never touches the weights
-    "train.latency_batches",      # how long evaluation_results.json times the model
-    "data.num_workers",           # loader parallelism; the sample order is fixed by data.seed and epoch
-    "data.eval_batch_size",       # evaluation batching; metrics do not depend on it
-    "data.verify",                # how the shards are checked before training, not which shards
-    "data.classes",               # a check of the index's label mapping; the mapping itself is fixed by data.shards
+    "name",  # a label in reports; nothing trained depends on it
+    "train.epochs",  # extends (or shortens) a run; steps already taken are unchanged
+    "train.max_steps",  # a stopping point, same reason
+    "train.ckpt_every_steps",  # when checkpoints are written, not what they hold
+    "train.log_every_steps",  # TensorBoard/progress cadence only
+    "train.eval_every_epochs",  # when validation runs; it never touches the weights
+    "train.latency_batches",  # how long evaluation_results.json times the model
+    "data.num_workers",  # loader parallelism; the sample order is fixed by data.seed and epoch
+    "data.eval_batch_size",  # evaluation batching; metrics do not depend on it
+    "data.verify",  # how the shards are checked before training, not which shards
+    "data.classes",  # a check of the index's label mapping; the mapping itself is fixed by data.shards
     "train.max_skipped_fraction",  # when skipped corrupt samples fail the run; the data read is the same
-    "train.trackers",             # where scalars are logged (a resumed run starts a new tracker run)
-    "dist.",                      # process-group backend and timeout: transport only
-    "tune.",                      # sweep-level settings; a single run does not read them
-    "embed.",                     # later stages read these from the finished run
+    "train.trackers",  # where scalars are logged (a resumed run starts a new tracker run)
+    "dist.",  # process-group backend and timeout: transport only
+    "tune.",  # sweep-level settings; a single run does not read them
+    "embed.",  # later stages read these from the finished run
     "stack.",
     "thresholds.",
-    "export.",                    # deployment targets read by `distrib export`, after training
-    "eval.",                      # how finished predictions are aggregated into group metrics
+    "export.",  # deployment targets read by `distrib export`, after training
+    "eval.",  # how finished predictions are aggregated into group metrics
 )
 # A sweep's trials must all train the same thing, and finished trials are not re-run on --resume, so a
 # new train.epochs/max_steps would only reach the unfinished ones: narrower than RESUME_SAFE.
 SWEEP_RESUME_SAFE = tuple(k for k in RESUME_SAFE if k not in ("train.epochs", "train.max_steps", "tune.")) + (
-    "tune.max_concurrent",        # scheduling only
-    "tune.max_failures",          # retries of a failing trial
-    "tune.cpus_per_trial",        # resources, not results (a trial's thread count is not part of the science)
+    "tune.max_concurrent",  # scheduling only
+    "tune.max_failures",  # retries of a failing trial
+    "tune.cpus_per_trial",  # resources, not results (a trial's thread count is not part of the science)
     "tune.gpus_per_trial",
-    "tune.embed_best",            # post-sweep OOF extraction on/off
-    "tune.fork_server",           # where a trial's imports happen, not what it computes
-    "tune.ship_checkpoints",      # a second copy of each checkpoint in Ray's storage, not what is trained
+    "tune.embed_best",  # post-sweep OOF extraction on/off
+    "tune.fork_server",  # where a trial's imports happen, not what it computes
+    "tune.ship_checkpoints",  # a second copy of each checkpoint in Ray's storage, not what is trained
 )
 
 
@@ -98,8 +99,9 @@ def check_resume(old: dict, new: dict, where: str, fix: str, safe: tuple[str, ..
     refused = [c for c in changes if not allowed_change(c[0], safe)]
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
-        raise ConfigError(f"--resume would change what was trained: {listed} (saved in {where}). A resumed "
-                          f"run must keep these; {fix}")
+        raise ConfigError(
+            f"--resume would change what was trained: {listed} (saved in {where}). A resumed run must keep these; {fix}"
+        )
     return [{"key": k, "old": a, "new": b} for k, a, b in changes]
 
 

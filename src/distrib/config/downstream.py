@@ -1,4 +1,5 @@
 """Config sections of the stages after training: OOF embeddings, the meta-model, thresholds, export."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ class EmbedConfig(Section):
 @dataclass
 class StackConfig(Section):
     _prefix = "stack"
-    features: list[str] = field(default_factory=lambda: ["prob", "emb", "recon"])  # feature sets: prob, emb, recon, stage1
+    features: list[str] = field(
+        default_factory=lambda: ["prob", "emb", "recon"]
+    )  # feature sets: prob, emb, recon, stage1
     meta: str = "auto"  # meta-learner: auto (best mean meta-CV AUC), lightgbm, logistic, weighted, best_expert
     tie: float = 0.001  # auto: a candidate within this mean CV AUC of the best wins if it is simpler
     folds: int = 5  # group K-fold CV of the meta-model on the OOF table

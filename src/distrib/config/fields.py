@@ -3,6 +3,7 @@
 A section is a dataclass deriving from ``Section``: its fields are coerced to their annotations and
 ``validate()`` runs when it is built, so a bad value fails before anything starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,9 @@ def closest_key(name: str, options) -> str:
     options = list(options)
     last = name.rsplit(".", 1)[-1].lower()
     tails = {o: o.rsplit(".", 1)[-1].lower() for o in options}
-    match = [o for o, t in tails.items() if len(t) > 1 and len(last) > 1 and (t == _initials(last) or
-                                                                               last == _initials(t))]
+    match = [
+        o for o, t in tails.items() if len(t) > 1 and len(last) > 1 and (t == _initials(last) or last == _initials(t))
+    ]
     if not match:
         by_tail = difflib.get_close_matches(last, list(tails.values()), n=1, cutoff=0.0)
         match = [o for o, t in tails.items() if by_tail and t == by_tail[0]]

@@ -2,6 +2,7 @@
 
 Unknown keys fail with the closest valid key; the resolved config is saved beside every run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,10 @@ def set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
         return
     field_name = parts[1]
     if field_name not in names:
-        raise ConfigError(f"unknown config key '{parts[0]}.{field_name}' in {origin}"
-                          f"{closest_key(key, [f'{parts[0]}.{n}' for n in names])}")
+        raise ConfigError(
+            f"unknown config key '{parts[0]}.{field_name}' in {origin}"
+            f"{closest_key(key, [f'{parts[0]}.{n}' for n in names])}"
+        )
     sec = tree.setdefault(parts[0], {})
     if len(parts) == 2:
         sec[field_name] = value
@@ -60,8 +63,9 @@ def set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {origin}: '{parts[0]}.{field_name}' has no sub-keys")
 
 
-def read_yaml_mapping(path: str | Path, what: str = "config file", missing_hint: str = "",
-                      shape_hint: str = "a mapping of sections") -> dict:
+def read_yaml_mapping(
+    path: str | Path, what: str = "config file", missing_hint: str = "", shape_hint: str = "a mapping of sections"
+) -> dict:
     """Read a YAML file that must hold a mapping; each failure names the file and what it should be."""
     path = Path(path)
     if not path.is_file():
@@ -134,7 +138,9 @@ def config_to_overrides(cfg: ExperimentConfig) -> list[str]:
     for sec in SECTIONS:
         for k, v in cur[sec].items():
             if v != default[sec][k]:
-                out.append(f"{sec}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
+                out.append(
+                    f"{sec}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                )
     return out
 
 

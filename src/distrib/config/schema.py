@@ -4,9 +4,11 @@ the later stages' sections are in ``downstream.py``, the shared machinery in ``f
 Every field carries a one-line comment; every dataclass validates itself in ``__post_init__`` so a bad
 value fails before any process group, Ray cluster or output file is created.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 from distrib.config.downstream import EmbedConfig, ExportConfig, StackConfig, ThresholdConfig
 from distrib.config.fields import Section, check_choice, check_value
 from distrib.errors import ConfigError
@@ -28,17 +30,30 @@ class DataConfig(Section):
     samples_per_epoch: int = 0  # training samples per epoch across all ranks; 0 = the training folds' size
     shuffle_buffer: int = 1000  # WebDataset shuffle buffer, in samples
     seed: int = 0  # data-order seed; the shuffle depends on (seed, epoch)
-    classes: dict = field(default_factory=dict)  # {negative: NAME, positive: NAME}: must match the index's mapping; {} = no check
-    verify: str = "auto"  # shard check before training: full (sha256), size (size + tar header), auto (full up to 1 GiB)
-    decode_device: str = "cpu"  # JPEG decode: cpu (loader workers) or cuda (batched nvjpeg in the step; augment on the model's device)
+    classes: dict = field(
+        default_factory=dict
+    )  # {negative: NAME, positive: NAME}: must match the index's mapping; {} = no check
+    verify: str = (
+        "auto"  # shard check before training: full (sha256), size (size + tar header), auto (full up to 1 GiB)
+    )
+    decode_device: str = (
+        "cpu"  # JPEG decode: cpu (loader workers) or cuda (batched nvjpeg in the step; augment on the model's device)
+    )
 
     def validate(self) -> None:
         check_choice("data.decode_device", self.decode_device, ("cpu", "cuda"))
         check_choice("data.verify", self.verify, ("auto", "full", "size"))
-        check_value(not self.classes or (set(self.classes) == {"negative", "positive"} and all(
-            isinstance(v, str) and v.strip() for v in self.classes.values()) and
-            self.classes["negative"].strip().casefold() != self.classes["positive"].strip().casefold()),
-            "data.classes", self.classes, "{negative: NAME, positive: NAME} with two different names, or {}")
+        check_value(
+            not self.classes
+            or (
+                set(self.classes) == {"negative", "positive"}
+                and all(isinstance(v, str) and v.strip() for v in self.classes.values())
+                and self.classes["negative"].strip().casefold() != self.classes["positive"].strip().casefold()
+            ),
+            "data.classes",
+            self.classes,
+            "{negative: NAME, positive: NAME} with two different names, or {}",
+        )
         check_value(self.fold >= -1, "data.fold", self.fold, "-1 or a fold index >= 0")
         check_value(16 <= self.img_size <= 1024, "data.img_size", self.img_size, "16..1024")
         check_value(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
@@ -62,7 +77,9 @@ class AugmentConfig(Section):
     motion_blur_p: float = 0.0  # probability of kornia motion blur
     motion_blur_kernel: int = 5  # motion-blur kernel size (odd)
     motion_blur_angle: float = 90.0  # motion-blur angle range in degrees (+-)
-    color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # brightness, contrast, saturation, hue
+    color_jitter: list[float] = field(
+        default_factory=lambda: [0.0, 0.0, 0.0, 0.0]
+    )  # brightness, contrast, saturation, hue
     random_resized_crop: bool = False  # RandomResizedCrop(scale 0.8-1) instead of a plain resize
     device: str = "auto"  # where batch augmentation + normalization run: loader (workers), model (in the step, on the model's device) or auto (model on CUDA, else loader)
 
@@ -73,13 +90,27 @@ class AugmentConfig(Section):
             check_value(0.0 <= v <= 1.0, f"augment.{name}", v, "a probability in 0..1")
         check_value(0.0 <= self.rotate <= 180.0, "augment.rotate", self.rotate, "0..180 degrees")
         check_value(0.0 <= self.translate <= 0.5, "augment.translate", self.translate, "0..0.5")
-        check_value(0.1 <= self.scale_min <= self.scale_max <= 4.0, "augment.scale_min/scale_max",
-               (self.scale_min, self.scale_max), "0.1 <= scale_min <= scale_max <= 4")
-        check_value(self.motion_blur_kernel >= 3 and self.motion_blur_kernel % 2 == 1,
-               "augment.motion_blur_kernel", self.motion_blur_kernel, "an odd integer >= 3")
-        check_value(0.0 <= self.motion_blur_angle <= 180.0, "augment.motion_blur_angle", self.motion_blur_angle, "0..180")
-        check_value(len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter) and self.color_jitter[3] <= 0.5,
-               "augment.color_jitter", self.color_jitter, "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5")
+        check_value(
+            0.1 <= self.scale_min <= self.scale_max <= 4.0,
+            "augment.scale_min/scale_max",
+            (self.scale_min, self.scale_max),
+            "0.1 <= scale_min <= scale_max <= 4",
+        )
+        check_value(
+            self.motion_blur_kernel >= 3 and self.motion_blur_kernel % 2 == 1,
+            "augment.motion_blur_kernel",
+            self.motion_blur_kernel,
+            "an odd integer >= 3",
+        )
+        check_value(
+            0.0 <= self.motion_blur_angle <= 180.0, "augment.motion_blur_angle", self.motion_blur_angle, "0..180"
+        )
+        check_value(
+            len(self.color_jitter) == 4 and all(v >= 0 for v in self.color_jitter) and self.color_jitter[3] <= 0.5,
+            "augment.color_jitter",
+            self.color_jitter,
+            "[brightness, contrast, saturation, hue], all >= 0, hue <= 0.5",
+        )
 
 
 @dataclass
@@ -88,7 +119,9 @@ class ModelConfig(Section):
     name: str = "resnet18"  # registered distrib model (e.g. 'genconvit_ed') or any timm model name
     num_classes: int = 1  # 1 = a single logit with BCE, 2 = two logits with cross-entropy
     pretrained_file: str = ""  # local weights file loaded via timm pretrained_cfg_overlay; '' = random init
-    pretrained: bool = False  # timm's own weights for model.name from the Hugging Face hub cache (HF_HOME); pretrained_file wins
+    pretrained: bool = (
+        False  # timm's own weights for model.name from the Hugging Face hub cache (HF_HOME); pretrained_file wins
+    )
     freeze_backbone: bool = False  # linear probe: freeze everything but the classifier head
     drop_rate: float = 0.0  # dropout before the classifier
     img_size: int = 0  # passed to timm as img_size for ViT/Swin models; 0 = not passed
@@ -166,10 +199,13 @@ class TrainConfig(Section):
         check_value(0.0 <= self.distill_alpha <= 1.0, "train.distill_alpha", self.distill_alpha, "0..1")
         check_value(self.distill_temperature > 0, "train.distill_temperature", self.distill_temperature, "> 0")
         check_value(self.latency_batches >= 0, "train.latency_batches", self.latency_batches, ">= 0")
-        check_value(0.0 <= self.max_skipped_fraction <= 1.0, "train.max_skipped_fraction",
-                    self.max_skipped_fraction, "0..1")
+        check_value(
+            0.0 <= self.max_skipped_fraction <= 1.0, "train.max_skipped_fraction", self.max_skipped_fraction, "0..1"
+        )
         for name in self.trackers:  # tensorboard + accelerate's LoggerType names
-            check_choice("train.trackers", name, ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive"))
+            check_choice(
+                "train.trackers", name, ("tensorboard", "mlflow", "wandb", "comet_ml", "aim", "clearml", "dvclive")
+            )
 
 
 @dataclass
@@ -224,17 +260,27 @@ class TuneConfig(Section):
         check_choice("tune.scheduler", self.scheduler, ("none", "asha"))
         check_value(self.num_samples >= 1, "tune.num_samples", self.num_samples, ">= 1")
         if self.search == "grid" and self.scheduler != "none":
-            raise ConfigError(f"tune.scheduler={self.scheduler} needs tune.search=random|optuna (one trial per config "
-                              "runs all folds, so ASHA stops whole configs); pass --search random or --search optuna")
+            raise ConfigError(
+                f"tune.scheduler={self.scheduler} needs tune.search=random|optuna (one trial per config "
+                "runs all folds, so ASHA stops whole configs); pass --search random or --search optuna"
+            )
         if self.search != "grid" and self.workers_per_trial > 1:
-            raise ConfigError(f"tune.search={self.search} runs a config's folds one after another inside one trial; "
-                              "DDP trials (tune.workers_per_trial > 1) need tune.search=grid")
+            raise ConfigError(
+                f"tune.search={self.search} runs a config's folds one after another inside one trial; "
+                "DDP trials (tune.workers_per_trial > 1) need tune.search=grid"
+            )
         if self.search != "grid" and self.asha:
-            raise ConfigError(f"tune.asha stops single folds of a grid sweep; with tune.search={self.search} set "
-                              "tune.asha=false and use tune.scheduler=asha (stops whole configs)")
+            raise ConfigError(
+                f"tune.asha stops single folds of a grid sweep; with tune.search={self.search} set "
+                "tune.asha=false and use tune.scheduler=asha (stops whole configs)"
+            )
         for k, v in self.grid.items():
-            check_value(isinstance(v, list) and len(v) >= 1 or isinstance(v, dict) and len(v) == 1,
-                        f"tune.grid['{k}']", v, "a non-empty list of values or one {distribution: args} mapping")
+            check_value(
+                isinstance(v, list) and len(v) >= 1 or isinstance(v, dict) and len(v) == 1,
+                f"tune.grid['{k}']",
+                v,
+                "a non-empty list of values or one {distribution: args} mapping",
+            )
 
 
 SECTIONS: dict[str, type] = {

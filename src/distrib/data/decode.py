@@ -3,14 +3,15 @@
 ``data.loader`` runs them in its DataLoader workers unless whole batches go through the shared ring
 (``data.ring``), which reuses ``Stats`` and the same skip rules.
 """
+
 from __future__ import annotations
 
 import json
 
 import torch
 
-from distrib.errors import DataError
 from distrib.data.transforms import decode_image
+from distrib.errors import DataError
 
 
 class _Stats:
@@ -50,8 +51,10 @@ class _Decoder:
             label = int(sample["cls"]) if sample.get("cls") is not None else int(meta["label"])
             if self.raw:
                 if bytes(data[:3]) != b"\xff\xd8\xff":
-                    raise DataError("not a JPEG; data.decode_device=cuda decodes JPEG only: re-shard with "
-                                    "'distrib shard' (it stores JPEG) or use data.decode_device=cpu")
+                    raise DataError(
+                        "not a JPEG; data.decode_device=cuda decodes JPEG only: re-shard with "
+                        "'distrib shard' (it stores JPEG) or use data.decode_device=cpu"
+                    )
                 img = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             else:
                 img = decode_image(data, self.size)
@@ -79,8 +82,10 @@ def _decoded(samples, decode: _Decoder, limit: int):
         else:
             bad += 1
             if bad > limit:
-                raise DataError(f"{bad} samples in a row failed to decode (e.g. {decode.stats.errors[-1]}); the "
-                                f"split has no usable images: check the shards with 'distrib shard inspect'")
+                raise DataError(
+                    f"{bad} samples in a row failed to decode (e.g. {decode.stats.errors[-1]}); the "
+                    f"split has no usable images: check the shards with 'distrib shard inspect'"
+                )
 
 
 def _batches(rows, batch_size: int, partial: bool):

@@ -13,6 +13,7 @@ white) and drops alpha without saying so. ``to_rgb8`` instead:
   composited on black, ``RGB * A / 255`` (transparent pixels become black, whatever colour they hid).
 - palette ``P`` without transparency: its palette colours.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -12,6 +12,7 @@ loudly); any other shard (remote, ``pipe:``, or written without offsets) is stre
 Both paths can read a sample range ``[start, stop)`` of a shard, which lets eval split a shard between
 ranks/workers when a split has fewer shards than streams.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,8 +40,10 @@ def _locate(index_or_dir: str) -> tuple[str, str]:
     loc = str(index_or_dir)
     if loc.startswith("pipe:"):
         if "{}" not in loc:
-            raise DataError(f"pipe location {loc!r} needs a '{{}}' placeholder for the file name, e.g. "
-                            f"'pipe:curl -s https://host/shards/{{}}'")
+            raise DataError(
+                f"pipe location {loc!r} needs a '{{}}' placeholder for the file name, e.g. "
+                f"'pipe:curl -s https://host/shards/{{}}'"
+            )
         return loc.replace("{}", "index.json"), loc
     if _has_scheme(loc):
         if loc.endswith(".json"):
@@ -61,11 +64,14 @@ def open_url(url: str):
     if not _has_scheme(url) or scheme in _GOPEN_SCHEMES:
         return wds_gopen.gopen(url, "rb")
     import fsspec
+
     try:
         return fsspec.open(url, "rb").open()
     except ImportError as e:
-        raise DataError(f"cannot open {url}: {e}; install the fsspec backend for '{scheme}://' (e.g. s3fs, gcsfs) "
-                        f"or use a 'pipe:' location such as 'pipe:aws s3 cp {url.rsplit('/', 1)[0]}/{{}} -'") from e
+        raise DataError(
+            f"cannot open {url}: {e}; install the fsspec backend for '{scheme}://' (e.g. s3fs, gcsfs) "
+            f"or use a 'pipe:' location such as 'pipe:aws s3 cp {url.rsplit('/', 1)[0]}/{{}} -'"
+        ) from e
 
 
 def read_index(index_or_dir) -> dict:
@@ -74,6 +80,7 @@ def read_index(index_or_dir) -> dict:
     try:
         if urlparse(index_url).scheme in ("http", "https"):
             import urllib.request
+
             with urllib.request.urlopen(index_url, timeout=60) as r:
                 raw = r.read()
         else:
@@ -83,11 +90,15 @@ def read_index(index_or_dir) -> dict:
     except DataError:
         raise
     except FileNotFoundError as e:
-        raise DataError(f"no shard index at {index_url}: point data.shards at a folder written by "
-                        f"'distrib shard' (it holds index.json)") from e
+        raise DataError(
+            f"no shard index at {index_url}: point data.shards at a folder written by "
+            f"'distrib shard' (it holds index.json)"
+        ) from e
     except Exception as e:
-        raise DataError(f"cannot read shard index {index_url}: {type(e).__name__}: {e}; check the location "
-                        f"(data.shards) and that 'distrib shard' finished writing it") from e
+        raise DataError(
+            f"cannot read shard index {index_url}: {type(e).__name__}: {e}; check the location "
+            f"(data.shards) and that 'distrib shard' finished writing it"
+        ) from e
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise DataError(f"{index_url} is not a distrib shard index (no 'shards' list); re-run 'distrib shard'")
     for i, s in enumerate(index["shards"]):
@@ -157,15 +168,16 @@ class SplitPlan:
                     mine.append((u, a - start, b - start))
                 start += n
             pieces.append(mine)
-        return [pieces[r * workers:(r + 1) * workers] for r in range(world_size)]
+        return [pieces[r * workers : (r + 1) * workers] for r in range(world_size)]
 
     def rank_worker_urls(self, rank: int, worker: int, world_size: int, workers: int) -> list[str]:
         return [u for u, _, _ in self.eval_pieces(world_size, workers)[rank][worker]]
 
     def eval_batches(self, rank: int, world_size: int, workers: int, batch_size: int) -> int:
         """Batches this rank yields in eval mode: each worker batches its own ranges, the last one partial."""
-        return sum(math.ceil(sum(b - a for _, a, b in w) / batch_size)
-                   for w in self.eval_pieces(world_size, workers)[rank])
+        return sum(
+            math.ceil(sum(b - a for _, a, b in w) / batch_size) for w in self.eval_pieces(world_size, workers)[rank]
+        )
 
 
 def plan_split(index_or_dir, split: str, folds: list[int] | None = None) -> SplitPlan:
@@ -174,29 +186,40 @@ def plan_split(index_or_dir, split: str, folds: list[int] | None = None) -> Spli
     shards = index["shards"]
     splits = sorted({s["split"] for s in shards})
     if split not in splits:
-        raise DataError(f"split {split!r} has no shards in {index['_url']} (it has: {', '.join(splits)}); "
-                        f"shard it with 'distrib shard --{split} MANIFEST.csv' or pick another split")
+        raise DataError(
+            f"split {split!r} has no shards in {index['_url']} (it has: {', '.join(splits)}); "
+            f"shard it with 'distrib shard --{split} MANIFEST.csv' or pick another split"
+        )
     chosen = [s for s in shards if s["split"] == split]
     name = f"split '{split}'"
     if split == "train" and folds is not None:
         have = sorted({int(s.get("fold", -1)) for s in chosen})
         unknown = [f for f in folds if f not in have]
         if unknown or not folds:
-            raise DataError(f"train folds {folds} not all in {index['_url']} (folds present: {have}); "
-                            f"use data.fold within 0..{len(have) - 1} or re-shard with more --folds")
+            raise DataError(
+                f"train folds {folds} not all in {index['_url']} (folds present: {have}); "
+                f"use data.fold within 0..{len(have) - 1} or re-shard with more --folds"
+            )
         chosen = [s for s in chosen if int(s.get("fold", -1)) in set(folds)]
         name = f"split 'train' folds {sorted(folds)}"
     urls = [_shard_url(index["_base"], s["path"]) for s in chosen]
-    offsets = {u: s["offsets"] for u, s in zip(urls, chosen)
-               if s.get("offsets") and len(s["offsets"]) == int(s["count"]) and _local_path(u) is not None}
-    return SplitPlan(name=f"{name} of {index['_url']}", urls=urls,
-                     counts={u: int(s["count"]) for u, s in zip(urls, chosen)}, offsets=offsets)
+    offsets = {
+        u: s["offsets"]
+        for u, s in zip(urls, chosen)
+        if s.get("offsets") and len(s["offsets"]) == int(s["count"]) and _local_path(u) is not None
+    }
+    return SplitPlan(
+        name=f"{name} of {index['_url']}",
+        urls=urls,
+        counts={u: int(s["count"]) for u, s in zip(urls, chosen)},
+        offsets=offsets,
+    )
 
 
 def _local_path(url: str) -> str | None:
     """The file path of a local shard (plain path or file://), else None (read by streaming)."""
     if url.startswith("file://"):
-        return url[len("file://"):]
+        return url[len("file://") :]
     return None if _has_scheme(url) else url
 
 
@@ -212,8 +235,10 @@ def read_samples(src, counts: dict[str, int], stats, offsets: dict[str, list] | 
     for item in src:
         url = item["url"]
         if empty_run > 2 * max(2, len(counts)):
-            raise DataError(f"{empty_run} shard reads in a row gave no samples (last: {url}: {last_error or 'empty'}); "
-                            f"check the shard location and run 'distrib shard inspect' on it")
+            raise DataError(
+                f"{empty_run} shard reads in a row gave no samples (last: {url}: {last_error or 'empty'}); "
+                f"check the shard location and run 'distrib shard inspect' on it"
+            )
         start = int(item.get("start", 0))
         stop = int(item.get("stop", counts.get(url, 1 << 62)))
         want = max(0, min(stop, counts.get(url, stop)) - start)
@@ -241,10 +266,12 @@ def _stream_samples(url: str, start: int, stop: int, _offsets, counts: dict[str,
     stream = open_url(url)
     try:
         files = tar_file_iterator(stream)
-        for i, s in enumerate(group_by_keys(({**f, "__url__": url} for f in files))):
+        for i, s in enumerate(group_by_keys({**f, "__url__": url} for f in files)):
             if i >= counts.get(url, i + 1):
-                raise DataError(f"shard {url} holds more samples than index.json's count {counts[url]}; "
-                                f"the index is stale: re-run 'distrib shard --overwrite'")
+                raise DataError(
+                    f"shard {url} holds more samples than index.json's count {counts[url]}; "
+                    f"the index is stale: re-run 'distrib shard --overwrite'"
+                )
             if i >= stop:
                 return
             if i >= start:
@@ -269,10 +296,16 @@ def _pread_samples(url: str, start: int, stop: int, offsets: list, _counts):
             name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
             key, _, ext = name.partition(".")
             if ext not in ("jpg", "jpeg", "png"):
-                raise DataError(f"shard {url}: sample {i} of index.json's offsets points at {name!r}, not an image "
-                                f"member; the index is stale: re-run 'distrib shard --overwrite'")
+                raise DataError(
+                    f"shard {url}: sample {i} of index.json's offsets points at {name!r}, not an image "
+                    f"member; the index is stale: re-run 'distrib shard --overwrite'"
+                )
             base = tarfile.BLOCKSIZE
-            yield {"__key__": key, "__url__": url, ext: buf[base:base + jpg_len],
-                   "json": buf[json_off - head:json_off - head + json_len]}
+            yield {
+                "__key__": key,
+                "__url__": url,
+                ext: buf[base : base + jpg_len],
+                "json": buf[json_off - head : json_off - head + json_len],
+            }
     finally:
         os.close(fd)

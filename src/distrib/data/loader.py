@@ -31,23 +31,24 @@ Corrupt data (a tar member that breaks the stream, a truncated shard, an undecod
 skipped and counted in the worker; counts travel with every batch and a final stats message, and
 ``Loader.report()`` sums them per epoch (also logged as a warning on every rank).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import random
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distrib.errors import DataError
+from distrib.data.decode import _batches, _decoded, _Decoder, _Stats  # noqa: F401 (_Stats: bench, tests)
 from distrib.data.index import SplitPlan, plan_split, read_samples
-from distrib.data.decode import _Decoder, _Stats, _batches, _decoded  # noqa: F401 (_Stats: bench, tests)
 from distrib.data.ring import Ring, positions, ring_usable
 from distrib.data.transforms import decode_batch
+from distrib.errors import DataError
 
 log = logging.getLogger("distrib.data.loader")
 _STATS = "__stats__"
@@ -57,8 +58,10 @@ PREFETCH = 4  # batches in flight per DataLoader worker (the ring has PREFETCH +
 def folds_for(split_fold: int, k: int) -> list[int]:
     """Training folds when fold ``split_fold`` is the validation fold (-1: train on all ``k`` folds)."""
     if split_fold >= k:
-        raise DataError(f"data.fold={split_fold} but the shards have {k} folds (0..{k - 1}); pick one of those "
-                        f"or -1 to train on every fold and validate on the 'val' split")
+        raise DataError(
+            f"data.fold={split_fold} but the shards have {k} folds (0..{k - 1}); pick one of those "
+            f"or -1 to train on every fold and validate on the 'val' split"
+        )
     return [f for f in range(k) if f != split_fold]
 
 
@@ -103,9 +106,22 @@ def batch_generator(seed: int, epoch: int, rank: int, index: int) -> torch.Gener
 class _Stream(IterableDataset):
     """One rank's dataset; ``__iter__`` runs inside each DataLoader worker (or the main process)."""
 
-    def __init__(self, plan: SplitPlan, mode: str, transform: Callable, batch_size: int, seed: int,
-                 epoch: int, rank: int, world_size: int, num_workers: int, batches: int, shuffle_buffer: int,
-                 augment_on: str = "loader", decode_on: str = "cpu"):
+    def __init__(
+        self,
+        plan: SplitPlan,
+        mode: str,
+        transform: Callable,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        batches: int,
+        shuffle_buffer: int,
+        augment_on: str = "loader",
+        decode_on: str = "cpu",
+    ):
         self.plan, self.mode, self.transform = plan, mode, transform
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
@@ -121,11 +137,14 @@ class _Stream(IterableDataset):
         if self.ring is not None:  # positions only; the batcher decodes into the worker's ring slot
             read, fill = positions, self.ring.fill(worker, stats, limit)
         else:
-            read, decode = None, _Decoder(self.transform, stats, getattr(self.transform, "size", 0),
-                                          raw=self.decode_on_device)
+            read, decode = (
+                None,
+                _Decoder(self.transform, stats, getattr(self.transform, "size", 0), raw=self.decode_on_device),
+            )
 
             def fill(src, batch_size, partial):
                 return _batches(_decoded(src, decode, limit), batch_size, partial)
+
         offsets = self.plan.offsets
         if self.mode == "train":
             stream = self.rank * self.num_workers + worker
@@ -133,16 +152,20 @@ class _Stream(IterableDataset):
             pipe = wds.DataPipeline(
                 _ShardChain(self.plan.urls, self.seed, self.epoch, stream, self.world_size * self.num_workers),
                 lambda src: read_samples(src, self.plan.counts, stats, offsets, read),
-                wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
-                            rng=random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker, 2))),
+                wds.shuffle(
+                    self.shuffle_buffer,
+                    initial=min(self.shuffle_buffer, 100),
+                    rng=random.Random(_stream_seed(self.seed, self.epoch, self.rank, worker, 2)),
+                ),
                 lambda src: fill(src, self.batch_size, False),
             ).with_epoch(nbatches=nb)
             if nb == 0:
                 pipe = []
         else:
             pieces = self.plan.eval_pieces(self.world_size, self.num_workers)[self.rank][worker]
-            samples = read_samples(({"url": u, "start": a, "stop": b} for u, a, b in pieces), self.plan.counts,
-                                   stats, offsets, read)
+            samples = read_samples(
+                ({"url": u, "start": a, "stop": b} for u, a, b in pieces), self.plan.counts, stats, offsets, read
+            )
             pipe = fill(samples, self.batch_size, True)
         for i, rows in enumerate(pipe):
             index = i * self.num_workers + worker  # DataLoader takes batches from its workers round-robin
@@ -150,8 +173,9 @@ class _Stream(IterableDataset):
                 yield {"slot": rows[0], "n": rows[1], "index": index, "worker": worker, _STATS: stats.as_dict()}
                 continue
             gen = None if self.on_device else batch_generator(self.seed, self.epoch, self.rank, index)
-            yield _collate(rows, self.transform if gen is not None else None, gen, worker, stats, index,
-                           raw=self.decode_on_device)
+            yield _collate(
+                rows, self.transform if gen is not None else None, gen, worker, stats, index, raw=self.decode_on_device
+            )
         yield {_STATS: stats.as_dict(), "worker": worker}
 
 
@@ -170,8 +194,15 @@ def _collate(rows, transform, gen, worker: int, stats: _Stats, index: int, raw: 
         imgs = transform.batch(imgs, gen)
     # labels travel as a list: every tensor a worker sends costs a shared-memory segment + fd; the main
     # process makes the label/valid tensors (Loader.__iter__)
-    return {"image": imgs, "label": [r[1] for r in rows], "key": [r[2] for r in rows],
-            "group": [r[3] for r in rows], "index": index, "worker": worker, _STATS: stats.as_dict()}
+    return {
+        "image": imgs,
+        "label": [r[1] for r in rows],
+        "key": [r[2] for r in rows],
+        "group": [r[3] for r in rows],
+        "index": index,
+        "worker": worker,
+        _STATS: stats.as_dict(),
+    }
 
 
 def _as_is(item):
@@ -182,8 +213,9 @@ def _as_is(item):
 class Loader:
     """Iterable over one epoch of dict batches; every rank yields exactly ``len(self)`` batches."""
 
-    def __init__(self, stream: _Stream, num_workers: int, batches: int, mode: str, batch_size: int,
-                 pin_memory: bool = False):
+    def __init__(
+        self, stream: _Stream, num_workers: int, batches: int, mode: str, batch_size: int, pin_memory: bool = False
+    ):
         self.stream, self.num_workers, self.batches = stream, num_workers, batches
         self.mode, self.batch_size, self.pin_memory = mode, batch_size, pin_memory
         self._worker_stats: dict[int, dict] = {}
@@ -204,9 +236,18 @@ class Loader:
         tar = sum(s["tar"] for s in self._worker_stats.values())
         dec = sum(s["decode"] for s in self._worker_stats.values())
         errors = [e for s in self._worker_stats.values() for e in s["errors"]]
-        return {"rank": self.stream.rank, "epoch": self.stream.epoch, "mode": self.mode, "batches": self.batches,
-                "samples": self.samples, "padding": self.padding, "skipped": tar + dec,
-                "skipped_tar": tar, "skipped_decode": dec, "errors": errors[:20]}
+        return {
+            "rank": self.stream.rank,
+            "epoch": self.stream.epoch,
+            "mode": self.mode,
+            "batches": self.batches,
+            "samples": self.samples,
+            "padding": self.padding,
+            "skipped": tar + dec,
+            "skipped_tar": tar,
+            "skipped_decode": dec,
+            "errors": errors[:20],
+        }
 
     def to_device(self, batch: dict, device, channels_last: bool = False) -> torch.Tensor:
         """The batch's images on ``device``, ready for the model.
@@ -245,9 +286,15 @@ class Loader:
         ring = self.stream.ring
         if ring is not None:  # before the fork: the workers inherit the ring and its semaphores
             ring.start(pin=self.pin_memory)
-        dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                        pin_memory=self.pin_memory and ring is None, collate_fn=_as_is, persistent_workers=False,
-                        prefetch_factor=PREFETCH if self.num_workers else None)
+        dl = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and ring is None,
+            collate_fn=_as_is,
+            persistent_workers=False,
+            prefetch_factor=PREFETCH if self.num_workers else None,
+        )
         done = 0
         for item in dl:
             self._worker_stats[int(item["worker"])] = item.pop(_STATS)
@@ -257,8 +304,10 @@ class Loader:
                 continue
             item.pop("worker", None)
             if done >= self.batches:
-                raise DataError(f"rank {self.stream.rank} read more batches than index.json promises "
-                                f"({self.batches}); the index is stale: re-run 'distrib shard --overwrite'")
+                raise DataError(
+                    f"rank {self.stream.rank} read more batches than index.json promises "
+                    f"({self.batches}); the index is stale: re-run 'distrib shard --overwrite'"
+                )
             real = len(item["key"])
             item["label"] = torch.as_tensor(item["label"], dtype=torch.long)
             item["valid"] = torch.ones(real, dtype=torch.bool)
@@ -267,8 +316,10 @@ class Loader:
             done += 1
             yield item
         if done < self.batches and self.mode == "train":
-            raise DataError(f"rank {self.stream.rank}: training stream ended after {done} of {self.batches} "
-                            f"batches: every shard is empty or unreadable ({self.report()['errors'][:3]})")
+            raise DataError(
+                f"rank {self.stream.rank}: training stream ended after {done} of {self.batches} "
+                f"batches: every shard is empty or unreadable ({self.report()['errors'][:3]})"
+            )
         while done < self.batches:  # eval: top up to the common batch count with padding
             item = self._pad(None)
             done += 1
@@ -277,9 +328,16 @@ class Loader:
             ring.finish()
         rep = self.report()
         if rep["skipped"]:
-            log.warning("rank %d epoch %d: skipped %d corrupt samples (%d lost in broken tar streams, %d "
-                        "undecodable); first: %s", rep["rank"], rep["epoch"], rep["skipped"], rep["skipped_tar"],
-                        rep["skipped_decode"], rep["errors"][:1])
+            log.warning(
+                "rank %d epoch %d: skipped %d corrupt samples (%d lost in broken tar streams, %d "
+                "undecodable); first: %s",
+                rep["rank"],
+                rep["epoch"],
+                rep["skipped"],
+                rep["skipped_tar"],
+                rep["skipped_decode"],
+                rep["errors"][:1],
+            )
 
     def _pad(self, item: dict | None) -> dict:
         if item is not None and self._template is None and torch.is_tensor(item["image"]):
@@ -290,25 +348,46 @@ class Loader:
             return item
         if self._template is None:  # no real batch on this rank yet: learn the shape from the transform
             import numpy as np
+
             tf = self.stream.transform
             probe = (tf.prepare if self.stream.on_device else tf)(np.zeros((8, 8, 3), dtype=np.uint8))
             self._template = {"image": torch.zeros_like(probe)[None]}
         self.padding += pad
-        fill = {"image": self._template["image"].expand(pad, *self._template["image"].shape[1:]),
-                "label": torch.zeros(pad, dtype=torch.long), "key": [""] * pad, "group": [""] * pad,
-                "valid": torch.zeros(pad, dtype=torch.bool)}
+        fill = {
+            "image": self._template["image"].expand(pad, *self._template["image"].shape[1:]),
+            "label": torch.zeros(pad, dtype=torch.long),
+            "key": [""] * pad,
+            "group": [""] * pad,
+            "valid": torch.zeros(pad, dtype=torch.bool),
+        }
         if item is None:
             return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in fill.items()}
         extra = {k: v for k, v in item.items() if k not in fill}  # e.g. the batch index that seeds augmentation
-        return {**extra, **{k: (torch.cat([item[k], fill[k]]) if torch.is_tensor(fill[k]) else item[k] + fill[k])
-                            for k in fill}}
+        return {
+            **extra,
+            **{k: (torch.cat([item[k], fill[k]]) if torch.is_tensor(fill[k]) else item[k] + fill[k]) for k in fill},
+        }
 
 
-def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: int, world_size: int,
-                 num_workers: int, batch_size: int, epoch: int, transform: Callable, seed: int,
-                 mode: str = "train", samples_per_epoch: int = 0, shuffle_buffer: int = 1000,
-                 augment_on: str = "loader", decode_on: str = "cpu", pin_memory: bool = False,
-                 ring: bool = True) -> Loader:
+def build_loader(
+    index_or_dir: str,
+    split: str,
+    folds: list[int] | None,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    epoch: int,
+    transform: Callable,
+    seed: int,
+    mode: str = "train",
+    samples_per_epoch: int = 0,
+    shuffle_buffer: int = 1000,
+    augment_on: str = "loader",
+    decode_on: str = "cpu",
+    pin_memory: bool = False,
+    ring: bool = True,
+) -> Loader:
     """One epoch of ``split`` (``folds`` for split='train') for ``rank`` of ``world_size``; see the module doc.
 
     ``augment_on``: "loader" (workers run ``transform.batch``) or "model" (``Loader.to_device`` does);
@@ -318,8 +397,10 @@ def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: i
     if mode not in ("train", "eval"):
         raise DataError(f"build_loader mode={mode!r}; use 'train' or 'eval'")
     if augment_on not in ("loader", "model") or decode_on not in ("cpu", "cuda"):
-        raise DataError(f"build_loader augment_on={augment_on!r} decode_on={decode_on!r}; use 'loader'/'model' "
-                        "and 'cpu'/'cuda' (resolve augment.device=auto with transforms.augment_placement)")
+        raise DataError(
+            f"build_loader augment_on={augment_on!r} decode_on={decode_on!r}; use 'loader'/'model' "
+            "and 'cpu'/'cuda' (resolve augment.device=auto with transforms.augment_placement)"
+        )
     if decode_on != "cpu" and augment_on != "model":
         raise DataError("decode_on='cuda' needs augment_on='model': the decoded batch never returns to the workers")
     if not (0 <= rank < world_size):
@@ -332,8 +413,21 @@ def build_loader(index_or_dir: str, split: str, folds: list[int] | None, rank: i
         batches = max(1, math.ceil(total / (world_size * batch_size)))
     else:
         batches = max(plan.eval_batches(r, world_size, max(1, num_workers), batch_size) for r in range(world_size))
-    stream = _Stream(plan, mode, transform, batch_size, seed, epoch, rank, world_size, num_workers, batches,
-                     shuffle_buffer, augment_on, decode_on)
+    stream = _Stream(
+        plan,
+        mode,
+        transform,
+        batch_size,
+        seed,
+        epoch,
+        rank,
+        world_size,
+        num_workers,
+        batches,
+        shuffle_buffer,
+        augment_on,
+        decode_on,
+    )
     if ring and ring_usable(plan, transform, stream.on_device, stream.decode_on_device, num_workers):
         stream.ring = Ring(plan, transform, num_workers, batch_size, PREFETCH)
     return Loader(stream, num_workers, batches, mode, batch_size, pin_memory)

@@ -3,6 +3,7 @@
 Everything here runs before a single shard byte is written, so bad input fails with a message that
 names the file, the row and the fix instead of leaving a half-written shard directory.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,9 +19,34 @@ REQUIRED = ("path", "label")
 COLUMNS = ("path", "label", "group")
 BINARY_NAMES = {"real": 0, "fake": 1}  # the one name pair mapped without --positive: label 1 = manipulated
 # unknown columns that look like a grouping: refused when there is no 'group' column, never ignored
-GROUP_LIKE = {"groupid", "groups", "grp", "video", "videoid", "videoname", "source", "sourceid", "src", "clip",
-              "clipid", "subject", "subjectid", "identity", "person", "personid", "speaker", "scene",
-              "sequence", "seq", "origin", "original", "movie", "film", "camera", "session"}
+GROUP_LIKE = {
+    "groupid",
+    "groups",
+    "grp",
+    "video",
+    "videoid",
+    "videoname",
+    "source",
+    "sourceid",
+    "src",
+    "clip",
+    "clipid",
+    "subject",
+    "subjectid",
+    "identity",
+    "person",
+    "personid",
+    "speaker",
+    "scene",
+    "sequence",
+    "seq",
+    "origin",
+    "original",
+    "movie",
+    "film",
+    "camera",
+    "session",
+}
 _INT = re.compile(r"^-?\d+$")
 
 
@@ -30,18 +56,24 @@ def _check_columns(csv_path: Path, raw: list) -> None:
     for c in cols:
         near = c.strip().lower()
         if c not in COLUMNS and near in COLUMNS:
-            raise DataError(f"{csv_path}: column {c!r} must be spelled exactly {near!r} (lower case, no spaces); "
-                            f"rename it in the header line")
+            raise DataError(
+                f"{csv_path}: column {c!r} must be spelled exactly {near!r} (lower case, no spaces); "
+                f"rename it in the header line"
+            )
     missing = [c for c in REQUIRED if c not in cols]
     if missing:
-        raise DataError(f"{csv_path}: missing column '{missing[0]}' (found {cols or 'no header'}); "
-                        "the first line must be a header with columns path,label[,group]")
+        raise DataError(
+            f"{csv_path}: missing column '{missing[0]}' (found {cols or 'no header'}); "
+            "the first line must be a header with columns path,label[,group]"
+        )
     if "group" not in cols:
         grouping = [c for c in cols if re.sub(r"[^a-z]", "", c.lower()) in GROUP_LIKE]
         if grouping:
-            raise DataError(f"{csv_path}: column {grouping[0]!r} looks like a group id, but only a column named "
-                            "exactly 'group' is read (without it every image is its own group and frames of one "
-                            f"source cross folds); rename {grouping[0]!r} to 'group', or drop the column")
+            raise DataError(
+                f"{csv_path}: column {grouping[0]!r} looks like a group id, but only a column named "
+                "exactly 'group' is read (without it every image is its own group and frames of one "
+                f"source cross folds); rename {grouping[0]!r} to 'group', or drop the column"
+            )
 
 
 def read_manifest(csv_path, split: str) -> list[dict]:
@@ -49,30 +81,45 @@ def read_manifest(csv_path, split: str) -> list[dict]:
     label (raw text), group (defaults to the path). UTF-8, with or without a BOM (Excel's 'CSV UTF-8')."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise DataError(f"{split} manifest {csv_path} does not exist; pass an existing CSV with columns path,label[,group]")
+        raise DataError(
+            f"{split} manifest {csv_path} does not exist; pass an existing CSV with columns path,label[,group]"
+        )
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             _check_columns(csv_path, list(reader.fieldnames or []))
             records = list(reader)
     except UnicodeDecodeError as e:
-        raise DataError(f"{csv_path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                        "save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8) and re-run") from None
+        raise DataError(
+            f"{csv_path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+            "save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8) and re-run"
+        ) from None
     rows = []
     for i, rec in enumerate(records, start=1):
         src = (rec.get("path") or "").strip()
         label = (rec.get("label") or "").strip()
         if not src or not label:
-            raise DataError(f"{csv_path} row {i}: empty {'path' if not src else 'label'}; "
-                            "every row needs a path and a label")
+            raise DataError(
+                f"{csv_path} row {i}: empty {'path' if not src else 'label'}; every row needs a path and a label"
+            )
         p = Path(src)
         full = p if p.is_absolute() else csv_path.parent / p
         group = (rec.get("group") or "").strip() or src
-        rows.append({"split": split, "csv": str(csv_path), "row": i, "path": str(full),
-                     "source_path": src, "label": label, "group": group})
+        rows.append(
+            {
+                "split": split,
+                "csv": str(csv_path),
+                "row": i,
+                "path": str(full),
+                "source_path": src,
+                "label": label,
+                "group": group,
+            }
+        )
     if not rows:
-        raise DataError(f"{csv_path}: the manifest has a header but no rows; add one row per image "
-                        "(path,label[,group])")
+        raise DataError(
+            f"{csv_path}: the manifest has a header but no rows; add one row per image (path,label[,group])"
+        )
     return rows
 
 
@@ -96,12 +143,16 @@ def _binary_check(train: list[dict], key) -> dict[str, list[dict]]:
     if len(by) > 2:
         rare = min(by.values(), key=len)[0]
         seen = ", ".join(f"{by[k][0]['label']!r} ({len(v)} rows)" for k, v in sorted(by.items()))
-        raise DataError(f"{_where(rare)}: label {rare['label']!r} makes a third class; labels must be binary "
-                        f"(seen: {seen}); fix that row's label (a typo?) or drop the row")
+        raise DataError(
+            f"{_where(rare)}: label {rare['label']!r} makes a third class; labels must be binary "
+            f"(seen: {seen}); fix that row's label (a typo?) or drop the row"
+        )
     if len(by) < 2:
         only = next(iter(by.values()))[0]
-        raise DataError(f"{only['csv']}: the train manifest has only label {only['label']!r}; a binary "
-                        "classifier needs both classes in train; add rows of the other class")
+        raise DataError(
+            f"{only['csv']}: the train manifest has only label {only['label']!r}; a binary "
+            "classifier needs both classes in train; add rows of the other class"
+        )
     return by
 
 
@@ -115,8 +166,10 @@ def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, s
     is_int = [bool(_INT.match(r["label"])) for r in rows]
     if any(is_int) and not all(is_int):
         bad = rows[is_int.index(False)] if is_int[0] else rows[is_int.index(True)]
-        raise DataError(f"{_where(bad)}: label {bad['label']!r} mixes integer labels and class names; "
-                        "use only integers 0/1 or only class names in every manifest")
+        raise DataError(
+            f"{_where(bad)}: label {bad['label']!r} mixes integer labels and class names; "
+            "use only integers 0/1 or only class names in every manifest"
+        )
     train = [r for r in rows if r["split"] == "train"]
     if all(is_int):
         for r in rows:  # normalise '01' and friends
@@ -124,11 +177,15 @@ def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, s
         by = _binary_check(train, lambda r: r["label"])
         if set(by) != {"0", "1"}:
             bad = next(r for r in train if r["label"] not in ("0", "1"))
-            raise DataError(f"{_where(bad)}: unknown label {bad['label']}; integer labels must be 0 (negative) "
-                            f"and 1 (positive) (train has {sorted(by)}); renumber the labels")
+            raise DataError(
+                f"{_where(bad)}: unknown label {bad['label']}; integer labels must be 0 (negative) "
+                f"and 1 (positive) (train has {sorted(by)}); renumber the labels"
+            )
         if positive is not None and positive.strip() != "1":
-            raise DataError(f"--positive {positive!r}: the manifests use integer labels, where 1 is always the "
-                            "positive class; drop --positive or write class names in the label column")
+            raise DataError(
+                f"--positive {positive!r}: the manifests use integer labels, where 1 is always the "
+                "positive class; drop --positive or write class names in the label column"
+            )
         ids, names = {"0": 0, "1": 1}, {0: "real", 1: "fake"}
     else:
         by = _binary_check(train, lambda r: r["label"].casefold())
@@ -137,23 +194,29 @@ def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, s
         if positive is not None:
             pos = positive.strip().casefold()
             if pos not in by:
-                raise DataError(f"--positive {positive!r} is not a label of the train manifest (labels seen: "
-                                f"{seen}); pass one of them, matched case-insensitively")
+                raise DataError(
+                    f"--positive {positive!r} is not a label of the train manifest (labels seen: "
+                    f"{seen}); pass one of them, matched case-insensitively"
+                )
         elif set(by) == set(BINARY_NAMES):
             pos = "fake"
         else:
-            raise DataError(f"{train[0]['csv']}: labels {seen} do not say which class is positive (label 1); "
-                            f"pass --positive NAME to 'distrib shard', NAME being the class to detect (--positive "
-                            f"{' or --positive '.join(shlex.quote(n) for n in seen)}). Only "
-                            "real/fake (fake = 1) and integer 0/1 labels are mapped without it")
+            raise DataError(
+                f"{train[0]['csv']}: labels {seen} do not say which class is positive (label 1); "
+                f"pass --positive NAME to 'distrib shard', NAME being the class to detect (--positive "
+                f"{' or --positive '.join(shlex.quote(n) for n in seen)}). Only "
+                "real/fake (fake = 1) and integer 0/1 labels are mapped without it"
+            )
         ids = {k: int(k == pos) for k in by}
         names = {i: display[k] for k, i in ids.items()}
     for r in rows:
         k = r["label"] if all(is_int) else r["label"].casefold()
         if k not in ids:
-            raise DataError(f"{_where(r)}: unknown label {r['label']!r}; the train manifest only has "
-                            f"{sorted(names.values()) if not all(is_int) else sorted(ids)}; fix the label "
-                            "or add that class to the train manifest")
+            raise DataError(
+                f"{_where(r)}: unknown label {r['label']!r}; the train manifest only has "
+                f"{sorted(names.values()) if not all(is_int) else sorted(ids)}; fix the label "
+                "or add that class to the train manifest"
+            )
         r["label_id"] = ids[k]
     return {str(i): n for i, n in sorted(names.items())}
 
@@ -165,23 +228,28 @@ def assign_keys_and_check(rows: list[dict]) -> None:
         r["key"] = make_key(r["source_path"])
         if r["key"] in seen:
             first = seen[r["key"]]
-            raise DataError(f"duplicate key {r['key']!r}: {_where(first)} ({first['source_path']}) and "
-                            f"{_where(r)} ({r['source_path']}); every image must appear once across all "
-                            "manifests and paths must differ in more than dots/punctuation; remove or rename one")
+            raise DataError(
+                f"duplicate key {r['key']!r}: {_where(first)} ({first['source_path']}) and "
+                f"{_where(r)} ({r['source_path']}); every image must appear once across all "
+                "manifests and paths must differ in more than dots/punctuation; remove or rename one"
+            )
         seen[r["key"]] = r
     split_of: dict[str, dict] = {}
     for r in rows:
         first = split_of.setdefault(r["group"], r)
         if first["split"] != r["split"]:
-            raise DataError(f"group {r['group']!r} appears in {first['split']} ({_where(first)}) and "
-                            f"{r['split']} ({_where(r)}); a source must stay in one split, or the "
-                            "held-out metrics leak; move all its rows to one manifest")
+            raise DataError(
+                f"group {r['group']!r} appears in {first['split']} ({_where(first)}) and "
+                f"{r['split']} ({_where(r)}); a source must stay in one split, or the "
+                "held-out metrics leak; move all its rows to one manifest"
+            )
 
 
 def check_image(path: str) -> str | None:
     """None if the image decodes, else the reason. JPEGs decode at 1/8 scale (draft): fast, still
     reading the whole entropy-coded stream, so truncation is caught."""
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
@@ -203,18 +271,25 @@ def raise_bad_images(rows: list[dict], bad: list[tuple[int, str]]) -> None:
         return
     lines = [f"  {_where(rows[i])}: {rows[i]['path']} is {why}" for i, why in bad[:5]]
     more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-    raise DataError(f"{len(bad)} image(s) cannot be read:\n" + "\n".join(lines) + more +
-                    "\nfix the paths (relative paths are relative to the manifest's folder) or drop those rows")
+    raise DataError(
+        f"{len(bad)} image(s) cannot be read:\n"
+        + "\n".join(lines)
+        + more
+        + "\nfix the paths (relative paths are relative to the manifest's folder) or drop those rows"
+    )
 
 
 def assign_folds(train: list[dict], folds: int, seed: int) -> None:
     """StratifiedGroupKFold fold per train row (``r['fold']``); no group lands in two folds."""
     from sklearn.model_selection import StratifiedGroupKFold
+
     groups = [r["group"] for r in train]
     n_groups = len(set(groups))
     if n_groups < folds:
-        raise DataError(f"{train[0]['csv']}: {n_groups} group(s) but folds={folds}; every fold needs "
-                        f"whole groups, so use --folds {max(2, n_groups)} or fewer, or add groups")
+        raise DataError(
+            f"{train[0]['csv']}: {n_groups} group(s) but folds={folds}; every fold needs "
+            f"whole groups, so use --folds {max(2, n_groups)} or fewer, or add groups"
+        )
     y = np.array([r["label_id"] for r in train])
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for k, (_, idx) in enumerate(cv.split(np.zeros(len(train)), y, groups)):
@@ -222,5 +297,7 @@ def assign_folds(train: list[dict], folds: int, seed: int) -> None:
             train[i]["fold"] = k
     sizes = np.bincount([r["fold"] for r in train], minlength=folds)
     if (sizes == 0).any():
-        raise DataError(f"{train[0]['csv']}: fold {int(np.argmin(sizes))} got no rows (groups are too "
-                        f"uneven for {folds} folds); use fewer folds or split the largest groups")
+        raise DataError(
+            f"{train[0]['csv']}: fold {int(np.argmin(sizes))} got no rows (groups are too "
+            f"uneven for {folds} folds); use fewer folds or split the largest groups"
+        )

@@ -28,6 +28,7 @@ trainer, evaluate and embed copy out of the ring before the slot can be reused. 
 CUDA the ring is page-locked once (``cudaHostRegister``) and a slot is released only after the event
 recorded behind its host-to-device copy has completed.
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,9 +43,9 @@ import numpy as np
 import simplejpeg
 import torch
 
-from distrib.errors import DataError
 from distrib.data.index import SplitPlan, _local_path
 from distrib.data.transforms import ImageTransform, decode_image
+from distrib.errors import DataError
 
 log = logging.getLogger(__name__)
 _META_CACHE: dict[tuple, tuple] = {}  # (path, size, mtime_ns) -> per-sample (labels, keys, groups, bad, hw)
@@ -53,9 +54,15 @@ _IMAGE_EXT = (b".jpg", b".jpeg", b".png")
 
 def ring_usable(plan: SplitPlan, transform, on_device: bool, decode_on_device: bool, workers: int) -> bool:
     """True when ``build_loader`` should build batches in the shared ring (see the module doc)."""
-    return (on_device and not decode_on_device and workers >= 1 and isinstance(transform, ImageTransform)
-            and type(transform).prepare is ImageTransform.prepare  # a subclass's own prepare: the plain path
-            and bool(plan.urls) and all(u in plan.offsets for u in plan.urls))
+    return (
+        on_device
+        and not decode_on_device
+        and workers >= 1
+        and isinstance(transform, ImageTransform)
+        and type(transform).prepare is ImageTransform.prepare  # a subclass's own prepare: the plain path
+        and bool(plan.urls)
+        and all(u in plan.offsets for u in plan.urls)
+    )
 
 
 def _shard_meta(path: str, offsets: list) -> tuple:
@@ -144,8 +151,12 @@ class Ring:
             err = torch.cuda.cudart().cudaHostRegister(self.images.data_ptr(), self.images.numel(), 0)
             self._pinned = int(getattr(err, "value", err)) == 0
             if not self._pinned:
-                log.warning("cudaHostRegister of the %d MB loader ring failed (%s): host-to-device copies from "
-                            "it are synchronous", self.images.numel() >> 20, err)
+                log.warning(
+                    "cudaHostRegister of the %d MB loader ring failed (%s): host-to-device copies from "
+                    "it are synchronous",
+                    self.images.numel() >> 20,
+                    err,
+                )
         self._release(keep=0)  # batches of an earlier pass that are still referenced get private copies
         self.free = [mp.get_context("fork").Semaphore(self.slots) for _ in range(self.workers)]
 
@@ -157,8 +168,13 @@ class Ring:
         image = self.images[w, k, :n].permute(0, 3, 1, 2)
         self._held.append([w, weakref.ref(image), None])
         m, at = self.meta, rows.tolist()
-        return {"image": image, "label": torch.from_numpy(m.labels[rows]), "key": [m.keys[i] for i in at],
-                "group": [m.groups[i] for i in at], "index": item["index"]}
+        return {
+            "image": image,
+            "label": torch.from_numpy(m.labels[rows]),
+            "key": [m.keys[i] for i in at],
+            "group": [m.groups[i] for i in at],
+            "index": item["index"],
+        }
 
     def copied(self, image: torch.Tensor, event) -> None:
         """``to_device`` moved ``image`` off the host: its slot may be reused once ``event`` completes."""
@@ -194,11 +210,13 @@ class Ring:
                 fd = fds[url] = os.open(_local_path(url), os.O_RDONLY)
             buf = os.pread(fd, tarfile.BLOCKSIZE + jpg_len, jpg_off - tarfile.BLOCKSIZE)
             end = buf.find(b"\0", 0, 100)  # the tar header's NUL-padded 100-byte name field
-            if not buf[:end if end >= 0 else 100].endswith(_IMAGE_EXT):
+            if not buf[: end if end >= 0 else 100].endswith(_IMAGE_EXT):
                 name = buf[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-                raise DataError(f"shard {url}: sample {i} of index.json's offsets points at {name!r}, not an image "
-                                f"member; the index is stale: re-run 'distrib shard --overwrite'")
-            data = memoryview(buf)[tarfile.BLOCKSIZE:]
+                raise DataError(
+                    f"shard {url}: sample {i} of index.json's offsets points at {name!r}, not an image "
+                    f"member; the index is stale: re-run 'distrib shard --overwrite'"
+                )
+            data = memoryview(buf)[tarfile.BLOCKSIZE :]
             if len(data) != jpg_len:
                 raise EOFError(f"shard ends inside sample {i} (truncated copy?)")
             try:  # already S x S (the writer's recorded size, else the JPEG header): decode into the slot
@@ -238,9 +256,11 @@ class Ring:
                         stats.note("decode", 1, f"{url}:{meta.keys[g]}: {type(err).__name__}: {err}")
                         bad_run += 1
                         if bad_run > limit:
-                            raise DataError(f"{bad_run} samples in a row failed to decode (e.g. {stats.errors[-1]}); "
-                                            f"the split has no usable images: check the shards with "
-                                            f"'distrib shard inspect'")
+                            raise DataError(
+                                f"{bad_run} samples in a row failed to decode (e.g. {stats.errors[-1]}); "
+                                f"the split has no usable images: check the shards with "
+                                f"'distrib shard inspect'"
+                            )
                     if j == batch_size or (j and partial):
                         made += 1
                         yield k, j
@@ -251,4 +271,5 @@ class Ring:
             finally:
                 for fd in fds.values():
                     os.close(fd)
+
         return batches

@@ -6,6 +6,7 @@
 All validation happens before anything is written; each shard is written under a temp name and
 renamed, one shard per worker task, streaming one image at a time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import simplejpeg
 
-from distrib.data import manifest as mf
 from distrib.atomic import writable_dir, write_json
+from distrib.data import manifest as mf
 from distrib.errors import DataError
 
 INDEX = "index.json"
@@ -29,8 +30,9 @@ _TAR_OVERHEAD = 3 * 1024 + 512  # three member headers + padding per sample, for
 _MEMBER_EXTS = ("jpg", "cls", "json")
 
 
-def _fingerprint(paths: dict, folds: int, seed: int, shard_size: int, shard_bytes: int,
-                 positive: str | None = None) -> str:
+def _fingerprint(
+    paths: dict, folds: int, seed: int, shard_size: int, shard_bytes: int, positive: str | None = None
+) -> str:
     settings = [folds, seed, shard_size, shard_bytes] + ([positive.strip().casefold()] if positive else [])
     h = hashlib.sha256(json.dumps(settings).encode())
     for split in ("train", "val", "test"):
@@ -41,8 +43,12 @@ def _fingerprint(paths: dict, folds: int, seed: int, shard_size: int, shard_byte
 
 
 def _check_args(folds: int, shard_size: int, shard_bytes: int, workers: int) -> None:
-    for name, value, lo in (("folds", folds, 2), ("shard_size", shard_size, 1),
-                            ("shard_bytes", shard_bytes, 1024), ("workers", workers, 1)):
+    for name, value, lo in (
+        ("folds", folds, 2),
+        ("shard_size", shard_size, 1),
+        ("shard_bytes", shard_bytes, 1024),
+        ("workers", workers, 1),
+    ):
         if not isinstance(value, int) or value < lo:
             raise DataError(f"{name}={value!r} is invalid; use an integer >= {lo}")
 
@@ -57,14 +63,17 @@ def _existing(out: Path, fingerprint: str, overwrite: bool) -> dict | None:
         if not isinstance(index, dict):
             raise ValueError(f"a JSON {type(index).__name__}, not an object")
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{index_path} is corrupt ({type(e).__name__}: {e}), so the shards in {out} cannot be "
-                        "trusted; pass --overwrite to rewrite them, or choose another --out") from None
+        raise DataError(
+            f"{index_path} is corrupt ({type(e).__name__}: {e}), so the shards in {out} cannot be "
+            "trusted; pass --overwrite to rewrite them, or choose another --out"
+        ) from None
     complete = all((out / s["path"]).is_file() for s in index.get("shards", []))
     if index.get("fingerprint") == fingerprint and complete:
         return index
     why = "from different manifests or settings" if complete else "with missing shards"
-    raise DataError(f"{out} already holds shards {why}; pass overwrite=True (--overwrite) to "
-                    "replace them or choose another --out")
+    raise DataError(
+        f"{out} already holds shards {why}; pass overwrite=True (--overwrite) to replace them or choose another --out"
+    )
 
 
 def _plan(rows: list[dict], split: str, fold: int, shard_size: int, shard_bytes: int, rng) -> list[dict]:
@@ -81,8 +90,7 @@ def _plan(rows: list[dict], split: str, fold: int, shard_size: int, shard_bytes:
         cur_bytes += size
     if cur:
         tasks.append(cur)
-    return [{"path": f"{prefix}-{n:05d}.tar", "split": split, "fold": fold, "rows": t}
-            for n, t in enumerate(tasks)]
+    return [{"path": f"{prefix}-{n:05d}.tar", "split": split, "fold": fold, "rows": t} for n, t in enumerate(tasks)]
 
 
 def _jpeg_bytes(path: str) -> bytes:
@@ -92,6 +100,7 @@ def _jpeg_bytes(path: str) -> bytes:
     from PIL import Image
 
     from distrib.data.images import to_rgb8
+
     data = Path(path).read_bytes()
     with Image.open(io.BytesIO(data)) as im:
         if data[:3] == b"\xff\xd8\xff" and im.mode in ("RGB", "L"):
@@ -126,8 +135,16 @@ def write_one_shard(out: str, task: dict) -> dict:
             for r in task["rows"]:
                 jpg = _jpeg_bytes(r["path"])
                 height, width = simplejpeg.decode_jpeg_header(jpg)[:2]  # lets the ring loader skip the header parse
-                meta = {"key": r["key"], "label": r["label_id"], "group": r["group"], "fold": task["fold"],
-                        "split": task["split"], "source_path": r["source_path"], "height": height, "width": width}
+                meta = {
+                    "key": r["key"],
+                    "label": r["label_id"],
+                    "group": r["group"],
+                    "fold": task["fold"],
+                    "split": task["split"],
+                    "source_path": r["source_path"],
+                    "height": height,
+                    "width": width,
+                }
                 js = json.dumps(meta).encode()
                 jpg_off = _add(tar, f"{r['key']}.jpg", jpg)
                 _add(tar, f"{r['key']}.cls", str(r["label_id"]).encode())
@@ -136,8 +153,15 @@ def write_one_shard(out: str, task: dict) -> dict:
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"path": task["path"], "split": task["split"], "fold": task["fold"],
-            "count": len(task["rows"]), "bytes": final.stat().st_size, "sha256": _sha256(final), "offsets": offsets}
+    return {
+        "path": task["path"],
+        "split": task["split"],
+        "fold": task["fold"],
+        "count": len(task["rows"]),
+        "bytes": final.stat().st_size,
+        "sha256": _sha256(final),
+        "offsets": offsets,
+    }
 
 
 def _pool(workers: int):
@@ -151,7 +175,7 @@ def _validate_images(rows: list[dict], workers: int) -> None:
         mf.raise_bad_images(rows, mf.check_images(paths))
         return
     step = -(-len(paths) // (workers * 4))
-    chunks = [(s, paths[s:s + step]) for s in range(0, len(paths), step)]
+    chunks = [(s, paths[s : s + step]) for s in range(0, len(paths), step)]
     with _pool(workers) as ex:
         results = ex.map(mf.check_images, [c for _, c in chunks])
         bad = [(s + i, why) for (s, _), res in zip(chunks, results) for i, why in res]
@@ -168,9 +192,19 @@ def _clean(out: Path, overwrite: bool) -> None:
                 p.unlink()
 
 
-def write_shards(train_csv, out, val=None, test=None, folds: int = 5, seed: int = 0,
-                 shard_size: int = 1000, shard_bytes: int = 256 * 1024 * 1024, workers: int = 2,
-                 overwrite: bool = False, positive: str | None = None) -> dict:
+def write_shards(
+    train_csv,
+    out,
+    val=None,
+    test=None,
+    folds: int = 5,
+    seed: int = 0,
+    shard_size: int = 1000,
+    shard_bytes: int = 256 * 1024 * 1024,
+    workers: int = 2,
+    overwrite: bool = False,
+    positive: str | None = None,
+) -> dict:
     """Shard train (StratifiedGroupKFold folds) and val/test (fold -1) manifests into ``out``.
 
     Returns the index dict (also written to ``out/index.json``) plus ``"written"``: False when the
@@ -231,10 +265,20 @@ def _build_index(rows, entries, classes, folds, seed, fingerprint) -> dict:
             groups[r["group"]] = r["fold"]
         else:
             heldout.setdefault(r["split"], set()).add(r["group"])
-    return {"version": 1, "folds": folds, "seed": seed, "classes": classes, "positive": classes["1"], "shards": entries,
-            "groups": groups, "heldout_groups": {s: sorted(g) for s, g in heldout.items()},
-            "fold_label_counts": fold_counts, "split_counts": split_counts,
-            "split_label_counts": label_counts, "fingerprint": fingerprint}
+    return {
+        "version": 1,
+        "folds": folds,
+        "seed": seed,
+        "classes": classes,
+        "positive": classes["1"],
+        "shards": entries,
+        "groups": groups,
+        "heldout_groups": {s: sorted(g) for s, g in heldout.items()},
+        "fold_label_counts": fold_counts,
+        "split_counts": split_counts,
+        "split_label_counts": label_counts,
+        "fingerprint": fingerprint,
+    }
 
 
 class _HashingReader(io.RawIOBase):
@@ -250,7 +294,7 @@ class _HashingReader(io.RawIOBase):
         data = self.f.read(len(b))
         self.h.update(data)
         self.n += len(data)
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
     def drain(self) -> str:
@@ -261,9 +305,18 @@ class _HashingReader(io.RawIOBase):
 
 def _inspect_one(base: str, entry: dict) -> dict:
     """Checksum, sample count and member sanity of one shard."""
-    res = {"path": entry["path"], "split": entry["split"], "fold": entry["fold"], "count": entry["count"],
-           "found": 0, "sha256_ok": False, "problems": [], "groups": set()}
+    res = {
+        "path": entry["path"],
+        "split": entry["split"],
+        "fold": entry["fold"],
+        "count": entry["count"],
+        "found": 0,
+        "sha256_ok": False,
+        "problems": [],
+        "groups": set(),
+    }
     from distrib.data.index import open_url  # lazy: webdataset imports torch, which writers never need
+
     try:
         with open_url(base.replace("{}", entry["path"])) as raw:
             reader = _HashingReader(raw)
@@ -283,8 +336,9 @@ def _inspect_one(base: str, entry: dict) -> dict:
     if res["found"] != entry["count"]:
         res["problems"].append(f"{entry['path']}: {res['found']} samples, index.json says {entry['count']}")
     if "offsets" in entry and len(entry["offsets"]) != entry["count"]:
-        res["problems"].append(f"{entry['path']}: index.json has {len(entry['offsets'])} sample offsets for "
-                               f"{entry['count']} samples")
+        res["problems"].append(
+            f"{entry['path']}: index.json has {len(entry['offsets'])} sample offsets for {entry['count']} samples"
+        )
     for key, exts in members.items():
         missing = [e for e in _MEMBER_EXTS if e not in exts]
         if missing:
@@ -303,6 +357,7 @@ def inspect_shards(dir_or_url, strict: bool = True) -> dict:
     With ``strict`` any problem raises DataError; ``format_inspection`` renders the result as a table.
     """
     from distrib.data.index import read_index
+
     index = read_index(dir_or_url)  # the loader's reader: same locations (path, URL, pipe:) everywhere
     base = index["_base"]
     results = [_inspect_one(base, e) for e in index["shards"]]
@@ -313,12 +368,21 @@ def inspect_shards(dir_or_url, strict: bool = True) -> dict:
         for g in r.pop("groups"):
             if fold_of.setdefault(g, tag) != tag:
                 problems.append(f"group {g!r} appears in both {fold_of[g]} and {tag}: folds/splits leak")
-    summary = {"ok": not problems, "location": index["_url"], "shards": results, "problems": problems,
-               "folds": index["folds"], "split_counts": index.get("split_counts"),
-               "fold_label_counts": index.get("fold_label_counts"), "classes": index.get("classes")}
+    summary = {
+        "ok": not problems,
+        "location": index["_url"],
+        "shards": results,
+        "problems": problems,
+        "folds": index["folds"],
+        "split_counts": index.get("split_counts"),
+        "fold_label_counts": index.get("fold_label_counts"),
+        "classes": index.get("classes"),
+    }
     if strict and problems:
-        raise DataError(f"{index['_url']}: {len(problems)} shard problem(s), first: {problems[0]}; "
-                        "re-run 'distrib shard ... --overwrite' to rewrite the shards")
+        raise DataError(
+            f"{index['_url']}: {len(problems)} shard problem(s), first: {problems[0]}; "
+            "re-run 'distrib shard ... --overwrite' to rewrite the shards"
+        )
     return summary
 
 
@@ -326,8 +390,12 @@ def format_inspection(summary: dict) -> str:
     """The inspection as a table of shards, a count line and one line per problem."""
     lines = [f"{'shard':<24} {'split':<6} {'fold':>4} {'count':>6} {'found':>6}  sha256"]
     for r in summary["shards"]:
-        lines.append(f"{r['path']:<24} {r['split']:<6} {r['fold']:>4} {r['count']:>6} {r['found']:>6}  "
-                     f"{'ok' if r['sha256_ok'] else 'BAD'}")
-    lines.append(f"{len(summary['shards'])} shards, {sum(r['found'] for r in summary['shards'])} samples, "
-                 f"{len(summary['problems'])} problem(s)")
+        lines.append(
+            f"{r['path']:<24} {r['split']:<6} {r['fold']:>4} {r['count']:>6} {r['found']:>6}  "
+            f"{'ok' if r['sha256_ok'] else 'BAD'}"
+        )
+    lines.append(
+        f"{len(summary['shards'])} shards, {sum(r['found'] for r in summary['shards'])} samples, "
+        f"{len(summary['problems'])} problem(s)"
+    )
     return "\n".join(lines + ["  " + p for p in summary["problems"]])

@@ -9,11 +9,12 @@ selected samples; ColorJitter is one 3x3 colour matrix plus a contrast blend per
 linear YIQ hue rotation, the cheap equivalent of an HSV hue shift). Everything works on 0-255 floats,
 so ``normalize='none'`` is simply "skip the last step".
 """
+
 from __future__ import annotations
 
 import io
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import kornia  # imported here, not lazily: forked DataLoader workers inherit it instead of re-importing
 import numpy as np
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from distrib.config import AugmentConfig, ConfigError, DataConfig
-from distrib.errors import DataError
 from distrib.data.images import to_rgb8
+from distrib.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,8 +48,9 @@ def decode_image(data: bytes, min_size: int = 0) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             return to_rgb8(im)  # 16-bit, float, CMYK, palette and alpha by data.images' rules
     except Exception as e:
-        raise DataError(f"cannot decode image ({len(data)} bytes): {e}; re-encode it as JPEG/PNG "
-                        f"and re-run 'distrib shard'") from e
+        raise DataError(
+            f"cannot decode image ({len(data)} bytes): {e}; re-encode it as JPEG/PNG and re-run 'distrib shard'"
+        ) from e
 
 
 def resolve_mean_std(data_cfg: DataConfig, model=None) -> tuple[tuple, tuple] | None:
@@ -59,9 +61,12 @@ def resolve_mean_std(data_cfg: DataConfig, model=None) -> tuple[tuple, tuple] | 
     if mode == "imagenet":
         return IMAGENET_MEAN, IMAGENET_STD
     if model is None:
-        raise ConfigError("data.normalize='model' needs the model (or its timm name / pretrained_cfg) to read "
-                          "mean/std from; pass it to resolve_mean_std or use data.normalize=imagenet")
+        raise ConfigError(
+            "data.normalize='model' needs the model (or its timm name / pretrained_cfg) to read "
+            "mean/std from; pass it to resolve_mean_std or use data.normalize=imagenet"
+        )
     import timm
+
     if isinstance(model, str):
         cfg = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(model).to_dict())
     elif isinstance(model, dict):
@@ -93,8 +98,14 @@ class ImageTransform:
     ``batch`` with the stream's own ``torch.Generator`` so augmentation is reproducible for a seed.
     """
 
-    def __init__(self, size: int, train: bool, augment: AugmentConfig | None = None,
-                 mean_std: tuple[Sequence[float], Sequence[float]] | None = None, highpass: bool = False):
+    def __init__(
+        self,
+        size: int,
+        train: bool,
+        augment: AugmentConfig | None = None,
+        mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+        highpass: bool = False,
+    ):
         self.size = int(size)
         self.train = bool(train)
         self.highpass = bool(highpass)
@@ -128,7 +139,7 @@ class ImageTransform:
             if (nh, nw) != (h, w):
                 arr = np.asarray(Image.fromarray(arr).resize((nw, nh), Image.BILINEAR))
             top, left = (nh - s) // 2, (nw - s) // 2
-            arr = arr[top:top + s, left:left + s]
+            arr = arr[top : top + s, left : left + s]
         return arr
 
     def __call__(self, img, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -159,8 +170,15 @@ class ImageTransform:
 
     def _geometric(self, x: torch.Tensor, g) -> torch.Tensor:
         a, n = self.aug, x.shape[0]
-        if not (a.hflip or a.vflip or a.rotate or a.translate or a.scale_min != 1.0 or a.scale_max != 1.0
-                or a.random_resized_crop):
+        if not (
+            a.hflip
+            or a.vflip
+            or a.rotate
+            or a.translate
+            or a.scale_min != 1.0
+            or a.scale_max != 1.0
+            or a.random_resized_crop
+        ):
             return x
         fx = torch.where(torch.rand(n, generator=g) < a.hflip, -1.0, 1.0)
         fy = torch.where(torch.rand(n, generator=g) < a.vflip, -1.0, 1.0)
@@ -195,9 +213,13 @@ class ImageTransform:
         if idx.numel() == 0:
             return x
         dev_idx = idx.to(x.device)
-        blurred = kornia.filters.motion_blur(x.index_select(0, dev_idx), a.motion_blur_kernel,
-                                             angle[idx].to(x.device), torch.zeros(idx.numel(), device=x.device),
-                                             border_type="reflect")
+        blurred = kornia.filters.motion_blur(
+            x.index_select(0, dev_idx),
+            a.motion_blur_kernel,
+            angle[idx].to(x.device),
+            torch.zeros(idx.numel(), device=x.device),
+            border_type="reflect",
+        )
         return x.index_copy(0, dev_idx, blurred)
 
     def _color_jitter(self, x: torch.Tensor, g) -> torch.Tensor:
@@ -228,9 +250,11 @@ def augment_placement(augment_cfg: AugmentConfig, data_cfg: DataConfig, device) 
     place = augment_cfg.device if augment_cfg.device != "auto" else ("model" if kind == "cuda" else "loader")
     decode = data_cfg.decode_device
     if decode == "cuda" and (place != "model" or kind != "cuda"):
-        raise ConfigError(f"data.decode_device=cuda needs the model on a CUDA device and augment.device=model or "
-                          f"auto (got device {kind}, augment.device={augment_cfg.device}); set "
-                          f"data.decode_device=cpu, or train on a GPU")
+        raise ConfigError(
+            f"data.decode_device=cuda needs the model on a CUDA device and augment.device=model or "
+            f"auto (got device {kind}, augment.device={augment_cfg.device}); set "
+            f"data.decode_device=cpu, or train on a GPU"
+        )
     return place, decode
 
 
@@ -241,15 +265,19 @@ def decode_batch(blobs: Sequence[torch.Tensor], size: int, device) -> torch.Tens
     antialiased bilinear resize of the shorter side to ``size`` and a centre crop.
     """
     import warnings
+
     dev = torch.device(device)
     try:
         with warnings.catch_warnings():  # torchvision 0.29 flags its image codecs as moving to torchcodec
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import ImageReadMode, decode_jpeg
+
             imgs = decode_jpeg(list(blobs), mode=ImageReadMode.RGB, device=dev)
     except RuntimeError as e:
-        raise DataError(f"batched JPEG decode on {dev} failed ({e}); check the shards with 'distrib shard "
-                        f"inspect' or use data.decode_device=cpu") from e
+        raise DataError(
+            f"batched JPEG decode on {dev} failed ({e}); check the shards with 'distrib shard "
+            f"inspect' or use data.decode_device=cpu"
+        ) from e
     out = torch.empty(len(imgs), 3, size, size, dtype=torch.uint8, device=dev)
     by_shape: dict[tuple, list[int]] = {}
     for i, im in enumerate(imgs):
@@ -263,13 +291,14 @@ def decode_batch(blobs: Sequence[torch.Tensor], size: int, device) -> torch.Tens
                 x = F.interpolate(x.float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
                 x = x.round_().clamp_(0, 255).to(torch.uint8)
             top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[:, :, top:top + size, left:left + size]
+            x = x[:, :, top : top + size, left : left + size]
         out[torch.tensor(idx, device=dev)] = x
     return out
 
 
-def build_transform(augment_cfg: AugmentConfig | None, data_cfg: DataConfig, train: bool,
-                    mean_std: tuple | None | str = "auto") -> ImageTransform:
+def build_transform(
+    augment_cfg: AugmentConfig | None, data_cfg: DataConfig, train: bool, mean_std: tuple | None | str = "auto"
+) -> ImageTransform:
     """The training (augmenting) or deterministic eval transform for ``data_cfg.img_size``.
 
     ``mean_std`` is the 0-1 scale (mean, std) from ``resolve_mean_std``; None means raw 0-255 floats;
@@ -277,5 +306,10 @@ def build_transform(augment_cfg: AugmentConfig | None, data_cfg: DataConfig, tra
     """
     if isinstance(mean_std, str):
         mean_std = resolve_mean_std(data_cfg)
-    return ImageTransform(data_cfg.img_size, train=train, augment=augment_cfg if train else None,
-                          mean_std=mean_std, highpass=data_cfg.highpass)
+    return ImageTransform(
+        data_cfg.img_size,
+        train=train,
+        augment=augment_cfg if train else None,
+        mean_std=mean_std,
+        highpass=data_cfg.highpass,
+    )

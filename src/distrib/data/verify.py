@@ -7,6 +7,7 @@ non-tar files without reading the data); ``auto`` is ``full`` when the shards to
 ``pipe:`` cannot be stat'ed: they are checked by the loader while reading, and the run's
 ``train.max_skipped_fraction`` bounds what it may lose.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,11 @@ def check_classes(index: dict, wanted: dict) -> None:
     have = class_mapping(index)["classes"]
     want = {"0": wanted["negative"], "1": wanted["positive"]}
     if {k: str(v).strip().casefold() for k, v in have.items()} != {k: v.strip().casefold() for k, v in want.items()}:
-        raise DataError(f"{index['_url']} maps labels as {have} (1 = positive), but data.classes says negative="
-                        f"{wanted['negative']!r}, positive={wanted['positive']!r}; re-shard with "
-                        f"'distrib shard ... --positive {wanted['positive']} --overwrite' or fix data.classes")
+        raise DataError(
+            f"{index['_url']} maps labels as {have} (1 = positive), but data.classes says negative="
+            f"{wanted['negative']!r}, positive={wanted['positive']!r}; re-shard with "
+            f"'distrib shard ... --positive {wanted['positive']} --overwrite' or fix data.classes"
+        )
 
 
 def _local_path(index: dict, entry: dict) -> Path | None:
@@ -58,6 +61,7 @@ def _header_ok(path: Path) -> str | None:
 def verify_shards(index: dict, mode: str = "auto") -> dict:
     """Raise DataError naming the first missing or damaged shard; returns {'mode', 'shards', 'bytes'}."""
     from distrib.data.shards import _sha256
+
     local = [(e, _local_path(index, e)) for e in index["shards"]]
     local = [(e, p) for e, p in local if p is not None]
     if not local:
@@ -65,8 +69,10 @@ def verify_shards(index: dict, mode: str = "auto") -> dict:
         return {"mode": "remote", "shards": 0, "bytes": 0}
     missing = [str(p) for _, p in local if not p.is_file()]
     if missing:
-        raise DataError(f"{len(missing)} shard(s) listed in {index['_url']} are missing, first: {missing[0]}; "
-                        "restore them or re-run 'distrib shard ... --overwrite'")
+        raise DataError(
+            f"{len(missing)} shard(s) listed in {index['_url']} are missing, first: {missing[0]}; "
+            "restore them or re-run 'distrib shard ... --overwrite'"
+        )
     total = sum(p.stat().st_size for _, p in local)
     if mode == "auto":
         mode = "full" if total <= AUTO_FULL_BYTES else "size"
@@ -79,6 +85,8 @@ def verify_shards(index: dict, mode: str = "auto") -> dict:
         elif mode == "size":
             why = _header_ok(p)
         if why:
-            raise DataError(f"shard {p} {why} (data.verify={mode}); run 'distrib shard inspect "
-                            f"{index['_url']}' and re-shard with 'distrib shard ... --overwrite'")
+            raise DataError(
+                f"shard {p} {why} (data.verify={mode}); run 'distrib shard inspect "
+                f"{index['_url']}' and re-shard with 'distrib shard ... --overwrite'"
+            )
     return {"mode": mode, "shards": len(local), "bytes": total}

@@ -3,6 +3,7 @@
 The leak check must stay near chance (AUC < 0.65): if colour statistics alone separate the classes,
 every later model number measures a data-building artefact instead of manipulation detection.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,14 +54,21 @@ def residual_features(img: np.ndarray) -> np.ndarray:
     feats = []
     for r in (dx, dy, lap):
         a = np.abs(r)
-        feats += [r.std(), a.mean(), np.percentile(a, 90), np.percentile(a, 99),
-                  ((r - r.mean()) ** 4).mean() / (r.var() ** 2 + 1e-6)]
+        feats += [
+            r.std(),
+            a.mean(),
+            np.percentile(a, 90),
+            np.percentile(a, 99),
+            ((r - r.mean()) ** 4).mean() / (r.var() ** 2 + 1e-6),
+        ]
     # JPEG grid: differences across 8-pixel block borders vs inside blocks (aligned and shifted grids).
     cols = np.abs(dx).mean(axis=0)
     feats += [cols[7::8].mean() / (cols.mean() + 1e-6)] + [cols[s::8].mean() / (cols.mean() + 1e-6) for s in range(7)]
-    yy, xx = np.mgrid[0:lap.shape[0], 0:lap.shape[1]]
-    feats += [np.abs((lap * np.where((yy + xx) % 2 == 0, 1, -1)).mean()), np.abs(lap[::2, ::2]).mean() /
-              (np.abs(lap[1::2, 1::2]).mean() + 1e-6)]
+    yy, xx = np.mgrid[0 : lap.shape[0], 0 : lap.shape[1]]
+    feats += [
+        np.abs((lap * np.where((yy + xx) % 2 == 0, 1, -1)).mean()),
+        np.abs(lap[::2, ::2]).mean() / (np.abs(lap[1::2, 1::2]).mean() + 1e-6),
+    ]
     h, w = lap.shape
     blocks = np.abs(lap[: h - h % 16, : w - w % 16]).reshape(h // 16, 16, w // 16, 16).mean(axis=(1, 3))
     feats += [blocks.std() / (blocks.mean() + 1e-6), blocks.max() / (blocks.min() + 1e-6)]
@@ -69,9 +77,19 @@ def residual_features(img: np.ndarray) -> np.ndarray:
 
 def _lgbm(seed: int):
     import lightgbm as lgb
-    return lgb.LGBMClassifier(n_estimators=150, learning_rate=0.05, num_leaves=15, min_child_samples=10,
-                              subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=seed,
-                              n_jobs=1, verbose=-1)
+
+    return lgb.LGBMClassifier(
+        n_estimators=150,
+        learning_rate=0.05,
+        num_leaves=15,
+        min_child_samples=10,
+        subsample=0.8,
+        subsample_freq=1,
+        colsample_bytree=0.8,
+        random_state=seed,
+        n_jobs=1,
+        verbose=-1,
+    )
 
 
 def histogram_leak_check(data_dir, folds: int = 5, seed: int = 0) -> dict:
@@ -81,6 +99,7 @@ def histogram_leak_check(data_dir, folds: int = 5, seed: int = 0) -> dict:
     """
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
+
     data_dir = Path(data_dir)
     rows = _load(data_dir)
     X = np.stack([colour_histogram_features(_image(data_dir, r["path"])) for r in rows])
@@ -95,8 +114,15 @@ def histogram_leak_check(data_dir, folds: int = 5, seed: int = 0) -> dict:
     for tr, te in cv.split(X, y, groups):
         oof[te] = _lgbm(seed).fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
     auc = float(roc_auc_score(y, oof))
-    return {"check": "colour_histogram_lightgbm", "auc": round(auc, 4), "limit": LEAK_AUC_LIMIT,
-            "passed": auc < LEAK_AUC_LIMIT, "n": len(rows), "groups": n_groups, "folds": k}
+    return {
+        "check": "colour_histogram_lightgbm",
+        "auc": round(auc, 4),
+        "limit": LEAK_AUC_LIMIT,
+        "passed": auc < LEAK_AUC_LIMIT,
+        "n": len(rows),
+        "groups": n_groups,
+        "folds": k,
+    }
 
 
 def residual_reference(data_dir, seed: int = 0) -> dict:
@@ -105,6 +131,7 @@ def residual_reference(data_dir, seed: int = 0) -> dict:
     Also reports the test AUC per manipulation kind (all real test tiles vs that kind).
     """
     from sklearn.metrics import roc_auc_score
+
     data_dir = Path(data_dir)
     rows = _load(data_dir)
     X = np.stack([residual_features(_image(data_dir, r["path"])) for r in rows])
@@ -112,8 +139,13 @@ def residual_reference(data_dir, seed: int = 0) -> dict:
     fit = np.array([r["split"] != "test" for r in rows])
     prob = _lgbm(seed).fit(X[fit], y[fit]).predict_proba(X[~fit])[:, 1]
     y_test = y[~fit]
-    result = {"check": "residual_features_lightgbm", "test_auc": round(float(roc_auc_score(y_test, prob)), 4),
-              "n_fit": int(fit.sum()), "n_test": int((~fit).sum()), "per_kind": {}}
+    result = {
+        "check": "residual_features_lightgbm",
+        "test_auc": round(float(roc_auc_score(y_test, prob)), 4),
+        "n_fit": int(fit.sum()),
+        "n_test": int((~fit).sum()),
+        "per_kind": {},
+    }
     kinds = np.array([r.get("kind", "unknown") for r in rows])[~fit]
     for kind in sorted(set(kinds) - {"none", "unknown"}):
         sel = (kinds == kind) | (y_test == 0)

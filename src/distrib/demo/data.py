@@ -6,14 +6,15 @@ Every tile position yields a real tile and a manipulated twin from the same pixe
 same history (RGB conversion, one downscale, one final JPEG at quality 75-95), so only the
 manipulation tells them apart. Groups are source photographs and never span two splits.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -30,6 +31,7 @@ PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 @dataclass(frozen=True)
 class SizePreset:
     """How densely photographs are tiled."""
+
     scales: tuple[float, ...]  # downscale factors applied to each photo (relative to a 512 px short side)
     stride: int  # tile stride in pixels; below the tile size tiles overlap
     max_per_photo: int  # cap on tile positions per photo and scale (0 = no cap)
@@ -46,26 +48,33 @@ MIN_STD = 6.0  # tiles flatter than this (sky, moon background) hide every manip
 def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         import skimage.data
+
         return getattr(skimage.data, name)()
+
     return load
 
 
 def _motorcycle(i: int) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         import skimage.data
+
         return skimage.data.stereo_motorcycle()[i]
+
     return load
 
 
 def _sklearn(i: int) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         from sklearn.datasets import load_sample_images
+
         return load_sample_images().images[i]
+
     return load
 
 
 def _grace_hopper() -> np.ndarray:
     from matplotlib import cbook
+
     with cbook.get_sample_data("grace_hopper.jpg") as f:
         return np.asarray(Image.open(f).convert("RGB"))
 
@@ -108,19 +117,24 @@ def _user_photos(images: Path) -> list[tuple[str, str, Callable[[], np.ndarray]]
         raise DataError(f"--images {images}: not a directory; pass a folder of your own photos")
     from distrib.data.images import to_rgb8
     from distrib.data.manifest import check_image
+
     files = sorted(p for p in images.rglob("*") if p.suffix.lower() in PHOTO_EXTS)
     bad = [f"{p} is {why}" for p in files if (why := check_image(str(p))) is not None]
     if bad:  # refused, not skipped: a photo silently missing from the dataset would change the splits
-        raise DataError(f"--images {images}: {len(bad)} photo(s) cannot be read, first: {bad[0]}; remove or "
-                        "re-save them (nothing was written)")
+        raise DataError(
+            f"--images {images}: {len(bad)} photo(s) cannot be read, first: {bad[0]}; remove or "
+            "re-save them (nothing was written)"
+        )
     photos = []
     for p in files:
         group = "_".join(p.relative_to(images).with_suffix("").parts)
         group = "".join(c if c.isalnum() or c in "-_" else "_" for c in group)
         photos.append((group, group, lambda p=p: to_rgb8(Image.open(p))))
     if len(photos) < 6:
-        raise DataError(f"--images {images}: found {len(photos)} photos ({', '.join(PHOTO_EXTS)}); "
-                        "need at least 6 so train/val/test each get whole photos; add more photos")
+        raise DataError(
+            f"--images {images}: found {len(photos)} photos ({', '.join(PHOTO_EXTS)}); "
+            "need at least 6 so train/val/test each get whole photos; add more photos"
+        )
     return photos
 
 
@@ -142,7 +156,7 @@ def _positions(img: np.ndarray, tile: int, preset: SizePreset, rng: np.random.Ge
     kept, flat = [], 0
     for y in ys:
         for x in xs:
-            if img[y:y + tile, x:x + tile].mean(axis=2).std() < MIN_STD:
+            if img[y : y + tile, x : x + tile].mean(axis=2).std() < MIN_STD:
                 flat += 1
             else:
                 kept.append((y, x))
@@ -179,11 +193,19 @@ def _check_out(out: Path, params: dict, overwrite: bool) -> dict | None:
         summary = json.loads(summary_path.read_text())
         if summary.get("params") == params:
             return summary
-        raise DataError(f"{out} already holds a demo dataset built with {summary.get('params')}; "
-                        "pass overwrite=True (--overwrite) to rebuild it or choose another --out")
+        raise DataError(
+            f"{out} already holds a demo dataset built with {summary.get('params')}; "
+            "pass overwrite=True (--overwrite) to rebuild it or choose another --out"
+        )
     if overwrite:
-        for name in ("images", "summary.json", "manipulations.csv",
-                     "train_manifest.csv", "val_manifest.csv", "test_manifest.csv"):
+        for name in (
+            "images",
+            "summary.json",
+            "manipulations.csv",
+            "train_manifest.csv",
+            "val_manifest.csv",
+            "test_manifest.csv",
+        ):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -192,8 +214,9 @@ def _check_out(out: Path, params: dict, overwrite: bool) -> dict | None:
     return None
 
 
-def build_demo_dataset(out, images=None, size: str = "full", tile: int = 64, seed: int = 0,
-                       overwrite: bool = False) -> dict:
+def build_demo_dataset(
+    out, images=None, size: str = "full", tile: int = 64, seed: int = 0, overwrite: bool = False
+) -> dict:
     """Build the real-vs-manipulated tile dataset under ``out``; returns a summary dict.
 
     Writes ``out/images/<group>/<n>.jpg``, ``out/{train,val,test}_manifest.csv`` (path,label,group;
@@ -226,8 +249,10 @@ def build_demo_dataset(out, images=None, size: str = "full", tile: int = 64, see
     for p in photos:
         sizes[p["group"]] = sizes.get(p["group"], 0) + len(p["pos"])
     if len(sizes) < 3:
-        raise DataError(f"only {len(sizes)} photos gave usable {tile} px tiles; need at least 3 "
-                        "(train/val/test); use larger photos or a smaller --tile")
+        raise DataError(
+            f"only {len(sizes)} photos gave usable {tile} px tiles; need at least 3 "
+            "(train/val/test); use larger photos or a smaller --tile"
+        )
     split_of = _assign_splits(sizes, rng)
 
     rows = _write_tiles(out, photos, split_of, tile, rng)
@@ -249,17 +274,26 @@ def _write_tiles(out: Path, photos: list[dict], split_of: dict, tile: int, rng) 
         gdir = out / "images" / p["group"]
         gdir.mkdir(parents=True, exist_ok=True)
         for y, x in p["pos"]:
-            ctx = p["img"][y - MARGIN:y + tile + MARGIN, x - MARGIN:x + tile + MARGIN]
+            ctx = p["img"][y - MARGIN : y + tile + MARGIN, x - MARGIN : x + tile + MARGIN]
             kinds = [k for k in KINDS if k != "splice" or donors]
             kind = kinds[int(rng.integers(len(kinds)))]
             donor = donors[int(rng.integers(len(donors)))]["img"] if kind == "splice" else None
             fake, params = manipulate(kind, ctx, MARGIN, rng, donor=donor)
-            real = ctx[MARGIN:MARGIN + tile, MARGIN:MARGIN + tile]
+            real = ctx[MARGIN : MARGIN + tile, MARGIN : MARGIN + tile]
             for label, arr, k in ((0, real, "none"), (1, fake, kind)):
                 q = int(rng.integers(75, 96))  # final JPEG, drawn the same way for both classes
-                rows.append({"group": p["group"], "label": label, "kind": k, "quality": q,
-                             "source": p["name"], "yx": [y, x], "params": params if label else {},
-                             "bytes": encode_jpeg(arr, q)})
+                rows.append(
+                    {
+                        "group": p["group"],
+                        "label": label,
+                        "kind": k,
+                        "quality": q,
+                        "source": p["name"],
+                        "yx": [y, x],
+                        "params": params if label else {},
+                        "bytes": encode_jpeg(arr, q),
+                    }
+                )
     # File names are shuffled within a group so neither name nor order reveals the label.
     order = rng.permutation(len(rows))
     counters: dict[str, int] = {}
@@ -284,20 +318,33 @@ def _write_manifests(out: Path, rows: list[dict]) -> None:
         w = csv.writer(f)
         w.writerow(["path", "split", "label", "kind", "quality", "source", "y", "x", "params"])
         for r in rows:
-            w.writerow([r["path"], r["split"], r["label"], r["kind"], r["quality"], r["source"],
-                        r["yx"][0], r["yx"][1], json.dumps(r["params"])])
+            w.writerow(
+                [
+                    r["path"],
+                    r["split"],
+                    r["label"],
+                    r["kind"],
+                    r["quality"],
+                    r["source"],
+                    r["yx"][0],
+                    r["yx"][1],
+                    json.dumps(r["params"]),
+                ]
+            )
 
 
 def _summarise(rows: list[dict], split_of: dict, params: dict) -> dict:
     splits = {}
     for split in ("train", "val", "test"):
         sub = [r for r in rows if r["split"] == split]
-        splits[split] = {"n": len(sub), "real": sum(r["label"] == 0 for r in sub),
-                         "manipulated": sum(r["label"] == 1 for r in sub),
-                         "groups": sorted({g for g, s in split_of.items() if s == split})}
+        splits[split] = {
+            "n": len(sub),
+            "real": sum(r["label"] == 0 for r in sub),
+            "manipulated": sum(r["label"] == 1 for r in sub),
+            "groups": sorted({g for g, s in split_of.items() if s == split}),
+        }
     kinds: dict[str, int] = {}
     for r in rows:
         if r["label"] == 1:
             kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-    return {"params": params, "n": len(rows), "groups": len(split_of), "splits": splits,
-            "manipulations": kinds}
+    return {"params": params, "n": len(rows), "groups": len(split_of), "splits": splits, "manipulations": kinds}

@@ -5,6 +5,7 @@ manipulated tile without its margin, so real and manipulated tiles share the sam
 differ only by the manipulation. None of them shifts the colour histogram on purpose: a histogram
 classifier must stay at chance (see ``demo_checks.histogram_leak_check``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ KINDS = ("resample", "splice", "double_jpeg", "upsample")
 
 def center(ctx: np.ndarray, margin: int) -> np.ndarray:
     """The tile inside a context crop."""
-    return ctx[margin:ctx.shape[0] - margin, margin:ctx.shape[1] - margin]
+    return ctx[margin : ctx.shape[0] - margin, margin : ctx.shape[1] - margin]
 
 
 def jpeg_roundtrip(img: np.ndarray, quality: int) -> np.ndarray:
@@ -32,8 +33,10 @@ def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
 
 def _resize(img: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
     """Resize per channel in float mode so no 8-bit rounding is added; size is (w, h)."""
-    chans = [np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(size, resample))
-             for c in range(img.shape[2])]
+    chans = [
+        np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(size, resample))
+        for c in range(img.shape[2])
+    ]
     return np.stack(chans, axis=-1)
 
 
@@ -51,9 +54,9 @@ def resample_region(ctx: np.ndarray, margin: int, rng: np.random.Generator) -> t
     out = center(ctx, margin).copy()
     y, x, h, w = _region(rng, out.shape[0], 0.4, 0.75)
     factor = float(rng.uniform(0.5, 0.8))
-    patch = out[y:y + h, x:x + w]
+    patch = out[y : y + h, x : x + w]
     small = _resize(patch, (max(2, round(w * factor)), max(2, round(h * factor))), Image.BILINEAR)
-    out[y:y + h, x:x + w] = _resize(small, (w, h), Image.BICUBIC)
+    out[y : y + h, x : x + w] = _resize(small, (w, h), Image.BICUBIC)
     return out, {"factor": round(factor, 3), "region": [y, x, h, w]}
 
 
@@ -67,8 +70,8 @@ def splice(ctx: np.ndarray, margin: int, rng: np.random.Generator, donor: np.nda
     y, x, h, w = _region(rng, out.shape[0], 0.3, 0.6)
     dy = int(rng.integers(0, donor.shape[0] - h + 1))
     dx = int(rng.integers(0, donor.shape[1] - w + 1))
-    patch = donor[dy:dy + h, dx:dx + w].astype(np.float32)
-    host = out[y:y + h, x:x + w]
+    patch = donor[dy : dy + h, dx : dx + w].astype(np.float32)
+    host = out[y : y + h, x : x + w]
     if np.allclose(host[..., 0], host[..., 1], atol=1) and np.allclose(host[..., 1], host[..., 2], atol=1):
         patch = np.repeat(patch.mean(axis=2, keepdims=True), 3, axis=2)
     mu_p, sd_p = patch.mean(axis=(0, 1)), patch.std(axis=(0, 1)) + 1e-3
@@ -78,7 +81,7 @@ def splice(ctx: np.ndarray, margin: int, rng: np.random.Generator, donor: np.nda
     edge = np.minimum(np.minimum(yy, h - 1 - yy), np.minimum(xx, w - 1 - xx))
     alpha = np.clip((edge + 1) / (feather + 1), 0.0, 1.0)[..., None]
     matched = (patch - mu_p) / sd_p * sd_h + mu_h
-    out[y:y + h, x:x + w] = alpha * matched + (1 - alpha) * host
+    out[y : y + h, x : x + w] = alpha * matched + (1 - alpha) * host
     return out, {"region": [y, x, h, w], "feather": feather}
 
 
@@ -87,9 +90,9 @@ def double_jpeg(ctx: np.ndarray, margin: int, rng: np.random.Generator) -> tuple
     tile = ctx.shape[0] - 2 * margin
     dy, dx = (int(v) for v in rng.integers(0, min(8, margin + 1), size=2))
     q1 = int(rng.integers(60, 91))
-    big = ctx[margin - dy:margin - dy + tile + 8, margin - dx:margin - dx + tile + 8]
+    big = ctx[margin - dy : margin - dy + tile + 8, margin - dx : margin - dx + tile + 8]
     once = jpeg_roundtrip(big, q1)
-    return once[dy:dy + tile, dx:dx + tile], {"q1": q1, "shift": [dy, dx]}
+    return once[dy : dy + tile, dx : dx + tile], {"q1": q1, "shift": [dy, dx]}
 
 
 def upsample_artifacts(ctx: np.ndarray, margin: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
@@ -97,18 +100,19 @@ def upsample_artifacts(ctx: np.ndarray, margin: int, rng: np.random.Generator) -
     out = center(ctx, margin).copy()
     y, x, h, w = _region(rng, out.shape[0], 0.5, 1.0)
     h, w = h - h % 2, w - w % 2
-    patch = out[y:y + h, x:x + w]
+    patch = out[y : y + h, x : x + w]
     small = _resize(patch, (w // 2, h // 2), Image.BOX)
     up = _resize(small, (w, h), Image.NEAREST if rng.random() < 0.5 else Image.BILINEAR)
     amp = float(rng.uniform(1.5, 4.0))
     yy, xx = np.mgrid[0:h, 0:w]
     checker = np.where((yy + xx) % 2 == 0, amp, -amp)[..., None]
-    out[y:y + h, x:x + w] = up + checker
+    out[y : y + h, x : x + w] = up + checker
     return out, {"amplitude": round(amp, 2), "region": [y, x, h, w]}
 
 
-def manipulate(kind: str, ctx: np.ndarray, margin: int, rng: np.random.Generator,
-               donor: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+def manipulate(
+    kind: str, ctx: np.ndarray, margin: int, rng: np.random.Generator, donor: np.ndarray | None = None
+) -> tuple[np.ndarray, dict]:
     """Apply manipulation ``kind`` (one of KINDS) to a context crop; returns (tile, params)."""
     if kind == "resample":
         return resample_region(ctx, margin, rng)

@@ -10,6 +10,7 @@ OOF embeddings -> LightGBM stack -> thresholds -> cascade on test -> report, eac
 call as its own subcommand. The demo only builds the data into ``OUT/data`` (whose manifests it
 passes to the recipe) and shrinks sizes for ``--size tiny`` through recipe overrides.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,30 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoPlan:
     """Sizes of one demo setting; the recipe and experiment files are the same for every setting."""
+
     data_size: str  # build_demo_dataset size preset
     overrides: tuple[str, ...] = ()  # recipe overrides (data.folds=2, train.epochs=1, ...)
 
 
 PLANS = {
     "demo": DemoPlan(data_size="full"),
-    "tiny": DemoPlan(data_size="tiny", overrides=(
-        "data.folds=2", "data.shard_size=40", "train.epochs=1", "train.max_steps=6",
-        "train.latency_batches=2", "embed.dim=8", "embed.anchors=16", "embed.fit_samples=64", "stack.folds=2", "stack.n_estimators=30",
-        "stack.bootstrap=50", "thresholds.bootstrap=20")),
+    "tiny": DemoPlan(
+        data_size="tiny",
+        overrides=(
+            "data.folds=2",
+            "data.shard_size=40",
+            "train.epochs=1",
+            "train.max_steps=6",
+            "train.latency_batches=2",
+            "embed.dim=8",
+            "embed.anchors=16",
+            "embed.fit_samples=64",
+            "stack.folds=2",
+            "stack.n_estimators=30",
+            "stack.bootstrap=50",
+            "thresholds.bootstrap=20",
+        ),
+    ),
 }
 
 
@@ -51,8 +66,11 @@ def run_demo(out: str | Path, recipe: str | Path, size: str = "demo", overrides=
         raise DistribError(f"unknown demo size {size!r}; choose one of {', '.join(PLANS)}")
     plan, out = PLANS[size], Path(out).resolve()
     data_dir = out / "data"
-    recipe_overrides = [*(f"data.{k}={data_dir / f'{k}_manifest.csv'}" for k in ("train", "val", "test")),
-                        *plan.overrides, *overrides]
+    recipe_overrides = [
+        *(f"data.{k}={data_dir / f'{k}_manifest.csv'}" for k in ("train", "val", "test")),
+        *plan.overrides,
+        *overrides,
+    ]
     load_recipe(recipe, recipe_overrides)  # a bad key or value fails before the data is built
     t0 = time.time()
     summary = build_demo_dataset(data_dir, size=plan.data_size, seed=0)
@@ -69,8 +87,13 @@ def run_demo(out: str | Path, recipe: str | Path, size: str = "demo", overrides=
         predicted = json.loads(summary_json.read_text())
     else:
         predicted = predict(out / "cascade.yaml", folder, preds)
-    return {**res, "leak_check": log_line, "predictions": predicted["out"], "predicted_images": str(folder),
-            "predict": {k: predicted[k] for k in ("n", "skipped", "images_per_s", "decisions")}}
+    return {
+        **res,
+        "leak_check": log_line,
+        "predictions": predicted["out"],
+        "predicted_images": str(folder),
+        "predict": {k: predicted[k] for k in ("n", "skipped", "images_per_s", "decisions")},
+    }
 
 
 def _test_image_folder(data_dir: Path, folder: Path) -> Path:
@@ -78,6 +101,7 @@ def _test_image_folder(data_dir: Path, folder: Path) -> Path:
     import shutil
 
     import pandas as pd
+
     test = pd.read_csv(data_dir / "test_manifest.csv")
     folder.mkdir(parents=True, exist_ok=True)
     for rel in test["path"]:

@@ -7,10 +7,11 @@ Wrapping (the linear-probe freeze) happens here, outside the model classes.
 Public face: ``build_model(cfg.model)``, ``register_model``, ``list_models``; ``measure.cpu_latency_ms``
 and ``measure.model_size_mb`` (what a model costs to deploy).
 """
+
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 
@@ -24,12 +25,14 @@ def register_model(fn: Callable[[ModelConfig], nn.Module] | None = None, *, name
 
     Usable bare (``@register_model``) or with a name (``@register_model(name="x")``).
     """
+
     def _add(f: Callable[[ModelConfig], nn.Module]):
         key = name or f.__name__
         if key in _REGISTRY and _REGISTRY[key] is not f:
             raise ValueError(f"model name '{key}' is registered twice ({_REGISTRY[key]} and {f})")
         _REGISTRY[key] = f
         return f
+
     return _add(fn) if fn is not None else _add
 
 
@@ -46,14 +49,17 @@ def _import_builtin_models() -> None:
 
 def _closest_names(name: str, n: int = 5) -> list[str]:
     import timm
+
     candidates = set(_REGISTRY) | set(timm.list_models()) | set(timm.list_pretrained())
-    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.5) or \
-        difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.0)
+    return difflib.get_close_matches(name, sorted(candidates), n=n, cutoff=0.5) or difflib.get_close_matches(
+        name, sorted(candidates), n=n, cutoff=0.0
+    )
 
 
 def check_model_name(name: str) -> None:
     """Raise ConfigError for a name that is neither registered nor a timm model (or timm tag)."""
     import timm
+
     _import_builtin_models()
     if name in _REGISTRY:
         return
@@ -61,11 +67,16 @@ def check_model_name(name: str) -> None:
     known = timm.is_model(arch) and (not tag or name in timm.list_pretrained(f"{arch}.*"))
     if not known:
         close = ", ".join(_closest_names(name))
-        what = f"unknown pretrained tag '{tag}' for timm model '{arch}'" if timm.is_model(arch) else \
-            f"unknown model name '{name}'"
-        raise ConfigError(f"model.name: {what}; closest valid names: {close}. "
-                          f"Use a registered name ({', '.join(sorted(_REGISTRY))}) or any name from "
-                          f"timm.list_models()/timm.list_pretrained().")
+        what = (
+            f"unknown pretrained tag '{tag}' for timm model '{arch}'"
+            if timm.is_model(arch)
+            else f"unknown model name '{name}'"
+        )
+        raise ConfigError(
+            f"model.name: {what}; closest valid names: {close}. "
+            f"Use a registered name ({', '.join(sorted(_REGISTRY))}) or any name from "
+            f"timm.list_models()/timm.list_pretrained()."
+        )
 
 
 def build_model(model_cfg: ModelConfig) -> nn.Module:
@@ -75,9 +86,11 @@ def build_model(model_cfg: ModelConfig) -> nn.Module:
         model = _REGISTRY[model_cfg.name](model_cfg)
     else:
         from distrib.models.timm_models import build_timm_classifier
+
         model = build_timm_classifier(model_cfg)
     if model_cfg.freeze_backbone:
         from distrib.models.probe import freeze_backbone
+
         model = freeze_backbone(model)
     return model
 

@@ -7,6 +7,7 @@ the textbook reparameterization ``mu + eps * exp(0.5 * logvar)`` and returns ``m
 decoder output is linear (no final ReLU) so it can match normalized, partly negative inputs; the two
 backbones are separate timm models chosen by name (``model.kwargs.convnext`` / ``model.kwargs.swin``).
 """
+
 from __future__ import annotations
 
 import os
@@ -112,19 +113,36 @@ class GenConViT(nn.Module):
             self.encoder = _VAEEncoder(channels, kw["latent_channels"])
             self.decoder = _ConvDecoder(kw["latent_channels"], channels)
         hub = bool(kw.get("pretrained"))  # model.pretrained: each backbone from timm's hub cache unless a *_file
-        self.convnext = create_timm(kw["convnext"], kw["convnext_file"], key="model.kwargs.convnext",
-                                    pretrained=hub, num_classes=0, **kw["convnext_kwargs"])
-        self.swin = create_timm(kw["swin"], kw["swin_file"], key="model.kwargs.swin", pretrained=hub,
-                                num_classes=0, img_size=img_size, **kw["swin_kwargs"])
+        self.convnext = create_timm(
+            kw["convnext"],
+            kw["convnext_file"],
+            key="model.kwargs.convnext",
+            pretrained=hub,
+            num_classes=0,
+            **kw["convnext_kwargs"],
+        )
+        self.swin = create_timm(
+            kw["swin"],
+            kw["swin_file"],
+            key="model.kwargs.swin",
+            pretrained=hub,
+            num_classes=0,
+            img_size=img_size,
+            **kw["swin_kwargs"],
+        )
         self.num_features = 2 * (_pooled_width(self.convnext) + _pooled_width(self.swin)) + 3
         self.head = nn.Sequential(
             nn.LayerNorm(self.num_features),  # backbone features and MSE statistics live on different scales
-            nn.Linear(self.num_features, kw["head_hidden"]), nn.GELU(), nn.Dropout(drop_rate),
-            nn.Linear(kw["head_hidden"], num_classes))
+            nn.Linear(self.num_features, kw["head_hidden"]),
+            nn.GELU(),
+            nn.Dropout(drop_rate),
+            nn.Linear(kw["head_hidden"], num_classes),
+        )
 
     @property
     def pretrained_cfg(self) -> dict:
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
         return dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, input_size=(3, self.img_size, self.img_size))
 
     def get_classifier(self) -> nn.Module:
@@ -133,12 +151,16 @@ class GenConViT(nn.Module):
     def reconstruct(self, x: torch.Tensor):
         """``(recon, mu, logvar)``; the VAE samples ``z`` in training and uses ``mu`` in eval."""
         if tuple(x.shape[-2:]) != (self.img_size, self.img_size) and not self.dynamic_size:
-            raise ConfigError(f"GenConViT was built for {self.img_size} px (model.img_size) but got a "
-                              f"{tuple(x.shape[-2:])} input; set model.img_size to data.img_size "
-                              "(the Swin path has a fixed token grid)")
+            raise ConfigError(
+                f"GenConViT was built for {self.img_size} px (model.img_size) but got a "
+                f"{tuple(x.shape[-2:])} input; set model.img_size to data.img_size "
+                "(the Swin path has a fixed token grid)"
+            )
         if x.shape[-1] % self.downsample or x.shape[-2] % self.downsample:
-            raise ConfigError(f"GenConViT input {tuple(x.shape[-2:])} must be a multiple of {self.downsample} "
-                              "(encoder depth); change data.img_size or model.kwargs.enc_channels")
+            raise ConfigError(
+                f"GenConViT input {tuple(x.shape[-2:])} must be a multiple of {self.downsample} "
+                "(encoder depth); change data.img_size or model.kwargs.enc_channels"
+            )
         if self.variant == "ed":
             return self.decoder(self.encoder(x)), None, None
         mu, logvar = self.encoder(x)
@@ -191,12 +213,20 @@ def _build(model_cfg: ModelConfig, variant: str) -> GenConViT:
     kwargs = _nest(model_cfg.kwargs)
     unknown = sorted(set(kwargs) - set(DEFAULTS) - {"img_size"})
     if unknown:
-        raise ConfigError(f"unknown model.kwargs {unknown} for {model_cfg.name}{closest_key(unknown[0], DEFAULTS)} "
-                          f"valid keys: {', '.join(DEFAULTS)}")
+        raise ConfigError(
+            f"unknown model.kwargs {unknown} for {model_cfg.name}{closest_key(unknown[0], DEFAULTS)} "
+            f"valid keys: {', '.join(DEFAULTS)}"
+        )
     kw = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k != "img_size"}}
     img_size = model_cfg.img_size or int(kwargs.get("img_size", 224))
-    model = GenConViT(variant, model_cfg.num_classes, img_size, drop_rate=model_cfg.drop_rate,
-                      pretrained=model_cfg.pretrained and not model_cfg.pretrained_file, **kw)
+    model = GenConViT(
+        variant,
+        model_cfg.num_classes,
+        img_size,
+        drop_rate=model_cfg.drop_rate,
+        pretrained=model_cfg.pretrained and not model_cfg.pretrained_file,
+        **kw,
+    )
     if model_cfg.pretrained_file:
         _load_full_weights(model, model_cfg.pretrained_file)
     return model
@@ -205,9 +235,11 @@ def _build(model_cfg: ModelConfig, variant: str) -> GenConViT:
 def _load_full_weights(model: nn.Module, path: str) -> None:
     """Load a whole-GenConViT state dict (or a distrib best_model.pth holding one under 'state_dict')."""
     if not os.path.isfile(path):
-        raise ConfigError(f"pretrained weights file not found: {os.path.abspath(path)} (model.pretrained_file); "
-                          "point it at a saved GenConViT state dict, or set model.pretrained_file='' and use "
-                          "model.kwargs.convnext_file / swin_file for backbone weights")
+        raise ConfigError(
+            f"pretrained weights file not found: {os.path.abspath(path)} (model.pretrained_file); "
+            "point it at a saved GenConViT state dict, or set model.pretrained_file='' and use "
+            "model.kwargs.convnext_file / swin_file for backbone weights"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -2,6 +2,7 @@
 
 One implementation for every run's evaluation_results.json, ``distrib bench latency`` and exports.
 """
+
 from __future__ import annotations
 
 import io

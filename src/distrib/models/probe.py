@@ -4,6 +4,7 @@ The freeze lives outside the model classes, as timm/DINOv2 linear-eval code does
 model keeps its own code and only the wrapper decides what trains. Frozen modules stay in eval mode
 even during ``model.train()``, so BatchNorm statistics and dropout in the backbone never change.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,10 @@ class LinearProbe(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         if not hasattr(model, "get_classifier"):
-            raise DistribError(f"{type(model).__name__} has no get_classifier(); the linear probe needs "
-                               "to know which module is the head")
+            raise DistribError(
+                f"{type(model).__name__} has no get_classifier(); the linear probe needs "
+                "to know which module is the head"
+            )
         self.model = model
         head = model.get_classifier()
         head_ids = {id(p) for p in head.parameters()}
@@ -40,7 +43,7 @@ class LinearProbe(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.model.get_classifier()
 
-    def train(self, mode: bool = True) -> "LinearProbe":
+    def train(self, mode: bool = True) -> LinearProbe:
         """Only the head follows ``mode``; the frozen backbone always stays in eval mode."""
         self.training = mode
         self.model.eval()

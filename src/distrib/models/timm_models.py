@@ -5,6 +5,7 @@ Two sources: ``model.pretrained_file``, a local file handed to timm through
 timm's own source for the name (the Hugging Face hub and its cache, honouring ``HF_HOME``,
 ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT``), exactly as ``timm.create_model(name, pretrained=True)``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,6 +24,7 @@ def hub_cache_hint(name: str) -> str:
     """Where timm's hub weights for ``name`` live in the Hugging Face cache (HF_HOME/hub by default)."""
     from huggingface_hub import constants
     from timm.models import get_pretrained_cfg
+
     try:
         cfg = get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - a name without a pretrained tag; the message still names the cache
@@ -40,11 +42,13 @@ def _hub_error(name: str, key: str, e: Exception) -> DistribError:
         f"Three ways out: set model.pretrained_file=/path/to/weights.safetensors (a local file); pre-fetch into "
         f"the cache on a connected machine with "
         f"python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and copy its HF_HOME here; or "
-        f"set model.pretrained=false to train from random init")
+        f"set model.pretrained=false to train from random init"
+    )
 
 
-def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", pretrained: bool = False,
-                **kwargs) -> nn.Module:
+def create_timm(
+    name: str, pretrained_file: str = "", key: str = "model.name", pretrained: bool = False, **kwargs
+) -> nn.Module:
     """``timm.create_model`` with random init, weights from a local file, or (``pretrained``, when no
     file is given) timm's own pretrained source through the Hugging Face hub cache.
 
@@ -52,36 +56,46 @@ def create_timm(name: str, pretrained_file: str = "", key: str = "model.name", p
     convnet) become a ConfigError instead of a bare TypeError.
     """
     import timm
+
     hub = pretrained and not pretrained_file
     pretrained = bool(pretrained_file) or hub
     extra: dict = {}
     if pretrained_file:
         path = os.path.abspath(os.path.expanduser(pretrained_file))
         if not os.path.isfile(path):
-            raise ConfigError(f"pretrained weights file not found: {path} (for {key}='{name}'); "
-                              "download it on a machine with internet access and copy it here, or set "
-                              "model.pretrained_file='' for random init")
+            raise ConfigError(
+                f"pretrained weights file not found: {path} (for {key}='{name}'); "
+                "download it on a machine with internet access and copy it here, or set "
+                "model.pretrained_file='' for random init"
+            )
         # Blank every remote source so timm can only read the local file (no hub, no URL).
-        extra["pretrained_cfg_overlay"] = dict(file=path, url=None, hf_hub_id=None, hf_hub_filename=None,
-                                               source=None)
+        extra["pretrained_cfg_overlay"] = dict(file=path, url=None, hf_hub_id=None, hf_hub_filename=None, source=None)
     try:
         with _capture_key_report() as report:
             model = timm.create_model(name, pretrained=pretrained, **extra, **kwargs)
     except TypeError as e:
-        raise ConfigError(f"timm model '{name}' ({key}) rejected keyword arguments {sorted(kwargs)}: {e}. "
-                          "Remove them from model.kwargs, or set model.img_size=0 for models without a "
-                          "fixed token grid (convnets)") from e
+        raise ConfigError(
+            f"timm model '{name}' ({key}) rejected keyword arguments {sorted(kwargs)}: {e}. "
+            "Remove them from model.kwargs, or set model.img_size=0 for models without a "
+            "fixed token grid (convnets)"
+        ) from e
     except Exception as e:  # noqa: BLE001 - the hub raises OSError/HTTP/offline errors of several kinds
         if hub:
             raise _hub_error(name, key, e) from e
         if not pretrained or not isinstance(e, (RuntimeError, KeyError, ValueError)):
             raise
-        raise DistribError(f"could not load pretrained weights from {extra['pretrained_cfg_overlay']['file']} "
-                           f"into timm model '{name}': {e}. The file must be a timm/PyTorch state dict "
-                           "(.pth/.bin/.safetensors) of the same architecture") from e
+        raise DistribError(
+            f"could not load pretrained weights from {extra['pretrained_cfg_overlay']['file']} "
+            f"into timm model '{name}': {e}. The file must be a timm/PyTorch state dict "
+            "(.pth/.bin/.safetensors) of the same architecture"
+        ) from e
     if pretrained:
-        _check_loaded(model, name, extra["pretrained_cfg_overlay"]["file"] if pretrained_file
-                      else f"the hub cache {hub_cache_hint(name)}", report)
+        _check_loaded(
+            model,
+            name,
+            extra["pretrained_cfg_overlay"]["file"] if pretrained_file else f"the hub cache {hub_cache_hint(name)}",
+            report,
+        )
     return model
 
 
@@ -125,9 +139,11 @@ def _check_loaded(model: nn.Module, name: str, path: str, report: _KeyReport) ->
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     missing = [k for k in report.missing if not any(k.startswith(h + ".") for h in heads)]
     if missing:
-        raise DistribError(f"pretrained file {path} does not hold weights for timm model '{name}': "
-                           f"{len(missing)} tensors missing (e.g. {', '.join(missing[:5])}); "
-                           f"{len(report.unexpected)} unexpected. Use a checkpoint of this exact architecture")
+        raise DistribError(
+            f"pretrained file {path} does not hold weights for timm model '{name}': "
+            f"{len(missing)} tensors missing (e.g. {', '.join(missing[:5])}); "
+            f"{len(report.unexpected)} unexpected. Use a checkpoint of this exact architecture"
+        )
 
 
 class TimmClassifier(nn.Module):
@@ -144,8 +160,10 @@ class TimmClassifier(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         classifier = model.get_classifier()
         if not isinstance(classifier, nn.Module):
-            raise ConfigError(f"timm model {type(model).__name__} has no single classifier module "
-                              f"(got {type(classifier).__name__}); choose another model.name")
+            raise ConfigError(
+                f"timm model {type(model).__name__} has no single classifier module "
+                f"(got {type(classifier).__name__}); choose another model.name"
+            )
         # head_hidden_size is the pre-logits width when a model has a conv/MLP head (MobileNetV4: 1280).
         self.num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
 
@@ -175,16 +193,27 @@ class TimmClassifier(nn.Module):
 def build_timm_classifier(model_cfg: ModelConfig) -> TimmClassifier:
     """Build ``model_cfg.name`` from timm with a ``num_classes``-logit head (1 = BCE, 2 = CE)."""
     kwargs = dict(model_cfg.kwargs)
-    reserved = {"num_classes": "model.num_classes", "pretrained": "model.pretrained or model.pretrained_file",
-                "drop_rate": "model.drop_rate", "img_size": "model.img_size"}
+    reserved = {
+        "num_classes": "model.num_classes",
+        "pretrained": "model.pretrained or model.pretrained_file",
+        "drop_rate": "model.drop_rate",
+        "img_size": "model.img_size",
+    }
     for k, use in reserved.items():
         if k in model_cfg.kwargs:
             raise ConfigError(f"model.kwargs.{k} is set by distrib; use {use} instead")
     if model_cfg.img_size:
         kwargs["img_size"] = model_cfg.img_size
-    model = create_timm(model_cfg.name, model_cfg.pretrained_file, pretrained=model_cfg.pretrained,
-                        num_classes=model_cfg.num_classes, **kwargs)
-    if not (model_cfg.pretrained_file or model_cfg.pretrained) or model_cfg.num_classes != model.pretrained_cfg.get("num_classes"):
+    model = create_timm(
+        model_cfg.name,
+        model_cfg.pretrained_file,
+        pretrained=model_cfg.pretrained,
+        num_classes=model_cfg.num_classes,
+        **kwargs,
+    )
+    if not (model_cfg.pretrained_file or model_cfg.pretrained) or model_cfg.num_classes != model.pretrained_cfg.get(
+        "num_classes"
+    ):
         _reset_head(model.get_classifier())  # the head is fresh (timm drops a file's head of another size)
     return TimmClassifier(model, drop_rate=model_cfg.drop_rate)
 

@@ -6,6 +6,7 @@ calls as the subcommands, skipping finished steps, and ends with report.md + eva
 Public face: ``load_recipe(path, overrides) -> Recipe`` (config.py) and
 ``run_recipe(path, out, overrides, overwrite, address, num_cpus) -> dict`` (run.py).
 """
+
 from distrib.recipes.config import Recipe, load_recipe
 from distrib.recipes.run import run_recipe
 

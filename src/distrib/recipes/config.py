@@ -32,6 +32,7 @@ Dotted overrides on the command line address the recipe's keys (``data.folds=2``
 ``overrides.KEY=V`` appends ``KEY=V`` to the overrides of every experiment, ``stage1.overrides.KEY=V``
 to stage 1's. Paths given on the command line resolve against the current folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,9 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distrib.config import ConfigError, parse_override, read_yaml_mapping
 from distrib.config import SECTIONS as EXPERIMENT_SECTIONS
-from distrib.config import StackConfig, ThresholdConfig
+from distrib.config import ConfigError, StackConfig, ThresholdConfig, parse_override, read_yaml_mapping
 from distrib.config.fields import Section, check_choice, check_value, closest_key
 
 RULES = ("youden", "f1", "max_specificity_at_recall")
@@ -61,8 +61,12 @@ class RecipeData(Section):
     positive: str = ""  # class name that becomes label 1 (case-insensitive); '' = real/fake
 
     def validate(self) -> None:
-        check_value(bool(self.shards) or bool(self.train and self.test), "data", "train/test or shards",
-                    "data.train and data.test manifests, or data.shards")
+        check_value(
+            bool(self.shards) or bool(self.train and self.test),
+            "data",
+            "train/test or shards",
+            "data.train and data.test manifests, or data.shards",
+        )
         check_value(self.folds >= 2, "data.folds", self.folds, ">= 2")
         check_value(self.shard_size >= 1, "data.shard_size", self.shard_size, ">= 1")
         check_value(self.workers >= 1, "data.workers", self.workers, ">= 1")
@@ -73,9 +77,12 @@ class RecipeStage1(Section):
     _prefix = "stage1"
     experiment: str = ""  # stage-1 (filter) experiment YAML; trained on every fold, validated on val
     overrides: list[str] = field(default_factory=list)  # dotted overrides of that experiment
-    accelerate_config: str = ""  # train stage 1 under `accelerate launch --config_file` (DDP/DeepSpeed); '' = in-process
-    accelerate_args: list[str] = field(default_factory=list)  # extra `accelerate launch` flags, e.g. [--num_processes, "4"]
-
+    accelerate_config: str = (
+        ""  # train stage 1 under `accelerate launch --config_file` (DDP/DeepSpeed); '' = in-process
+    )
+    accelerate_args: list[str] = field(
+        default_factory=list
+    )  # extra `accelerate launch` flags, e.g. [--num_processes, "4"]
 
 
 @dataclass
@@ -130,11 +137,21 @@ class Recipe:
     shootout: RecipeShootout = field(default_factory=RecipeShootout)
 
 
-SECTIONS = {"data": RecipeData, "stage1": RecipeStage1, "stack": StackConfig, "thresholds": ThresholdConfig,
-            "cascade": RecipeCascade, "shootout": RecipeShootout}
+SECTIONS = {
+    "data": RecipeData,
+    "stage1": RecipeStage1,
+    "stack": StackConfig,
+    "thresholds": ThresholdConfig,
+    "cascade": RecipeCascade,
+    "shootout": RecipeShootout,
+}
 TOP = ("name", "mode", "overrides", "experts", *SECTIONS)
-PATHS = {"data": ("train", "val", "test", "shards"), "stage1": ("experiment", "accelerate_config"), "experts": ("experiment", "grid"),
-         "shootout": ("student",)}
+PATHS = {
+    "data": ("train", "val", "test", "shards"),
+    "stage1": ("experiment", "accelerate_config"),
+    "experts": ("experiment", "grid"),
+    "shootout": ("student",),
+}
 
 
 EXPERIMENT_ONLY = tuple(k for k in EXPERIMENT_SECTIONS if k not in SECTIONS)
@@ -149,18 +166,26 @@ def _section(cls, value: Any, key: str, origin: str):
         raise ConfigError(f"recipe key '{key}' in {origin} must be a mapping of {', '.join(_names(cls))}")
     for k in value:
         if k not in _names(cls):
-            raise ConfigError(f"unknown recipe key '{key}.{k}' in {origin}"
-                              f"{closest_key(f'{key}.{k}', [f'{key}.{n}' for n in _names(cls)])}")
+            raise ConfigError(
+                f"unknown recipe key '{key}.{k}' in {origin}"
+                f"{closest_key(f'{key}.{k}', [f'{key}.{n}' for n in _names(cls)])}"
+            )
     return cls(**value)
 
 
 def _resolve(tree: dict, base: Path) -> dict:
     """Make the recipe's path fields absolute against ``base`` (URLs and '' stay as they are)."""
+
     def fix(v):
-        return str((base / v).resolve()) if isinstance(v, str) and v and "://" not in v and not v.startswith("pipe:") else v
+        return (
+            str((base / v).resolve())
+            if isinstance(v, str) and v and "://" not in v and not v.startswith("pipe:")
+            else v
+        )
+
     for sec, keys in PATHS.items():
         items = tree.get(sec)
-        for item in (items if isinstance(items, list) else [items]):
+        for item in items if isinstance(items, list) else [items]:
             if isinstance(item, dict):
                 for k in keys:
                     if k in item:
@@ -174,8 +199,10 @@ def _apply(tree: dict, text: str) -> None:
     if len(parts) > 1 and (parts[0] in EXPERIMENT_ONLY or (parts[0] == "data" and parts[1] not in _names(RecipeData))):
         if parts[0] == "data" and len(parts) == 2 and parts[1] not in _names(EXPERIMENT_SECTIONS["data"]):
             names = [f"data.{n}" for n in (*_names(RecipeData), *_names(EXPERIMENT_SECTIONS["data"]))]
-            raise ConfigError(f"unknown key '{key}' in command-line overrides (neither a recipe data key nor an "
-                              f"experiment data key){closest_key(key, names)}")  # suggested from both, recipe first
+            raise ConfigError(
+                f"unknown key '{key}' in command-line overrides (neither a recipe data key nor an "
+                f"experiment data key){closest_key(key, names)}"
+            )  # suggested from both, recipe first
         tree.setdefault("overrides", []).append(text)  # an experiment key: applies to every experiment
         return
     if parts[0] not in TOP:
@@ -184,7 +211,9 @@ def _apply(tree: dict, text: str) -> None:
         tree.setdefault("overrides", []).append(f"{'.'.join(parts[1:])}={text.split('=', 1)[1]}")
         return
     if parts[:2] == ["stage1", "overrides"] and len(parts) > 2:
-        tree.setdefault("stage1", {}).setdefault("overrides", []).append(f"{'.'.join(parts[2:])}={text.split('=', 1)[1]}")
+        tree.setdefault("stage1", {}).setdefault("overrides", []).append(
+            f"{'.'.join(parts[2:])}={text.split('=', 1)[1]}"
+        )
         return
     if len(parts) == 1:
         tree[key] = _resolve({key: value}, Path.cwd())[key]
@@ -197,15 +226,21 @@ def _apply(tree: dict, text: str) -> None:
             raise ConfigError(f"recipe key '{parts[0]}' must be a mapping")
         tree[parts[0]][parts[1]] = _resolve({parts[0]: {parts[1]: value}}, Path.cwd())[parts[0]][parts[1]]
     else:
-        raise ConfigError(f"recipe override '{text}': use SECTION.KEY=VALUE (sections: {', '.join(SECTIONS)}), "
-                          "overrides.KEY=VALUE or stage1.overrides.KEY=VALUE")
+        raise ConfigError(
+            f"recipe override '{text}': use SECTION.KEY=VALUE (sections: {', '.join(SECTIONS)}), "
+            "overrides.KEY=VALUE or stage1.overrides.KEY=VALUE"
+        )
 
 
 def recipe_tree(path: str | Path, overrides=()) -> dict:
     """The recipe file as a plain mapping: paths absolute, command-line ``overrides`` applied."""
     path = Path(path)
-    tree = read_yaml_mapping(path, what="recipe", missing_hint=" (ship recipes live in launch/recipes/)",
-                             shape_hint="a mapping of recipe keys (name, data, stage1, experts, ...)")
+    tree = read_yaml_mapping(
+        path,
+        what="recipe",
+        missing_hint=" (ship recipes live in launch/recipes/)",
+        shape_hint="a mapping of recipe keys (name, data, stage1, experts, ...)",
+    )
     tree = _resolve(tree, path.resolve().parent)
     for text in overrides:
         _apply(tree, text)
@@ -223,18 +258,27 @@ def build_recipe(tree: dict, origin: str = "recipe") -> Recipe:
     kwargs["mode"] = mode
     experts = tree.get("experts") or []
     if not isinstance(experts, list) or len(experts) < (2 if mode == "cascade" else 1):
-        raise ConfigError(f"recipe key 'experts' in {origin} must list two or more experts "
-                          "({experiment: YAML, grid: YAML}); the stack combines them" if mode == "cascade" else
-                          f"recipe key 'experts' in {origin} must list the shoot-out's candidates "
-                          "({experiment: YAML, grid: YAML})")
+        raise ConfigError(
+            f"recipe key 'experts' in {origin} must list two or more experts "
+            "({experiment: YAML, grid: YAML}); the stack combines them"
+            if mode == "cascade"
+            else f"recipe key 'experts' in {origin} must list the shoot-out's candidates "
+            "({experiment: YAML, grid: YAML})"
+        )
     if mode == "cascade" and not kwargs["stage1"].experiment:
-        raise ConfigError(f"recipe key 'stage1.experiment' in {origin} is empty; a cascade needs its stage-1 "
-                          "experiment YAML (or set mode: shootout)")
+        raise ConfigError(
+            f"recipe key 'stage1.experiment' in {origin} is empty; a cascade needs its stage-1 "
+            "experiment YAML (or set mode: shootout)"
+        )
     kwargs["experts"] = [_section(RecipeExpert, e, f"experts[{i}]", origin) for i, e in enumerate(experts)]
     for key in ("overrides",):
         value = tree.get(key) or []
-        check_value(isinstance(value, list) and all(isinstance(v, str) for v in value), key, value,
-                    "a list of dotted overrides such as train.epochs=1")
+        check_value(
+            isinstance(value, list) and all(isinstance(v, str) for v in value),
+            key,
+            value,
+            "a list of dotted overrides such as train.epochs=1",
+        )
         kwargs[key] = list(value)
     kwargs["name"] = str(tree.get("name") or Path(origin).stem)
     return Recipe(**kwargs)

@@ -23,6 +23,7 @@ The method used here, per fold k:
 ``FoldAlignment.transform`` applies steps 1-2 to new features, so inference (the cascade) uses the
 exact alignment fitted at training time; ``save_alignment``/``load_alignment`` persist it as .npz.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ class FoldAlignment:
         """Features [N, D] -> this fold's own PCA coordinates [N, dim] (before alignment)."""
         feats = np.asarray(feats, dtype=np.float64)
         if feats.ndim != 2 or feats.shape[1] != self.mean.shape[0]:
-            raise DataError(f"fold {self.fold} alignment expects features of shape [N, {self.mean.shape[0]}], "
-                            f"got {list(feats.shape)}; embed with the same fold model the alignment was fit for")
+            raise DataError(
+                f"fold {self.fold} alignment expects features of shape [N, {self.mean.shape[0]}], "
+                f"got {list(feats.shape)}; embed with the same fold model the alignment was fit for"
+            )
         return (feats - self.mean) @ self.components.T
 
     def transform(self, feats: np.ndarray) -> np.ndarray:
@@ -70,8 +73,10 @@ def fit_projection(feats: np.ndarray, dim: int, seed: int = 0) -> tuple[np.ndarr
     feats = np.asarray(feats, dtype=np.float64)
     n, d = feats.shape
     if dim > min(n, d):
-        raise DataError(f"cannot project to embed.dim={dim}: only {n} training-fold samples with {d} features; "
-                        f"set embed.dim <= {min(n, d)} or raise embed.fit_samples / use more data")
+        raise DataError(
+            f"cannot project to embed.dim={dim}: only {n} training-fold samples with {d} features; "
+            f"set embed.dim <= {min(n, d)} or raise embed.fit_samples / use more data"
+        )
     pca = PCA(n_components=dim, svd_solver="full", random_state=seed).fit(feats)
     return pca.mean_.copy(), pca.components_.copy()
 
@@ -94,15 +99,18 @@ def fit_rotation(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np
     return rot, mu_s, mu_t, residual
 
 
-def fit_alignments(train_feats: list[np.ndarray], anchor_feats: list[np.ndarray], dim: int,
-                   seed: int = 0) -> list[FoldAlignment]:
+def fit_alignments(
+    train_feats: list[np.ndarray], anchor_feats: list[np.ndarray], dim: int, seed: int = 0
+) -> list[FoldAlignment]:
     """One FoldAlignment per fold; fold 0's frame is the reference.
 
     ``train_feats[k]``: fold-k model features of samples from fold k's training folds (PCA fit).
     ``anchor_feats[k]``: fold-k model features of the shared anchor set (same samples, same order).
     """
     if len(train_feats) != len(anchor_feats) or not train_feats:
-        raise DataError(f"need features for every fold: {len(train_feats)} training sets, {len(anchor_feats)} anchor sets")
+        raise DataError(
+            f"need features for every fold: {len(train_feats)} training sets, {len(anchor_feats)} anchor sets"
+        )
     projections = [fit_projection(f, dim, seed) for f in train_feats]
     anchors = [(np.asarray(a, dtype=np.float64) - m) @ c.T for a, (m, c) in zip(anchor_feats, projections)]
     out = []
@@ -112,8 +120,9 @@ def fit_alignments(train_feats: list[np.ndarray], anchor_feats: list[np.ndarray]
     return out
 
 
-def align_to_reference(train_feats: np.ndarray, anchor_feats: np.ndarray, reference: np.ndarray, dim: int,
-                       seed: int = 0, fold: int = -1) -> FoldAlignment:
+def align_to_reference(
+    train_feats: np.ndarray, anchor_feats: np.ndarray, reference: np.ndarray, dim: int, seed: int = 0, fold: int = -1
+) -> FoldAlignment:
     """One more model (the refit on all folds) into the fold models' frame, exactly like fold k > 0.
 
     ``reference``: the anchors in the reference frame (fold 0's ``transform`` of its anchor features).
@@ -147,8 +156,11 @@ def load_alignment(path: str | Path) -> tuple[list[FoldAlignment], dict]:
         meta = json.loads(bytes(z["meta_json"]).decode())
         out = []
         for k, res in zip(meta["folds"], meta["residuals"]):
-            out.append(FoldAlignment(k, *(z[f"fold{k}_{n}"] for n in
-                                          ("mean", "components", "rotation", "src_center", "ref_center")), res))
+            out.append(
+                FoldAlignment(
+                    k, *(z[f"fold{k}_{n}"] for n in ("mean", "components", "rotation", "src_center", "ref_center")), res
+                )
+            )
     return out, meta
 
 
@@ -179,22 +191,28 @@ def check_oof_table(df: pd.DataFrame, expected: pd.DataFrame, where: str = "OOF 
     oof = df[df["split"] == "oof"]
     dup = oof["key"][oof["key"].duplicated(keep=False)].unique()
     if len(dup):
-        raise DataError(f"{where}: {len(dup)} training samples appear more than once: {_keys(dup)}; "
-                        "each fold run must embed only its own held-out fold")
+        raise DataError(
+            f"{where}: {len(dup)} training samples appear more than once: {_keys(dup)}; "
+            "each fold run must embed only its own held-out fold"
+        )
     exp = expected.drop_duplicates("key").set_index("key")
     got = oof.set_index("key")
     missing = exp.index.difference(got.index)
     if len(missing):
-        raise DataError(f"{where}: {len(missing)} training samples have no out-of-fold row: {_keys(missing)}; "
-                        "check the loader's skipped-sample report and that every fold has a run dir")
+        raise DataError(
+            f"{where}: {len(missing)} training samples have no out-of-fold row: {_keys(missing)}; "
+            "check the loader's skipped-sample report and that every fold has a run dir"
+        )
     extra = got.index.difference(exp.index)
     if len(extra):
         raise DataError(f"{where}: {len(extra)} rows are not training samples in the shard index: {_keys(extra)}")
     got = got.loc[exp.index]
     wrong_fold = exp.index[(got["fold"].astype(int).to_numpy() != exp["fold"].astype(int).to_numpy())]
     if len(wrong_fold):
-        raise DataError(f"{where}: {len(wrong_fold)} samples were predicted by a model that trained on them "
-                        f"(row fold != sample's held-out fold): {_keys(wrong_fold)}")
+        raise DataError(
+            f"{where}: {len(wrong_fold)} samples were predicted by a model that trained on them "
+            f"(row fold != sample's held-out fold): {_keys(wrong_fold)}"
+        )
     bad_label = exp.index[got["label"].astype(int).to_numpy() != exp["label"].astype(int).to_numpy()]
     if len(bad_label):
         raise DataError(f"{where}: {len(bad_label)} labels differ from the shard index/manifest: {_keys(bad_label)}")
@@ -204,8 +222,10 @@ def check_oof_table(df: pd.DataFrame, expected: pd.DataFrame, where: str = "OOF 
     folds_per_group = oof.groupby("group")["fold"].nunique()
     crossing = folds_per_group.index[folds_per_group > 1]
     if len(crossing):
-        raise DataError(f"{where}: {len(crossing)} groups cross folds (a group leak): {_keys(crossing)}; "
-                        "re-shard with 'distrib shard' so folds are group-aware")
+        raise DataError(
+            f"{where}: {len(crossing)} groups cross folds (a group leak): {_keys(crossing)}; "
+            "re-shard with 'distrib shard' so folds are group-aware"
+        )
     for split in ("val", "test"):
         rows = df[df["split"] == split]
         dup = rows["key"][rows["key"].duplicated(keep=False)].unique()
@@ -213,5 +233,7 @@ def check_oof_table(df: pd.DataFrame, expected: pd.DataFrame, where: str = "OOF 
             raise DataError(f"{where}: {len(dup)} {split} samples appear more than once: {_keys(dup)}")
         shared = sorted(set(rows["group"].astype(str)) & set(oof["group"].astype(str)))
         if shared:
-            raise DataError(f"{where}: {len(shared)} groups are in both the training folds and {split}: "
-                            f"{_keys(shared)}; rebuild the manifests so no group spans two splits")
+            raise DataError(
+                f"{where}: {len(shared)} groups are in both the training folds and {split}: "
+                f"{_keys(shared)}; rebuild the manifests so no group spans two splits"
+            )

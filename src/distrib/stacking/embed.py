@@ -15,20 +15,21 @@ alignment is saved next to the parquet (``<stem>_alignment.npz``) so inference a
 is aligned into the same frame and recorded in that file (``distrib.stacking.refit``). Before writing, ``align.check_oof_table`` verifies exactly-once, leak-free coverage
 against the shards' own per-sample metadata.
 """
+
 from __future__ import annotations
 
-import logging
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from distrib.stacking.align import check_oof_table, fit_alignments, load_alignment, save_alignment
 from distrib.atomic import atomic_path
 from distrib.config import EmbedConfig
 from distrib.errors import DataError, DistribError
+from distrib.stacking.align import check_oof_table, fit_alignments, load_alignment, save_alignment
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,36 @@ def embed_split(model, cfg, split: str, folds: list[int] | None, batch_size: int
     import torch
 
     from distrib.data.loader import build_loader
-    from distrib.training.losses import positive_prob
     from distrib.data.transforms import build_transform, resolve_mean_std
+    from distrib.training.losses import positive_prob
 
     transform = build_transform(None, cfg.data, train=False, mean_std=resolve_mean_std(cfg.data, model))
-    loader = build_loader(cfg.data.shards, split, folds, rank=0, world_size=1, num_workers=0,
-                          batch_size=batch_size, epoch=0, transform=transform, seed=cfg.data.seed, mode="eval")
+    loader = build_loader(
+        cfg.data.shards,
+        split,
+        folds,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        batch_size=batch_size,
+        epoch=0,
+        transform=transform,
+        seed=cfg.data.seed,
+        mode="eval",
+    )
     device = next(model.parameters()).device
     has_recon = hasattr(model, "recon_error_stats")  # GenConViT: features end with [mse mean, std, max]
     out, n = Embedded(), 0
     from tqdm.auto import tqdm
-    bar = tqdm(desc=f"embed fold {cfg.data.fold} {split}", unit="img", total=limit or None, leave=False,
-               disable=None, dynamic_ncols=True)  # the OOF step streams every split once per fold model: minutes
+
+    bar = tqdm(
+        desc=f"embed fold {cfg.data.fold} {split}",
+        unit="img",
+        total=limit or None,
+        leave=False,
+        disable=None,
+        dynamic_ncols=True,
+    )  # the OOF step streams every split once per fold model: minutes
     with torch.inference_mode(), bar:
         for batch in loader:
             valid = batch["valid"].bool()
@@ -107,11 +126,19 @@ def expected_training_rows(shards: str) -> pd.DataFrame:
     rows = []
     for s in read_samples(({"url": u} for u in plan.urls), plan.counts, stats):
         meta = json.loads(s["json"]) if "json" in s else {}
-        rows.append({"key": meta.get("key", s["__key__"]), "group": str(meta.get("group", "")),
-                     "label": int(meta.get("label", int(s.get("cls", b"-1")))), "fold": int(meta.get("fold", -1))})
+        rows.append(
+            {
+                "key": meta.get("key", s["__key__"]),
+                "group": str(meta.get("group", "")),
+                "label": int(meta.get("label", int(s.get("cls", b"-1")))),
+                "fold": int(meta.get("fold", -1)),
+            }
+        )
     if stats.problems:
-        raise DataError(f"cannot read the training shards' metadata for the OOF merge check: {stats.problems[:3]}; "
-                        "run 'distrib shard-inspect' on the shard dir and re-shard broken files")
+        raise DataError(
+            f"cannot read the training shards' metadata for the OOF merge check: {stats.problems[:3]}; "
+            "run 'distrib shard-inspect' on the shard dir and re-shard broken files"
+        )
     return pd.DataFrame(rows)
 
 
@@ -124,8 +151,10 @@ def _load_runs(run_dirs: list[str]):
         runs.append((str(d), model, cfg))
     folds = sorted(cfg.data.fold for _, _, cfg in runs)
     if folds != list(range(len(runs))):
-        raise DistribError(f"OOF extraction needs one run per fold 0..{len(runs) - 1}; the runs' data.fold are "
-                           f"{[c.data.fold for _, _, c in runs]} ({run_dirs})")
+        raise DistribError(
+            f"OOF extraction needs one run per fold 0..{len(runs) - 1}; the runs' data.fold are "
+            f"{[c.data.fold for _, _, c in runs]} ({run_dirs})"
+        )
     shards = {c.data.shards for _, _, c in runs}
     if len(shards) != 1:
         raise DistribError(f"fold runs were trained on different shards {sorted(shards)}; embed runs of one sweep")
@@ -136,8 +165,10 @@ def check_val_anchors(n_val: int, embed_cfg: EmbedConfig, where: str, fix: str =
     """The alignment anchors are val images: ``embed.dim`` needs at least that many. Called before a sweep or a
     recipe starts (the shard index or the val manifest gives ``n_val``), not after the fold models are trained."""
     if n_val < embed_cfg.dim:
-        raise DataError(f"embed.dim={embed_cfg.dim} needs at least that many val images to align the fold models' "
-                        f"embeddings, but {where} has {n_val}; add val images or set {fix}={max(1, n_val // 2)}")
+        raise DataError(
+            f"embed.dim={embed_cfg.dim} needs at least that many val images to align the fold models' "
+            f"embeddings, but {where} has {n_val}; add val images or set {fix}={max(1, n_val // 2)}"
+        )
 
 
 def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfig) -> pd.DataFrame:
@@ -145,12 +176,13 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
     import torch
 
     from distrib.data.index import read_index
-
     from distrib.data.loader import folds_for
 
     if embed_cfg.anchors < embed_cfg.dim or embed_cfg.fit_samples < embed_cfg.dim:  # fail before any embedding
-        raise DataError(f"embed.dim={embed_cfg.dim} needs embed.anchors and embed.fit_samples >= dim (got "
-                        f"{embed_cfg.anchors}, {embed_cfg.fit_samples}); lower embed.dim or raise them")
+        raise DataError(
+            f"embed.dim={embed_cfg.dim} needs embed.anchors and embed.fit_samples >= dim (got "
+            f"{embed_cfg.anchors}, {embed_cfg.fit_samples}); lower embed.dim or raise them"
+        )
     runs = _load_runs(list(run_dirs))
     k = len(runs)
     shards = runs[0][2].data.shards
@@ -164,16 +196,21 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
         log.info(f"embed: fold model {i + 1}/{k} ({run_dir}) on {device}: train, held-out fold, val/test")
         model.to(device).eval()
         fold = cfg.data.fold
-        fit_feats.append(embed_split(model, cfg, "train", folds_for(fold, k), bs, embed_cfg.fit_samples)
-                         .arrays()[0][:embed_cfg.fit_samples])
+        fit_feats.append(
+            embed_split(model, cfg, "train", folds_for(fold, k), bs, embed_cfg.fit_samples).arrays()[0][
+                : embed_cfg.fit_samples
+            ]
+        )
         held.append(embed_split(model, cfg, "train", [fold], bs))
         evals.append({s: embed_split(model, cfg, s, None, bs) for s in ("val", "test") if _has_split(shards, s)})
         anchor_feats.append(_anchor_rows(evals[-1], embed_cfg.anchors, embed_cfg.dim))
         model.cpu()
     aligns = fit_alignments(fit_feats, anchor_feats, embed_cfg.dim, seed=runs[0][2].train.seed)
     name = runs[0][2].model.name
-    parts = [_table(h, a.transform(h.arrays()[0]), h.arrays()[1], h.arrays()[2], fold, "oof", name)
-             for fold, (h, a) in enumerate(zip(held, aligns))]
+    parts = [
+        _table(h, a.transform(h.arrays()[0]), h.arrays()[1], h.arrays()[2], fold, "oof", name)
+        for fold, (h, a) in enumerate(zip(held, aligns))
+    ]
     for split in evals[0]:
         parts.append(_averaged(split, [e[split] for e in evals], aligns, name))
     df = pd.concat(parts, ignore_index=True)
@@ -182,12 +219,22 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
     refit = None
     if embed_cfg.inference == "refit":  # before the parquet: a step that checks it sees a complete refit
         from distrib.stacking.refit import add_refit
+
         refit = add_refit(runs[0][0], out_path, embed_cfg, aligns[0].transform(anchor_feats[0]), name)
     with atomic_path(out_path) as tmp:
         df.to_parquet(tmp, index=False)
-    save_alignment(alignment_path(out_path), aligns, {"runs": [r[0] for r in runs], "model": name,
-                                                      "dim": embed_cfg.dim, "shards": shards,
-                                                      "inference": embed_cfg.inference, "refit": refit})
+    save_alignment(
+        alignment_path(out_path),
+        aligns,
+        {
+            "runs": [r[0] for r in runs],
+            "model": name,
+            "dim": embed_cfg.dim,
+            "shards": shards,
+            "inference": embed_cfg.inference,
+            "refit": refit,
+        },
+    )
     return df
 
 
@@ -198,26 +245,40 @@ def alignment_path(parquet: str | Path) -> Path:
 
 def _has_split(shards: str, split: str) -> bool:
     from distrib.data.index import read_index
+
     return any(s["split"] == split for s in read_index(shards)["shards"])
 
 
 def _anchor_rows(evals: dict, n: int, dim: int) -> np.ndarray:
     """The first ``n`` val samples by key: the same unlabeled samples for every fold model."""
     if "val" not in evals:
-        raise DataError("alignment anchors come from the 'val' split, which these shards lack; "
-                        "shard with 'distrib shard --val VAL.csv'")
+        raise DataError(
+            "alignment anchors come from the 'val' split, which these shards lack; "
+            "shard with 'distrib shard --val VAL.csv'"
+        )
     e = evals["val"]
     feats = e.arrays()[0]
     order = np.argsort(np.asarray(e.keys, dtype=object), kind="stable")[:n]
     if len(order) < dim:
-        raise DataError(f"only {len(order)} anchor samples for embed.dim={dim}: Procrustes needs at least dim "
-                        f"anchors; raise embed.anchors (now {n}) or lower embed.dim")
+        raise DataError(
+            f"only {len(order)} anchor samples for embed.dim={dim}: Procrustes needs at least dim "
+            f"anchors; raise embed.anchors (now {n}) or lower embed.dim"
+        )
     return feats[order]
 
 
 def _table(e: Embedded, emb: np.ndarray, probs, recon, fold: int, split: str, name: str) -> pd.DataFrame:
-    df = pd.DataFrame({"key": e.keys, "group": e.groups, "label": np.asarray(e.labels, dtype=int),
-                       "fold": fold, "split": split, "model": name, "prob": np.asarray(probs, dtype=float)})
+    df = pd.DataFrame(
+        {
+            "key": e.keys,
+            "group": e.groups,
+            "label": np.asarray(e.labels, dtype=int),
+            "fold": fold,
+            "split": split,
+            "model": name,
+            "prob": np.asarray(probs, dtype=float),
+        }
+    )
     if recon is not None:
         df["recon_error"] = np.asarray(recon, dtype=float)
     embs = pd.DataFrame(emb.astype(np.float32), columns=[f"emb_{j:03d}" for j in range(emb.shape[1])])
@@ -230,13 +291,18 @@ def _averaged(split: str, per_fold: list[Embedded], aligns, name: str) -> pd.Dat
     order = [np.argsort(np.asarray(e.keys, dtype=object), kind="stable") for e in per_fold]
     keys = [np.asarray(e.keys, dtype=object)[o] for e, o in zip(per_fold, order)]
     if any(len(kk) != len(keys[0]) or (kk != keys[0]).any() for kk in keys):
-        raise DataError(f"fold models read different {split} samples (corrupt samples skipped?); "
-                        "run 'distrib shard-inspect' and fix the shards")
+        raise DataError(
+            f"fold models read different {split} samples (corrupt samples skipped?); "
+            "run 'distrib shard-inspect' and fix the shards"
+        )
     emb = np.mean([a.transform(e.arrays()[0][o]) for a, e, o in zip(aligns, per_fold, order)], axis=0)
     probs = np.mean([e.arrays()[1][o] for e, o in zip(per_fold, order)], axis=0)
     recon = None if ref.arrays()[2] is None else np.mean([e.arrays()[2][o] for e, o in zip(per_fold, order)], axis=0)
-    sorted_ref = Embedded(keys=list(keys[0]), groups=list(np.asarray(ref.groups, dtype=object)[order[0]]),
-                          labels=list(np.asarray(ref.labels)[order[0]]))
+    sorted_ref = Embedded(
+        keys=list(keys[0]),
+        groups=list(np.asarray(ref.groups, dtype=object)[order[0]]),
+        labels=list(np.asarray(ref.labels)[order[0]]),
+    )
     return _table(sorted_ref, emb, probs, recon, -1, split, name)
 
 

@@ -18,6 +18,7 @@ Candidates, simplest first (``SIMPLICITY``; ``auto`` ties go to the earlier one)
 Persisted without pickle: ``meta_model.json`` (kind, input columns, JSON parameters) plus, for
 ``lightgbm``, LightGBM's own text model ``meta_model.txt``.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,13 +88,17 @@ def load_model(d: Path, legacy_columns: list[str] | None = None) -> MetaModel:
     """Read ``save``'s files; a stack dir from before meta_model.json holds only a LightGBM meta_model.txt."""
     spec_path = d / "meta_model.json"
     if not spec_path.is_file():
-        return MetaModel("lightgbm", list(legacy_columns or []), booster=lgb.Booster(model_file=str(d / "meta_model.txt")))
+        return MetaModel(
+            "lightgbm", list(legacy_columns or []), booster=lgb.Booster(model_file=str(d / "meta_model.txt"))
+        )
     spec = json.loads(spec_path.read_text())
     booster = None
     if spec["kind"] == "lightgbm":
         path = d / spec.get("model_file", "meta_model.txt")
         if not path.is_file():
-            raise DataError(f"{spec_path} names LightGBM model {path}, which is missing; re-run 'distrib stack --out {d}'")
+            raise DataError(
+                f"{spec_path} names LightGBM model {path}, which is missing; re-run 'distrib stack --out {d}'"
+            )
         booster = lgb.Booster(model_file=str(path))
     if spec["kind"] not in SIMPLICITY:
         raise DataError(f"{spec_path}: unknown meta-model kind {spec['kind']!r}; expected one of {SIMPLICITY}")
@@ -147,45 +152,88 @@ def fit_logistic(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, cfg: StackC
     cols = list(X.columns)
     scaler = StandardScaler().fit(_design(X, cols))
     Z = scaler.transform(_design(X, cols))
-    inner = [(tr, te) for tr, te in folds_fn(y, groups, min(cfg.inner_folds, len(pd.unique(groups))), cfg.seed + 1)
-             if len(np.unique(y[te])) == 2]  # a one-class inner fold has no AUC (tiny tables)
+    inner = [
+        (tr, te)
+        for tr, te in folds_fn(y, groups, min(cfg.inner_folds, len(pd.unique(groups))), cfg.seed + 1)
+        if len(np.unique(y[te])) == 2
+    ]  # a one-class inner fold has no AUC (tiny tables)
     if not inner:
-        raise DataError(f"logistic meta-learner: no inner grouped fold of {len(y)} rows holds both classes; "
-                        "use more groups or stack.meta=weighted")
-    clf = LogisticRegressionCV(Cs=cfg.logistic_cs, l1_ratios=(0.0,), cv=inner, scoring="roc_auc",
-                               solver="newton-cholesky", max_iter=200, random_state=cfg.seed, n_jobs=1,
-                               use_legacy_attributes=False).fit(Z, y)
-    return MetaModel("logistic", cols, {"mean": scaler.mean_.tolist(), "scale": scaler.scale_.tolist(),
-                                        "coef": np.ravel(clf.coef_).tolist(), "intercept": float(np.ravel(clf.intercept_)[0]),
-                                        "C": float(np.ravel(clf.C_)[0])})
+        raise DataError(
+            f"logistic meta-learner: no inner grouped fold of {len(y)} rows holds both classes; "
+            "use more groups or stack.meta=weighted"
+        )
+    clf = LogisticRegressionCV(
+        Cs=cfg.logistic_cs,
+        l1_ratios=(0.0,),
+        cv=inner,
+        scoring="roc_auc",
+        solver="newton-cholesky",
+        max_iter=200,
+        random_state=cfg.seed,
+        n_jobs=1,
+        use_legacy_attributes=False,
+    ).fit(Z, y)
+    return MetaModel(
+        "logistic",
+        cols,
+        {
+            "mean": scaler.mean_.tolist(),
+            "scale": scaler.scale_.tolist(),
+            "coef": np.ravel(clf.coef_).tolist(),
+            "intercept": float(np.ravel(clf.intercept_)[0]),
+            "C": float(np.ravel(clf.C_)[0]),
+        },
+    )
 
 
 def lgb_classifier(cfg: StackConfig, columns: list[str], n_estimators: int | None = None) -> lgb.LGBMClassifier:
     mono = [1 if (cfg.monotone and is_prob(c)) else 0 for c in columns]
-    return lgb.LGBMClassifier(n_estimators=n_estimators or cfg.n_estimators, learning_rate=cfg.learning_rate,
-                              num_leaves=cfg.num_leaves, min_child_samples=cfg.min_child_samples,
-                              colsample_bytree=cfg.feature_fraction, reg_lambda=cfg.lambda_l2,
-                              monotone_constraints=mono, n_jobs=cfg.n_jobs, random_state=cfg.seed,
-                              deterministic=True, force_row_wise=True, verbose=-1)
+    return lgb.LGBMClassifier(
+        n_estimators=n_estimators or cfg.n_estimators,
+        learning_rate=cfg.learning_rate,
+        num_leaves=cfg.num_leaves,
+        min_child_samples=cfg.min_child_samples,
+        colsample_bytree=cfg.feature_fraction,
+        reg_lambda=cfg.lambda_l2,
+        monotone_constraints=mono,
+        n_jobs=cfg.n_jobs,
+        random_state=cfg.seed,
+        deterministic=True,
+        force_row_wise=True,
+        verbose=-1,
+    )
 
 
-def fit_lightgbm(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, cfg: StackConfig, folds_fn,
-                 n_estimators: int | None = None) -> MetaModel:
+def fit_lightgbm(
+    X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, cfg: StackConfig, folds_fn, n_estimators: int | None = None
+) -> MetaModel:
     """Early stopping watches an inner grouped split of these rows only; a fixed ``n_estimators`` skips it."""
     cols = list(X.columns)
     if n_estimators or cfg.early_stopping_rounds == 0:
         model = lgb_classifier(cfg, cols, n_estimators).fit(X, y)
         return MetaModel("lightgbm", cols, booster=model.booster_, params={"n_estimators": model.n_estimators})
     inner_tr, inner_es = folds_fn(y, groups, min(cfg.inner_folds, len(pd.unique(groups))), cfg.seed + 1)[0]
-    model = lgb_classifier(cfg, cols).fit(X.iloc[inner_tr], y[inner_tr], eval_X=(X.iloc[inner_es],),
-                                          eval_y=(y[inner_es],), eval_metric="auc",
-                                          callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)])
+    model = lgb_classifier(cfg, cols).fit(
+        X.iloc[inner_tr],
+        y[inner_tr],
+        eval_X=(X.iloc[inner_es],),
+        eval_y=(y[inner_es],),
+        eval_metric="auc",
+        callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
+    )
     best = int(model.best_iteration_ or cfg.n_estimators)
     return MetaModel("lightgbm", cols, booster=model.booster_, n_iter=best, params={"n_estimators": best})
 
 
-def fit_candidate(kind: str, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, cfg: StackConfig, folds_fn,
-                  n_estimators: int | None = None) -> MetaModel:
+def fit_candidate(
+    kind: str,
+    X: pd.DataFrame,
+    y: np.ndarray,
+    groups: np.ndarray,
+    cfg: StackConfig,
+    folds_fn,
+    n_estimators: int | None = None,
+) -> MetaModel:
     """Fit one candidate on (X, y); ``X`` holds exactly the columns that candidate reads."""
     if kind == "best_expert":
         return fit_best_expert(X, y, X.columns[0])

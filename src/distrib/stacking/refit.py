@@ -16,6 +16,7 @@ itself (so a step that checks the parquet sees a complete refit):
 
 The OOF rows, and so the meta-model, are unchanged: refit only changes what runs at inference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 def refit_paths(parquet: str | Path) -> dict[str, Path]:
     """Where a refit expert's run dir, val/test table and alignment live, next to the OOF parquet."""
     p = Path(parquet).resolve()
-    return {"run": p.with_name(f"{p.stem}_refit"), "table": p.with_name(f"{p.stem}_refit.parquet"),
-            "alignment": p.with_name(f"{p.stem}_refit_alignment.npz")}
+    return {
+        "run": p.with_name(f"{p.stem}_refit"),
+        "table": p.with_name(f"{p.stem}_refit.parquet"),
+        "alignment": p.with_name(f"{p.stem}_refit_alignment.npz"),
+    }
 
 
 def train_refit(fold_run: str | Path, out_dir: str | Path) -> str:
@@ -70,21 +74,30 @@ def add_refit(fold_run: str, parquet: str | Path, embed_cfg: EmbedConfig, refere
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     bs, shards = embed_cfg.batch_size, cfg.data.shards
-    fit = embed_split(model, cfg, "train", None, bs, embed_cfg.fit_samples).arrays()[0][:embed_cfg.fit_samples]
+    fit = embed_split(model, cfg, "train", None, bs, embed_cfg.fit_samples).arrays()[0][: embed_cfg.fit_samples]
     evals = {s: embed_split(model, cfg, s, None, bs) for s in ("val", "test") if _has_split(shards, s)}
-    align = align_to_reference(fit, _anchor_rows(evals, embed_cfg.anchors, embed_cfg.dim), reference,
-                               embed_cfg.dim, seed=cfg.train.seed)
+    align = align_to_reference(
+        fit, _anchor_rows(evals, embed_cfg.anchors, embed_cfg.dim), reference, embed_cfg.dim, seed=cfg.train.seed
+    )
     model.cpu()
-    parts = [_table(e, align.transform(e.arrays()[0]), e.arrays()[1], e.arrays()[2], -1, s, name)
-             for s, e in evals.items()]
+    parts = [
+        _table(e, align.transform(e.arrays()[0]), e.arrays()[1], e.arrays()[2], -1, s, name) for s, e in evals.items()
+    ]
     df = pd.concat(parts, ignore_index=True)
     with atomic_path(paths["table"]) as tmp:
         df.to_parquet(tmp, index=False)
-    save_alignment(paths["alignment"], [align], {"runs": [run_dir], "model": name, "dim": embed_cfg.dim,
-                                                  "shards": shards, "refit_of": str(fold_run)})
+    save_alignment(
+        paths["alignment"],
+        [align],
+        {"runs": [run_dir], "model": name, "dim": embed_cfg.dim, "shards": shards, "refit_of": str(fold_run)},
+    )
     log.info(f"embed: refit model aligned (Procrustes residual {align.residual:.3f} vs fold 0's anchors)")
-    return {"run": run_dir, "table": str(paths["table"]), "alignment": str(paths["alignment"]),
-            "residual": float(align.residual)}
+    return {
+        "run": run_dir,
+        "table": str(paths["table"]),
+        "alignment": str(paths["alignment"]),
+        "residual": float(align.residual),
+    }
 
 
 def refit_table(experts: list[dict]) -> pd.DataFrame | None:
@@ -99,7 +112,7 @@ def refit_table(experts: list[dict]) -> pd.DataFrame | None:
     rename = {}
     for e, r in zip(experts, refit):  # the same expert names as the OOF tables (load_experts names by model)
         if e["name"] != r["name"]:
-            rename.update({c: e["name"] + c[len(r["name"]):] for c in table.columns if c.startswith(r["name"] + "__")})
+            rename.update({c: e["name"] + c[len(r["name"]) :] for c in table.columns if c.startswith(r["name"] + "__")})
     return table.rename(columns=rename)
 
 
@@ -113,13 +126,17 @@ def compare_refit(experts, model, stage1, split_metrics: dict, best_expert: str,
         return None
     if stage1 and STAGE1 in model.columns:
         rt[STAGE1], _ = load_stage1(stage1, rt["key"])
-    part = rt[["key", "group", "label", "split"]].assign(prob=model.predict(rt), **{
-        f"prob_{e['name']}": rt[f"{e['name']}__prob"] for e in experts})
+    part = rt[["key", "group", "label", "split"]].assign(
+        prob=model.predict(rt), **{f"prob_{e['name']}": rt[f"{e['name']}__prob"] for e in experts}
+    )
     out = {}
     for split, rows in part.groupby("split"):
         cmp = _versus_best_expert(rows.reset_index(drop=True), f"{split} (refit experts)", best_expert, cfg)
         folds = (split_metrics.get(split) or {}).get("meta_auc")
         if cmp:
-            out[split] = {**cmp, "meta_auc_folds": folds,
-                          "diff_refit_minus_folds": None if folds is None else cmp["meta_auc"] - folds}
+            out[split] = {
+                **cmp,
+                "meta_auc_folds": folds,
+                "diff_refit_minus_folds": None if folds is None else cmp["meta_auc"] - folds,
+            }
     return out

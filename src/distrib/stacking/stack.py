@@ -14,11 +14,12 @@ below the best expert in CV. The chosen candidate is refit on every OOF row (Lig
 median CV best iteration) and applied to val/test, where its AUC is compared with the best
 expert's with a grouped-bootstrap CI of the difference.
 """
+
 from __future__ import annotations
 
-import logging
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def _read_table(path: Path, what: str, fix: str, csv_ok: bool = False) -> pd.Dat
     try:
         return pd.read_parquet(path)
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a CSV or a truncated file
-        raise DataError(f"{path} is not a readable parquet file ({type(err).__name__}: {str(err)[:80]}); "
-                        f"{what} must be the parquet written by {fix}") from None
+        raise DataError(
+            f"{path} is not a readable parquet file ({type(err).__name__}: {str(err)[:80]}); "
+            f"{what} must be the parquet written by {fix}"
+        ) from None
 
 
 def check_probs(df: pd.DataFrame, path: Path, col: str = "prob") -> None:
@@ -70,13 +73,17 @@ def check_probs(df: pd.DataFrame, path: Path, col: str = "prob") -> None:
     p = pd.to_numeric(df[col], errors="coerce")
     nan = p.isna().to_numpy()
     if nan.any():
-        raise DataError(f"{path}: {int(nan.sum())} row(s) have no numeric '{col}' (keys {_keys(df.loc[nan, 'key'])}); "
-                        "re-run the step that wrote it, or drop those samples from every expert")
+        raise DataError(
+            f"{path}: {int(nan.sum())} row(s) have no numeric '{col}' (keys {_keys(df.loc[nan, 'key'])}); "
+            "re-run the step that wrote it, or drop those samples from every expert"
+        )
     bad = ((p < 0) | (p > 1)).to_numpy()
     if bad.any():
-        raise DataError(f"{path}: '{col}' must be P(label=1) in [0, 1], found {float(p[bad].iloc[0]):g} on "
-                        f"{int(bad.sum())} row(s) (keys {_keys(df.loc[bad, 'key'])}); divide a 0-100 score by 100, "
-                        "pass logits through a sigmoid")
+        raise DataError(
+            f"{path}: '{col}' must be P(label=1) in [0, 1], found {float(p[bad].iloc[0]):g} on "
+            f"{int(bad.sum())} row(s) (keys {_keys(df.loc[bad, 'key'])}); divide a 0-100 score by 100, "
+            "pass logits through a sigmoid"
+        )
 
 
 def load_experts(paths: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
@@ -89,28 +96,42 @@ def load_experts(paths: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
     base, experts, seen = None, [], {}
     for path in map(Path, paths):
         if path.resolve() in seen:
-            raise DataError(f"--oof {path} is given twice (also as {seen[path.resolve()]}); each expert's "
-                            "oof_embeddings.parquet once")
+            raise DataError(
+                f"--oof {path} is given twice (also as {seen[path.resolve()]}); each expert's "
+                "oof_embeddings.parquet once"
+            )
         seen[path.resolve()] = path
         df = _read_table(path, "OOF table", "'distrib embed' or the sweep with tune.embed_best")
         missing = [c for c in REQUIRED if c not in df.columns]
         if missing:
             raise DataError(f"{path} lacks column(s) {missing}; oof_embeddings.parquet needs {list(REQUIRED)} + emb_*")
         if df["key"].duplicated().any():
-            raise DataError(f"{path}: duplicated keys {_keys(df.loc[df['key'].duplicated(), 'key'])}; "
-                            "each sample must appear exactly once (re-run the OOF merge)")
+            raise DataError(
+                f"{path}: duplicated keys {_keys(df.loc[df['key'].duplicated(), 'key'])}; "
+                "each sample must appear exactly once (re-run the OOF merge)"
+            )
         check_probs(df, path)
         name = re.sub(r"[^A-Za-z0-9_]", "_", str(df["model"].iloc[0]))
         if any(e["name"] == name for e in experts):
             if base is not None and df.set_index("key")["prob"].reindex(base["key"]).equals(
-                    base.set_index("key")[f"{name}__prob"]):
-                raise DataError(f"{path} holds the same expert ('{name}', identical probabilities) as an earlier "
-                                "--oof file; give each expert once")
+                base.set_index("key")[f"{name}__prob"]
+            ):
+                raise DataError(
+                    f"{path} holds the same expert ('{name}', identical probabilities) as an earlier "
+                    "--oof file; give each expert once"
+                )
             name = f"{name}_{len(experts)}"
         embs = _emb_cols(df)
         has_recon = "recon_error" in df.columns
-        experts.append({"name": name, "path": str(path), "model": str(df["model"].iloc[0]),
-                        "emb_dim": len(embs), "has_recon": has_recon})
+        experts.append(
+            {
+                "name": name,
+                "path": str(path),
+                "model": str(df["model"].iloc[0]),
+                "emb_dim": len(embs),
+                "has_recon": has_recon,
+            }
+        )
         cols = {"prob": f"{name}__prob", **{c: f"{name}__{c}" for c in embs}}
         if has_recon:
             cols["recon_error"] = f"{name}__recon_error"
@@ -121,15 +142,19 @@ def load_experts(paths: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
         only_new = set(part["key"]) - set(base["key"])
         only_old = set(base["key"]) - set(part["key"])
         if only_new or only_old:
-            raise DataError(f"experts disagree on samples: {len(only_old)} key(s) missing from {path} "
-                            f"({_keys(only_old)}) and {len(only_new)} key(s) only in it ({_keys(only_new)}); "
-                            "every expert must be embedded on the same shards")
+            raise DataError(
+                f"experts disagree on samples: {len(only_old)} key(s) missing from {path} "
+                f"({_keys(only_old)}) and {len(only_new)} key(s) only in it ({_keys(only_new)}); "
+                "every expert must be embedded on the same shards"
+            )
         merged = base.merge(part, on="key", suffixes=("", "__new"))
         for col in ("group", "label", "split"):
             bad = merged[col].astype(str) != merged[f"{col}__new"].astype(str)
             if bad.any():
-                raise DataError(f"{path} disagrees with {experts[0]['path']} on '{col}' for keys "
-                                f"{_keys(merged.loc[bad, 'key'])}; the experts were built from different shards")
+                raise DataError(
+                    f"{path} disagrees with {experts[0]['path']} on '{col}' for keys "
+                    f"{_keys(merged.loc[bad, 'key'])}; the experts were built from different shards"
+                )
         base = merged.drop(columns=[f"{c}__new" for c in ("group", "label", "split")])
     return base.reset_index(drop=True), experts
 
@@ -151,12 +176,16 @@ def load_stage1(paths: list[str | Path], keys: pd.Series) -> tuple[np.ndarray, l
     df = pd.concat(parts, ignore_index=True)
     dup = df["key"].duplicated(keep=False)
     if dup.any():
-        raise DataError(f"--stage1: {int(dup.sum())} rows repeat a key ({_keys(df.loc[dup, 'key'].unique())}, in "
-                        f"{sorted(df.loc[dup, 'source'].unique())}); give each sample's stage-1 probability once")
+        raise DataError(
+            f"--stage1: {int(dup.sum())} rows repeat a key ({_keys(df.loc[dup, 'key'].unique())}, in "
+            f"{sorted(df.loc[dup, 'source'].unique())}); give each sample's stage-1 probability once"
+        )
     prob = df.set_index("key")["prob"].reindex(keys.astype(str))
     if prob.isna().any():
-        raise DataError(f"--stage1 {[str(p) for p in paths]} has no probability for {int(prob.isna().sum())} "
-                        f"sample(s) ({_keys(keys[prob.isna().to_numpy()])}); it must cover the OOF, val and test rows")
+        raise DataError(
+            f"--stage1 {[str(p) for p in paths]} has no probability for {int(prob.isna().sum())} "
+            f"sample(s) ({_keys(keys[prob.isna().to_numpy()])}); it must cover the OOF, val and test rows"
+        )
     return prob.to_numpy(dtype=float), [str(p) for p in paths]
 
 
@@ -187,8 +216,9 @@ def group_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> 
     return folds
 
 
-def cross_validate(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, folds, cfg: StackConfig,
-                   kind: str = "lightgbm") -> dict:
+def cross_validate(
+    X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, folds, cfg: StackConfig, kind: str = "lightgbm"
+) -> dict:
     """Out-of-fold meta predictions and per-fold AUC; each row is scored once, by a model that never saw it."""
     pred = np.full(len(y), np.nan)
     aucs, iters = [], []
@@ -197,8 +227,14 @@ def cross_validate(X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, folds, cf
         pred[te] = model.predict(X.iloc[te])
         aucs.append(float(roc_auc_score(y[te], pred[te])))
         iters.append(model.params.get("n_estimators"))
-    out = {"pred": pred, "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
-           "auc_pooled": float(roc_auc_score(y, pred)), "per_fold": aucs, "n_features": X.shape[1]}
+    out = {
+        "pred": pred,
+        "auc_mean": float(np.mean(aucs)),
+        "auc_std": float(np.std(aucs)),
+        "auc_pooled": float(roc_auc_score(y, pred)),
+        "per_fold": aucs,
+        "n_features": X.shape[1],
+    }
     return out | ({"best_iterations": iters} if kind == "lightgbm" else {})
 
 
@@ -223,8 +259,13 @@ def _candidate_columns(kind: str, features: list[str], best_col: str) -> list[st
 
 def _per_fold(y, p, folds) -> dict:
     per = [float(roc_auc_score(y[te], p[te])) for _, te in folds]
-    return {"auc_mean": float(np.mean(per)), "auc_std": float(np.std(per)), "auc_pooled": float(roc_auc_score(y, p)),
-            "per_fold": per, "n_features": 1}
+    return {
+        "auc_mean": float(np.mean(per)),
+        "auc_std": float(np.std(per)),
+        "auc_pooled": float(roc_auc_score(y, p)),
+        "per_fold": per,
+        "n_features": 1,
+    }
 
 
 def _leaderboard(cand_runs: dict[str, dict]) -> dict[str, dict]:
@@ -233,8 +274,12 @@ def _leaderboard(cand_runs: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for k, r in cand_runs.items():
         diff = np.asarray(r["per_fold"]) - base
-        out[k] = {**{m: v for m, v in r.items() if m != "pred"}, "diff_vs_best_expert": diff.tolist(),
-                  "diff_mean": float(diff.mean()), "folds_above_best_expert": int((diff > 0).sum())}
+        out[k] = {
+            **{m: v for m, v in r.items() if m != "pred"},
+            "diff_vs_best_expert": diff.tolist(),
+            "diff_mean": float(diff.mean()),
+            "folds_above_best_expert": int((diff > 0).sum()),
+        }
     return out
 
 
@@ -243,17 +288,29 @@ def _versus_best_expert(part: pd.DataFrame, split: str, best_expert: str, cfg: S
     if part["label"].nunique() < 2:
         return None
     experts = [c for c in part.columns if c.startswith("prob_")]
-    cmp = auc_difference(part["label"], part["prob"], part[f"prob_{best_expert.split(':', 1)[1]}"], part["group"],
-                         cfg.bootstrap, cfg.seed)
-    out = {"meta_auc": cmp["auc"], **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in experts},
-           "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)}}
+    cmp = auc_difference(
+        part["label"],
+        part["prob"],
+        part[f"prob_{best_expert.split(':', 1)[1]}"],
+        part["group"],
+        cfg.bootstrap,
+        cfg.seed,
+    )
+    out = {
+        "meta_auc": cmp["auc"],
+        **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in experts},
+        "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)},
+    }
     if cfg.group_agg != "none":
-        out["group"] = {k: group_metrics(part["group"], part["label"], part[k], cfg.group_agg) for k in ["prob", *experts]}
+        out["group"] = {
+            k: group_metrics(part["group"], part["label"], part[k], cfg.group_agg) for k in ["prob", *experts]
+        }
     return out
 
 
-def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig,
-              stage1: list[str | Path] | None = None) -> dict:
+def fit_stack(
+    oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig, stage1: list[str | Path] | None = None
+) -> dict:
     """Candidates and ablation on one set of grouped meta folds, the chosen model refit on every OOF row.
 
     Writes meta_model.json (+ .txt for LightGBM), meta_features.json, stack_results.json,
@@ -262,8 +319,10 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
     from distrib.plots import plot_bars
 
     if "stage1" in cfg.features and not stage1:
-        raise DataError("stack.features includes 'stage1' but no --stage1 file was given; pass key,prob stage-1 "
-                        "predictions (out-of-fold for training rows) or drop 'stage1' from stack.features")
+        raise DataError(
+            "stack.features includes 'stage1' but no --stage1 file was given; pass key,prob stage-1 "
+            "predictions (out-of-fold for training rows) or drop 'stage1' from stack.features"
+        )
     out = Path(out_dir)
     table, experts = load_experts(oof_paths)
     stage1_source = None
@@ -294,8 +353,10 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
         runs[name] = cross_validate(oof[feature_columns(experts, chosen)], y, groups, folds, cfg)
         ablation[name] = {k: v for k, v in runs[name].items() if k != "pred"}
 
-    cand_runs = {"best_expert": {"pred": oof[best_col].to_numpy(), **ablation[best_expert]},
-                 "lightgbm": runs[configured]}
+    cand_runs = {
+        "best_expert": {"pred": oof[best_col].to_numpy(), **ablation[best_expert]},
+        "lightgbm": runs[configured],
+    }
     skipped = {}
     for kind in ("weighted", "logistic"):
         if cols := _candidate_columns(kind, features, best_col):
@@ -306,16 +367,20 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
                 skipped[kind] = str(err)
     candidates = _leaderboard(cand_runs)
     if cfg.group_agg != "none":  # the same OOF predictions scored per group, next to per sample
-        preds_of = {**{k: oof[f"{k.split(':', 1)[1]}__prob"].to_numpy() for k in ablation if k.startswith("expert:")},
-                    **({"stage1 alone": oof[STAGE1].to_numpy()} if STAGE1 in oof else {}),
-                    **{k: r["pred"] for k, r in runs.items()}}
+        preds_of = {
+            **{k: oof[f"{k.split(':', 1)[1]}__prob"].to_numpy() for k in ablation if k.startswith("expert:")},
+            **({"stage1 alone": oof[STAGE1].to_numpy()} if STAGE1 in oof else {}),
+            **{k: r["pred"] for k, r in runs.items()},
+        }
         for board, source in ((ablation, preds_of), (candidates, {k: r["pred"] for k, r in cand_runs.items()})):
             for name, pred in source.items():
                 board[name]["group"] = group_metrics(groups, y, pred, cfg.group_agg)
     auto_pick = choose(candidates, cfg.tie)
     kind = auto_pick if cfg.meta == "auto" else cfg.meta
     if kind not in cand_runs:
-        raise DataError(skipped.get(kind) or f"stack.meta={kind} has no input columns with stack.features={cfg.features}")
+        raise DataError(
+            skipped.get(kind) or f"stack.meta={kind} has no input columns with stack.features={cfg.features}"
+        )
     cv_main = cand_runs[kind]
     cols = _candidate_columns(kind, features, best_col)
     n_final = int(np.median(cv_main["best_iterations"])) if kind == "lightgbm" else None
@@ -328,35 +393,67 @@ def fit_stack(oof_paths: list[str | Path], out_dir: str | Path, cfg: StackConfig
     rest = table[table["split"] != "oof"].reset_index(drop=True)
     expert_cols = {f"prob_{e['name']}": f"{e['name']}__prob" for e in experts}
     keep = ["key", "group", "label", "split"]
-    preds = pd.concat([
-        oof[keep].assign(prob=cv_main["pred"], meta_fold=meta_fold, **{k: oof[v] for k, v in expert_cols.items()}),
-        rest[keep].assign(prob=model.predict(rest) if len(rest) else np.zeros(0), meta_fold=-1,
-                          **{k: rest[v] for k, v in expert_cols.items()}),
-    ], ignore_index=True)
+    preds = pd.concat(
+        [
+            oof[keep].assign(prob=cv_main["pred"], meta_fold=meta_fold, **{k: oof[v] for k, v in expert_cols.items()}),
+            rest[keep].assign(
+                prob=model.predict(rest) if len(rest) else np.zeros(0),
+                meta_fold=-1,
+                **{k: rest[v] for k, v in expert_cols.items()},
+            ),
+        ],
+        ignore_index=True,
+    )
     preds.to_parquet(out / "meta_predictions.parquet", index=False)
 
-    split_metrics = {split: _versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
-                     for split in sorted(rest["split"].unique(), key=lambda v: (v != "val", v))}
+    split_metrics = {
+        split: _versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
+        for split in sorted(rest["split"].unique(), key=lambda v: (v != "val", v))
+    }
     split_metrics = {k: v for k, v in split_metrics.items() if v}
     refit_splits = compare_refit(experts, model, stage1, split_metrics, best_expert, cfg)  # embed.inference=refit
-    meta_info = {"experts": experts, "features": cols, "feature_sets": list(cfg.features), "meta": kind,
-                 "stage1_source": stage1_source, "config": dataclasses.asdict(cfg), "n_estimators": n_final,
-                 "model": {k: v for k, v in spec.items() if k != "params"},
-                 "prediction": "stack.load_meta + stack.predict_meta -> P(label=1)"}
-    results = {"n_oof": int(len(oof)), "n_groups": int(len(pd.unique(groups))), "folds": cfg.folds,
-               "meta": kind, "meta_setting": cfg.meta, "auto_pick": auto_pick, "tie": cfg.tie,
-               "features": configured, "n_features": len(cols), "stage1_source": stage1_source,
-               "cv": {k: v for k, v in cv_main.items() if k != "pred"},
-               "cv_oof_metrics": binary_metrics(y, cv_main["pred"]),
-               "best_expert": best_expert, "candidates": candidates, "candidates_skipped": skipped,
-               "ablation": ablation,
-               "final_n_estimators": n_final, "splits": split_metrics, "refit_splits": refit_splits}
+    meta_info = {
+        "experts": experts,
+        "features": cols,
+        "feature_sets": list(cfg.features),
+        "meta": kind,
+        "stage1_source": stage1_source,
+        "config": dataclasses.asdict(cfg),
+        "n_estimators": n_final,
+        "model": {k: v for k, v in spec.items() if k != "params"},
+        "prediction": "stack.load_meta + stack.predict_meta -> P(label=1)",
+    }
+    results = {
+        "n_oof": int(len(oof)),
+        "n_groups": int(len(pd.unique(groups))),
+        "folds": cfg.folds,
+        "meta": kind,
+        "meta_setting": cfg.meta,
+        "auto_pick": auto_pick,
+        "tie": cfg.tie,
+        "features": configured,
+        "n_features": len(cols),
+        "stage1_source": stage1_source,
+        "cv": {k: v for k, v in cv_main.items() if k != "pred"},
+        "cv_oof_metrics": binary_metrics(y, cv_main["pred"]),
+        "best_expert": best_expert,
+        "candidates": candidates,
+        "candidates_skipped": skipped,
+        "ablation": ablation,
+        "final_n_estimators": n_final,
+        "splits": split_metrics,
+        "refit_splits": refit_splits,
+    }
     for name, obj in (("meta_features.json", meta_info), ("stack_results.json", results)):
         write_json(out / name, obj)
     bars = {**{f"meta:{k}": v for k, v in candidates.items()}, **ablation}
-    plot_bars({k: v["auc_mean"] for k, v in bars.items()}, out / "stack_ablation.png",
-              "Meta-CV AUC by candidate and feature set", "AUC (mean over meta folds)",
-              errors=[v["auc_std"] for v in bars.values()])
+    plot_bars(
+        {k: v["auc_mean"] for k, v in bars.items()},
+        out / "stack_ablation.png",
+        "Meta-CV AUC by candidate and feature set",
+        "AUC (mean over meta folds)",
+        errors=[v["auc_std"] for v in bars.values()],
+    )
     return results
 
 
@@ -389,7 +486,9 @@ def predict_meta(model: MetaModel, meta: dict, frame: pd.DataFrame) -> np.ndarra
     """P(label=1) from the meta-model for rows holding the columns listed in ``meta['features']``."""
     missing = [c for c in meta["features"] if c not in frame.columns]
     if missing:
-        hint = (" (stage1__prob: the cascade adds stage 1's probability)" if STAGE1 in missing else "")
-        raise DataError(f"meta-model features missing from the input: {missing[:SHOW]}{hint}; the experts given to "
-                        f"the cascade must match meta_features.json ({[e['name'] for e in meta['experts']]})")
+        hint = " (stage1__prob: the cascade adds stage 1's probability)" if STAGE1 in missing else ""
+        raise DataError(
+            f"meta-model features missing from the input: {missing[:SHOW]}{hint}; the experts given to "
+            f"the cascade must match meta_features.json ({[e['name'] for e in meta['experts']]})"
+        )
     return model.predict(frame)

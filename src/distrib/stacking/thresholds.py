@@ -10,6 +10,7 @@ TN / (TN + FP) counted only over rows outside the band. This is the stricter rea
 uncertain rows are resolved correctly, end-to-end recall and specificity can only be higher.
 Unmet constraints are reported as ``feasible: false`` with a sentence, never silently violated.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,12 +34,16 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
     """Read a predictions CSV/parquet with at least ``label`` and ``prob`` (``group``, ``split`` optional)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"predictions file not found: {path} (pass --pred meta_predictions.parquet or val_predictions.csv)")
+        raise DataError(
+            f"predictions file not found: {path} (pass --pred meta_predictions.parquet or val_predictions.csv)"
+        )
     df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     missing = [c for c in ("label", "prob") if c not in df.columns]
     if missing:
-        raise DataError(f"{path} lacks column(s) {missing}; a predictions file needs label and prob "
-                        f"(columns present: {list(df.columns)[:12]})")
+        raise DataError(
+            f"{path} lacks column(s) {missing}; a predictions file needs label and prob "
+            f"(columns present: {list(df.columns)[:12]})"
+        )
     bad = ~df["label"].isin([0, 1])
     if bad.any():
         raise DataError(f"{path}: label must be 0/1, found {sorted(df.loc[bad, 'label'].unique().tolist())[:5]}")
@@ -47,20 +52,26 @@ def load_predictions(path: str | Path) -> pd.DataFrame:
     out = (df["prob"] < 0) | (df["prob"] > 1)
     if out.any():
         hint = " (a 0-100 percentage? divide by 100)" if df["prob"].max() <= 100 and df["prob"].min() >= 0 else ""
-        raise DataError(f"{path}: prob must be a probability in 0..1, but {int(out.sum())} rows are outside it "
-                        f"(min {df['prob'].min():g}, max {df['prob'].max():g}){hint}; fix the column and re-run")
+        raise DataError(
+            f"{path}: prob must be a probability in 0..1, but {int(out.sum())} rows are outside it "
+            f"(min {df['prob'].min():g}, max {df['prob'].max():g}){hint}; fix the column and re-run"
+        )
     return df
 
 
 def _check_fit_rows(df: pd.DataFrame) -> None:
     if "split" in df.columns and (df["split"] == "test").any():
-        raise DistribError(f"refusing to fit thresholds on {int((df['split'] == 'test').sum())} rows with "
-                           "split == 'test': thresholds are fit on OOF or val predictions only; "
-                           "select those rows (thresholds.fit_split=oof or val)")
+        raise DistribError(
+            f"refusing to fit thresholds on {int((df['split'] == 'test').sum())} rows with "
+            "split == 'test': thresholds are fit on OOF or val predictions only; "
+            "select those rows (thresholds.fit_split=oof or val)"
+        )
     y = df["label"].to_numpy()
     if (y == 1).sum() == 0 or (y == 0).sum() == 0:
-        raise DataError(f"threshold fitting needs both classes; got {int((y == 1).sum())} positives and "
-                        f"{int((y == 0).sum())} negatives")
+        raise DataError(
+            f"threshold fitting needs both classes; got {int((y == 1).sum())} positives and "
+            f"{int((y == 0).sum())} negatives"
+        )
 
 
 def rates(y: np.ndarray, score: np.ndarray, t_low: float, t_high: float) -> dict:
@@ -70,10 +81,16 @@ def rates(y: np.ndarray, score: np.ndarray, t_low: float, t_high: float) -> dict
     auto = (score < t_low) | (score >= t_high)
     pred = (score >= t_high).astype(int)
     tn, fp, fn, tp = confusion_matrix(y[auto], pred[auto], labels=[0, 1]).ravel() if auto.any() else (0, 0, 0, 0)
-    return {"recall": float(tp / (tp + fn)) if tp + fn else float("nan"),
-            "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
-            "precision": float(tp / (tp + fp)) if tp + fp else float("nan"),
-            "uncertain_fraction": float(1 - auto.mean()), "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
+    return {
+        "recall": float(tp / (tp + fn)) if tp + fn else float("nan"),
+        "specificity": float(tn / (tn + fp)) if tn + fp else float("nan"),
+        "precision": float(tp / (tp + fp)) if tp + fp else float("nan"),
+        "uncertain_fraction": float(1 - auto.mean()),
+        "tp": int(tp),
+        "fp": int(fp),
+        "tn": int(tn),
+        "fn": int(fn),
+    }
 
 
 def threshold_f1(y: np.ndarray, score: np.ndarray) -> float:
@@ -134,16 +151,25 @@ def fit_band(y: np.ndarray, score: np.ndarray, recall: float, specificity: float
             best = (key, i, j)
     n = len(score)
     if best is None:
-        return {"feasible": False, "t_low": None, "t_high": None, "uncertain_fraction": 1.0,
-                "message": (f"no band meets recall >= {recall} and specificity >= {specificity} on its "
-                            f"auto-decided rows: every rule that decides at least one of the {n} rows "
-                            "violates a constraint; all rows would have to go to the next stage")}
+        return {
+            "feasible": False,
+            "t_low": None,
+            "t_high": None,
+            "uncertain_fraction": 1.0,
+            "message": (
+                f"no band meets recall >= {recall} and specificity >= {specificity} on its "
+                f"auto-decided rows: every rule that decides at least one of the {n} rows "
+                "violates a constraint; all rows would have to go to the next stage"
+            ),
+        }
     _, i, j = best
     t_low, t_high = float(cand[i]), float(cand[j])
     out = {"feasible": True, "t_low": t_low, "t_high": t_high, **rates(y, score, t_low, t_high)}
-    out["message"] = (f"band [{t_low:.4g}, {t_high:.4g}) routes {out['uncertain_fraction']:.1%} of rows to the next "
-                      f"stage; auto-decided recall {_fmt(out['recall'])} >= {recall}, "
-                      f"specificity {_fmt(out['specificity'])} >= {specificity}")
+    out["message"] = (
+        f"band [{t_low:.4g}, {t_high:.4g}) routes {out['uncertain_fraction']:.1%} of rows to the next "
+        f"stage; auto-decided recall {_fmt(out['recall'])} >= {recall}, "
+        f"specificity {_fmt(out['specificity'])} >= {specificity}"
+    )
     return out
 
 
@@ -173,8 +199,9 @@ def weighted_auc(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.nd
         return (pos * (below + 0.5 * neg)).sum(1) / (pos.sum(1) * neg.sum(1))
 
 
-def auc_difference(y: np.ndarray, score: np.ndarray, baseline: np.ndarray, groups: np.ndarray,
-                   n_boot: int, seed: int) -> dict:
+def auc_difference(
+    y: np.ndarray, score: np.ndarray, baseline: np.ndarray, groups: np.ndarray, n_boot: int, seed: int
+) -> dict:
     """AUC(score) - AUC(baseline) on the same rows (sklearn), with a grouped-bootstrap 95% CI of it.
 
     Whole groups are resampled with replacement (``group_resamples``, shared with ``grouped_bootstrap``);
@@ -189,12 +216,19 @@ def auc_difference(y: np.ndarray, score: np.ndarray, baseline: np.ndarray, group
         gid, counts = group_resamples(groups, n_boot, seed)
         rw = counts[:, gid]  # B x N row weights
         ci = _ci(weighted_auc(y, score, rw) - weighted_auc(y, baseline, rw))
-    return {"auc": a, "baseline_auc": b, "diff": a - b, "diff_ci95": ci, "bootstrap": int(n_boot),
-            "groups": int(len(pd.unique(pd.Series(np.asarray(groups)).astype(str))))}
+    return {
+        "auc": a,
+        "baseline_auc": b,
+        "diff": a - b,
+        "diff_ci95": ci,
+        "bootstrap": int(n_boot),
+        "groups": int(len(pd.unique(pd.Series(np.asarray(groups)).astype(str)))),
+    }
 
 
-def grouped_bootstrap(y: np.ndarray, score: np.ndarray, groups: np.ndarray, rules: dict[str, tuple[float, float]],
-                      n_boot: int, seed: int) -> dict:
+def grouped_bootstrap(
+    y: np.ndarray, score: np.ndarray, groups: np.ndarray, rules: dict[str, tuple[float, float]], n_boot: int, seed: int
+) -> dict:
     """95% CIs of recall and specificity per rule, resampling whole groups with replacement."""
     if n_boot == 0:
         return {}
@@ -205,10 +239,15 @@ def grouped_bootstrap(y: np.ndarray, score: np.ndarray, groups: np.ndarray, rule
     out = {}
     for name, (lo, hi) in rules.items():
         neg_pred, pos_pred = score < lo, score >= hi
-        per_group = np.stack([np.bincount(gid, weights=(y == 1) & pos_pred, minlength=G),
-                              np.bincount(gid, weights=(y == 1) & neg_pred, minlength=G),
-                              np.bincount(gid, weights=(y == 0) & neg_pred, minlength=G),
-                              np.bincount(gid, weights=(y == 0) & pos_pred, minlength=G)], axis=1)
+        per_group = np.stack(
+            [
+                np.bincount(gid, weights=(y == 1) & pos_pred, minlength=G),
+                np.bincount(gid, weights=(y == 1) & neg_pred, minlength=G),
+                np.bincount(gid, weights=(y == 0) & neg_pred, minlength=G),
+                np.bincount(gid, weights=(y == 0) & pos_pred, minlength=G),
+            ],
+            axis=1,
+        )
         tp, fn, tn, fp = (weights @ per_group).T
         with np.errstate(invalid="ignore", divide="ignore"):
             rec, spec = tp / (tp + fn), tn / (tn + fp)
@@ -237,22 +276,28 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
     unit = "sample"
     if cfg.group_agg != "none":  # one score per group (video, item): decisions are then made per group
         if "group" not in df.columns:
-            raise DataError(f"thresholds.group_agg={cfg.group_agg} needs a 'group' column in the predictions; "
-                            "add one or set thresholds.group_agg=none")
+            raise DataError(
+                f"thresholds.group_agg={cfg.group_agg} needs a 'group' column in the predictions; "
+                "add one or set thresholds.group_agg=none"
+            )
         groups, y, s = group_scores(groups, y, s, cfg.group_agg)
         unit = f"group ({cfg.group_agg} of its samples' probabilities)"
     t_f1, t_j = threshold_f1(y, s), threshold_youden(y, s)
     t_r = threshold_max_specificity(y, s, cfg.recall)
-    single = {"f1": {"threshold": t_f1, **rates(y, s, t_f1, t_f1)},
-              "youden": {"threshold": t_j, **rates(y, s, t_j, t_j)},
-              "max_specificity_at_recall": {"threshold": t_r, "recall_target": cfg.recall, **rates(y, s, t_r, t_r)}}
+    single = {
+        "f1": {"threshold": t_f1, **rates(y, s, t_f1, t_f1)},
+        "youden": {"threshold": t_j, **rates(y, s, t_j, t_j)},
+        "max_specificity_at_recall": {"threshold": t_r, "recall_target": cfg.recall, **rates(y, s, t_r, t_r)},
+    }
     con = single["max_specificity_at_recall"]
     con["feasible"] = bool(con["recall"] >= cfg.recall - _EPS)
-    con["message"] = (f"t = {t_r:.4g} keeps recall {con['recall']:.4f} >= {cfg.recall} with specificity "
-                      f"{con['specificity']:.4f}")
+    con["message"] = (
+        f"t = {t_r:.4g} keeps recall {con['recall']:.4f} >= {cfg.recall} with specificity {con['specificity']:.4f}"
+    )
     if con["specificity"] < cfg.specificity:
-        con["message"] += (f"; a single threshold cannot also reach specificity >= {cfg.specificity} "
-                           "(use the 3-way band)")
+        con["message"] += (
+            f"; a single threshold cannot also reach specificity >= {cfg.specificity} (use the 3-way band)"
+        )
     band = fit_band(y, s, cfg.recall, cfg.specificity)
     band.update(recall_target=cfg.recall, specificity_target=cfg.specificity)
     rules = {k: (v["threshold"], v["threshold"]) for k, v in single.items()}
@@ -262,24 +307,42 @@ def fit_thresholds(df: pd.DataFrame, cfg: ThresholdConfig, out_dir: str | Path, 
     for k, v in ci.items():
         (band if k == "band" else single[k]).update(v)
     prefix = f"{name}_" if name else ""
-    plots = {"roc": plot_roc({name or "score": (y, s)}, out / f"{prefix}roc.png",
-                             points={k: (1 - v["specificity"], v["recall"]) for k, v in single.items()}),
-             "pr": plot_pr({name or "score": (y, s)}, out / f"{prefix}pr.png"),
-             "metrics_vs_threshold": plot_metrics_vs_threshold(
-                 y, s, out / f"{prefix}metrics_vs_threshold.png", marks={k: v["threshold"] for k, v in single.items()},
-                 band=(band["t_low"], band["t_high"]) if band["feasible"] else None)}
-    result = {"unit": unit, "group_agg": cfg.group_agg, "n": int(len(y)), "positives": int(y.sum()), "groups": int(len(pd.unique(groups))),
-              "splits_used": sorted(df["split"].unique().tolist()) if "split" in df.columns else ["(no split column)"],
-              "bootstrap": cfg.bootstrap, "single": single, "band": band,
-              "plots": {k: str(Path(p).name) for k, p in plots.items()}}
+    plots = {
+        "roc": plot_roc(
+            {name or "score": (y, s)},
+            out / f"{prefix}roc.png",
+            points={k: (1 - v["specificity"], v["recall"]) for k, v in single.items()},
+        ),
+        "pr": plot_pr({name or "score": (y, s)}, out / f"{prefix}pr.png"),
+        "metrics_vs_threshold": plot_metrics_vs_threshold(
+            y,
+            s,
+            out / f"{prefix}metrics_vs_threshold.png",
+            marks={k: v["threshold"] for k, v in single.items()},
+            band=(band["t_low"], band["t_high"]) if band["feasible"] else None,
+        ),
+    }
+    result = {
+        "unit": unit,
+        "group_agg": cfg.group_agg,
+        "n": int(len(y)),
+        "positives": int(y.sum()),
+        "groups": int(len(pd.unique(groups))),
+        "splits_used": sorted(df["split"].unique().tolist()) if "split" in df.columns else ["(no split column)"],
+        "bootstrap": cfg.bootstrap,
+        "single": single,
+        "band": band,
+        "plots": {k: str(Path(p).name) for k, p in plots.items()},
+    }
     path = out / f"{prefix}thresholds.json"
     result = json_safe(result)
     write_json(path, result)
     return result
 
 
-def select_fit_rows(df: pd.DataFrame, fit_split: str, source: str = "predictions",
-                    log_test_rows: bool = True) -> pd.DataFrame:
+def select_fit_rows(
+    df: pd.DataFrame, fit_split: str, source: str = "predictions", log_test_rows: bool = True
+) -> pd.DataFrame:
     """Rows of ``fit_split`` ('oof', 'val' or 'oof+val'); test rows are dropped and counted, never used.
 
     ``log_test_rows=False``: no log line about them (``predict`` re-derives a cascade's fitted thresholds)."""
@@ -291,8 +354,10 @@ def select_fit_rows(df: pd.DataFrame, fit_split: str, source: str = "predictions
     want = fit_split.split("+")
     sel = df[df["split"].isin(want)]
     if sel.empty:
-        raise DataError(f"{source} has no rows with split in {want} (splits present: "
-                        f"{sorted(df['split'].unique().tolist())}); set thresholds.fit_split accordingly")
+        raise DataError(
+            f"{source} has no rows with split in {want} (splits present: "
+            f"{sorted(df['split'].unique().tolist())}); set thresholds.fit_split accordingly"
+        )
     return sel
 
 

@@ -17,6 +17,7 @@ can be replayed by hand. Run dirs live in ``SWEEP_DIR/trials/<config>_fold<k>`` 
 cluster SWEEP_DIR must be on a shared filesystem; Ray's own state goes to ``--storage``).
 The grid lives in ``grid.py``, a trial in ``trial.py``, summaries and the best-config choice in ``report.py``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,16 +31,34 @@ from pathlib import Path
 import yaml
 
 from distrib.atomic import write_json, write_text
-from distrib.config import (SWEEP_RESUME_SAFE, ConfigError, ExperimentConfig, build_config, check_resume,
-                            config_to_dict, load_config, parse_override, read_yaml_mapping, save_config, set_dotted)
+from distrib.config import (
+    SWEEP_RESUME_SAFE,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    check_resume,
+    config_to_dict,
+    load_config,
+    parse_override,
+    read_yaml_mapping,
+    save_config,
+    set_dotted,
+)
 from distrib.errors import DistribError
+from distrib.sweep.grid import check_grid, trial_overrides
 from distrib.sweep.local_ray import PID_FILE, reap, start_ray, stop_ray
 from distrib.sweep.report import write_outputs
-from distrib.sweep.grid import check_grid, trial_overrides
-from distrib.sweep.search import (check_fresh, check_search, param_space, run_cv_trial, sampled_configs,
-                                  tune_config, validation_configs)
-from distrib.sweep.trial import FAIL_ONCE_ENV, run_trial
+from distrib.sweep.search import (
+    check_fresh,
+    check_search,
+    param_space,
+    run_cv_trial,
+    sampled_configs,
+    tune_config,
+    validation_configs,
+)
 from distrib.sweep.tracking import finish_parent, start_parent
+from distrib.sweep.trial import FAIL_ONCE_ENV, run_trial
 from distrib.training.checkpoint import remove_stale_tmp
 
 EXPERIMENT = "sweep"  # Ray experiment name under the storage path
@@ -64,6 +83,7 @@ def _import_while_ray_starts(modules=TUNE_FIT_IMPORTS) -> threading.Thread:
                 importlib.import_module(name)
             except Exception:  # noqa: BLE001  optional: Tuner.fit imports it itself
                 log.debug("pre-import of %s failed", name, exc_info=True)
+
     thread = threading.Thread(target=run, name="distrib-preimport", daemon=True)
     thread.start()
     return thread
@@ -79,10 +99,13 @@ def _check_folds(cfg: ExperimentConfig) -> None:
     if not cfg.data.shards:
         raise ConfigError("data.shards is empty; pass data.shards=DIR (a shard dir holding index.json)")
     from distrib.data.index import read_index
+
     k = int(read_index(cfg.data.shards)["folds"])
     if k != cfg.tune.folds:
-        raise ConfigError(f"tune.folds={cfg.tune.folds} but the shards at {cfg.data.shards} have {k} folds; "
-                          f"set tune.folds={k} (every fold must be swept so the OOF table is complete)")
+        raise ConfigError(
+            f"tune.folds={cfg.tune.folds} but the shards at {cfg.data.shards} have {k} folds; "
+            f"set tune.folds={k} (every fold must be swept so the OOF table is complete)"
+        )
 
 
 def _absolute_shards(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -99,19 +122,35 @@ def _check_resume(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
         raise DistribError(f"--resume: {saved} not found; start the sweep without --resume first")
     old_grid = read_yaml_mapping(out_dir / GRID_FILE) if (out_dir / GRID_FILE).is_file() else grid
     if old_grid != grid:
-        raise ConfigError(f"--resume would change the sweep grid from {old_grid} (saved in {out_dir / GRID_FILE}) "
-                          f"to {grid}; pass the original --grid, or sweep the new grid into a new --out")
+        raise ConfigError(
+            f"--resume would change the sweep grid from {old_grid} (saved in {out_dir / GRID_FILE}) "
+            f"to {grid}; pass the original --grid, or sweep the new grid into a new --out"
+        )
     _check_folds(_absolute_shards(cfg))
-    changes = check_resume(config_to_dict(load_config(saved)), config_to_dict(cfg), str(saved),
-                           "pass the original config and overrides (the interrupted command plus --resume), or "
-                           "sweep the new settings into a new --out", safe=SWEEP_RESUME_SAFE)
+    changes = check_resume(
+        config_to_dict(load_config(saved)),
+        config_to_dict(cfg),
+        str(saved),
+        "pass the original config and overrides (the interrupted command plus --resume), or "
+        "sweep the new settings into a new --out",
+        safe=SWEEP_RESUME_SAFE,
+    )
     if changes:
-        log.info("--resume: allowed config changes: %s", ", ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}"
-                                                                  for c in changes))
+        log.info(
+            "--resume: allowed config changes: %s",
+            ", ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in changes),
+        )
         path = out_dir / RESUME_CHANGES
         import json
-        write_json(path, [*(json.loads(path.read_text()) if path.is_file() else []),
-                          {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}], indent=1)
+
+        write_json(
+            path,
+            [
+                *(json.loads(path.read_text()) if path.is_file() else []),
+                {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes},
+            ],
+            indent=1,
+        )
         save_config(cfg, out_dir)
     return saved
 
@@ -130,14 +169,17 @@ def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path, models_checked: b
         built.append(build_config(tree))
     if not models_checked:
         from distrib.training.setup import check_models
+
         check_models(built)
     saved = out_dir / "config.yaml"
     if saved.is_file() and (out_dir / "trials").is_dir():
         # trials resume from their run dirs' checkpoints: only the same sweep may reuse them
         old_grid = read_yaml_mapping(out_dir / GRID_FILE) if (out_dir / GRID_FILE).is_file() else None
         if config_to_dict(load_config(saved)) != base or old_grid != grid:
-            raise DistribError(f"{out_dir} already holds a sweep with a different config or grid, whose finished "
-                               "trials would be reused; pass --resume to continue that sweep, or choose a new --out")
+            raise DistribError(
+                f"{out_dir} already holds a sweep with a different config or grid, whose finished "
+                "trials would be reused; pass --resume to continue that sweep, or choose a new --out"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / GRID_FILE, yaml.safe_dump(grid, sort_keys=False))
     return save_config(cfg, out_dir)
@@ -153,35 +195,57 @@ def _build_trainable(cfg: ExperimentConfig, spec: dict):
     return tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
 
 
-def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: str | None = None,
-              storage: str | None = None, resume: bool = False, num_cpus: int | None = None,
-              models_checked: bool = False) -> dict:
+def run_sweep(
+    cfg: ExperimentConfig,
+    grid: dict,
+    out_dir: str | Path,
+    address: str | None = None,
+    storage: str | None = None,
+    resume: bool = False,
+    num_cpus: int | None = None,
+    models_checked: bool = False,
+) -> dict:
     """Run (or ``resume``) the grid x fold sweep, then summarise, pick the best config and embed it.
     ``models_checked``: the caller already built each model once (``distrib run`` does, for every expert)."""
     from ray import tune
+
     _import_while_ray_starts()
 
     out_dir = Path(out_dir).resolve()
     grid = check_grid(grid or cfg.tune.grid)
     check_search(grid, cfg.tune)
-    storage_path = str(Path(storage).resolve()) if storage and "://" not in storage else (storage or str(out_dir / "ray_results"))
+    storage_path = (
+        str(Path(storage).resolve()) if storage and "://" not in storage else (storage or str(out_dir / "ray_results"))
+    )
     exp_path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
     if cfg.tune.embed_best:  # the OOF step aligns on val images: too few fails now, not after every fold trained
         from distrib.data.index import read_index
         from distrib.stacking.embed import check_val_anchors
-        check_val_anchors(read_index(cfg.data.shards).get("split_counts", {}).get("val", 0), cfg.embed,
-                          f"{cfg.data.shards} (val split)")
+
+        check_val_anchors(
+            read_index(cfg.data.shards).get("split_counts", {}).get("val", 0),
+            cfg.embed,
+            f"{cfg.data.shards} (val split)",
+        )
     reap(out_dir / PID_FILE)  # before any file is written: refuses if a live driver owns out_dir, stops orphans
     if not resume:
         check_fresh(out_dir)
     config_path = _check_resume(cfg, grid, out_dir) if resume else _prepare(cfg, grid, out_dir, models_checked)
-    spec = {"folds": cfg.tune.folds, "sweep_dir": str(out_dir), "grid": grid, "config_path": str(config_path), "trials_dir": str(out_dir / "trials"),
-            "workers": cfg.tune.workers_per_trial, "cpus": cfg.tune.cpus_per_trial,
-            "gpus": cfg.tune.gpus_per_trial, "fail_once": os.environ.get(FAIL_ONCE_ENV, ""),
-            # a retry resumes from the run dir's last_checkpoint, in the sweep dir every node reads (its trials
-            # load SWEEP_DIR/config.yaml); Tune's copy of each checkpoint in --storage is opt-in (measured: a
-            # 129 MB resnet18+Adam checkpoint per epoch cost 0.4-1.35 s per slot of a 5-trial 2-node debug sweep)
-            "ship_checkpoints": cfg.tune.ship_checkpoints and bool(address or storage)}
+    spec = {
+        "folds": cfg.tune.folds,
+        "sweep_dir": str(out_dir),
+        "grid": grid,
+        "config_path": str(config_path),
+        "trials_dir": str(out_dir / "trials"),
+        "workers": cfg.tune.workers_per_trial,
+        "cpus": cfg.tune.cpus_per_trial,
+        "gpus": cfg.tune.gpus_per_trial,
+        "fail_once": os.environ.get(FAIL_ONCE_ENV, ""),
+        # a retry resumes from the run dir's last_checkpoint, in the sweep dir every node reads (its trials
+        # load SWEEP_DIR/config.yaml); Tune's copy of each checkpoint in --storage is opt-in (measured: a
+        # 129 MB resnet18+Adam checkpoint per epoch cost 0.4-1.35 s per slot of a 5-trial 2-node debug sweep)
+        "ship_checkpoints": cfg.tune.ship_checkpoints and bool(address or storage),
+    }
     parent = start_parent(cfg, out_dir)  # MLflow: one parent run, each trial a child run
     spec["tracker_env"] = parent["env"] if parent else {}
     t0 = time.time()
@@ -199,14 +263,19 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         if resume:
             if not tune.Tuner.can_restore(exp_path):
-                raise DistribError(f"--resume: no restorable Ray experiment at {exp_path}; "
-                                   "pass the same --out/--storage as the interrupted sweep")
+                raise DistribError(
+                    f"--resume: no restorable Ray experiment at {exp_path}; "
+                    "pass the same --out/--storage as the interrupted sweep"
+                )
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             grid_mode = cfg.tune.search == "grid"
-            tuner = tune.Tuner(trainable, param_space=_param_space(grid, cfg.tune.folds) if grid_mode else param_space(grid),
-                               tune_config=_tune_config(cfg) if grid_mode else tune_config(cfg),
-                               run_config=_run_config(cfg, storage_path))
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_param_space(grid, cfg.tune.folds) if grid_mode else param_space(grid),
+                tune_config=_tune_config(cfg) if grid_mode else tune_config(cfg),
+                run_config=_run_config(cfg, storage_path),
+            )
         results, stopped = _fit(tuner)
         t_fit = time.time() - t0 - t_ray
         errors = [str(r.error) for r in results if r.error]
@@ -219,11 +288,13 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
             sig = stop_ray()
     summary = None
     try:
-        summary = write_outputs(out_dir, grid, cfg, errors=errors,
-                                timing={"ray_init_s": t_ray, "fit_s": t_fit}, configs=configs)
+        summary = write_outputs(
+            out_dir, grid, cfg, errors=errors, timing={"ray_init_s": t_ray, "fit_s": t_fit}, configs=configs
+        )
         settled = summary["done"] + summary["stopped"]  # ASHA-stopped folds of a stopped config never run
-        summary["status"] = "interrupted" if stopped or sig else ("incomplete" if settled < summary["trials"]
-                                                                 else "done")
+        summary["status"] = (
+            "interrupted" if stopped or sig else ("incomplete" if settled < summary["trials"] else "done")
+        )
         summary["signal"] = int(sig or (2 if stopped else 0)) or None
     finally:
         finish_parent(parent, out_dir, summary)
@@ -231,6 +302,7 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
         return summary  # no OOF extraction from a sweep that was stopped; --resume finishes it
     if cfg.tune.embed_best and summary.get("best"):
         from distrib.stacking.embed import extract_oof
+
         runs = summary["best"]["run_dirs"]
         extract_oof(runs, out_dir / "oof_embeddings.parquet", cfg.embed)
         summary["oof_embeddings"] = str(out_dir / "oof_embeddings.parquet")
@@ -239,8 +311,10 @@ def run_sweep(cfg: ExperimentConfig, grid: dict, out_dir: str | Path, address: s
 
 def _fit(tuner):
     """``tuner.fit()``; also says whether a SIGINT stopped it early (Tune then returns normally)."""
+
     def on_sigint(signum, frame):
         raise KeyboardInterrupt
+
     on_sigint.raises = True  # local_ray's SIGTERM handler raises Interrupted(SIGTERM) instead of calling it
 
     # Tune swaps in its own SIGINT handler for the run and, on the first SIGINT, puts back the one it
@@ -259,29 +333,40 @@ def _fit(tuner):
 
 def _param_space(grid: dict, folds: int) -> dict:
     from ray import tune
+
     return {"grid": {k: tune.grid_search(v) for k, v in grid.items()}, "fold": tune.grid_search(list(range(folds)))}
 
 
 def _tune_config(cfg: ExperimentConfig):
     from ray import tune
+
     scheduler = None
     if cfg.tune.asha:  # biases a K-fold comparison (folds stop at different epochs): opt-in only
         from ray.tune.schedulers import ASHAScheduler
+
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(cfg.train.epochs, 1), grace_period=1)
     # metric/mode only matter to ASHA; configs are ranked afterwards by report.choose_best
     metric = {"metric": cfg.tune.metric, "mode": "max"} if scheduler else {}
-    return tune.TuneConfig(**metric, scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent or None, reuse_actors=True)
+    return tune.TuneConfig(
+        **metric, scheduler=scheduler, max_concurrent_trials=cfg.tune.max_concurrent or None, reuse_actors=True
+    )
 
 
 def tune_loggers() -> list:
     """Tune's per-trial progress.csv/result.json loggers, passed explicitly (TensorBoard's is left out)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
 def _run_config(cfg: ExperimentConfig, storage_path: str):
     from ray import tune
 
-    return tune.RunConfig(name=EXPERIMENT, storage_path=storage_path, verbose=0, callbacks=tune_loggers(),
-                          failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+    return tune.RunConfig(
+        name=EXPERIMENT,
+        storage_path=storage_path,
+        verbose=0,
+        callbacks=tune_loggers(),
+        failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )

@@ -3,6 +3,7 @@
 A grid config ``c{i}`` plus ``data.fold=k`` is one trial; ``trial_command`` is the exact
 ``distrib train`` command that replays it by hand.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -25,8 +26,12 @@ DISTRIBUTIONS = {  # grid YAML name -> what its arguments must be (ray.tune.<nam
 
 def load_grid(path: str | Path) -> dict[str, list]:
     """Read a grid YAML (``dotted.key: [values]``) and check every key against the config schema."""
-    grid = read_yaml_mapping(path, "grid file", "; pass --grid with a YAML of dotted key -> list of values",
-                             "dotted keys mapped to lists, e.g. 'optim.lr: [5.0e-5, 1.0e-4]'")
+    grid = read_yaml_mapping(
+        path,
+        "grid file",
+        "; pass --grid with a YAML of dotted key -> list of values",
+        "dotted keys mapped to lists, e.g. 'optim.lr: [5.0e-5, 1.0e-4]'",
+    )
     if isinstance(grid.get("grid"), dict):  # also accept a 'grid:' wrapper
         grid = grid["grid"]
     return check_grid(grid, str(path))
@@ -40,8 +45,10 @@ def check_grid(grid: dict, origin: str = "tune.grid") -> dict[str, list | dict]:
         if isinstance(values, dict):
             values = check_distribution(str(key), values, origin)
         elif not isinstance(values, list) or not values:
-            raise ConfigError(f"{origin}: '{key}' must be a non-empty list of values (or a distribution such as "
-                              f"{{loguniform: [1.0e-5, 1.0e-3]}}), got {values!r}")
+            raise ConfigError(
+                f"{origin}: '{key}' must be a non-empty list of values (or a distribution such as "
+                f"{{loguniform: [1.0e-5, 1.0e-3]}}), got {values!r}"
+            )
         if key == "data.fold":
             raise ConfigError(f"{origin}: 'data.fold' is swept automatically (tune.folds); remove it from the grid")
         out[str(key)] = values
@@ -51,18 +58,27 @@ def check_grid(grid: dict, origin: str = "tune.grid") -> dict[str, list | dict]:
 def check_distribution(key: str, spec: dict, origin: str) -> dict:
     """``{loguniform|uniform: [low, high]}``, ``{randint: [low, high]}`` (high exclusive) or ``{choice: [...]}``."""
     if len(spec) != 1:
-        raise ConfigError(f"{origin}: '{key}' must map one distribution name to its arguments, e.g. "
-                          f"{{loguniform: [1.0e-5, 1.0e-3]}}; got {spec!r}")
-    (name, args), = spec.items()
+        raise ConfigError(
+            f"{origin}: '{key}' must map one distribution name to its arguments, e.g. "
+            f"{{loguniform: [1.0e-5, 1.0e-3]}}; got {spec!r}"
+        )
+    ((name, args),) = spec.items()
     if name not in DISTRIBUTIONS:
-        raise ConfigError(f"{origin}: '{key}' has unknown distribution '{name}' (known: {', '.join(DISTRIBUTIONS)})"
-                          + closest_key(str(name), DISTRIBUTIONS))
+        raise ConfigError(
+            f"{origin}: '{key}' has unknown distribution '{name}' (known: {', '.join(DISTRIBUTIONS)})"
+            + closest_key(str(name), DISTRIBUTIONS)
+        )
     if name == "choice":
         ok = isinstance(args, list) and len(args) >= 1
     else:
-        ok = (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
-              and args[0] < args[1] and (name != "loguniform" or args[0] > 0)
-              and (name != "randint" or all(isinstance(a, int) for a in args)))
+        ok = (
+            isinstance(args, list)
+            and len(args) == 2
+            and all(isinstance(a, (int, float)) for a in args)
+            and args[0] < args[1]
+            and (name != "loguniform" or args[0] > 0)
+            and (name != "randint" or all(isinstance(a, int) for a in args))
+        )
     if not ok:
         raise ConfigError(f"{origin}: '{key}': {{{name}: {args!r}}} needs {DISTRIBUTIONS[name]}")
     return {name: list(args)}
@@ -82,7 +98,9 @@ def grid_configs(grid: dict[str, list]) -> list[dict]:
     keys = list(grid)
     out = []
     for i, values in enumerate(itertools.product(*(grid[k] for k in keys))):
-        out.append({"id": f"c{i}", "params": dict(zip(keys, values)), "overrides": params_overrides(dict(zip(keys, values)))})
+        out.append(
+            {"id": f"c{i}", "params": dict(zip(keys, values)), "overrides": params_overrides(dict(zip(keys, values)))}
+        )
     return out or [{"id": "c0", "params": {}, "overrides": []}]
 
 

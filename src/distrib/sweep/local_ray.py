@@ -15,6 +15,7 @@
 - **Temp dir.** Under the system temp dir (short: AF_UNIX socket paths stay under 107 bytes), never in
   the sweep dir.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,6 +45,7 @@ def _temp_dir() -> str:
 def _uses_dir(p, d: str) -> bool:
     """A Ray process names ``d`` in its cmdline or keeps a log file open under it (agents retitle themselves)."""
     import psutil
+
     try:
         return any(d in a for a in p.cmdline()) or any(f.path.startswith(d) for f in p.open_files())
     except psutil.Error:
@@ -53,6 +55,7 @@ def _uses_dir(p, d: str) -> bool:
 def _same_process(rec: dict):
     """The live process of a record, or None if it exited or its PID now belongs to another process."""
     import psutil
+
     try:
         p = psutil.Process(rec["pid"])
         if abs(p.create_time() - rec["create_time"]) > 0.05 or p.status() == psutil.STATUS_ZOMBIE:
@@ -65,6 +68,7 @@ def _same_process(rec: dict):
 def _not_ours(p, others: set[int]) -> bool:
     """True if ``p`` descends from a process that already ran before this cluster started (``others``)."""
     import psutil
+
     try:
         return p.pid in others or any(a.pid in others for a in p.parents())
     except psutil.Error:
@@ -77,6 +81,7 @@ def cluster_processes(temp_dir: str) -> list:
     Descendants that predate ``start_ray`` (and theirs), e.g. a ``ray start --head`` this program launched
     itself, belong to someone else's cluster and are left out, so ``stop_ray`` never stops them."""
     import psutil
+
     me = psutil.Process()
     others = _STATE.get("children_before", set())
     procs = {p.pid: p for p in me.children(recursive=True) if not _not_ours(p, others)}
@@ -89,6 +94,7 @@ def cluster_processes(temp_dir: str) -> list:
 def record_driver(pid_file: Path, temp_dir: str | None) -> list[dict]:
     """Write this driver and (after ``ray.init``) the cluster's processes to ``pid_file``."""
     import psutil
+
     me = psutil.Process()
     recs = []
     for p in cluster_processes(temp_dir) if temp_dir else []:
@@ -96,8 +102,11 @@ def record_driver(pid_file: Path, temp_dir: str | None) -> list[dict]:
             recs.append({"pid": p.pid, "create_time": p.create_time(), "name": p.name()})
         except psutil.Error:
             pass
-    write_json(pid_file, {"driver": me.pid, "driver_create_time": me.create_time(), "temp_dir": temp_dir,
-                          "procs": recs}, indent=1)
+    write_json(
+        pid_file,
+        {"driver": me.pid, "driver_create_time": me.create_time(), "temp_dir": temp_dir, "procs": recs},
+        indent=1,
+    )
     return recs
 
 
@@ -107,6 +116,7 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
     Raises DistribError if the recorded driver is still running: two drivers must not share a sweep dir.
     """
     import psutil
+
     pid_file = Path(pid_file)
     if not pid_file.is_file():
         return []
@@ -118,8 +128,10 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
         return []
     driver = {"pid": data["driver"], "create_time": data.get("driver_create_time", 0.0)}
     if driver["pid"] != os.getpid() and _same_process(driver) is not None:
-        raise DistribError(f"another distrib tune (pid {driver['pid']}) is running on {pid_file.parent}; wait "
-                           f"for it or stop it (kill {driver['pid']}), or choose another --out")
+        raise DistribError(
+            f"another distrib tune (pid {driver['pid']}) is running on {pid_file.parent}; wait "
+            f"for it or stop it (kill {driver['pid']}), or choose another --out"
+        )
     live = [p for p in (_same_process(r) for r in data.get("procs", [])) if p is not None]
     td = data.get("temp_dir")
     if td and Path(td).is_dir():  # workers started after the record was written
@@ -130,14 +142,19 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
         shutil.rmtree(td, ignore_errors=True)
     pid_file.unlink(missing_ok=True)
     if stopped and driver["pid"] != os.getpid():
-        log.warning("stopped %d Ray process(es) left by the killed sweep driver %s: %s", len(stopped),
-                    driver["pid"], ", ".join(stopped))
+        log.warning(
+            "stopped %d Ray process(es) left by the killed sweep driver %s: %s",
+            len(stopped),
+            driver["pid"],
+            ", ".join(stopped),
+        )
     return stopped
 
 
 def terminate(procs: list, grace_s: float) -> list[str]:
     """SIGTERM ``procs``, SIGKILL those still alive after ``grace_s``; returns "pid (name)" of each."""
     import psutil
+
     stopped = []
     for p in procs:
         try:
@@ -166,6 +183,7 @@ def _sigterm_as_sigint(signum, frame) -> None:
 def _gcs_on_loopback(address: str) -> bool:
     """True if ``address`` names 127.0.0.1/localhost and something listens there (a loopback-bound GCS)."""
     import socket
+
     host, _, port = address.rpartition(":")
     if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
         return False
@@ -189,8 +207,8 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_ser
     if loopback:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before the first `import ray`
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
     import psutil
+    import ray
     import ray._private.ray_constants as ray_constants
 
     if ray.is_initialized():
@@ -214,12 +232,18 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_ser
         try:
             if fork_server:  # named by the temp dir: recorded, reaped and stopped with the cluster
                 from distrib.sweep import zygote
+
                 sock = zygote.socket_path(temp_dir)
                 zygote.start(sock)
                 _STATE["zygote_env"] = os.environ.get(zygote.ENV)
                 os.environ[zygote.ENV] = sock  # ray.init's raylet, so every trial actor, inherits it
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     _temp_dir=temp_dir, log_to_driver=False)
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                _temp_dir=temp_dir,
+                log_to_driver=False,
+            )
         except BaseException:  # a failed or interrupted init: stop whatever it had started
             record_driver(pid_file, temp_dir)
             stop_ray()
@@ -228,8 +252,10 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_ser
         node_ip = ray._private.worker._global_node.node_ip_address
         if node_ip != "127.0.0.1":
             stop_ray()
-            raise DistribError(f"the local Ray cluster came up on {node_ip}, not 127.0.0.1; set "
-                               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (or pass --address of a cluster you started)")
+            raise DistribError(
+                f"the local Ray cluster came up on {node_ip}, not 127.0.0.1; set "
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (or pass --address of a cluster you started)"
+            )
     if _is_main_thread():
         _STATE["prev_sigterm"] = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
     return True
@@ -237,15 +263,18 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_ser
 
 def _is_main_thread() -> bool:
     import threading
+
     return threading.current_thread() is threading.main_thread()
 
 
 def stop_ray() -> int | None:
     """Shut down what ``start_ray`` started; returns the signal (SIGTERM) that interrupted it, if any."""
     import ray
+
     ray.shutdown()
     if "zygote_env" in _STATE:  # this driver's later sweeps must not see the removed socket
         from distrib.sweep.zygote import ENV
+
         if _STATE["zygote_env"] is None:
             os.environ.pop(ENV, None)
         else:
@@ -264,6 +293,7 @@ def stop_ray() -> int | None:
 def listening_sockets(procs) -> list[tuple[str, str, int]]:
     """(process name, address, port) of every TCP LISTEN socket the given processes hold."""
     import psutil
+
     out = []
     for p in procs:
         try:
@@ -275,4 +305,13 @@ def listening_sockets(procs) -> list[tuple[str, str, int]]:
     return out
 
 
-__all__ = ["PID_FILE", "start_ray", "stop_ray", "reap", "terminate", "record_driver", "cluster_processes", "listening_sockets"]
+__all__ = [
+    "PID_FILE",
+    "start_ray",
+    "stop_ray",
+    "reap",
+    "terminate",
+    "record_driver",
+    "cluster_processes",
+    "listening_sockets",
+]

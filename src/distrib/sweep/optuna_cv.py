@@ -3,6 +3,7 @@ told to Optuna as PRUNED, not as COMPLETE with the running mean of the folds it 
 different data than a finished config's). Its own module so optuna is imported only by optuna sweeps and
 the searcher pickles by name into Tune's experiment state (``--resume``).
 """
+
 from __future__ import annotations
 
 import optuna

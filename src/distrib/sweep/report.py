@@ -3,6 +3,7 @@
 Read from each trial's ``trial_result.json`` (written by the trial itself), so the summary is the same
 for a fresh, retried or ``--resume``d sweep and does not depend on Ray's internal result format.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,24 @@ from distrib.errors import DistribError
 from distrib.sweep.grid import grid_configs, trial_command, trial_overrides
 
 METRICS = ("auc", "f1", "recall", "specificity", "ap", "group_auc", "group_ap")  # group_*: eval.group_agg
-COLUMNS = ["config_id", "fold", "params", *METRICS, "epochs", "seconds", "status", "trial_dir", "command",
-           "folds_done", "config_status",
-           "node_id", "node_ip", "hostname", "attempts", "resume_step"]  # node: the Ray node of the last attempt
+COLUMNS = [
+    "config_id",
+    "fold",
+    "params",
+    *METRICS,
+    "epochs",
+    "seconds",
+    "status",
+    "trial_dir",
+    "command",
+    "folds_done",
+    "config_status",
+    "node_id",
+    "node_ip",
+    "hostname",
+    "attempts",
+    "resume_step",
+]  # node: the Ray node of the last attempt
 
 
 def pick_metric(metrics: dict, name: str) -> float:
@@ -41,21 +57,33 @@ def collect_rows(out_dir: Path, grid: dict, folds: int, configs: list[dict] | No
         for k in range(folds):
             run_dir = out_dir / "trials" / f"{c['id']}_fold{k}"
             res_path = run_dir / "trial_result.json"
-            row = {"config_id": c["id"], "fold": k, "params": "; ".join(c["overrides"]) or "(base)",
-                   "trial_dir": str(run_dir), "epochs": 0, "seconds": float("nan"),
-                   "status": "stopped" if c.get("status") == "stopped" else "missing",
-                   "command": trial_command(out_dir / "config.yaml", run_dir, trial_overrides(c["overrides"], k))}
+            row = {
+                "config_id": c["id"],
+                "fold": k,
+                "params": "; ".join(c["overrides"]) or "(base)",
+                "trial_dir": str(run_dir),
+                "epochs": 0,
+                "seconds": float("nan"),
+                "status": "stopped" if c.get("status") == "stopped" else "missing",
+                "command": trial_command(out_dir / "config.yaml", run_dir, trial_overrides(c["overrides"], k)),
+            }
             row.update({m: float("nan") for m in METRICS})
             if res_path.is_file():
                 res = json.loads(res_path.read_text())
                 met = res.get("metrics", {})
                 row.update({m: pick_metric(met, m) for m in METRICS})
-                row.update(status="done", seconds=res["seconds"], command=res["command"],
-                           epochs=int(res.get("epochs", 0)),
-                           **{k: res.get(k) for k in ("node_id", "node_ip", "hostname", "attempts", "resume_step")})
+                row.update(
+                    status="done",
+                    seconds=res["seconds"],
+                    command=res["command"],
+                    epochs=int(res.get("epochs", 0)),
+                    **{k: res.get(k) for k in ("node_id", "node_ip", "hostname", "attempts", "resume_step")},
+                )
             rows.append(row)
         done = sum(r["status"] == "done" for r in rows[first:])
-        status = "complete" if done == folds else {"stopped": "stopped", "error": "error"}.get(c.get("status"), "incomplete")
+        status = (
+            "complete" if done == folds else {"stopped": "stopped", "error": "error"}.get(c.get("status"), "incomplete")
+        )
         for r in rows[first:]:
             r.update(folds_done=done, config_status=status)
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -73,19 +101,27 @@ def choose_best(summary: pd.DataFrame, metric: str = "auc", folds: int | None = 
     table["std"] = table["std"].fillna(0.0)
     complete = table[table["count"] == folds]
     if complete.empty:
-        raise DistribError(f"no config finished all {folds} folds with a '{metric}' value; see "
-                           "sweep_summary.csv (status column) and the trial dirs' training logs, then rerun "
-                           "with --resume")
+        raise DistribError(
+            f"no config finished all {folds} folds with a '{metric}' value; see "
+            "sweep_summary.csv (status column) and the trial dirs' training logs, then rerun "
+            "with --resume"
+        )
     top = complete["mean"].max()
     tied = complete[np.isclose(complete["mean"], top, rtol=0.0, atol=1e-12)]
     best = tied.sort_values("std", kind="stable").iloc[0]
-    return {"config_id": str(best["config_id"]), "mean": float(best["mean"]), "std": float(best["std"]),
-            "folds": folds, "table": table.to_dict("records")}
+    return {
+        "config_id": str(best["config_id"]),
+        "mean": float(best["mean"]),
+        "std": float(best["std"]),
+        "folds": folds,
+        "table": table.to_dict("records"),
+    }
 
 
 def plot_fold_auc(summary: pd.DataFrame, path: Path, best_id: str | None = None) -> Path:
     """Per-fold AUC dots per config with the mean +- std bar."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -97,15 +133,27 @@ def plot_fold_auc(summary: pd.DataFrame, path: Path, best_id: str | None = None)
         for _, r in sub.iterrows():
             ax.annotate(str(int(r["fold"])), (i, r["auc"]), xytext=(4, 0), textcoords="offset points", fontsize=6)
         if len(sub):
-            ax.errorbar(i + 0.15, sub["auc"].mean(), yerr=sub["auc"].std(ddof=1) if len(sub) > 1 else 0,
-                        fmt="s", color="k" if cid != best_id else "crimson", capsize=3)
+            ax.errorbar(
+                i + 0.15,
+                sub["auc"].mean(),
+                yerr=sub["auc"].std(ddof=1) if len(sub) > 1 else 0,
+                fmt="s",
+                color="k" if cid != best_id else "crimson",
+                capsize=3,
+            )
     ax.set_xticks(range(len(ids)), [f"{c}*" if c == best_id else c for c in ids])
     ax.set(ylabel="validation AUC (held-out fold)", title="Per-fold AUC per config (* = best mean)")
     return save_figure(fig, path)
 
 
-def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list[str] | None = None,
-                  timing: dict | None = None, configs: list[dict] | None = None) -> dict:
+def write_outputs(
+    out_dir: Path,
+    grid: dict,
+    cfg: ExperimentConfig,
+    errors: list[str] | None = None,
+    timing: dict | None = None,
+    configs: list[dict] | None = None,
+) -> dict:
     """Write sweep_summary.csv, fold_auc.png, best_config.yaml and sweep_results.json; return the summary.
     ``configs``: a random/optuna sweep's sampled configs (``search.sampled_configs``), else the grid's."""
     configs = configs or grid_configs(grid)
@@ -113,9 +161,14 @@ def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list
     empty = [m for m in METRICS if m.startswith("group_") and summary[m].isna().all()]  # eval.group_agg none
     with atomic_path(out_dir / "sweep_summary.csv") as tmp:
         summary.drop(columns=empty).to_csv(tmp, index=False)
-    result: dict = {"sweep_dir": str(out_dir), "trials": len(summary),
-                    "done": int((summary["status"] == "done").sum()),
-                    "stopped": int((summary["status"] == "stopped").sum()), "errors": errors or [], **(timing or {})}
+    result: dict = {
+        "sweep_dir": str(out_dir),
+        "trials": len(summary),
+        "done": int((summary["status"] == "done").sum()),
+        "stopped": int((summary["status"] == "stopped").sum()),
+        "errors": errors or [],
+        **(timing or {}),
+    }
     if cfg.tune.search != "grid":
         result.update(search=cfg.tune.search, scheduler=cfg.tune.scheduler, configs=configs)
     try:
@@ -128,9 +181,11 @@ def write_outputs(out_dir: Path, grid: dict, cfg: ExperimentConfig, errors: list
     if best:
         overrides = next(c["overrides"] for c in configs if c["id"] == best["config_id"])
         best_cfg = load_config(out_dir / "config.yaml", overrides)
-        header = (f"# best config {best['config_id']} of the sweep in {out_dir}: mean CV AUC "
-                  f"{best['mean']:.4f} +- {best['std']:.4f} (std over {best['folds']} folds)\n"
-                  f"# grid overrides: {' '.join(overrides) or '(none)'}\n")
+        header = (
+            f"# best config {best['config_id']} of the sweep in {out_dir}: mean CV AUC "
+            f"{best['mean']:.4f} +- {best['std']:.4f} (std over {best['folds']} folds)\n"
+            f"# grid overrides: {' '.join(overrides) or '(none)'}\n"
+        )
         write_text(out_dir / "best_config.yaml", header + yaml.safe_dump(config_to_dict(best_cfg), sort_keys=False))
         runs = summary[summary["config_id"] == best["config_id"]].sort_values("fold")["trial_dir"].tolist()
         result["best"] = {**best, "overrides": overrides, "run_dirs": runs}

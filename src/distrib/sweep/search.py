@@ -18,6 +18,7 @@ Each trial claims a config id ``c<i>`` in ``SWEEP_DIR/samples/c<i>.json`` (its p
 fold AUCs); a retried or ``--resume``d trial (``Tuner.restore``: the searcher state is restored too) finds
 its id by trial id and re-reports its finished folds from their trial_result.json instead of retraining.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,18 +42,22 @@ def check_search(grid: dict, tune_cfg) -> None:
     if tune_cfg.search == "grid":
         for key, values in grid.items():
             if is_sampled(values):
-                raise ConfigError(f"the sweep grid samples '{key}' from {values} but tune.search=grid only "
-                                  f"enumerates lists; pass --search random or --search optuna (with --num-samples "
-                                  f"N), or give '{key}' a list of values")
+                raise ConfigError(
+                    f"the sweep grid samples '{key}' from {values} but tune.search=grid only "
+                    f"enumerates lists; pass --search random or --search optuna (with --num-samples "
+                    f"N), or give '{key}' a list of values"
+                )
     elif not grid:
-        raise ConfigError(f"tune.search={tune_cfg.search} has nothing to sample: the grid is empty; pass --grid "
-                          "with lists or distributions, e.g. 'optim.lr: {loguniform: [1.0e-5, 1.0e-3]}'")
+        raise ConfigError(
+            f"tune.search={tune_cfg.search} has nothing to sample: the grid is empty; pass --grid "
+            "with lists or distributions, e.g. 'optim.lr: {loguniform: [1.0e-5, 1.0e-3]}'"
+        )
 
 
 def _candidates(values) -> list:
     if isinstance(values, list):
         return values
-    (name, args), = values.items()
+    ((name, args),) = values.items()
     return [args[0], args[1] - 1] if name == "randint" else list(args)
 
 
@@ -62,8 +67,11 @@ def validation_configs(grid: dict, search: str) -> list[dict]:
     if search == "grid":
         return grid_configs(grid)
     first = {k: _candidates(v)[0] for k, v in grid.items()}
-    return [{"id": "probe", "overrides": params_overrides({**first, k: value})}
-            for k, v in grid.items() for value in _candidates(v)]
+    return [
+        {"id": "probe", "overrides": params_overrides({**first, k: value})}
+        for k, v in grid.items()
+        for value in _candidates(v)
+    ]
 
 
 def param_space(grid: dict) -> dict:
@@ -73,8 +81,9 @@ def param_space(grid: dict) -> dict:
     def sampler(values):
         if isinstance(values, list):
             return tune.choice(values)
-        (name, args), = values.items()
+        ((name, args),) = values.items()
         return tune.choice(args) if name == "choice" else getattr(tune, name)(*args)
+
     return {"grid": {k: sampler(v) for k, v in grid.items()}}
 
 
@@ -89,28 +98,38 @@ def tune_config(cfg: ExperimentConfig):
         from ray.tune.search import ConcurrencyLimiter
 
         from distrib.sweep.optuna_cv import CVOptunaSearch
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         res = ray.cluster_resources()  # Optuna learns only from finished configs: cap to what runs at once
-        slots = min(res.get("CPU", 1.0) / t.cpus_per_trial, res.get("GPU", 0.0) / t.gpus_per_trial
-                    if t.gpus_per_trial else math.inf)
-        searcher = ConcurrencyLimiter(CVOptunaSearch(metric=METRIC, mode="max", seed=cfg.train.seed, folds=t.folds),
-                                      max_concurrent=t.max_concurrent or max(1, int(slots)))
+        slots = min(
+            res.get("CPU", 1.0) / t.cpus_per_trial,
+            res.get("GPU", 0.0) / t.gpus_per_trial if t.gpus_per_trial else math.inf,
+        )
+        searcher = ConcurrencyLimiter(
+            CVOptunaSearch(metric=METRIC, mode="max", seed=cfg.train.seed, folds=t.folds),
+            max_concurrent=t.max_concurrent or max(1, int(slots)),
+        )
     else:
         from ray.tune.search import BasicVariantGenerator
+
         searcher = BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=t.max_concurrent)
     scheduler = None
     if t.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
+
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=t.folds, grace_period=1, reduction_factor=2)
-    return tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-                           num_samples=t.num_samples)
+    return tune.TuneConfig(
+        metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler, num_samples=t.num_samples
+    )
 
 
 def check_fresh(out_dir: Path) -> None:
     """A sampled sweep cannot be re-run into a dir that holds one (its configs would mix); --resume continues it."""
     if (Path(out_dir) / SAMPLES).is_dir():
-        raise DistribError(f"{out_dir} already holds a sampled sweep ({out_dir / SAMPLES}); pass --resume to "
-                           "continue it, or choose a new --out")
+        raise DistribError(
+            f"{out_dir} already holds a sampled sweep ({out_dir / SAMPLES}); pass --resume to "
+            "continue it, or choose a new --out"
+        )
 
 
 def _plain(value):
@@ -131,8 +150,16 @@ def _claim(samples: Path, trial_id: str, params: dict) -> dict:
             break
         except FileExistsError:
             i += 1
-    record = {"config_id": f"c{i}", "trial_id": trial_id, "params": params, "overrides": params_overrides(params),
-              "folds_done": 0, "fold_aucs": [], "mean_auc": None, "status": "running"}
+    record = {
+        "config_id": f"c{i}",
+        "trial_id": trial_id,
+        "params": params,
+        "overrides": params_overrides(params),
+        "folds_done": 0,
+        "fold_aucs": [],
+        "mean_auc": None,
+        "status": "running",
+    }
     write_json(samples / f"c{i}.json", record, indent=1)
     return record
 
@@ -140,8 +167,11 @@ def _claim(samples: Path, trial_id: str, params: dict) -> dict:
 def _fold_auc(spec: dict, record: dict, fold: int, sampled: dict) -> float:
     cid = record["config_id"]
     done = Path(spec["trials_dir"]) / f"{cid}_fold{fold}" / "trial_result.json"
-    result = (json.loads(done.read_text()) if done.is_file()  # finished before a retry/--resume
-              else run_fold(spec, cid, fold, record["overrides"], sampled, epoch_reports=False))
+    result = (
+        json.loads(done.read_text())
+        if done.is_file()  # finished before a retry/--resume
+        else run_fold(spec, cid, fold, record["overrides"], sampled, epoch_reports=False)
+    )
     auc = pick_metric(result["metrics"], "auc")
     if not math.isfinite(auc):  # Optuna refuses NaN and would keep the config RUNNING forever
         raise DistribError(f"config {cid} fold {fold} has no finite validation AUC ({auc}); see {done.parent}")
@@ -185,7 +215,15 @@ def sampled_configs(out_dir: Path, results, cfg: ExperimentConfig, interrupted: 
             status = "incomplete"
         record["status"] = status
         write_json(path, record, indent=1)
-        out.append({"id": record["config_id"], "params": record["params"], "overrides": record["overrides"],
-                    "status": status, "folds_done": record["folds_done"], "mean_auc": record["mean_auc"],
-                    "trial_id": record["trial_id"]})
+        out.append(
+            {
+                "id": record["config_id"],
+                "params": record["params"],
+                "overrides": record["overrides"],
+                "status": status,
+                "folds_done": record["folds_done"],
+                "mean_auc": record["mean_auc"],
+                "trial_id": record["trial_id"],
+            }
+        )
     return out

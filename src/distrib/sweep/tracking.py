@@ -5,6 +5,7 @@ the trials an environment (tracking URI, experiment name, ``MLFLOW_TAGS`` with
 ``mlflow.parentRunId``) that accelerate's MLflow tracker reads when the trial's ``RunLogger`` starts
 its run. ``MLFLOW_RUN_ID`` is deliberately not passed: it would make every trial resume the parent.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,17 @@ def start_parent(cfg: ExperimentConfig, out_dir: Path) -> dict | None:
         return None
     check_trackers(cfg.train.trackers)  # before any Ray process starts
     import mlflow
+
     client = mlflow.MlflowClient()
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.name
     exp = client.get_experiment_by_name(name)  # created here once, not raced by parallel trials
     exp_id = exp.experiment_id if exp else client.create_experiment(name)
     run = client.create_run(exp_id, run_name=out_dir.name, tags={"distrib.sweep_dir": str(out_dir)})
-    env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_EXPERIMENT_NAME": name,
-           "MLFLOW_TAGS": json.dumps({"mlflow.parentRunId": run.info.run_id})}
+    env = {
+        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+        "MLFLOW_EXPERIMENT_NAME": name,
+        "MLFLOW_TAGS": json.dumps({"mlflow.parentRunId": run.info.run_id}),
+    }
     env.update({k: os.environ[k] for k in _PASS_ON if k in os.environ})
     return {"run_id": run.info.run_id, "env": env}
 
@@ -39,6 +44,7 @@ def finish_parent(parent: dict | None, out_dir: Path, summary: dict | None) -> N
     if parent is None:
         return
     from mlflow import MlflowClient
+
     client = MlflowClient()
     for name in ("sweep_summary.csv", "best_config.yaml", "sweep_results.json", "fold_auc.png"):
         if summary is not None and (out_dir / name).is_file():

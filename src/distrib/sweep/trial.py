@@ -2,6 +2,7 @@
 
 ``tune.workers_per_trial > 1`` runs the trial as a Ray Train TorchTrainer (DDP inside a trial).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,26 +36,34 @@ def node_info() -> dict:
     import socket
 
     import ray
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "hostname": socket.gethostname()}
+
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+    }
 
 
 def check_shared_sweep_dir(spec: dict, node: dict) -> None:
     """A trial reads SWEEP_DIR/config.yaml and writes its run dir there, and a retry resumes from that run dir's
     last_checkpoint on whichever node runs it: the sweep dir must be the same directory on every node."""
     if not Path(spec["config_path"]).is_file():
-        raise DistribError(f"{spec['config_path']} (the sweep's config) is not visible on node {node['hostname']} "
-                           f"({node['node_ip']}): put --out on a filesystem every node mounts at the same path "
-                           "(README, shared-storage rule)")
+        raise DistribError(
+            f"{spec['config_path']} (the sweep's config) is not visible on node {node['hostname']} "
+            f"({node['node_ip']}): put --out on a filesystem every node mounts at the same path "
+            "(README, shared-storage rule)"
+        )
 
 
 def _resume_step(run_dir: Path) -> int | None:
     """The optimizer step of the run dir's checkpoint a retry resumes from (None: none, starts from scratch)."""
     from distrib.runs import find_checkpoint
+
     ckpt = find_checkpoint(run_dir)
     if ckpt is None:
         return None
     from distrib.training.checkpoint import saved_state
+
     return int(saved_state(ckpt).get("step", 0))
 
 
@@ -90,12 +99,18 @@ def run_trial(params: dict, spec: dict) -> None:
     """Ray Tune function trainable: one (config, fold) pair -> ``train.run`` in its own run dir."""
     grid = spec["grid"]
     cid = config_id(grid, params.get("grid", {}))
-    run_fold(spec, cid, int(params["fold"]), next(c["overrides"] for c in grid_configs(grid) if c["id"] == cid),
-             params.get("grid", {}))
+    run_fold(
+        spec,
+        cid,
+        int(params["fold"]),
+        next(c["overrides"] for c in grid_configs(grid) if c["id"] == cid),
+        params.get("grid", {}),
+    )
 
 
-def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_params: dict,
-             epoch_reports: bool = True) -> dict:
+def run_fold(
+    spec: dict, cid: str, fold: int, config_overrides: list[str], grid_params: dict, epoch_reports: bool = True
+) -> dict:
     """Train config ``cid`` on ``fold`` into ``trials/<cid>_fold<fold>``; write and return trial_result.json.
 
     ``epoch_reports``: each epoch's metrics (and checkpoint) go to ``tune.report`` (one trial per fold);
@@ -120,6 +135,7 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
     cfg = None
     if not sock:
         from distrib.training import trainer  # noqa: F401  lazy: torch/timm imports are the bulk of a start-up
+
         cfg = load_config(spec["config_path"], overrides)
     t_import = time.time()
     reports = {"n": 0, "ckpt_s": 0.0, "epoch": 0}
@@ -152,18 +168,34 @@ def run_fold(spec: dict, cid: str, fold: int, config_overrides: list[str], grid_
             import torch
 
             from distrib.training import trainer as train
-            final = train.run(cfg or load_config(spec["config_path"], overrides), str(run_dir), resume=resume,
-                              report=report)
+
+            final = train.run(
+                cfg or load_config(spec["config_path"], overrides), str(run_dir), resume=resume, report=report
+            )
             threads = torch.get_num_threads()
     t_end = time.time()
-    result = {"config_id": cid, "fold": fold, "params": grid_params, "overrides": overrides,
-              "metrics": _numeric(final or {}), "reports": reports["n"], "epochs": reports["epoch"], "seconds": t_end - t_import,
-              "trial_seconds": t_end - t_start, "startup_seconds": t_import - t_start,
-              "report_seconds": reports["ckpt_s"], "fork_server": bool(sock), "torch_threads": threads,
-              "resumed": resume, "resume_step": resume_step, **node,
-              "attempts": _events(run_dir).count("start"), "run_dir": str(run_dir),
-              "command": trial_command(spec["config_path"], run_dir, overrides),
-              **({"ranks": ranks} if ranks else {})}
+    result = {
+        "config_id": cid,
+        "fold": fold,
+        "params": grid_params,
+        "overrides": overrides,
+        "metrics": _numeric(final or {}),
+        "reports": reports["n"],
+        "epochs": reports["epoch"],
+        "seconds": t_end - t_import,
+        "trial_seconds": t_end - t_start,
+        "startup_seconds": t_import - t_start,
+        "report_seconds": reports["ckpt_s"],
+        "fork_server": bool(sock),
+        "torch_threads": threads,
+        "resumed": resume,
+        "resume_step": resume_step,
+        **node,
+        "attempts": _events(run_dir).count("start"),
+        "run_dir": str(run_dir),
+        "command": trial_command(spec["config_path"], run_dir, overrides),
+        **({"ranks": ranks} if ranks else {}),
+    }
     write_json(run_dir / "trial_result.json", result, indent=1)
     _log_event(run_dir, "done")
     return result
@@ -198,7 +230,9 @@ def _worker_loop(config: dict) -> None:
 
     def report(metrics: dict, checkpoint_dir: str | None = None) -> None:
         ship = rank == 0 and config["ship_checkpoints"] and checkpoint_dir and Path(checkpoint_dir).is_dir()
-        ray.train.report(_numeric(metrics), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if ship else None)
+        ray.train.report(
+            _numeric(metrics), checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir) if ship else None
+        )
         counts["reports"] += 1
         counts["epochs"] = int(metrics.get("epoch", counts["reports"]))
 
@@ -217,20 +251,33 @@ def run_ddp_trial(spec: dict, overrides: list[str], run_dir: Path, resume: bool)
         (run_dir / RANK_RESULT.format(rank=r)).unlink(missing_ok=True)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"config_path": spec["config_path"], "overrides": overrides, "run_dir": str(run_dir),
-                           "resume": resume, "ship_checkpoints": spec.get("ship_checkpoints", True)},
+        train_loop_config={
+            "config_path": spec["config_path"],
+            "overrides": overrides,
+            "run_dir": str(run_dir),
+            "resume": resume,
+            "ship_checkpoints": spec.get("ship_checkpoints", True),
+        },
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": float(spec.get("cpus", 1.0)), "GPU": gpus}),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray_train"),
-                             callbacks=[TuneReportCallback()]),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": float(spec.get("cpus", 1.0)), "GPU": gpus},
+        ),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir / "ray_train"), callbacks=[TuneReportCallback()]
+        ),
     )
     trainer.fit()  # raises TrainingFailedError if a worker failed
     paths = [run_dir / RANK_RESULT.format(rank=r) for r in range(workers)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DistribError(f"DDP trial {run_dir.name}: ranks finished without writing {missing}; see the Ray "
-                           f"Train worker logs under {run_dir / 'ray_train'}")
+        raise DistribError(
+            f"DDP trial {run_dir.name}: ranks finished without writing {missing}; see the Ray "
+            f"Train worker logs under {run_dir / 'ray_train'}"
+        )
     ranks = [json.loads(p.read_text()) for p in paths]
-    return {**ranks[0], "ranks": [{k: r.get(k) for k in ("rank", "world_size", "backend", "steps", "param_checksum")}
-                                  for r in ranks]}
+    return {
+        **ranks[0],
+        "ranks": [{k: r.get(k) for k in ("rank", "world_size", "backend", "steps", "param_checksum")} for r in ranks],
+    }

@@ -25,6 +25,7 @@ has not run here (no GPU), and the zygote exits if an import initialized CUDA. W
 ``ray_nodes.start_head/add_worker`` one per node; ``stop_ray``/``stop_cluster`` stop it with the cluster
 (its command line names the cluster's temp dir).
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,10 +43,22 @@ from distrib.errors import DistribError
 ENV = "DISTRIB_ZYGOTE"  # the node's zygote socket, in the raylet's (so every trial actor's) environment
 # the trial stack, without Ray: the child never uses it (the actor reports to Tune); measured on the private
 # cluster, importing ray.tune too kept the server importing ~1-2 s longer while the first trials queued
-PRELOAD = ("accelerate", "kornia", "timm", "torch.utils.tensorboard", "webdataset",
-           "distrib.data.loader", "distrib.data.transforms", "distrib.models", "distrib.models.timm_models",
-           "distrib.models.genconvit", "distrib.training.optim", "distrib.training.runlog",
-           "distrib.training.setup", "distrib.training.trainer")
+PRELOAD = (
+    "accelerate",
+    "kornia",
+    "timm",
+    "torch.utils.tensorboard",
+    "webdataset",
+    "distrib.data.loader",
+    "distrib.data.transforms",
+    "distrib.models",
+    "distrib.models.timm_models",
+    "distrib.models.genconvit",
+    "distrib.training.optim",
+    "distrib.training.runlog",
+    "distrib.training.setup",
+    "distrib.training.trainer",
+)
 log = logging.getLogger(__name__)
 
 
@@ -62,6 +75,7 @@ def ready_path(sock: str) -> str:
 def _clear_stale(sock: str) -> None:
     """Remove a socket file left by a server that died (nobody accepts on it); never a live server's."""
     import socket
+
     if os.path.exists(sock):
         with socket.socket(socket.AF_UNIX) as probe:
             if probe.connect_ex(sock) != 0:
@@ -76,8 +90,9 @@ def wait_ready(sock: str, timeout: float = 120) -> float:
     t0 = time.time()
     while not os.path.exists(ready_path(sock)):
         if not os.path.exists(sock) or time.time() - t0 > timeout:
-            raise DistribError(f"the trial fork server at {sock} is not serving after {time.time() - t0:.0f} s; "
-                               f"see {sock}.log")
+            raise DistribError(
+                f"the trial fork server at {sock} is not serving after {time.time() - t0:.0f} s; see {sock}.log"
+            )
         time.sleep(0.05)
     return time.time() - t0
 
@@ -86,14 +101,21 @@ def start(sock: str, log_file: str | Path | None = None, env: dict | None = None
     """Start ``python -m distrib.sweep.zygote sock`` and return once its socket is listening."""
     _clear_stale(sock)  # else the wait below would see the old file at once
     out = open(log_file or f"{sock}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "distrib.sweep.zygote", sock], stdout=out,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distrib.sweep.zygote", sock],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
     out.close()
     deadline = time.time() + 60
     while not os.path.exists(sock):  # bound before the imports: up in well under a second
         if proc.poll() is not None or time.time() > deadline:
-            raise DistribError(f"the trial fork server did not start (exit {proc.poll()}); see {out.name}, "
-                               "or set tune.fork_server=false")
+            raise DistribError(
+                f"the trial fork server did not start (exit {proc.poll()}); see {out.name}, "
+                "or set tune.fork_server=false"
+            )
         time.sleep(0.05)
     return proc
 
@@ -107,15 +129,22 @@ def serve(sock: str) -> None:
     t0 = time.time()
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # an import's is_available() must not init CUDA
     import importlib
+
     for name in PRELOAD:
         importlib.import_module(name)
     import torch
+
     if torch.cuda.is_initialized():  # a forked child could not use CUDA: serve nobody, trials import themselves
         log.error("zygote %d: an import initialized CUDA; exiting (trials train in-process)", os.getpid())
         os.unlink(sock)
         raise SystemExit(1)
-    log.info("zygote %d: imported the trial stack in %.1f s, %d thread(s); serving %s", os.getpid(),
-             time.time() - t0, threading.active_count(), sock)
+    log.info(
+        "zygote %d: imported the trial stack in %.1f s, %d thread(s); serving %s",
+        os.getpid(),
+        time.time() - t0,
+        threading.active_count(),
+        sock,
+    )
     Path(ready_path(sock)).touch()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     while True:
@@ -160,6 +189,7 @@ def _child(conn) -> None:
 
         from distrib.config import load_config
         from distrib.training import trainer as train
+
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:  # the zygote imported torch before Ray chose the trial's CPUs
             torch.set_num_threads(int(threads))
@@ -186,16 +216,26 @@ class Unreachable(Exception):
     """The zygote did not fork a trial process; the caller trains in-process instead."""
 
 
-def run_in_child(sock: str, config_path: str, overrides: list[str], run_dir: Path, resume: bool,
-                 report) -> tuple[dict, int]:
+def run_in_child(
+    sock: str, config_path: str, overrides: list[str], run_dir: Path, resume: bool, report
+) -> tuple[dict, int]:
     """``train.run`` in a process forked by the zygote at ``sock``; ``report`` runs here, in the actor.
     Returns train.run's result and the child's torch thread count."""
     from multiprocessing.connection import Client
 
     try:
         conn = Client(sock, family="AF_UNIX")
-        conn.send({"config_path": config_path, "overrides": list(overrides), "run_dir": str(run_dir),
-                   "resume": resume, "env": dict(os.environ), "cwd": os.getcwd(), "actor_pid": os.getpid()})
+        conn.send(
+            {
+                "config_path": config_path,
+                "overrides": list(overrides),
+                "run_dir": str(run_dir),
+                "resume": resume,
+                "env": dict(os.environ),
+                "cwd": os.getcwd(),
+                "actor_pid": os.getpid(),
+            }
+        )
         kind, pid = conn.recv()
     except (OSError, EOFError) as e:
         raise Unreachable(f"trial fork server at {sock}: {e}") from e

@@ -6,6 +6,7 @@ ranks, then rank 0 swaps it in with renames, so a crash (or SIGKILL) at any mome
 the previous complete checkpoint or the new one, never a half-written one. Under DeepSpeed the
 engine writes its own (partitioned) model/optimizer files into the same directory.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distrib.training import dist
 from distrib.atomic import atomic_path
 from distrib.errors import DistribError
+from distrib.training import dist
 
 _DS_TAG = "deepspeed"
 
@@ -65,8 +66,7 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer, trainer_state: dict,
-                    rng: dict) -> Path:
+def save_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer, trainer_state: dict, rng: dict) -> Path:
     """Collective: every rank must call it. ``rng`` is this rank's {name: rng_state()} dict."""
     final = Path(ckpt_dir)
     tmp = final.with_name(final.name + ".tmp")
@@ -79,8 +79,14 @@ def save_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer, trainer
         model.save_checkpoint(str(tmp), tag=_DS_TAG)  # collective; writes this rank's partitions
     elif accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
-        torch.save({"model": dist.unwrap(accelerator, model, keep_torch_compile=False).state_dict(),
-                    "optimizer": optimizer.state_dict(), "scaler": scaler}, tmp / "state.pt")
+        torch.save(
+            {
+                "model": dist.unwrap(accelerator, model, keep_torch_compile=False).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler,
+            },
+            tmp / "state.pt",
+        )
     torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         torch.save(trainer_state, tmp / "trainer_state.pt")
@@ -96,19 +102,24 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer) -> tupl
     ckpt_dir = Path(ckpt_dir)
     rng_path = ckpt_dir / f"rng_{accelerator.process_index}.pt"
     if not rng_path.is_file():
-        raise DistribError(f"checkpoint {ckpt_dir} has no {rng_path.name}: it was written with a different "
-                           f"number of processes; resume with the same --num_processes, or start a new run dir")
+        raise DistribError(
+            f"checkpoint {ckpt_dir} has no {rng_path.name}: it was written with a different "
+            f"number of processes; resume with the same --num_processes, or start a new run dir"
+        )
     trainer_state = torch.load(ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
     if dist.is_deepspeed(accelerator):
         if not (ckpt_dir / _DS_TAG).is_dir():
-            raise DistribError(f"checkpoint {ckpt_dir} was not written by DeepSpeed; resume it with the "
-                               "accelerate config it was trained with")
-        model.load_checkpoint(str(ckpt_dir), tag=_DS_TAG, load_optimizer_states=True,
-                              load_lr_scheduler_states=False)
+            raise DistribError(
+                f"checkpoint {ckpt_dir} was not written by DeepSpeed; resume it with the "
+                "accelerate config it was trained with"
+            )
+        model.load_checkpoint(str(ckpt_dir), tag=_DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
     else:
         if not (ckpt_dir / "state.pt").is_file():
-            raise DistribError(f"checkpoint {ckpt_dir} has no state.pt (a DeepSpeed checkpoint?); resume it "
-                               "with the accelerate config it was trained with")
+            raise DistribError(
+                f"checkpoint {ckpt_dir} has no state.pt (a DeepSpeed checkpoint?); resume it "
+                "with the accelerate config it was trained with"
+            )
         state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
         dist.unwrap(accelerator, model, keep_torch_compile=False).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -4,6 +4,7 @@ DDP vs DeepSpeed is decided by the accelerate config file the job was launched w
 ACCELERATE_* environment); nothing here or in the training loop branches on it beyond filling in
 DeepSpeed's batch-size / accumulation / clipping fields from the experiment config.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,10 @@ def resolve_backend(cfg: ExperimentConfig) -> str:
     if backend == "auto":
         return "gloo" if _use_cpu() else "nccl"
     if backend == "nccl" and _use_cpu():
-        raise ConfigError("dist.backend=nccl needs CUDA GPUs, but this process runs on CPU; "
-                          "use dist.backend=auto or dist.backend=gloo")
+        raise ConfigError(
+            "dist.backend=nccl needs CUDA GPUs, but this process runs on CPU; "
+            "use dist.backend=auto or dist.backend=gloo"
+        )
     return backend
 
 
@@ -49,13 +52,17 @@ def check_precision(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
     if mp == "no" or not _use_cpu():
         return
     if mp == "fp16":
-        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 grad "
-                          "scaler); use train.mixed_precision=bf16 or no on CPU")
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (CPU autocast has no fp16 grad "
+            "scaler); use train.mixed_precision=bf16 or no on CPU"
+        )
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if mp == "bf16" and has_bn:
-        raise ConfigError(f"train.mixed_precision=bf16 with BatchNorm layers (model.name={cfg.model.name!r}) "
-                          "fails on CPU (BatchNorm backward has no bf16 CPU kernel); use "
-                          "train.mixed_precision=no on CPU, or run on a GPU")
+        raise ConfigError(
+            f"train.mixed_precision=bf16 with BatchNorm layers (model.name={cfg.model.name!r}) "
+            "fails on CPU (BatchNorm backward has no bf16 CPU kernel); use "
+            "train.mixed_precision=no on CPU, or run on a GPU"
+        )
 
 
 def build_accelerator(cfg: ExperimentConfig):
@@ -80,8 +87,9 @@ def build_accelerator(cfg: ExperimentConfig):
         mixed_precision=cfg.train.mixed_precision,
         cpu=_use_cpu() and not _using_deepspeed(),  # cpu=True would switch DeepSpeed off
         # our loader is already split per rank and not prepared, so accumulation counts micro-batches
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum,
-                                                                sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False
+        ),
         kwargs_handlers=handlers,
         log_with=[t for t in cfg.train.trackers if t != "tensorboard"] or None,  # TB: RunLogger's own writer
     )
@@ -106,8 +114,11 @@ def runtime_info(accelerator) -> dict[str, Any]:
     return {
         "world_size": accelerator.num_processes,
         "device_type": accelerator.device.type,
-        "distributed_type": str(accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value")
-                                else accelerator.distributed_type),
+        "distributed_type": str(
+            accelerator.distributed_type.value
+            if hasattr(accelerator.distributed_type, "value")
+            else accelerator.distributed_type
+        ),
         "backend": backend or "none",
         "mixed_precision": accelerator.mixed_precision if not is_deepspeed(accelerator) else _ds_precision(accelerator),
     }
@@ -129,8 +140,12 @@ def unwrap(accelerator, model, keep_torch_compile: bool = True) -> torch.nn.Modu
     """``accelerator.unwrap_model``, except for a model nothing wraps (one process, no DeepSpeed, not
     compiled): that is returned as is, because accelerate's unwrap imports deepspeed whenever it is
     installed (2.8 s measured, paid by the first trial of every Ray worker)."""
-    wrapped = (accelerator.num_processes > 1 or is_deepspeed(accelerator) or hasattr(model, "_orig_mod")
-               or hasattr(model, "module"))
+    wrapped = (
+        accelerator.num_processes > 1
+        or is_deepspeed(accelerator)
+        or hasattr(model, "_orig_mod")
+        or hasattr(model, "module")
+    )
     return accelerator.unwrap_model(model, keep_torch_compile=keep_torch_compile) if wrapped else model
 
 
@@ -212,6 +227,7 @@ def finish(accelerator, ok: bool = True) -> None:
     _ACCELERATOR = None
     # a following run in the same process (tests, Tune trials) must build a fresh state
     from accelerate.state import AcceleratorState, GradientState, PartialState
+
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()

@@ -5,6 +5,7 @@ so each validation sample counts exactly once; metrics then come from sklearn on
 arrays. The writers (val_predictions.csv, evaluation_results.json, reconstruction_samples.png)
 are called on rank 0 only by the trainer.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,15 +16,16 @@ import numpy as np
 import torch
 
 from distrib.atomic import atomic_path, json_safe, save_figure, write_json
-from distrib.training.checkpoint import plain
-from distrib.models.measure import cpu_latency_ms
-from distrib.training.losses import positive_prob
 from distrib.metrics import binary_metrics, group_metrics, metrics_at_optimal
+from distrib.models.measure import cpu_latency_ms
+from distrib.training.checkpoint import plain
+from distrib.training.losses import positive_prob
 
 
 @dataclass
 class Predictions:
     """Gathered validation predictions (identical on every rank) plus the mean validation loss."""
+
     keys: list[str]
     groups: list[str]
     labels: np.ndarray
@@ -38,8 +40,10 @@ class Predictions:
 def _select(output, mask: torch.Tensor):
     """Rows of a model output (tensor or dict of batch tensors) where ``mask`` is True."""
     if isinstance(output, dict):
-        return {k: (v[mask] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == mask.shape[0] else v)
-                for k, v in output.items()}
+        return {
+            k: (v[mask] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == mask.shape[0] else v)
+            for k, v in output.items()
+        }
     return output[mask]
 
 
@@ -51,8 +55,11 @@ def evaluate(accelerator, model, loader, loss_fn) -> Predictions:
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for batch in loader:
-        images = (loader.to_device(batch, accelerator.device) if hasattr(loader, "to_device")
-                  else batch["image"].to(accelerator.device, non_blocking=True))  # normalizes on the device if deferred
+        images = (
+            loader.to_device(batch, accelerator.device)
+            if hasattr(loader, "to_device")
+            else batch["image"].to(accelerator.device, non_blocking=True)
+        )  # normalizes on the device if deferred
         target = batch["label"].to(accelerator.device)
         valid = batch["valid"].to(accelerator.device).bool()
         with accelerator.autocast():
@@ -75,8 +82,7 @@ def evaluate(accelerator, model, loader, loss_fn) -> Predictions:
     all_groups = [g for part in gathered for g in part[1]]
     all_probs = np.asarray([p for part in gathered for p in part[2]], dtype=float)
     all_labels = np.asarray([y for part in gathered for y in part[3]], dtype=int)
-    return Predictions(all_keys, all_groups, all_labels, all_probs,
-                       float(loss_sum / count.clamp(min=1)), samples)
+    return Predictions(all_keys, all_groups, all_labels, all_probs, float(loss_sum / count.clamp(min=1)), samples)
 
 
 def _gather_objects(accelerator, obj: list) -> list:
@@ -84,6 +90,7 @@ def _gather_objects(accelerator, obj: list) -> list:
     if accelerator.num_processes == 1:
         return obj
     from accelerate.utils import gather_object
+
     return gather_object(obj)
 
 
@@ -98,9 +105,18 @@ def write_predictions(path: str | Path, preds: Predictions, fold: int) -> Path:
 
 
 @torch.inference_mode()
-def write_evaluation_results(path: str | Path, preds: Predictions, *, model: torch.nn.Module,
-                             model_file: Path, img_size: int, latency_repeats: int, runtime: dict,
-                             best: dict, group_agg: str = "none") -> dict:
+def write_evaluation_results(
+    path: str | Path,
+    preds: Predictions,
+    *,
+    model: torch.nn.Module,
+    model_file: Path,
+    img_size: int,
+    latency_repeats: int,
+    runtime: dict,
+    best: dict,
+    group_agg: str = "none",
+) -> dict:
     """evaluation_results.json: metrics at 0.5 and at the val-optimal threshold, latency, size, runtime;
     with ``group_agg`` mean/max also ``group_metrics`` (AUC/EER/AP of per-group scores)."""
     result = {
@@ -129,7 +145,6 @@ def save_reconstruction_samples(path: str | Path, samples: dict) -> Path | None:
     if not samples:
         return None
     import matplotlib.pyplot as plt
-
 
     images, recon = samples["image"], samples["recon"]
     n = images.shape[0]

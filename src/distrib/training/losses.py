@@ -1,9 +1,10 @@
 """Training losses: BCE (1 logit) / CE (2 logits) with label smoothing, GenConViT's reconstruction and
 KL terms, knowledge distillation, and ``positive_prob`` that reads P(label=1) from either head type.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,10 @@ def positive_prob(logits) -> torch.Tensor:
         return torch.sigmoid(logits[:, 0])
     if logits.ndim == 2 and logits.shape[1] == 2:
         return torch.softmax(logits, dim=1)[:, 1]
-    raise DistribError(f"positive_prob expects logits of shape [B], [B, 1] or [B, 2], got {tuple(logits.shape)}; "
-                       "set model.num_classes to 1 or 2")
+    raise DistribError(
+        f"positive_prob expects logits of shape [B], [B, 1] or [B, 2], got {tuple(logits.shape)}; "
+        "set model.num_classes to 1 or 2"
+    )
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -70,17 +73,23 @@ def build_loss(train_cfg: TrainConfig, model_cfg: ModelConfig) -> LossFn:
         parts = {"cls": float(cls.detach())}
         if w_rec > 0:
             if not isinstance(output, dict) or "recon" not in output:
-                raise ConfigError(f"train.recon_weight={w_rec} but model '{model_cfg.name}' returns no "
-                                  "reconstruction; set train.recon_weight=0 or use genconvit_ed/genconvit_vae")
+                raise ConfigError(
+                    f"train.recon_weight={w_rec} but model '{model_cfg.name}' returns no "
+                    "reconstruction; set train.recon_weight=0 or use genconvit_ed/genconvit_vae"
+                )
             if images is None:
-                raise DistribError("the reconstruction loss needs the input images: call loss_fn(output, target, images)")
+                raise DistribError(
+                    "the reconstruction loss needs the input images: call loss_fn(output, target, images)"
+                )
             recon = F.mse_loss(output["recon"].float(), images.float())
             loss = loss + w_rec * recon
             parts["recon"] = float(recon.detach())
         if w_kl > 0:
             if not isinstance(output, dict) or output.get("logvar") is None:
-                raise ConfigError(f"train.kl_weight={w_kl} but model '{model_cfg.name}' is not a VAE "
-                                  "(no mu/logvar); set train.kl_weight=0 or use genconvit_vae")
+                raise ConfigError(
+                    f"train.kl_weight={w_kl} but model '{model_cfg.name}' is not a VAE "
+                    "(no mu/logvar); set train.kl_weight=0 or use genconvit_vae"
+                )
             kl = kl_divergence(output["mu"].float(), output["logvar"].float())
             loss = loss + w_kl * kl
             parts["kl"] = float(kl.detach())
@@ -95,8 +104,9 @@ def _binary_logit(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
 
 
-def distill_loss(student_logits, teacher_logits, target: torch.Tensor, alpha: float, T: float,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
+def distill_loss(
+    student_logits, teacher_logits, target: torch.Tensor, alpha: float, T: float, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """``alpha * KD(T) + (1 - alpha) * CE`` (Hinton et al.), for 1- or 2-logit heads.
 
     KD is KL(teacher || student) on temperature-softened distributions, scaled by T^2 so its gradient
@@ -114,7 +124,6 @@ def distill_loss(student_logits, teacher_logits, target: torch.Tensor, alpha: fl
         zs, zt = _binary_logit(s.float()) / T, _binary_logit(t.float()) / T
         # Bernoulli KL(pt || ps) in log-space for stability: logsigmoid(z) = log p, logsigmoid(-z) = log(1-p).
         pt = torch.sigmoid(zt)
-        kd = (pt * (F.logsigmoid(zt) - F.logsigmoid(zs))
-              + (1 - pt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))).mean()
+        kd = (pt * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - pt) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))).mean()
     ce = classification_loss(s, target, label_smoothing)
     return alpha * (T * T) * kd + (1 - alpha) * ce

@@ -3,6 +3,7 @@
 Schedules are one LambdaLR stepped once per optimizer step, so its state_dict is a few numbers
 (resumable, weights_only-safe) and StepLR's "every N epochs" is exact with any accumulation.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,10 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """Only parameters with requires_grad: a linear probe's frozen backbone never reaches the optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ConfigError("the model has no trainable parameters (model.freeze_backbone froze everything?); "
-                          "check the model's head / forward_head")
+        raise ConfigError(
+            "the model has no trainable parameters (model.freeze_backbone froze everything?); "
+            "check the model's head / forward_head"
+        )
     return params
 
 
@@ -66,7 +69,8 @@ class _Schedule:
         return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """``steps_per_epoch`` / ``total_steps`` count optimizer steps of one process."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg, steps_per_epoch, total_steps))

@@ -9,6 +9,7 @@ resume, which accelerate's tracker does not expose); every other name (mlflow, w
 to the Accelerator as ``log_with`` and receives the same scalars, the flattened config as params and
 ``evaluation_results.json`` as an artifact (MLflow). A resumed run starts a new tracker run.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,20 +32,27 @@ def check_trackers(trackers: list[str]) -> None:
     import os
 
     from accelerate.utils import imports
+
     for name in trackers:
         if name != "tensorboard" and not getattr(imports, f"is_{name}_available")():
-            raise ConfigError(f"train.trackers lists {name!r} but its package is not installed; "
-                              f"pip install {_PACKAGES.get(name, name)}, or drop it from train.trackers")
+            raise ConfigError(
+                f"train.trackers lists {name!r} but its package is not installed; "
+                f"pip install {_PACKAGES.get(name, name)}, or drop it from train.trackers"
+            )
     if "mlflow" not in trackers:
         return
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    fix = ("set MLFLOW_TRACKING_URI=file:/shared/mlruns with MLFLOW_ALLOW_FILE_STORE=true, or point it at a "
-           "server you started (http://127.0.0.1:5000)")
+    fix = (
+        "set MLFLOW_TRACKING_URI=file:/shared/mlruns with MLFLOW_ALLOW_FILE_STORE=true, or point it at a "
+        "server you started (http://127.0.0.1:5000)"
+    )
     if not uri:  # MLflow 3 would use sqlite:///mlflow.db in the working directory, which Ray trials change
         raise ConfigError(f"train.trackers lists 'mlflow' but MLFLOW_TRACKING_URI is not set; {fix}")
     if (uri.startswith("file:") or ":" not in uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
-        raise ConfigError(f"train.trackers lists 'mlflow' with the local file store MLFLOW_TRACKING_URI={uri!r}, "
-                          f"which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; {fix}")
+        raise ConfigError(
+            f"train.trackers lists 'mlflow' with the local file store MLFLOW_TRACKING_URI={uri!r}, "
+            f"which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true; {fix}"
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -57,16 +65,35 @@ def _flat(tree: dict, prefix: str = "") -> dict:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
 
-METRIC_COLUMNS = ("val_loss", "auc", "f1", "accuracy", "precision", "recall", "specificity", "eer", "ap",
-                  "group_auc", "group_eer", "group_ap")  # group_*: eval.group_agg mean/max, else empty
+
+METRIC_COLUMNS = (
+    "val_loss",
+    "auc",
+    "f1",
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "eer",
+    "ap",
+    "group_auc",
+    "group_eer",
+    "group_ap",
+)  # group_*: eval.group_agg mean/max, else empty
 LOG_COLUMNS = ("epoch", "step", "lr", "train_loss", *METRIC_COLUMNS[:9], "seconds", *METRIC_COLUMNS[9:])
 
 
 class RunLogger:
     """Writes the run's logs on rank 0; a silent no-op elsewhere."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool, resume_step: int | None = None,
-                 accelerator=None, cfg: ExperimentConfig | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        enabled: bool,
+        resume_step: int | None = None,
+        accelerator=None,
+        cfg: ExperimentConfig | None = None,
+    ):
         self.out = Path(out_dir)
         self.enabled = enabled
         self.csv_path = self.out / "training_log.csv"
@@ -76,6 +103,7 @@ class RunLogger:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+
         self.out.mkdir(parents=True, exist_ok=True)
         if resume_step is None or not self.csv_path.is_file():
             self._write_rows([])
@@ -85,8 +113,9 @@ class RunLogger:
         if cfg is None or "tensorboard" in cfg.train.trackers:
             self._tb = SummaryWriter(str(self.out / "tb"), purge_step=resume_step)
         if self._acc is not None:  # MLFLOW_EXPERIMENT_NAME / MLFLOW_TAGS in the environment win (sweeps)
-            self._acc.init_trackers(cfg.name, config=_flat(config_to_dict(cfg)),
-                                    init_kwargs={"mlflow": {"run_name": self.out.name}})
+            self._acc.init_trackers(
+                cfg.name, config=_flat(config_to_dict(cfg)), init_kwargs={"mlflow": {"run_name": self.out.name}}
+            )
             self._mlflow(lambda client, run_id: client.set_tag(run_id, "distrib.run_dir", str(self.out.resolve())))
 
     def _write_rows(self, rows: list[dict]) -> None:
@@ -103,8 +132,10 @@ class RunLogger:
     def start_epoch(self, epoch: int, total: int, initial: int = 0) -> None:
         if self.enabled:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True,
-                             leave=False, mininterval=1.0)
+
+            self._bar = tqdm(
+                total=total, initial=initial, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False, mininterval=1.0
+            )
 
     def advance(self, n: int = 1, **postfix) -> None:
         if self._bar is not None:
@@ -120,7 +151,9 @@ class RunLogger:
     # scalars ------------------------------------------------------------------------------------
     def scalars(self, step: int, values: dict) -> None:
         """TensorBoard scalars, e.g. {"train/loss": .., "train/lr": .., "train/images_per_s": ..}."""
-        values = {k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        values = {
+            k: float(v) for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))
+        }
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
@@ -174,6 +207,7 @@ class RunLogger:
         for tracker in self._acc.trackers:
             if tracker.name == "mlflow":
                 from mlflow import MlflowClient
+
                 action(MlflowClient(), tracker.tracker.info.run_id)
         if self._tb is not None:
             self._tb.close()

@@ -4,6 +4,7 @@ Kept apart from the loop (``trainer.py``) so the loop stays one screen. ``prefli
 starts and turns bad shards, folds, model names, teacher runs and precision settings into clear
 errors on every rank at once, instead of one rank failing inside a collective.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,12 +14,19 @@ from pathlib import Path
 import torch
 
 from distrib.atomic import writable_dir, write_json
-from distrib.training import dist
-from distrib.training.checkpoint import load_checkpoint, remove_stale_tmp, saved_state
-from distrib.config import (ConfigError, ExperimentConfig, build_config, check_resume, config_to_dict,
-                            read_yaml_mapping, save_config)
+from distrib.config import (
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    check_resume,
+    config_to_dict,
+    read_yaml_mapping,
+    save_config,
+)
 from distrib.errors import DataError, DistribError
 from distrib.runs import find_checkpoint, load_run
+from distrib.training import dist
+from distrib.training.checkpoint import load_checkpoint, remove_stale_tmp, saved_state
 from distrib.training.runlog import RunLogger, check_trackers
 from distrib.training.state import Trainer
 
@@ -36,28 +44,35 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     from distrib.models import build_model
 
     if not cfg.data.shards:
-        raise ConfigError("data.shards is empty; pass the shard directory, e.g. data.shards=shards/ "
-                          "(written by 'distrib shard')")
+        raise ConfigError(
+            "data.shards is empty; pass the shard directory, e.g. data.shards=shards/ (written by 'distrib shard')"
+        )
     index = read_index(cfg.data.shards)
     folds_for(cfg.data.fold, int(index["folds"]))  # raises DataError naming the valid folds
     verify_shards(index, cfg.data.verify)  # every indexed shard exists; sha256 or size + tar header
     check_classes(index, cfg.data.classes)
     classes = index.get("classes") or {}
     if classes and len(classes) != 2:  # both head types (1 BCE logit, 2 CE logits) are binary
-        raise DataError(f"{cfg.data.shards}/index.json has {len(classes)} classes {sorted(classes.values())}, but "
-                        f"model.num_classes={cfg.model.num_classes} trains a binary classifier; fix the manifest's "
-                        "labels (a stray label?) and re-shard with 'distrib shard --overwrite'")
+        raise DataError(
+            f"{cfg.data.shards}/index.json has {len(classes)} classes {sorted(classes.values())}, but "
+            f"model.num_classes={cfg.model.num_classes} trains a binary classifier; fix the manifest's "
+            "labels (a stray label?) and re-shard with 'distrib shard --overwrite'"
+        )
     if not resume and find_checkpoint(out) is not None:
-        raise DistribError(f"{out} already holds a training checkpoint; pass --resume to continue it "
-                           "or choose a new --out directory")
+        raise DistribError(
+            f"{out} already holds a training checkpoint; pass --resume to continue it or choose a new --out directory"
+        )
     if resume and find_checkpoint(out) is not None:
         check_resume_config(cfg, out)
     teacher = cfg.train.distill_teacher
     if teacher and not (Path(teacher) / "best_model.pth").is_file():
-        raise ConfigError(f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
-                          "run directory (e.g. the DINOv2 probe run)")
+        raise ConfigError(
+            f"train.distill_teacher={teacher!r} has no best_model.pth; point it at a finished "
+            "run directory (e.g. the DINOv2 probe run)"
+        )
     check_trackers(cfg.train.trackers)
     from distrib.data.transforms import augment_placement
+
     augment_placement(cfg.augment, cfg.data, "cuda" if torch.cuda.is_available() else "cpu")  # decode_device check
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
@@ -80,23 +95,38 @@ def check_resume_config(cfg: ExperimentConfig, out: Path, record: bool = False) 
     old = state.get("config")
     if old is None:
         if not (out / "config.yaml").is_file():
-            raise DistribError(f"--resume: {out} has a checkpoint but no config.yaml to check the new config "
-                               "against; restore config.yaml from the original run or start a new --out")
+            raise DistribError(
+                f"--resume: {out} has a checkpoint but no config.yaml to check the new config "
+                "against; restore config.yaml from the original run or start a new --out"
+            )
         old, where = read_yaml_mapping(out / "config.yaml"), str(out / "config.yaml")
-    changes = check_resume(config_to_dict(build_config(old)), config_to_dict(cfg), where,
-                           f"pass the original values (e.g. 'distrib train {out / 'config.yaml'} --out {out} "
-                           "--resume') or train the new settings into a new --out directory")
+    changes = check_resume(
+        config_to_dict(build_config(old)),
+        config_to_dict(cfg),
+        where,
+        f"pass the original values (e.g. 'distrib train {out / 'config.yaml'} --out {out} "
+        "--resume') or train the new settings into a new --out directory",
+    )
     if changes and record:
         text = ", ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in changes)
-        dist.print0(f"--resume: allowed config changes from step {state['step']}: {text} (logged in "
-                    f"{out / RESUME_CHANGES})")
-        _append_changes(out / RESUME_CHANGES, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": state["step"],
-                                               "epoch": state["epoch"], "changes": changes})
+        dist.print0(
+            f"--resume: allowed config changes from step {state['step']}: {text} (logged in {out / RESUME_CHANGES})"
+        )
+        _append_changes(
+            out / RESUME_CHANGES,
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "step": state["step"],
+                "epoch": state["epoch"],
+                "changes": changes,
+            },
+        )
     return changes
 
 
 def _append_changes(path: Path, entry: dict) -> None:
     import json
+
     entries = json.loads(path.read_text()) if path.is_file() else []
     write_json(path, [*entries, entry], indent=1)
 
@@ -110,8 +140,10 @@ def dry_forward(cfg: ExperimentConfig, model: torch.nn.Module) -> None:
     except DistribError:
         raise
     except Exception as e:  # shape errors from deep inside a backbone: say which settings to change
-        raise ConfigError(f"model {cfg.model.name!r} cannot take a {size}x{size} input (data.img_size={size}, "
-                          f"model.img_size={cfg.model.img_size}): {e}; change data.img_size or model.img_size") from e
+        raise ConfigError(
+            f"model {cfg.model.name!r} cannot take a {size}x{size} input (data.img_size={size}, "
+            f"model.img_size={cfg.model.img_size}): {e}; change data.img_size or model.img_size"
+        ) from e
     finally:
         model.train()
 
@@ -124,6 +156,7 @@ def check_models(cfgs) -> list[str]:
     not minutes in when a trial starts; online, ``model.pretrained`` weights land in the Hugging Face cache
     once instead of in every trial at the same time. ``None`` entries are skipped; returns the names built."""
     from distrib.models import build_model
+
     names, seen = [], set()
     for cfg in cfgs:
         key = cfg and (repr(cfg.model), cfg.data.img_size)
@@ -136,6 +169,7 @@ def check_models(cfgs) -> list[str]:
 
 def _mean_std(cfg: ExperimentConfig, model: torch.nn.Module):
     from distrib.data.transforms import resolve_mean_std
+
     if cfg.data.normalize != "model":
         return resolve_mean_std(cfg.data)
     try:
@@ -147,9 +181,11 @@ def _mean_std(cfg: ExperimentConfig, model: torch.nn.Module):
 def _load_teacher(cfg: ExperimentConfig, device) -> tuple[torch.nn.Module, int]:
     teacher, tcfg, _ = load_run(cfg.train.distill_teacher)
     if tcfg.data.normalize != cfg.data.normalize:
-        raise ConfigError(f"the teacher in {cfg.train.distill_teacher} was trained with data.normalize="
-                          f"{tcfg.data.normalize!r} but the student uses {cfg.data.normalize!r}; set "
-                          f"data.normalize={tcfg.data.normalize} for the student")
+        raise ConfigError(
+            f"the teacher in {cfg.train.distill_teacher} was trained with data.normalize="
+            f"{tcfg.data.normalize!r} but the student uses {cfg.data.normalize!r}; set "
+            f"data.normalize={tcfg.data.normalize} for the student"
+        )
     teacher.requires_grad_(False)
     return teacher.to(device).eval(), tcfg.data.img_size
 
@@ -159,11 +195,10 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     from accelerate.utils import set_seed
 
     from distrib.data.index import read_index
-
     from distrib.data.loader import build_loader, folds_for
+    from distrib.data.transforms import augment_placement, build_transform
     from distrib.training.losses import build_loss
     from distrib.training.optim import build_optimizer, build_scheduler
-    from distrib.data.transforms import augment_placement, build_transform
     from distrib.versions import fold_protocol, write_fold_protocol, write_versions
 
     d, tc = cfg.data, cfg.train
@@ -173,24 +208,52 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
     val_split, val_folds = ("train", [d.fold]) if d.fold >= 0 else ("val", None)
     mean_std = _mean_std(cfg, model)
     augment_on, decode_on = augment_placement(cfg.augment, d, accelerator.device)
-    val_loader = build_loader(d.shards, val_split, val_folds, accelerator.process_index, accelerator.num_processes,
-                              d.num_workers, d.eval_batch_size or d.batch_size, 0,
-                              build_transform(None, d, train=False, mean_std=mean_std), d.seed, mode="eval",
-                              augment_on=augment_on, pin_memory=accelerator.device.type == "cuda")
+    val_loader = build_loader(
+        d.shards,
+        val_split,
+        val_folds,
+        accelerator.process_index,
+        accelerator.num_processes,
+        d.num_workers,
+        d.eval_batch_size or d.batch_size,
+        0,
+        build_transform(None, d, train=False, mean_std=mean_std),
+        d.seed,
+        mode="eval",
+        augment_on=augment_on,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
     if tc.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    t = Trainer(cfg, out, accelerator, model, optimizer, None, build_loss(tc, cfg.model), val_loader,
-                None, train_folds, 0, 0, mean_std, augment_on, decode_on)
+    t = Trainer(
+        cfg,
+        out,
+        accelerator,
+        model,
+        optimizer,
+        None,
+        build_loss(tc, cfg.model),
+        val_loader,
+        None,
+        train_folds,
+        0,
+        0,
+        mean_std,
+        augment_on,
+        decode_on,
+    )
     t.loss_sum = t.loss_sum.to(accelerator.device)
     per_epoch = len(t._train_loader(0))
     t.micro_per_epoch = per_epoch // tc.grad_accum * tc.grad_accum  # a partial accumulation is dropped
     if t.micro_per_epoch == 0:
-        raise ConfigError(f"train.grad_accum={tc.grad_accum} exceeds the {per_epoch} batches per epoch and rank; "
-                          "lower train.grad_accum or data.batch_size, or raise data.samples_per_epoch")
+        raise ConfigError(
+            f"train.grad_accum={tc.grad_accum} exceeds the {per_epoch} batches per epoch and rank; "
+            "lower train.grad_accum or data.batch_size, or raise data.samples_per_epoch"
+        )
     t.steps_per_epoch = t.micro_per_epoch // tc.grad_accum
     total = tc.epochs * t.steps_per_epoch
     t.scheduler = build_scheduler(optimizer, cfg.optim, t.steps_per_epoch, min(total, tc.max_steps or total))
@@ -207,23 +270,28 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
             check_resume_config(cfg, out, record=True)
     if ckpt is not None:
         _restore(t, ckpt)
-    t.log = RunLogger(out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None,
-                      accelerator=accelerator, cfg=cfg)
+    t.log = RunLogger(
+        out, enabled=accelerator.is_main_process, resume_step=t.step if ckpt else None, accelerator=accelerator, cfg=cfg
+    )
     if accelerator.is_main_process:
         save_config(cfg, out)
         write_versions(out)
         write_fold_protocol(out, fold_protocol(index, d.shards, d.fold, train_folds))
-    dist.print0(f"training {cfg.model.name} on {accelerator.num_processes} process(es) "
-                f"({dist.runtime_info(accelerator)['backend']}): {t.steps_per_epoch} steps/epoch, "
-                f"{tc.epochs} epochs" + (f", resumed at epoch {t.epoch} step {t.step}" if ckpt else ""))
+    dist.print0(
+        f"training {cfg.model.name} on {accelerator.num_processes} process(es) "
+        f"({dist.runtime_info(accelerator)['backend']}): {t.steps_per_epoch} steps/epoch, "
+        f"{tc.epochs} epochs" + (f", resumed at epoch {t.epoch} step {t.step}" if ckpt else "")
+    )
     return t
 
 
 def _restore(t: Trainer, ckpt: Path) -> None:
     state, rank_state = load_checkpoint(t.accelerator, ckpt, t.model, t.optimizer)
     if state["world_size"] != t.accelerator.num_processes or state["grad_accum"] != t.cfg.train.grad_accum:
-        raise DistribError(f"checkpoint {ckpt} was written with {state['world_size']} processes and grad_accum "
-                           f"{state['grad_accum']}; resume with the same settings or start a new run dir")
+        raise DistribError(
+            f"checkpoint {ckpt} was written with {state['world_size']} processes and grad_accum "
+            f"{state['grad_accum']}; resume with the same settings or start a new run dir"
+        )
     t.scheduler.load_state_dict(state["scheduler"])
     t.epoch, t.pos, t.step, t.done = state["epoch"], state["pos"], state["step"], state["done"]
     t.best_auc, t.best_epoch, t.best_metrics = state["best_auc"], state["best_epoch"], state["best_metrics"]

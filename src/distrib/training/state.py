@@ -2,6 +2,7 @@
 
 Built by ``setup.build_trainer``; saved and restored through ``trainer_state``/``rank_state``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ from distrib.training.runlog import RunLogger
 @dataclasses.dataclass
 class Trainer:
     """The training state the loop reads and advances (positions count per-rank micro-batches)."""
+
     cfg: ExperimentConfig
     out: Path
     accelerator: object
@@ -56,13 +58,26 @@ class Trainer:
     def _train_loader(self, epoch: int):
         from distrib.data.loader import build_loader
         from distrib.data.transforms import build_transform
+
         d, acc = self.cfg.data, self.accelerator
-        return build_loader(d.shards, "train", self.train_folds, acc.process_index, acc.num_processes,
-                            d.num_workers, d.batch_size, epoch,
-                            build_transform(self.cfg.augment, d, train=True, mean_std=self.mean_std),
-                            d.seed, mode="train", samples_per_epoch=d.samples_per_epoch,
-                            shuffle_buffer=d.shuffle_buffer, augment_on=self.augment_on, decode_on=self.decode_on,
-                            pin_memory=acc.device.type == "cuda")
+        return build_loader(
+            d.shards,
+            "train",
+            self.train_folds,
+            acc.process_index,
+            acc.num_processes,
+            d.num_workers,
+            d.batch_size,
+            epoch,
+            build_transform(self.cfg.augment, d, train=True, mean_std=self.mean_std),
+            d.seed,
+            mode="train",
+            samples_per_epoch=d.samples_per_epoch,
+            shuffle_buffer=d.shuffle_buffer,
+            augment_on=self.augment_on,
+            decode_on=self.decode_on,
+            pin_memory=acc.device.type == "cuda",
+        )
 
     def epoch_batches(self):
         """This epoch's batches; after a resume the consumed ones are read and dropped.
@@ -103,6 +118,7 @@ class Trainer:
         if self.teacher is None:
             return self.loss_fn(output, target, images)
         from distrib.training.losses import distill_loss
+
         tc = self.cfg.train
         with torch.no_grad():
             teacher_out = self.teacher(self._teacher_input(images))
@@ -122,17 +138,30 @@ class Trainer:
         return round(self.elapsed_before + time.perf_counter() - self.started, 3)
 
     def trainer_state(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos, "step": self.step, "done": self.done,
-                "best_auc": float(self.best_auc), "best_epoch": self.best_epoch,
-                "best_metrics": plain(self.best_metrics), "scheduler": self.scheduler.state_dict(),
-                "elapsed": self.elapsed(), "world_size": self.accelerator.num_processes,
-                "grad_accum": self.cfg.train.grad_accum,
-                "config": plain(config_to_dict(self.cfg))}  # what trained these weights: the --resume guard reads it
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "step": self.step,
+            "done": self.done,
+            "best_auc": float(self.best_auc),
+            "best_epoch": self.best_epoch,
+            "best_metrics": plain(self.best_metrics),
+            "scheduler": self.scheduler.state_dict(),
+            "elapsed": self.elapsed(),
+            "world_size": self.accelerator.num_processes,
+            "grad_accum": self.cfg.train.grad_accum,
+            "config": plain(config_to_dict(self.cfg)),
+        }  # what trained these weights: the --resume guard reads it
 
     def rank_state(self) -> dict:
         """Per-rank part of a checkpoint: RNG streams and the running train-loss sum."""
-        return {"epoch_start": self.epoch_rng, "now": rng_state(), "loss_sum": self.loss_sum.cpu(),
-                "loss_count": self.loss_count, "skipped_train": self.skipped_train}
+        return {
+            "epoch_start": self.epoch_rng,
+            "now": rng_state(),
+            "loss_sum": self.loss_sum.cpu(),
+            "loss_count": self.loss_count,
+            "skipped_train": self.skipped_train,
+        }
 
     def end_epoch(self) -> None:
         """Close the progress bar and count the samples the loader skipped (reported, never silent)."""
