@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint test test-fast lock clean
+.PHONY: install demo lint test test-fast test-integration lock clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 lock: $(STAMP)
 	(echo "# Full transitive lock for Python 3.11 / x86_64, produced by 'pip freeze' (make lock)."; \

@@ -161,3 +161,44 @@ def subprocess_env(tmp: Path) -> dict:
 
 
 PYTHON = sys.executable
+
+
+# Unit or integration, decided once here so no test file has to say it. A test is `integration` when it
+# runs something real beyond one process's Python: it carries one of the markers below, asks for a
+# session fixture that builds shards, trained runs or a Ray cluster, or its body (or a module-level helper
+# it calls, two levels deep) starts a subprocess. Everything else is `unit` (`make test-fast`).
+_INTEGRATION_MARKERS = {"slow", "multiproc", "ray", "gpu"}
+_INTEGRATION_FIXTURES = {"demo_data", "demo_shards", "fold_runs", "ray_cluster"}
+_SPAWNS = ("subprocess", "Popen", "spawn_", "mp.Process", "multiprocessing")
+
+
+def _spawns(func, module, depth: int = 2) -> bool:
+    import inspect
+
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    if any(s in source for s in _SPAWNS):
+        return True
+    if depth == 0:
+        return False
+    names = func.__code__.co_names if hasattr(func, "__code__") else ()
+    return any(
+        _spawns(helper, module, depth - 1)
+        for name in names
+        if inspect.isfunction(helper := getattr(module, name, None)) and helper.__module__ == module.__name__
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        fixtures = set(getattr(item, "fixturenames", ()))
+        func = getattr(item, "function", None)
+        integration = (
+            marks & _INTEGRATION_MARKERS
+            or fixtures & _INTEGRATION_FIXTURES
+            or (func is not None and _spawns(func, item.module))
+        )
+        item.add_marker(pytest.mark.integration if integration else pytest.mark.unit)
