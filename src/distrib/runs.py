@@ -18,6 +18,26 @@ from distrib.errors import DistribError
 LAST = "last_checkpoint"  # the run dir's resumable checkpoint folder
 
 
+def load_torch(path: str | Path, fix: str) -> dict:
+    """``torch.load(weights_only=True)`` of a file this project wrote; anything else is a one-line DistribError.
+
+    A truncated file (EOF, a zip without its central directory), a crafted pickle that weights_only refuses,
+    or any other unreadable payload all name the file and ``fix`` (what to do); no code in it runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DistribError(f"{path} not found; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DistribError(
+            f"{path}: not a checkpoint this version wrote ({type(e).__name__}: {reason}); {fix}"
+        ) from None
+
+
 def find_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint in ``run_dir`` (a crash between the two renames leaves ``.old``)."""
     run_dir = Path(run_dir)
@@ -33,12 +53,7 @@ def load_best(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DistribError(f"model file not found: {path}; train a run first (distrib train CONFIG --out RUN_DIR)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors name a type that is not allowed
-        raise DistribError(
-            f"cannot load {path} with weights_only=True ({e}); re-save it with distrib.training.checkpoint.save_best"
-        ) from e
+    return load_torch(path, "re-train the run (distrib train CONFIG --out RUN_DIR) or restore the file from a backup")
 
 
 def param_checksum(model: torch.nn.Module) -> str:
@@ -74,6 +89,6 @@ def load_run(run_dir: str | Path, which: str = "best") -> tuple[torch.nn.Module,
         if ckpt is None or not (ckpt / "state.pt").is_file():
             raise DistribError(f"{run_dir} has no DDP/single-process last checkpoint; use which='best'")
         best = load_best(run_dir / "best_model.pth")
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        state = load_torch(ckpt / "state.pt", f"delete {ckpt} to fall back to best_model.pth (which='best')")
         return model_from_payload({**best, "state_dict": state["model"]})
     raise DistribError(f"load_run(which={which!r}): use 'best' or 'last'")

@@ -19,14 +19,15 @@ decided here. Each command imports its stage lazily so ``distrib --help`` stays 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
-import json
 import logging
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from distrib.cli.commands import strict_json
 from distrib.cli.parser import build_parser
 from distrib.errors import DistribError
 
@@ -68,19 +69,43 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(
-            f"distrib {args.command}: error: no space left on the device while writing "
-            f"{e.filename or 'an output file'}; free space or point --out at a larger disk. Outputs are "
-            "written to temp names and renamed, so no partial file was left; re-run the same command "
-            "(add --resume for train/tune) to continue.",
-            file=sys.stderr,
-        )
+        print(f"distrib {args.command}: error: {_disk_full(args, e)}", file=sys.stderr)
         return 2
     if isinstance(result, dict) and args.command not in ("bench", "export"):
-        print(json.dumps(result, default=str))
+        print(strict_json(result))
     if args.command == "tune":
         return _sweep_exit(args, result)
     return 0
+
+
+def _disk_full(a: argparse.Namespace, e: OSError) -> str:
+    """ENOSPC in one line: the file, what was written and what is free, and which checkpoint is intact."""
+    import shutil
+
+    where = Path(e.filename) if e.filename else None
+    if e.strerror and "bytes" in e.strerror:  # checkpoint._save counted what reached the disk
+        size = f" ({e.strerror})"
+    else:
+        size = f" ({where.stat().st_size} bytes written)" if where is not None and where.is_file() else ""
+    free = ""
+    with contextlib.suppress(OSError):
+        free = f", {shutil.disk_usage(_existing_parent(where or Path(getattr(a, 'out', None) or '.'))).free} bytes free"
+    intact = "outputs are written to temp names and renamed, so earlier files are intact"
+    if a.command == "train":
+        from distrib.runs import find_checkpoint
+
+        ckpt = find_checkpoint(a.out)
+        intact = f"the last good checkpoint {ckpt} is intact" if ckpt else "no checkpoint had been written yet"
+    return (
+        f"no space left on the device while writing {where or 'an output file'}{size}{free}; {intact}. "
+        "Free space or point --out at a larger disk, then re-run the same command (add --resume for train/tune)."
+    )
+
+
+def _existing_parent(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def _resume_command(a: argparse.Namespace) -> str:

@@ -4,11 +4,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
+import shlex
+import sys
 from pathlib import Path
 
 from distrib.errors import DistribError
+from distrib.outputs import check_outputs
+from distrib.runlock import lock_output
 
 DEMO_RECIPE = "launch/recipes/demo.yaml"
+_PREDICT_SIDECARS = (("skipped", ".csv"), ("groups", ".csv"), ("summary", ".json"))  # written beside --out
+
+
+def strict_json(obj) -> str:
+    """One line of strict JSON: a NaN/inf value becomes null plus ``<key>_reason`` (never a bare NaN)."""
+    from distrib.atomic import json_safe
+
+    def reasons(o):
+        if isinstance(o, dict):
+            out = {}
+            for k, v in o.items():
+                out[k] = reasons(v)
+                if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v):
+                    out[f"{k}_reason"] = f"undefined ({v}): e.g. an AUC on a split with one class"
+            return out
+        if isinstance(o, (list, tuple)):
+            return [reasons(v) for v in o]
+        return o
+
+    return json.dumps(json_safe(reasons(obj)), allow_nan=False)
+
+
+def _writer(command: str, out, is_dir: bool = True) -> None:
+    """The exclusive writer lock on ``out`` (distrib.runlock), naming this command line for a refused second writer."""
+    lock_output(out, shlex.join(["distrib", *sys.argv[1:]]), is_dir=is_dir)
 
 
 def cmd_data(a: argparse.Namespace) -> dict:
@@ -20,6 +51,8 @@ def cmd_data(a: argparse.Namespace) -> dict:
 def cmd_shard(a: argparse.Namespace) -> dict:
     from distrib.data.shards import write_shards
 
+    outs = check_outputs("shard", dirs={"--out": a.out}, inputs=[a.train, a.val, a.test])
+    _writer("shard", a.out)
     index = write_shards(
         a.train,
         a.out,
@@ -33,6 +66,7 @@ def cmd_shard(a: argparse.Namespace) -> dict:
         overwrite=a.overwrite,
         positive=a.positive,
     )
+    outs.report()
     # the printed summary leaves out the per-shard sample offsets and the group table (they are in index.json)
     return {
         **{k: v for k, v in index.items() if k not in ("shards", "groups", "heldout_groups")},
@@ -58,6 +92,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
     from distrib.config import load_config
 
     cfg = load_config(a.config, a.overrides)  # validated before any heavy import or process group
+    check_outputs("train", dirs={"--out": a.out}, inputs=[a.config], read_dirs=[cfg.data.shards])
+    _writer("train", a.out)
     from distrib.training.dist import is_main
     from distrib.training.trainer import run
 
@@ -73,6 +109,8 @@ def cmd_tune(a: argparse.Namespace) -> dict:
     flags = {"tune.search": a.search, "tune.num_samples": a.num_samples, "tune.scheduler": a.scheduler}
     cfg = load_config(a.config, [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
     grid = load_grid(a.grid) if a.grid else check_grid(cfg.tune.grid)
+    check_outputs("tune", dirs={"--out": a.out}, inputs=[a.config, a.grid], read_dirs=[cfg.data.shards])
+    _writer("tune", a.out)
     return run_sweep(cfg, grid, a.out, address=a.address, storage=a.storage, resume=a.resume, num_cpus=a.num_cpus)
 
 
@@ -85,7 +123,14 @@ def cmd_embed(a: argparse.Namespace) -> dict:
         raise DistribError("distrib embed: pass exactly one of --sweep SWEEP_DIR or --runs RUN0 RUN1 ...")
     runs = best_run_dirs(a.sweep) if a.sweep else list(a.runs)
     cfg = load_config(Path(runs[0]) / "config.yaml", a.overrides)
+    outs = check_outputs(
+        "embed",
+        files={"--out": a.out, "alignment": alignment_path(a.out)},
+        read_dirs=[*runs, a.sweep, cfg.data.shards],
+    )
+    _writer("embed", a.out, is_dir=False)
     df = extract_oof(runs, a.out, cfg.embed)
+    outs.report()
     return {
         "out": str(a.out),
         "rows": len(df),
@@ -98,7 +143,10 @@ def cmd_stack(a: argparse.Namespace) -> dict:
     from distrib.config import load_config
     from distrib.stacking.stack import fit_stack
 
-    res = fit_stack(a.oof, a.out, load_config(a.config, a.overrides).stack, stage1=a.stage1)
+    cfg = load_config(a.config, a.overrides).stack
+    check_outputs("stack", dirs={"--out": a.out}, inputs=[*a.oof, *(a.stage1 or []), a.config])
+    _writer("stack", a.out)
+    res = fit_stack(a.oof, a.out, cfg, stage1=a.stage1)
     for name, r in res["ablation"].items():
         print(f"stack: {name:<28} meta-CV AUC {r['auc_mean']:.4f} +- {r['auc_std']:.4f}")
     for name, r in res["candidates"].items():
@@ -122,16 +170,22 @@ def cmd_thresholds(a: argparse.Namespace) -> dict:
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
 
     cfg = load_config(a.config, a.overrides).thresholds
+    outs = check_outputs("thresholds", dirs={"--out": a.out}, inputs=[a.pred, a.config])
+    outs.existing += [p for p in [Path(a.out) / "thresholds.json"] if p.is_file()]
     result = fit_thresholds(select_fit_rows(load_predictions(a.pred), cfg.fit_split, str(a.pred)), cfg, a.out)
     print(f"thresholds: {result['single']['max_specificity_at_recall']['message']}")
     print(f"thresholds: {'' if result['band']['feasible'] else 'INFEASIBLE: '}{result['band']['message']}")
+    outs.report()
     return {"thresholds": str(Path(a.out) / "thresholds.json"), "band": result["band"]}
 
 
 def cmd_cascade(a: argparse.Namespace) -> dict:
     from distrib.cascade.run import run_cascade
 
-    res = run_cascade(a.config, a.split, a.out)
+    out = a.out or Path(a.config).parent / f"cascade_{a.split}"  # run_cascade's default, locked here
+    check_outputs("cascade", dirs={"--out": out}, inputs=[a.config])
+    _writer("cascade", out)
+    res = run_cascade(a.config, a.split, out)
     m, cost = res["metrics"]["cascade"], res["cost"]
     print(
         f"cascade: AUC {m['auc']:.4f} F1 {m['f1']:.4f} recall {m['recall']:.4f} specificity {m['specificity']:.4f}; "
@@ -144,6 +198,17 @@ def cmd_cascade(a: argparse.Namespace) -> dict:
 def cmd_predict(a: argparse.Namespace) -> dict:
     from distrib.inference.predict import predict
 
+    out = Path(a.out)
+    model = Path(a.model)
+    outs = check_outputs(
+        "predict",
+        files={
+            "--out": out,
+            **{f"{k} file": out.with_name(f"{out.stem}_{k}{ext}") for k, ext in _PREDICT_SIDECARS},
+        },
+        inputs=[a.model, a.thresholds],
+        read_dirs=[model if model.is_dir() else None, a.images if Path(a.images).is_dir() else None],
+    )
     res = predict(
         a.model,
         a.images,
@@ -163,12 +228,24 @@ def cmd_predict(a: argparse.Namespace) -> dict:
             f"predict: {name} AUC {m['auc']:.4f} F1 {m['f1']:.4f} recall {m['recall']:.4f} "
             f"specificity {m['specificity']:.4f} (n={m['n']})"
         )
+    outs.report()
     return res
 
 
 def cmd_export(a: argparse.Namespace) -> dict:
     from distrib.inference.export import export_run
 
+    run = Path(a.run)
+    if a.out:  # the default (RUN_DIR/model.onnx) is the one file export owns inside the run folder
+        out = Path(a.out)
+        outs = check_outputs(
+            "export",
+            files={"--out": out, "sidecar": out.with_name(out.name + ".json")},
+            inputs=[run / "best_model.pth", run / "config.yaml", run],
+            read_dirs=[run / "last_checkpoint"],
+        )
+    else:
+        outs = check_outputs("export", files={}, inputs=[run])
     res = export_run(a.run, fmt=a.format, int8=a.int8, out=a.out, threads=a.threads, overrides=a.overrides)
     for name, r in res["artifacts"].items():
         print(
@@ -177,7 +254,8 @@ def cmd_export(a: argparse.Namespace) -> dict:
             f"{r['latency_ms']['median']:.2f} ms p95 {r['latency_ms']['p95']:.2f} ms "
             f"({r['threads']} thread(s)) -> {'PASS' if r['passed'] else 'FAIL'}"
         )
-    print(json.dumps(res, default=str), flush=True)  # the last line is one JSON object
+    outs.report()
+    print(strict_json(res), flush=True)  # the last line is one JSON object
     return res
 
 
@@ -212,6 +290,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 def cmd_run(a: argparse.Namespace) -> dict:
     from distrib.recipes import run_recipe
 
+    check_outputs("run", dirs={"--out": a.out}, inputs=[a.recipe])
+    _writer("run", a.out)
     res = run_recipe(a.recipe, a.out, a.overrides, overwrite=a.overwrite, address=a.address, num_cpus=a.num_cpus)
     print(f"\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}")
     return res

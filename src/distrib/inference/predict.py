@@ -52,7 +52,14 @@ def _run_rule(run_dir: Path, thresholds: str | None) -> dict:
                 f"{run_dir}/val_predictions.csv --out {run_dir} thresholds.fit_split=val'"
             )
         return _val_youden(run_dir)
-    th = json.loads(path.read_text())
+    try:
+        th = json.loads(path.read_text())
+        th["single"]["youden"]["threshold"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DataError(
+            f"--thresholds {path}: not a thresholds.json that distrib thresholds wrote ({type(e).__name__}: {e}); "
+            f"write one with 'distrib thresholds --pred {run_dir}/val_predictions.csv --out DIR'"
+        ) from None
     band = th.get("band", {})
     # thresholds fit on group scores (thresholds.group_agg) decide on the same unit: a group's mean/max prob
     agg = th.get("group_agg") or next(

@@ -9,6 +9,7 @@ engine writes its own (partitioned) model/optimizer files into the same director
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -20,15 +21,33 @@ import torch
 
 from distrib.atomic import atomic_path
 from distrib.errors import DistribError
+from distrib.runs import load_torch
 from distrib.training import dist
 
 _DS_TAG = "deepspeed"
 
 
+def _save(obj: Any, path: Path, shown: Path | None = None) -> None:
+    """torch.save; a full disk becomes an ENOSPC OSError naming the file and the bytes written so far.
+
+    torch's zip writer reports a failed write as ``RuntimeError: ... unexpected pos`` / ``file write
+    failed``, which would otherwise reach the user as a traceback.
+    """
+    try:
+        torch.save(obj, path)
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in ("unexpected pos", "file write failed")):
+            raise
+        written = path.stat().st_size if path.is_file() else 0
+        raise OSError(errno.ENOSPC, f"{written} bytes written before the disk filled", str(shown or path)) from None
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to ``path.tmp`` then rename: readers never see a partial file."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        _save(obj, tmp, Path(path))
     return Path(path)
 
 
@@ -79,7 +98,7 @@ def save_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer, trainer
         model.save_checkpoint(str(tmp), tag=_DS_TAG)  # collective; writes this rank's partitions
     elif accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
-        torch.save(
+        _save(
             {
                 "model": dist.unwrap(accelerator, model, keep_torch_compile=False).state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -87,9 +106,9 @@ def save_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer, trainer
             },
             tmp / "state.pt",
         )
-    torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
+    _save(rng, tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
+        _save(trainer_state, tmp / "trainer_state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _publish(tmp, final)
@@ -106,7 +125,8 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer) -> tupl
             f"checkpoint {ckpt_dir} has no {rng_path.name}: it was written with a different "
             f"number of processes; resume with the same --num_processes, or start a new run dir"
         )
-    trainer_state = torch.load(ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=True)
+    fix = _corrupt_fix(ckpt_dir)
+    trainer_state = load_torch(ckpt_dir / "trainer_state.pt", fix)
     if dist.is_deepspeed(accelerator):
         if not (ckpt_dir / _DS_TAG).is_dir():
             raise DistribError(
@@ -120,18 +140,25 @@ def load_checkpoint(accelerator, ckpt_dir: str | Path, model, optimizer) -> tupl
                 f"checkpoint {ckpt_dir} has no state.pt (a DeepSpeed checkpoint?); resume it "
                 "with the accelerate config it was trained with"
             )
-        state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=True)
+        state = load_torch(ckpt_dir / "state.pt", fix)
         dist.unwrap(accelerator, model, keep_torch_compile=False).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if accelerator.scaler is not None and state["scaler"]:
             accelerator.scaler.load_state_dict(state["scaler"])
-    rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+    rng = load_torch(rng_path, fix)
     return trainer_state, rng
+
+
+def _corrupt_fix(ckpt_dir: Path) -> str:
+    return (
+        f"delete {ckpt_dir} (and {ckpt_dir.name}.old if it is there) and train again without --resume "
+        "into a new --out, or restore the run folder from a backup"
+    )
 
 
 def saved_state(ckpt_dir: str | Path) -> dict:
     """The checkpoint's trainer_state (loop position, and since the resume guard, the config it trained)."""
-    return torch.load(Path(ckpt_dir) / "trainer_state.pt", map_location="cpu", weights_only=True)
+    return load_torch(Path(ckpt_dir) / "trainer_state.pt", _corrupt_fix(Path(ckpt_dir)))
 
 
 def remove_stale_tmp(run_dir: str | Path, names: tuple[str, ...] = ("last_checkpoint",)) -> list[str]:
