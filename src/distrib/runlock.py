@@ -16,7 +16,7 @@ from distrib.errors import DistribError
 LOCK_NAME = ".distrib.lock"
 _HELD: dict[str, int] = {}  # resolved lock path -> fd, held until this process exits
 
-__all__ = ["LOCK_NAME", "lock_output"]
+__all__ = ["LOCK_NAME", "lock_output", "release_all"]
 
 
 def _lock_path(out: Path, is_dir: bool) -> Path:
@@ -57,3 +57,11 @@ def lock_output(out: str | Path, cmdline: str, is_dir: bool = True) -> Path:
     os.fsync(fd)
     _HELD[key] = fd
     return path
+
+
+def release_all() -> None:
+    """Drop every lock this process took (the CLI calls it when a command ends, so in-process callers such as
+    tests or a notebook do not keep a folder locked until they exit)."""
+    while _HELD:
+        _, fd = _HELD.popitem()
+        os.close(fd)

@@ -30,6 +30,7 @@ from pathlib import Path
 from distrib.cli.commands import strict_json
 from distrib.cli.parser import build_parser
 from distrib.errors import DistribError
+from distrib.runlock import release_all
 
 __all__ = ["main", "build_parser"]
 
@@ -56,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         log.addHandler(logging.StreamHandler(sys.stderr))
         log.setLevel(logging.INFO)
     func: Callable = args.func
+    try:
+        return _run(args, func)
+    finally:
+        release_all()
+
+
+def _run(args: argparse.Namespace, func: Callable) -> int:
     try:
         result = func(args)
     except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM in tune): where things stand, how to continue
