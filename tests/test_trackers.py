@@ -22,8 +22,8 @@ def _mlflow_env(tmp_path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_train_logs_params_metrics_and_results_to_mlflow(demo_shards, tmp_path, monkeypatch):
+@pytest.mark.timeout(600)
+def test_tensorboard_and_mlflow_log_together(demo_shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     env = _mlflow_env(tmp_path)
     cmd = [
@@ -35,14 +35,26 @@ def test_train_logs_params_metrics_and_results_to_mlflow(demo_shards, tmp_path, 
         "--out",
         str(out),
         f"data.shards={demo_shards}",
-        "model.name=resnet10t",
+        "model.name=test_resnet",
         "train.epochs=2",
         "optim.lr=3e-3",
         "train.trackers=[tensorboard, mlflow]",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard events are still written
+    # the same run with TensorBoard alone: MLflow beside it must not change what TensorBoard records
+    alone = subprocess.run(
+        [*cmd[:6], str(tmp_path / "tb_only"), *cmd[7:-1], "train.trackers=[tensorboard]"],
+        cwd=REPO,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert alone.returncode == 0, alone.stderr[-4000:]
+    tb, tb_only = _tb_scalars(out / "tb"), _tb_scalars(tmp_path / "tb_only" / "tb")
+    assert {"train/loss", "train/lr", "val/auc", "val/val_loss"} <= set(tb_only)
+    assert {tag: len(points) for tag, points in tb.items()} == {tag: len(points) for tag, points in tb_only.items()}
 
     import mlflow
 
@@ -55,7 +67,7 @@ def test_train_logs_params_metrics_and_results_to_mlflow(demo_shards, tmp_path, 
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.tags["distrib.run_dir"] == str(out.resolve())
     params = run.data.params
-    assert params["optim.lr"] == "0.003" and params["model.name"] == "resnet10t"
+    assert params["optim.lr"] == "0.003" and params["model.name"] == "test_resnet"
     assert params["train.trackers"] == "['tensorboard', 'mlflow']"
 
     client = mlflow.MlflowClient()
@@ -66,6 +78,21 @@ def test_train_logs_params_metrics_and_results_to_mlflow(demo_shards, tmp_path, 
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2
     local = client.download_artifacts(run.info.run_id, "evaluation_results.json", str(tmp_path / "dl"))
     assert json.loads(open(local).read()) == results
+    # every tracker got the same scalars: each TensorBoard series is the MLflow metric of that name
+    assert set(run.data.metrics) == set(tb)
+    for tag, points in tb.items():
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag))
+        assert [s for s, _ in history] == [e.step for e in points], tag
+        assert [v for _, v in history] == pytest.approx([e.value for e in points], rel=1e-6), tag
+
+
+def _tb_scalars(tb_dir: Path) -> dict:
+    """{tag: [ScalarEvent, ...]} read back from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
 def test_tracker_config_errors_before_training(demo_shards, tmp_path, monkeypatch):

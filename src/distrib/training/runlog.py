@@ -194,6 +194,9 @@ class RunLogger:
 
     def close(self) -> None:
         self.end_epoch()
+        if self._tb is not None:  # only here: a tracker action must never end the TensorBoard writer early
+            self._tb.close()
+            self._tb = None
         if self._acc is not None:  # the final results as an artifact, then end the tracker runs
             results = self.out / "evaluation_results.json"
             if results.is_file():
@@ -209,6 +212,3 @@ class RunLogger:
                 from mlflow import MlflowClient
 
                 action(MlflowClient(), tracker.tracker.info.run_id)
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
