@@ -318,3 +318,16 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     )
     print(json.dumps(result, default=float), flush=True)  # the last line is the benchmark's JSON
     return result
+
+
+def cmd_weights_import(a: argparse.Namespace) -> dict:
+    from distrib.models.weights import import_weights
+
+    out = Path(a.out)
+    inputs = [] if a.src.startswith("pkg:") else [a.src]
+    outs = check_outputs(
+        "weights import", files={"--out": out, "record": out.with_name(out.name + ".json")}, inputs=inputs
+    )
+    record = import_weights(a.src, a.model, out)
+    outs.report()
+    return {k: v for k, v in record.items() if k != "mapping"}  # the full mapping is in OUT.json

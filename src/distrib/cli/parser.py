@@ -20,6 +20,7 @@ from distrib.cli.commands import (
     cmd_thresholds,
     cmd_train,
     cmd_tune,
+    cmd_weights_import,
 )
 
 
@@ -188,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
     _add_overrides(p, "data.folds=3 train.epochs=2 stack.n_estimators=100")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("weights", help="pretrained weights for offline machines")
+    wsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = wsub.add_parser(
+        "import", help="map a state dict in any key layout onto a timm model -> safetensors (model.pretrained_file)"
+    )
+    q.add_argument("src", help="state-dict file, or pkg:PACKAGE (an installed package that ships one)")
+    q.add_argument("--model", required=True, help="timm model name, e.g. tf_efficientnet_lite0")
+    q.add_argument("--out", required=True, help="output .safetensors (a .json record of the mapping is written beside)")
+    q.set_defaults(func=cmd_weights_import)
 
     p = sub.add_parser("bench", help="benchmarks; the last line printed is one JSON object")
     p.add_argument("name", choices=["loader", "trainer", "latency", "sweep", "cascade"])

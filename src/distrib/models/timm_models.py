@@ -57,6 +57,9 @@ def create_timm(
     """
     import timm
 
+    from distrib.models.weights import resolve_pretrained_file
+
+    pretrained_file = resolve_pretrained_file(pretrained_file, name)  # pkg:NAME -> an imported file
     hub = pretrained and not pretrained_file
     pretrained = bool(pretrained_file) or hub
     extra: dict = {}
