@@ -24,15 +24,18 @@ RESUME_SAFE = (
     "train.max_steps",  # a stopping point, same reason
     "train.ckpt_every_steps",  # when checkpoints are written, not what they hold
     "train.log_every_steps",  # TensorBoard/progress cadence only
-    "train.eval_every_epochs",  # when validation runs; it never touches the weights
+    "train.eval_every_epochs",  # when validation runs; it never touches the weights (nor the global RNG)
     "train.latency_batches",  # how long evaluation_results.json times the model
-    "data.num_workers",  # loader parallelism; the sample order is fixed by data.seed and epoch
     "data.eval_batch_size",  # evaluation batching; metrics do not depend on it
     "data.verify",  # how the shards are checked before training, not which shards
     "data.classes",  # a check of the index's label mapping; the mapping itself is fixed by data.shards
     "train.max_skipped_fraction",  # when skipped corrupt samples fail the run; the data read is the same
     "train.trackers",  # where scalars are logged (a resumed run starts a new tracker run)
     "dist.",  # process-group backend and timeout: transport only
+    # not data.num_workers: each (rank, worker) pair is its own shard chain and shuffle stream
+    # (data/loader.py), so another worker count is another sample order, and a mid-epoch resume would
+    # skip other batches than the ones trained. One order per rank dealt to the workers would have every
+    # worker read (and, with corrupt-sample replacement, decode) the whole rank's stream.
     "tune.",  # sweep-level settings; a single run does not read them
     "embed.",  # later stages read these from the finished run
     "stack.",

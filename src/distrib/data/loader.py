@@ -286,14 +286,19 @@ class Loader:
         ring = self.stream.ring
         if ring is not None:  # before the fork: the workers inherit the ring and its semaphores
             ring.start(pin=self.pin_memory)
+        st = self.stream
         dl = DataLoader(
-            self.stream,
+            st,
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and ring is None,
             collate_fn=_as_is,
             persistent_workers=False,
             prefetch_factor=PREFETCH if self.num_workers else None,
+            # every DataLoader pass draws its workers' base seed from this generator, else from the global
+            # torch RNG: a validation pass would then shift the dropout masks of the steps after it, and
+            # train.eval_every_epochs (allowed to change on --resume) would change the trained weights
+            generator=torch.Generator().manual_seed(_stream_seed(st.seed, st.epoch, st.rank, 3)),
         )
         done = 0
         for item in dl:
