@@ -5,10 +5,14 @@
   On Linux ``ray.init(_node_ip_address="127.0.0.1")`` is not enough: ``services.get_node_ip_address``
   returns the routable IP unless ``ray_constants.ENABLE_RAY_CLUSTER`` is False, which is what
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` sets (read at ``import ray``; patched too if ray was imported).
-- **Records.** Right after ``ray.init`` the PIDs and create times of the processes it started go to
-  ``SWEEP_DIR/ray_pids.json`` (with the driver's own), so a driver killed by SIGKILL leaves a list of its
-  orphans (the dashboard and runtime-env agents outlive it by ~60 s) that the next start stops, matching
-  PID *and* create time (never a name), after checking that the recorded driver is gone.
+- **Records.** Right after ``ray.init`` the PIDs, create times and command lines of the processes it started
+  go to ``SWEEP_DIR/ray_pids.json`` (with the driver's own), so a driver killed by SIGKILL leaves a list of
+  its orphans (the dashboard and runtime-env agents outlive it by ~60 s) that the next start stops, after
+  checking that the recorded driver is gone.
+- **Distrust.** The sweep dir is user data: anyone who can write it could name any folder or PID. A recorded
+  PID is acted on only when its create time *and* command line match the record; a recorded temp dir only
+  when it is one ``_temp_dir`` makes (directly under the system temp dir or /tmp, ``distrib-ray-`` prefix,
+  a real directory owned by this user). Anything else is ignored with a warning.
 - **Stop.** ``stop_ray`` shuts Ray down, stops any recorded straggler, removes the temp dir (Ray keeps it)
   and the PID file. SIGTERM is turned into SIGINT while the cluster runs, so Tune stops gracefully and
   the driver's ``finally`` stops the cluster instead of dying with it running.
@@ -34,12 +38,36 @@ PID_FILE = "ray_pids.json"  # in the sweep dir: this driver and the Ray processe
 _STATE: dict = {}  # the cluster this process started: pid_file, temp_dir, previous SIGTERM handler, signal seen
 
 
+TEMP_PREFIX = "distrib-ray-"  # every cluster temp dir this project creates starts with it
+
+
 def _temp_dir() -> str:
     """A fresh dir under the system temp dir, or /tmp when that is too deep for Ray's socket paths."""
     base = tempfile.gettempdir()
     if len(str(Path(base).resolve())) > 28:  # + ~12 (mkdtemp) + ~66 (Ray session/sockets) <= 107
         base = "/tmp"
-    return tempfile.mkdtemp(prefix="distrib-ray-", dir=base)
+    return tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=base)
+
+
+def is_own_temp_dir(path) -> bool:
+    """True if ``path`` could be a dir ``_temp_dir`` made: a real (not symlinked) directory with its prefix,
+    directly under the system temp dir or /tmp, owned by this user. A PID file naming anything else is not
+    trusted with ``rmtree``."""
+    import stat
+
+    if not isinstance(path, str) or not path:
+        return False
+    p = Path(path)
+    if not p.is_absolute() or not p.name.startswith(TEMP_PREFIX) or ".." in p.parts:
+        return False
+    bases = {os.path.realpath(tempfile.gettempdir()), os.path.realpath("/tmp")}
+    if os.path.realpath(p.parent) not in bases:
+        return False
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
 
 
 def _uses_dir(p, d: str) -> bool:
@@ -53,15 +81,18 @@ def _uses_dir(p, d: str) -> bool:
 
 
 def _same_process(rec: dict):
-    """The live process of a record, or None if it exited or its PID now belongs to another process."""
+    """The live process of a record, or None if it exited or its PID now belongs to another process: its
+    create time and (when recorded) its command line must both match."""
     import psutil
 
     try:
-        p = psutil.Process(rec["pid"])
-        if abs(p.create_time() - rec["create_time"]) > 0.05 or p.status() == psutil.STATUS_ZOMBIE:
+        p = psutil.Process(int(rec["pid"]))
+        if abs(p.create_time() - float(rec["create_time"])) > 0.05 or p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if "cmdline" in rec and p.cmdline() != rec["cmdline"]:
             return None
         return p
-    except psutil.Error:
+    except (psutil.Error, KeyError, TypeError, ValueError, OverflowError):
         return None
 
 
@@ -99,44 +130,93 @@ def record_driver(pid_file: Path, temp_dir: str | None) -> list[dict]:
     recs = []
     for p in cluster_processes(temp_dir) if temp_dir else []:
         try:
-            recs.append({"pid": p.pid, "create_time": p.create_time(), "name": p.name()})
+            recs.append({"pid": p.pid, "create_time": p.create_time(), "name": p.name(), "cmdline": p.cmdline()})
         except psutil.Error:
             pass
-    write_json(
-        pid_file,
-        {"driver": me.pid, "driver_create_time": me.create_time(), "temp_dir": temp_dir, "procs": recs},
-        indent=1,
-    )
+    driver = {"driver": me.pid, "driver_create_time": me.create_time(), "driver_cmdline": me.cmdline()}
+    write_json(pid_file, {**driver, "temp_dir": temp_dir, "procs": recs}, indent=1)
     return recs
+
+
+def _recorded_processes(pid_file: Path, recs) -> list:
+    """The live processes of ``recs`` whose create time and command line both match; a live PID that does
+    not match (or a record without a command line) is left alone with a warning."""
+    import psutil
+
+    live, ignored = [], []
+    for rec in recs if isinstance(recs, list) else []:
+        p = _same_process(rec) if isinstance(rec, dict) and isinstance(rec.get("cmdline"), list) else None
+        if p is not None:
+            live.append(p)
+            continue
+        pid = rec.get("pid") if isinstance(rec, dict) else rec
+        if isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid):
+            ignored.append(str(pid))
+    if ignored:
+        log.warning(
+            "%s names running process(es) %s whose start time or command line differ from the record (or were "
+            "not recorded); left alone",
+            pid_file,
+            ", ".join(ignored),
+        )
+    return live
+
+
+def _users_of(temp_dir: str) -> list:
+    """This user's processes (not this one) that name ``temp_dir`` or keep a file open under it."""
+    import psutil
+
+    me, uid = os.getpid(), os.getuid()
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me and p.uids().real == uid and _uses_dir(p, temp_dir):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
 
 
 def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
     """Stop the recorded processes of a dead driver (SIGTERM, then SIGKILL); remove its temp dir and the file.
 
+    Only what ``is_own_temp_dir`` and ``_recorded_processes`` accept is touched (the file may be crafted).
     Raises DistribError if the recorded driver is still running: two drivers must not share a sweep dir.
     """
-    import psutil
-
     pid_file = Path(pid_file)
     if not pid_file.is_file():
         return []
     try:
         data = json.loads(pid_file.read_text())
-    except ValueError:
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError):
         log.warning("ignoring unreadable %s", pid_file)
-        pid_file.unlink()
+        pid_file.unlink(missing_ok=True)
         return []
-    driver = {"pid": data["driver"], "create_time": data.get("driver_create_time", 0.0)}
+    driver = {"pid": data.get("driver"), "create_time": data.get("driver_create_time", 0.0)}
+    if "driver_cmdline" in data:
+        driver["cmdline"] = data["driver_cmdline"]
     if driver["pid"] != os.getpid() and _same_process(driver) is not None:
         raise DistribError(
             f"another distrib tune (pid {driver['pid']}) is running on {pid_file.parent}; wait "
             f"for it or stop it (kill {driver['pid']}), or choose another --out"
         )
-    live = [p for p in (_same_process(r) for r in data.get("procs", [])) if p is not None]
+    live = _recorded_processes(pid_file, data.get("procs"))
     td = data.get("temp_dir")
-    if td and Path(td).is_dir():  # workers started after the record was written
+    if td and not is_own_temp_dir(td):
+        if isinstance(td, str) and os.path.lexists(td):
+            log.warning(
+                "%s names temp_dir %s, which is not a %s* folder of this user under %s; left alone",
+                pid_file,
+                td,
+                TEMP_PREFIX,
+                tempfile.gettempdir(),
+            )
+        td = None
+    if td:  # workers started after the record was written
         seen = {p.pid for p in live}
-        live += [p for p in psutil.process_iter() if p.pid not in seen and p.pid != os.getpid() and _uses_dir(p, td)]
+        live += [p for p in _users_of(td) if p.pid not in seen]
     stopped = terminate(live, grace_s)
     if td:
         shutil.rmtree(td, ignore_errors=True)
@@ -307,6 +387,8 @@ def listening_sockets(procs) -> list[tuple[str, str, int]]:
 
 __all__ = [
     "PID_FILE",
+    "TEMP_PREFIX",
+    "is_own_temp_dir",
     "start_ray",
     "stop_ray",
     "reap",
