@@ -212,17 +212,18 @@ def test_a_changed_recipe_replaces_one_whose_run_finished_no_step(tmp_path):
     """A run that failed before its first step finished trained nothing: the corrected command goes on (it used
     to be refused as a different recipe). Once a step has finished, the same change is refused."""
     from distrib.recipes.config import load_recipe as load
-    from distrib.recipes.run import SAVED, STATE, _check_saved, resolve
+    from distrib.recipes.resolve import resolve
+    from distrib.recipes.state import SAVED, STATE, check_saved
 
     _manifests(tmp_path)
     recipe, out = _tiny_recipe(tmp_path), tmp_path / "run"
     old, new = (resolve(load(recipe, [f"data.folds={k}"]), out)["saved"] for k in (2, 3))
-    _check_saved(out, old, overwrite=False)
-    _check_saved(out, new, overwrite=False)  # nothing finished: replaced
+    check_saved(out, old, overwrite=False)
+    check_saved(out, new, overwrite=False)  # nothing finished: replaced
     assert yaml.safe_load((out / SAVED).read_text()) == new
     (out / STATE).write_text(json.dumps({"shards": 1.0}))
     with pytest.raises(Exception, match=r"different recipe .*recipe data"):
-        _check_saved(out, old, overwrite=False)
+        check_saved(out, old, overwrite=False)
     assert yaml.safe_load((out / SAVED).read_text()) == new
 
 

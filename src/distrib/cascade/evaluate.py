@@ -50,7 +50,7 @@ def _versus_best_expert(df: pd.DataFrame, stack: dict | None, split: str, n_boot
     The expert is chosen on the OOF table (stack_results.json), never on this split; the CI is a
     grouped bootstrap of the paired AUC difference (``thresholds.auc_difference``).
     """
-    from distrib.stacking.stack import verdict
+    from distrib.stacking.evaluate import verdict
     from distrib.stacking.thresholds import auc_difference
 
     if not stack or "meta_prob" not in df.columns:

@@ -11,29 +11,12 @@ and ``measure.model_size_mb`` (what a model costs to deploy).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 
 import torch.nn as nn
 
 from distrib.config import ConfigError, ModelConfig
-
-_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
-
-
-def register_model(fn: Callable[[ModelConfig], nn.Module] | None = None, *, name: str | None = None):
-    """Register ``fn(model_cfg) -> nn.Module`` under ``name`` (default: the function's name).
-
-    Usable bare (``@register_model``) or with a name (``@register_model(name="x")``).
-    """
-
-    def _add(f: Callable[[ModelConfig], nn.Module]):
-        key = name or f.__name__
-        if key in _REGISTRY and _REGISTRY[key] is not f:
-            raise ValueError(f"model name '{key}' is registered twice ({_REGISTRY[key]} and {f})")
-        _REGISTRY[key] = f
-        return f
-
-    return _add(fn) if fn is not None else _add
+from distrib.models.registry import MODELS as _REGISTRY
+from distrib.models.registry import register_model
 
 
 def list_models() -> list[str]:

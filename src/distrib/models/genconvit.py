@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from distrib.config import ConfigError, ModelConfig
 from distrib.config.fields import closest_key
-from distrib.models import register_model
+from distrib.models.registry import register_model
 from distrib.models.timm_models import create_timm
 
 # model.kwargs understood by genconvit_ed / genconvit_vae, with their defaults (the paper's full model).

@@ -4,7 +4,10 @@ calls as the subcommands, skipping finished steps, and ends with report.md + eva
 ``mode: shootout`` compares candidates instead and ends with the plan's decision line (shootout.py).
 
 Public face: ``load_recipe(path, overrides) -> Recipe`` (config.py) and
-``run_recipe(path, out, overrides, overwrite, address, num_cpus) -> dict`` (run.py).
+``run_recipe(path, out, overrides, overwrite, address, num_cpus) -> dict`` (run.py). Before any step,
+``resolve.resolve`` checks every config and ``state.check_saved`` compares with the run folder's saved
+recipe; ``state.Steps`` skips finished steps. Modules import downward (setup.cfg's recipes-layers
+contract): run, shootout, resolve | state | report, config.
 """
 
 from distrib.recipes.config import Recipe, load_recipe

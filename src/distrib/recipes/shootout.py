@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from distrib.metrics import binary_metrics
+from distrib.recipes.report import pipeline_lines
+from distrib.recipes.state import finish
 
 
 def _mean(values) -> float | None:
@@ -160,8 +162,6 @@ def run_shootout_steps(recipe, res: dict, out: Path, steps, path, t_start: float
 
     from distrib.atomic import write_json, write_text
     from distrib.config import load_config
-    from distrib.recipes.report import pipeline_lines
-    from distrib.recipes.run import finish
     from distrib.runs import find_checkpoint
     from distrib.stacking.thresholds import fit_thresholds, load_predictions, select_fit_rows
     from distrib.training.trainer import run as train_run

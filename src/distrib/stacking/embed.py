@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,84 +29,10 @@ from distrib.atomic import atomic_path
 from distrib.config import EmbedConfig
 from distrib.errors import DataError, DistribError
 from distrib.stacking.align import check_oof_table, fit_alignments, load_alignment, save_alignment
+from distrib.stacking.features import Embedded, anchor_rows, embed_split, embed_table, has_split
+from distrib.stacking.refit import add_refit
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Embedded:
-    """Features of one split/fold as seen by one fold model (rows in stream order)."""
-
-    keys: list = field(default_factory=list)
-    groups: list = field(default_factory=list)
-    labels: list = field(default_factory=list)
-    feats: list = field(default_factory=list)
-    probs: list = field(default_factory=list)
-    recon: list = field(default_factory=list)
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        feats = np.concatenate(self.feats) if self.feats else np.zeros((0, 0))
-        probs = np.concatenate(self.probs) if self.probs else np.zeros(0)
-        return feats, probs, (np.concatenate(self.recon) if self.recon else None)
-
-
-def embed_split(model, cfg, split: str, folds: list[int] | None, batch_size: int, limit: int = 0) -> Embedded:
-    """Stream ``split`` (``folds`` for train) through ``model``: pre-head features, P(fake), recon error."""
-    import torch
-
-    from distrib.data.loader import build_loader
-    from distrib.data.transforms import build_transform, resolve_mean_std
-    from distrib.training.losses import positive_prob
-
-    transform = build_transform(None, cfg.data, train=False, mean_std=resolve_mean_std(cfg.data, model))
-    loader = build_loader(
-        cfg.data.shards,
-        split,
-        folds,
-        rank=0,
-        world_size=1,
-        num_workers=0,
-        batch_size=batch_size,
-        epoch=0,
-        transform=transform,
-        seed=cfg.data.seed,
-        mode="eval",
-    )
-    device = next(model.parameters()).device
-    has_recon = hasattr(model, "recon_error_stats")  # GenConViT: features end with [mse mean, std, max]
-    out, n = Embedded(), 0
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        desc=f"embed fold {cfg.data.fold} {split}",
-        unit="img",
-        total=limit or None,
-        leave=False,
-        disable=None,
-        dynamic_ncols=True,
-    )  # the OOF step streams every split once per fold model: minutes
-    with torch.inference_mode(), bar:
-        for batch in loader:
-            valid = batch["valid"].bool()
-            if not valid.any():
-                continue
-            feats = model.forward_features(batch["image"][valid].to(device))
-            probs = positive_prob(model.forward_head(feats))
-            idx = valid.nonzero().flatten().tolist()
-            out.keys += [batch["key"][i] for i in idx]
-            out.groups += [batch["group"][i] for i in idx]
-            out.labels += batch["label"][valid].tolist()
-            out.feats.append(feats.float().cpu().numpy())
-            out.probs.append(probs.float().cpu().numpy())
-            if has_recon:
-                out.recon.append(feats[:, -3].float().cpu().numpy())
-            n += len(idx)
-            bar.update(len(idx))
-            if limit and n >= limit:
-                break
-    if loader.skipped:
-        log.warning(f"embed: {split} {folds or ''}: {loader.skipped} corrupt samples skipped: {loader.report()}")
-    return out
 
 
 def expected_training_rows(shards: str) -> pd.DataFrame:
@@ -202,13 +127,13 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
             ]
         )
         held.append(embed_split(model, cfg, "train", [fold], bs))
-        evals.append({s: embed_split(model, cfg, s, None, bs) for s in ("val", "test") if _has_split(shards, s)})
-        anchor_feats.append(_anchor_rows(evals[-1], embed_cfg.anchors, embed_cfg.dim))
+        evals.append({s: embed_split(model, cfg, s, None, bs) for s in ("val", "test") if has_split(shards, s)})
+        anchor_feats.append(anchor_rows(evals[-1], embed_cfg.anchors, embed_cfg.dim))
         model.cpu()
     aligns = fit_alignments(fit_feats, anchor_feats, embed_cfg.dim, seed=runs[0][2].train.seed)
     name = runs[0][2].model.name
     parts = [
-        _table(h, a.transform(h.arrays()[0]), h.arrays()[1], h.arrays()[2], fold, "oof", name)
+        embed_table(h, a.transform(h.arrays()[0]), h.arrays()[1], h.arrays()[2], fold, "oof", name)
         for fold, (h, a) in enumerate(zip(held, aligns))
     ]
     for split in evals[0]:
@@ -218,8 +143,6 @@ def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfi
     out_path = Path(out_path)
     refit = None
     if embed_cfg.inference == "refit":  # before the parquet: a step that checks it sees a complete refit
-        from distrib.stacking.refit import add_refit
-
         refit = add_refit(runs[0][0], out_path, embed_cfg, aligns[0].transform(anchor_feats[0]), name)
     with atomic_path(out_path) as tmp:
         df.to_parquet(tmp, index=False)
@@ -243,48 +166,6 @@ def alignment_path(parquet: str | Path) -> Path:
     return parquet.with_name(f"{parquet.stem}_alignment.npz")
 
 
-def _has_split(shards: str, split: str) -> bool:
-    from distrib.data.index import read_index
-
-    return any(s["split"] == split for s in read_index(shards)["shards"])
-
-
-def _anchor_rows(evals: dict, n: int, dim: int) -> np.ndarray:
-    """The first ``n`` val samples by key: the same unlabeled samples for every fold model."""
-    if "val" not in evals:
-        raise DataError(
-            "alignment anchors come from the 'val' split, which these shards lack; "
-            "shard with 'distrib shard --val VAL.csv'"
-        )
-    e = evals["val"]
-    feats = e.arrays()[0]
-    order = np.argsort(np.asarray(e.keys, dtype=object), kind="stable")[:n]
-    if len(order) < dim:
-        raise DataError(
-            f"only {len(order)} anchor samples for embed.dim={dim}: Procrustes needs at least dim "
-            f"anchors; raise embed.anchors (now {n}) or lower embed.dim"
-        )
-    return feats[order]
-
-
-def _table(e: Embedded, emb: np.ndarray, probs, recon, fold: int, split: str, name: str) -> pd.DataFrame:
-    df = pd.DataFrame(
-        {
-            "key": e.keys,
-            "group": e.groups,
-            "label": np.asarray(e.labels, dtype=int),
-            "fold": fold,
-            "split": split,
-            "model": name,
-            "prob": np.asarray(probs, dtype=float),
-        }
-    )
-    if recon is not None:
-        df["recon_error"] = np.asarray(recon, dtype=float)
-    embs = pd.DataFrame(emb.astype(np.float32), columns=[f"emb_{j:03d}" for j in range(emb.shape[1])])
-    return pd.concat([df, embs], axis=1)
-
-
 def _averaged(split: str, per_fold: list[Embedded], aligns, name: str) -> pd.DataFrame:
     """val/test: the K fold models' aligned embeddings and probabilities, averaged per key."""
     ref = per_fold[0]
@@ -303,7 +184,7 @@ def _averaged(split: str, per_fold: list[Embedded], aligns, name: str) -> pd.Dat
         groups=list(np.asarray(ref.groups, dtype=object)[order[0]]),
         labels=list(np.asarray(ref.labels)[order[0]]),
     )
-    return _table(sorted_ref, emb, probs, recon, -1, split, name)
+    return embed_table(sorted_ref, emb, probs, recon, -1, split, name)
 
 
 class AlignedExpert:

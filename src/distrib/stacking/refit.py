@@ -27,6 +27,9 @@ import pandas as pd
 
 from distrib.atomic import atomic_path
 from distrib.config import EmbedConfig
+from distrib.stacking.align import align_to_reference, save_alignment
+from distrib.stacking.features import anchor_rows, embed_split, embed_table, has_split
+from distrib.stacking.tables import load_experts
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,6 @@ def add_refit(fold_run: str, parquet: str | Path, embed_cfg: EmbedConfig, refere
     import torch
 
     from distrib.runs import load_run
-    from distrib.stacking.align import align_to_reference, save_alignment
-    from distrib.stacking.embed import _anchor_rows, _has_split, _table, embed_split
 
     paths = refit_paths(parquet)
     run_dir = train_refit(fold_run, paths["run"])
@@ -75,13 +76,14 @@ def add_refit(fold_run: str, parquet: str | Path, embed_cfg: EmbedConfig, refere
     model.to(device).eval()
     bs, shards = embed_cfg.batch_size, cfg.data.shards
     fit = embed_split(model, cfg, "train", None, bs, embed_cfg.fit_samples).arrays()[0][: embed_cfg.fit_samples]
-    evals = {s: embed_split(model, cfg, s, None, bs) for s in ("val", "test") if _has_split(shards, s)}
+    evals = {s: embed_split(model, cfg, s, None, bs) for s in ("val", "test") if has_split(shards, s)}
     align = align_to_reference(
-        fit, _anchor_rows(evals, embed_cfg.anchors, embed_cfg.dim), reference, embed_cfg.dim, seed=cfg.train.seed
+        fit, anchor_rows(evals, embed_cfg.anchors, embed_cfg.dim), reference, embed_cfg.dim, seed=cfg.train.seed
     )
     model.cpu()
     parts = [
-        _table(e, align.transform(e.arrays()[0]), e.arrays()[1], e.arrays()[2], -1, s, name) for s, e in evals.items()
+        embed_table(e, align.transform(e.arrays()[0]), e.arrays()[1], e.arrays()[2], -1, s, name)
+        for s, e in evals.items()
     ]
     df = pd.concat(parts, ignore_index=True)
     with atomic_path(paths["table"]) as tmp:
@@ -103,8 +105,6 @@ def add_refit(fold_run: str, parquet: str | Path, embed_cfg: EmbedConfig, refere
 def refit_table(experts: list[dict]) -> pd.DataFrame | None:
     """The val/test rows of every expert's refit model as one wide table (``stack.load_experts``'s columns),
     or None unless every expert was embedded with ``embed.inference: refit``."""
-    from distrib.stacking.stack import load_experts
-
     tables = [refit_paths(e["path"])["table"] for e in experts]
     if not all(t.is_file() for t in tables):
         return None
@@ -114,29 +114,3 @@ def refit_table(experts: list[dict]) -> pd.DataFrame | None:
         if e["name"] != r["name"]:
             rename.update({c: e["name"] + c[len(r["name"]) :] for c in table.columns if c.startswith(r["name"] + "__")})
     return table.rename(columns=rename)
-
-
-def compare_refit(experts, model, stage1, split_metrics: dict, best_expert: str, cfg) -> dict | None:
-    """embed.inference=refit: the same meta-model on val/test rows embedded by each expert's ONE refit model,
-    next to the K-fold average (``meta_auc_folds``); a loss of AUC shows as a negative ``diff_refit_minus_folds``."""
-    from distrib.stacking.stack import STAGE1, _versus_best_expert, load_stage1
-
-    rt = refit_table(experts)
-    if rt is None:
-        return None
-    if stage1 and STAGE1 in model.columns:
-        rt[STAGE1], _ = load_stage1(stage1, rt["key"])
-    part = rt[["key", "group", "label", "split"]].assign(
-        prob=model.predict(rt), **{f"prob_{e['name']}": rt[f"{e['name']}__prob"] for e in experts}
-    )
-    out = {}
-    for split, rows in part.groupby("split"):
-        cmp = _versus_best_expert(rows.reset_index(drop=True), f"{split} (refit experts)", best_expert, cfg)
-        folds = (split_metrics.get(split) or {}).get("meta_auc")
-        if cmp:
-            out[split] = {
-                **cmp,
-                "meta_auc_folds": folds,
-                "diff_refit_minus_folds": None if folds is None else cmp["meta_auc"] - folds,
-            }
-    return out

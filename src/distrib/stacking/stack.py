@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
@@ -32,174 +31,11 @@ from distrib.atomic import write_json
 from distrib.config import StackConfig
 from distrib.errors import DataError, DistribError
 from distrib.metrics import binary_metrics, group_metrics
+from distrib.stacking.evaluate import compare_refit, versus_best_expert
 from distrib.stacking.meta import MetaModel, choose, fit_candidate, is_prob, load_model
-from distrib.stacking.refit import compare_refit
-from distrib.stacking.thresholds import auc_difference
+from distrib.stacking.tables import SHOW, STAGE1, feature_columns, keys_text, load_experts, load_stage1
 
 log = logging.getLogger(__name__)
-
-SHOW = 10  # keys named in an error message
-REQUIRED = ("key", "group", "label", "split", "model", "prob")
-STAGE1 = "stage1__prob"  # the stage-1 probability column (stack.features: stage1, --stage1 FILE)
-
-
-def _emb_cols(df: pd.DataFrame) -> list[str]:
-    return sorted(c for c in df.columns if re.fullmatch(r"emb_\d+", c))
-
-
-def _keys(values) -> str:
-    values = sorted(map(str, values))
-    more = f" (+{len(values) - SHOW} more)" if len(values) > SHOW else ""
-    return ", ".join(values[:SHOW]) + more
-
-
-def _read_table(path: Path, what: str, fix: str, csv_ok: bool = False) -> pd.DataFrame:
-    """A parquet (or, with ``csv_ok``, a .csv) table; a file of another format is a one-line DataError."""
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path} (run {fix})")
-    if csv_ok and path.suffix.lower() == ".csv":
-        return pd.read_csv(path)
-    try:
-        return pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a CSV or a truncated file
-        raise DataError(
-            f"{path} is not a readable parquet file ({type(err).__name__}: {str(err)[:80]}); "
-            f"{what} must be the parquet written by {fix}"
-        ) from None
-
-
-def check_probs(df: pd.DataFrame, path: Path, col: str = "prob") -> None:
-    """``col`` must be a finite probability in [0, 1] on every row; name the rows and the fix otherwise."""
-    p = pd.to_numeric(df[col], errors="coerce")
-    nan = p.isna().to_numpy()
-    if nan.any():
-        raise DataError(
-            f"{path}: {int(nan.sum())} row(s) have no numeric '{col}' (keys {_keys(df.loc[nan, 'key'])}); "
-            "re-run the step that wrote it, or drop those samples from every expert"
-        )
-    bad = ((p < 0) | (p > 1)).to_numpy()
-    if bad.any():
-        raise DataError(
-            f"{path}: '{col}' must be P(label=1) in [0, 1], found {float(p[bad].iloc[0]):g} on "
-            f"{int(bad.sum())} row(s) (keys {_keys(df.loc[bad, 'key'])}); divide a 0-100 score by 100, "
-            "pass logits through a sigmoid"
-        )
-
-
-def load_experts(paths: list[str | Path]) -> tuple[pd.DataFrame, list[dict]]:
-    """Read one oof_embeddings.parquet per expert and join them on ``key`` into one wide table.
-
-    Columns of the result: key, group, label, split, and per expert ``{name}__prob``,
-    ``{name}__emb_NNN``, ``{name}__recon_error``. A key missing from any expert is an error naming it;
-    so are a non-parquet file, the same file twice, and a probability that is NaN or outside [0, 1].
-    """
-    base, experts, seen = None, [], {}
-    for path in map(Path, paths):
-        if path.resolve() in seen:
-            raise DataError(
-                f"--oof {path} is given twice (also as {seen[path.resolve()]}); each expert's "
-                "oof_embeddings.parquet once"
-            )
-        seen[path.resolve()] = path
-        df = _read_table(path, "OOF table", "'distrib embed' or the sweep with tune.embed_best")
-        missing = [c for c in REQUIRED if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} lacks column(s) {missing}; oof_embeddings.parquet needs {list(REQUIRED)} + emb_*")
-        if df["key"].duplicated().any():
-            raise DataError(
-                f"{path}: duplicated keys {_keys(df.loc[df['key'].duplicated(), 'key'])}; "
-                "each sample must appear exactly once (re-run the OOF merge)"
-            )
-        check_probs(df, path)
-        name = re.sub(r"[^A-Za-z0-9_]", "_", str(df["model"].iloc[0]))
-        if any(e["name"] == name for e in experts):
-            if base is not None and df.set_index("key")["prob"].reindex(base["key"]).equals(
-                base.set_index("key")[f"{name}__prob"]
-            ):
-                raise DataError(
-                    f"{path} holds the same expert ('{name}', identical probabilities) as an earlier "
-                    "--oof file; give each expert once"
-                )
-            name = f"{name}_{len(experts)}"
-        embs = _emb_cols(df)
-        has_recon = "recon_error" in df.columns
-        experts.append(
-            {
-                "name": name,
-                "path": str(path),
-                "model": str(df["model"].iloc[0]),
-                "emb_dim": len(embs),
-                "has_recon": has_recon,
-            }
-        )
-        cols = {"prob": f"{name}__prob", **{c: f"{name}__{c}" for c in embs}}
-        if has_recon:
-            cols["recon_error"] = f"{name}__recon_error"
-        part = df[["key", "group", "label", "split", *cols]].rename(columns=cols)
-        if base is None:
-            base = part
-            continue
-        only_new = set(part["key"]) - set(base["key"])
-        only_old = set(base["key"]) - set(part["key"])
-        if only_new or only_old:
-            raise DataError(
-                f"experts disagree on samples: {len(only_old)} key(s) missing from {path} "
-                f"({_keys(only_old)}) and {len(only_new)} key(s) only in it ({_keys(only_new)}); "
-                "every expert must be embedded on the same shards"
-            )
-        merged = base.merge(part, on="key", suffixes=("", "__new"))
-        for col in ("group", "label", "split"):
-            bad = merged[col].astype(str) != merged[f"{col}__new"].astype(str)
-            if bad.any():
-                raise DataError(
-                    f"{path} disagrees with {experts[0]['path']} on '{col}' for keys "
-                    f"{_keys(merged.loc[bad, 'key'])}; the experts were built from different shards"
-                )
-        base = merged.drop(columns=[f"{c}__new" for c in ("group", "label", "split")])
-    return base.reset_index(drop=True), experts
-
-
-def load_stage1(paths: list[str | Path], keys: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """Stage 1's P(label=1) for every key, from key,prob tables (CSV or parquet; several are concatenated).
-
-    The rows of training samples must be out-of-fold (e.g. the stage-1 fold runs' val_predictions.csv,
-    ``data.fold=k``); val/test rows come from the deployed stage-1 model, the one the cascade runs.
-    """
-    parts = []
-    for path in map(Path, paths):
-        df = _read_table(path, "stage-1 predictions", "'distrib train' (val_predictions.csv)", csv_ok=True)
-        missing = [c for c in ("key", "prob") if c not in df.columns]
-        if missing:
-            raise DataError(f"{path} lacks column(s) {missing}; --stage1 takes key,prob rows of stage-1 predictions")
-        check_probs(df, path)
-        parts.append(df[["key", "prob"]].assign(key=lambda d: d["key"].astype(str), source=str(path)))
-    df = pd.concat(parts, ignore_index=True)
-    dup = df["key"].duplicated(keep=False)
-    if dup.any():
-        raise DataError(
-            f"--stage1: {int(dup.sum())} rows repeat a key ({_keys(df.loc[dup, 'key'].unique())}, in "
-            f"{sorted(df.loc[dup, 'source'].unique())}); give each sample's stage-1 probability once"
-        )
-    prob = df.set_index("key")["prob"].reindex(keys.astype(str))
-    if prob.isna().any():
-        raise DataError(
-            f"--stage1 {[str(p) for p in paths]} has no probability for {int(prob.isna().sum())} "
-            f"sample(s) ({_keys(keys[prob.isna().to_numpy()])}); it must cover the OOF, val and test rows"
-        )
-    return prob.to_numpy(dtype=float), [str(p) for p in paths]
-
-
-def feature_columns(experts: list[dict], sets: list[str]) -> list[str]:
-    """Feature names for the feature sets ('prob', 'emb', 'recon', 'stage1'), in a fixed order."""
-    cols = []
-    for e in experts:
-        if "prob" in sets:
-            cols.append(f"{e['name']}__prob")
-        if "emb" in sets:
-            cols += [f"{e['name']}__emb_{i:03d}" for i in range(e["emb_dim"])]
-        if "recon" in sets and e["has_recon"]:
-            cols.append(f"{e['name']}__recon_error")
-    return cols + ([STAGE1] if "stage1" in sets else [])
 
 
 def group_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -212,7 +48,7 @@ def group_folds(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> 
     for k, (tr, te) in enumerate(folds):
         shared = set(groups[tr]) & set(groups[te])
         if shared:
-            raise DistribError(f"meta-CV fold {k} has group(s) on both sides: {_keys(shared)}")
+            raise DistribError(f"meta-CV fold {k} has group(s) on both sides: {keys_text(shared)}")
     return folds
 
 
@@ -279,31 +115,6 @@ def _leaderboard(cand_runs: dict[str, dict]) -> dict[str, dict]:
             "diff_vs_best_expert": diff.tolist(),
             "diff_mean": float(diff.mean()),
             "folds_above_best_expert": int((diff > 0).sum()),
-        }
-    return out
-
-
-def _versus_best_expert(part: pd.DataFrame, split: str, best_expert: str, cfg: StackConfig) -> dict | None:
-    """Val/test: meta AUC, every expert's AUC, and AUC(meta) - AUC(best expert) with its grouped CI."""
-    if part["label"].nunique() < 2:
-        return None
-    experts = [c for c in part.columns if c.startswith("prob_")]
-    cmp = auc_difference(
-        part["label"],
-        part["prob"],
-        part[f"prob_{best_expert.split(':', 1)[1]}"],
-        part["group"],
-        cfg.bootstrap,
-        cfg.seed,
-    )
-    out = {
-        "meta_auc": cmp["auc"],
-        **{f"{k}_auc": float(roc_auc_score(part["label"], part[k])) for k in experts},
-        "vs_best_expert": {**cmp, "verdict": verdict(cmp, split, best_expert)},
-    }
-    if cfg.group_agg != "none":
-        out["group"] = {
-            k: group_metrics(part["group"], part["label"], part[k], cfg.group_agg) for k in ["prob", *experts]
         }
     return out
 
@@ -407,7 +218,7 @@ def fit_stack(
     preds.to_parquet(out / "meta_predictions.parquet", index=False)
 
     split_metrics = {
-        split: _versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
+        split: versus_best_expert(preds[preds["split"] == split], split, best_expert, cfg)
         for split in sorted(rest["split"].unique(), key=lambda v: (v != "val", v))
     }
     split_metrics = {k: v for k, v in split_metrics.items() if v}
@@ -455,19 +266,6 @@ def fit_stack(
         errors=[v["auc_std"] for v in bars.values()],
     )
     return results
-
-
-def verdict(cmp: dict, split: str, best_expert: str, who: str = "the meta-model") -> str:
-    """One plain line: is ``who`` better than the best expert on this split, and how sure."""
-    ci = cmp.get("diff_ci95")
-    ci_txt = f", 95% grouped-bootstrap CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
-    nums = f"AUC {cmp['auc']:.4f} vs {cmp['baseline_auc']:.4f}, difference {cmp['diff']:+.4f}{ci_txt}"
-    name = best_expert.split(":", 1)[-1]
-    if cmp["diff"] <= 0:
-        return f"On {split} {who} is NOT better than the best expert ({name}): {nums}."
-    if ci and ci[0] > 0:
-        return f"On {split} {who} beats the best expert ({name}): {nums}."
-    return f"On {split} {who} is higher than the best expert ({name}) but not clearly (the CI includes 0): {nums}."
 
 
 def load_meta(stack_dir: str | Path) -> tuple[MetaModel, dict]:
