@@ -46,7 +46,7 @@ from distrib.config import (
 )
 from distrib.errors import DistribError
 from distrib.sweep.grid import check_grid, trial_overrides
-from distrib.sweep.local_ray import PID_FILE, reap, start_ray, stop_ray
+from distrib.sweep.local_ray import PID_FILE, check_address, reap, start_ray, stop_ray
 from distrib.sweep.report import write_outputs
 from distrib.sweep.search import (
     check_fresh,
@@ -209,6 +209,8 @@ def run_sweep(
     ``models_checked``: the caller already built each model once (``distrib run`` does, for every expert)."""
     from ray import tune
 
+    if address:  # a dead address fails now, before any file is written (ray.init would retry it forever)
+        check_address(address)
     _import_while_ray_starts()
 
     out_dir = Path(out_dir).resolve()

@@ -260,6 +260,39 @@ def _sigterm_as_sigint(signum, frame) -> None:
     signal.raise_signal(signal.SIGINT)  # Tune's handler stops the experiment and saves its state
 
 
+PROBE_TIMEOUT_S = 5.0  # a GCS answers a TCP connect at once; ray.init on a dead address retries forever
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT``, ``[IPv6]:PORT`` or ``ray://HOST:PORT``; None for Ray's ``auto``/``local``."""
+    rest = address.strip().removeprefix("ray://")
+    if rest in ("auto", "local", ""):
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DistribError(f"--address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379, a `ray start --head` port)")
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in ``timeout`` seconds when nothing accepts a TCP connection at ``address``: ``ray.init`` would
+    retry the GCS there forever. Called before a sweep writes anything."""
+    import socket
+
+    target = _host_port(address)
+    if target is None:
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            return
+    except OSError as e:
+        why = f"no answer in {timeout:.0f} s" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+    raise DistribError(
+        f"no Ray cluster answers at --address {address} ({why}); start one there (ray start --head --port "
+        f"{target[1]}), fix the address, or drop --address to run a local cluster"
+    )
+
+
 def _gcs_on_loopback(address: str) -> bool:
     """True if ``address`` names 127.0.0.1/localhost and something listens there (a loopback-bound GCS)."""
     import socket
@@ -282,6 +315,8 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_ser
     # A cluster whose GCS listens on 127.0.0.1 (`sweep.ray_nodes`) needs this driver on 127.0.0.1 too; one
     # on a routable IP (another host, or a `ray start` without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) needs
     # Ray's Linux default, which turns a 127.0.0.1 address into the routable IP.
+    if address:
+        check_address(address)
     loopback = not address or _gcs_on_loopback(address)
     user_set = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in os.environ
     if loopback:
@@ -388,6 +423,7 @@ def listening_sockets(procs) -> list[tuple[str, str, int]]:
 __all__ = [
     "PID_FILE",
     "TEMP_PREFIX",
+    "check_address",
     "is_own_temp_dir",
     "start_ray",
     "stop_ray",
