@@ -1,7 +1,8 @@
 """The config schema: one dataclass per concern (data, augment, model, optim, train, dist, tune);
 the later stages' sections are in ``downstream.py``, the shared machinery in ``fields.py``.
 
-Every field carries a one-line comment; every dataclass validates itself in ``__post_init__`` so a bad
+Every field carries its one-line meaning as ``field(metadata={"doc": ...})``, the one source that
+the config reference page (docs/reference/config.md) reads; every dataclass validates itself in ``__post_init__`` so a bad
 value fails before any process group, Ray cluster or output file is created.
 """
 
@@ -19,25 +20,46 @@ SEARCHES = ("grid", "random", "optuna")  # tune.search modes (sweep/search.py)
 @dataclass
 class DataConfig(Section):
     _prefix = "data"
-    shards: str = ""  # shard directory or URL holding index.json (local path, http(s)://, pipe:, s3://, gs://)
-    fold: int = 0  # held-out validation fold; -1 trains on every fold and validates on the 'val' split
-    img_size: int = 64  # square input size fed to the model, in pixels
-    batch_size: int = 32  # per-process micro-batch size
-    eval_batch_size: int = 0  # per-process evaluation batch size; 0 means batch_size
-    num_workers: int = 0  # DataLoader worker processes per rank
-    normalize: str = "imagenet"  # 'imagenet' mean/std, 'model' (timm pretrained_cfg) or 'none' (raw 0-255 floats)
-    highpass: bool = False  # feed the model a 3x3 Laplacian residual of the normalized image (forensic input)
-    samples_per_epoch: int = 0  # training samples per epoch across all ranks; 0 = the training folds' size
-    shuffle_buffer: int = 1000  # WebDataset shuffle buffer, in samples
-    seed: int = 0  # data-order seed; the shuffle depends on (seed, epoch)
-    classes: dict = field(
-        default_factory=dict
-    )  # {negative: NAME, positive: NAME}: must match the index's mapping; {} = no check
-    verify: str = (
-        "auto"  # shard check before training: full (sha256), size (size + tar header), auto (full up to 1 GiB)
+    shards: str = field(
+        default="",
+        metadata={"doc": "shard directory or URL holding index.json (local path, http(s)://, pipe:, s3://, gs://)"},
     )
-    decode_device: str = (
-        "cpu"  # JPEG decode: cpu (loader workers) or cuda (batched nvjpeg in the step; augment on the model's device)
+    fold: int = field(
+        default=0,
+        metadata={"doc": "held-out validation fold; -1 trains on every fold and validates on the 'val' split"},
+    )
+    img_size: int = field(default=64, metadata={"doc": "square input size fed to the model, in pixels"})
+    batch_size: int = field(default=32, metadata={"doc": "per-process micro-batch size"})
+    eval_batch_size: int = field(default=0, metadata={"doc": "per-process evaluation batch size; 0 means batch_size"})
+    num_workers: int = field(default=0, metadata={"doc": "DataLoader worker processes per rank"})
+    normalize: str = field(
+        default="imagenet",
+        metadata={"doc": "'imagenet' mean/std, 'model' (timm pretrained_cfg) or 'none' (raw 0-255 floats)"},
+    )
+    highpass: bool = field(
+        default=False,
+        metadata={"doc": "feed the model a 3x3 Laplacian residual of the normalized image (forensic input)"},
+    )
+    samples_per_epoch: int = field(
+        default=0, metadata={"doc": "training samples per epoch across all ranks; 0 = the training folds' size"}
+    )
+    shuffle_buffer: int = field(default=1000, metadata={"doc": "WebDataset shuffle buffer, in samples"})
+    seed: int = field(default=0, metadata={"doc": "data-order seed; the shuffle depends on (seed, epoch)"})
+    classes: dict = field(
+        default_factory=dict,
+        metadata={"doc": "{negative: NAME, positive: NAME}: must match the index's mapping; {} = no check"},
+    )
+    verify: str = field(
+        default="auto",
+        metadata={
+            "doc": "shard check before training: full (sha256), size (size + tar header), auto (full up to 1 GiB)"
+        },
+    )
+    decode_device: str = field(
+        default="cpu",
+        metadata={
+            "doc": "JPEG decode: cpu (loader workers) or cuda (batched nvjpeg in the step; augment on the model's device)"
+        },
     )
 
     def validate(self) -> None:
@@ -68,20 +90,27 @@ class DataConfig(Section):
 @dataclass
 class AugmentConfig(Section):
     _prefix = "augment"
-    hflip: float = 0.5  # probability of a horizontal flip
-    vflip: float = 0.0  # probability of a vertical flip
-    rotate: float = 0.0  # maximum rotation in degrees (uniform in +-rotate)
-    translate: float = 0.0  # maximum affine translation as a fraction of the size
-    scale_min: float = 1.0  # lower bound of the affine scale
-    scale_max: float = 1.0  # upper bound of the affine scale
-    motion_blur_p: float = 0.0  # probability of kornia motion blur
-    motion_blur_kernel: int = 5  # motion-blur kernel size (odd)
-    motion_blur_angle: float = 90.0  # motion-blur angle range in degrees (+-)
+    hflip: float = field(default=0.5, metadata={"doc": "probability of a horizontal flip"})
+    vflip: float = field(default=0.0, metadata={"doc": "probability of a vertical flip"})
+    rotate: float = field(default=0.0, metadata={"doc": "maximum rotation in degrees (uniform in +-rotate)"})
+    translate: float = field(default=0.0, metadata={"doc": "maximum affine translation as a fraction of the size"})
+    scale_min: float = field(default=1.0, metadata={"doc": "lower bound of the affine scale"})
+    scale_max: float = field(default=1.0, metadata={"doc": "upper bound of the affine scale"})
+    motion_blur_p: float = field(default=0.0, metadata={"doc": "probability of kornia motion blur"})
+    motion_blur_kernel: int = field(default=5, metadata={"doc": "motion-blur kernel size (odd)"})
+    motion_blur_angle: float = field(default=90.0, metadata={"doc": "motion-blur angle range in degrees (+-)"})
     color_jitter: list[float] = field(
-        default_factory=lambda: [0.0, 0.0, 0.0, 0.0]
-    )  # brightness, contrast, saturation, hue
-    random_resized_crop: bool = False  # RandomResizedCrop(scale 0.8-1) instead of a plain resize
-    device: str = "auto"  # where batch augmentation + normalization run: loader (workers), model (in the step, on the model's device) or auto (model on CUDA, else loader)
+        default_factory=lambda: [0.0, 0.0, 0.0, 0.0], metadata={"doc": "brightness, contrast, saturation, hue"}
+    )
+    random_resized_crop: bool = field(
+        default=False, metadata={"doc": "RandomResizedCrop(scale 0.8-1) instead of a plain resize"}
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "doc": "where batch augmentation + normalization run: loader (workers), model (in the step, on the model's device) or auto (model on CUDA, else loader)"
+        },
+    )
 
     def validate(self) -> None:
         check_choice("augment.device", self.device, ("auto", "loader", "model"))
@@ -116,16 +145,27 @@ class AugmentConfig(Section):
 @dataclass
 class ModelConfig(Section):
     _prefix = "model"
-    name: str = "resnet18"  # registered distrib model (e.g. 'genconvit_ed') or any timm model name
-    num_classes: int = 1  # 1 = a single logit with BCE, 2 = two logits with cross-entropy
-    pretrained_file: str = ""  # local weights file loaded via timm pretrained_cfg_overlay; '' = random init
-    pretrained: bool = (
-        False  # timm's own weights for model.name from the Hugging Face hub cache (HF_HOME); pretrained_file wins
+    name: str = field(
+        default="resnet18", metadata={"doc": "registered distrib model (e.g. 'genconvit_ed') or any timm model name"}
     )
-    freeze_backbone: bool = False  # linear probe: freeze everything but the classifier head
-    drop_rate: float = 0.0  # dropout before the classifier
-    img_size: int = 0  # passed to timm as img_size for ViT/Swin models; 0 = not passed
-    kwargs: dict = field(default_factory=dict)  # extra keyword arguments for the model constructor
+    num_classes: int = field(
+        default=1, metadata={"doc": "1 = a single logit with BCE, 2 = two logits with cross-entropy"}
+    )
+    pretrained_file: str = field(
+        default="", metadata={"doc": "local weights file loaded via timm pretrained_cfg_overlay; '' = random init"}
+    )
+    pretrained: bool = field(
+        default=False,
+        metadata={
+            "doc": "timm's own weights for model.name from the Hugging Face hub cache (HF_HOME); pretrained_file wins"
+        },
+    )
+    freeze_backbone: bool = field(
+        default=False, metadata={"doc": "linear probe: freeze everything but the classifier head"}
+    )
+    drop_rate: float = field(default=0.0, metadata={"doc": "dropout before the classifier"})
+    img_size: int = field(default=0, metadata={"doc": "passed to timm as img_size for ViT/Swin models; 0 = not passed"})
+    kwargs: dict = field(default_factory=dict, metadata={"doc": "extra keyword arguments for the model constructor"})
 
     def validate(self) -> None:
         check_value(bool(self.name), "model.name", self.name, "a registered or timm model name")
@@ -137,16 +177,16 @@ class ModelConfig(Section):
 @dataclass
 class OptimConfig(Section):
     _prefix = "optim"
-    name: str = "adamw"  # adamw, adam or sgd
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 1e-4  # decoupled (AdamW) or L2 (Adam/SGD) weight decay
-    momentum: float = 0.9  # SGD momentum
-    scheduler: str = "cosine"  # cosine, step or none (applied per optimizer step)
-    step_size: int = 10  # StepLR period in epochs
-    gamma: float = 0.1  # StepLR decay factor
-    warmup_steps: int = 0  # linear warmup optimizer steps
-    min_lr: float = 0.0  # cosine floor
-    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    name: str = field(default="adamw", metadata={"doc": "adamw, adam or sgd"})
+    lr: float = field(default=1e-3, metadata={"doc": "peak learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"doc": "decoupled (AdamW) or L2 (Adam/SGD) weight decay"})
+    momentum: float = field(default=0.9, metadata={"doc": "SGD momentum"})
+    scheduler: str = field(default="cosine", metadata={"doc": "cosine, step or none (applied per optimizer step)"})
+    step_size: int = field(default=10, metadata={"doc": "StepLR period in epochs"})
+    gamma: float = field(default=0.1, metadata={"doc": "StepLR decay factor"})
+    warmup_steps: int = field(default=0, metadata={"doc": "linear warmup optimizer steps"})
+    min_lr: float = field(default=0.0, metadata={"doc": "cosine floor"})
+    grad_clip: float = field(default=0.0, metadata={"doc": "max gradient norm; 0 disables clipping"})
 
     def validate(self) -> None:
         check_choice("optim.name", self.name, ("adamw", "adam", "sgd"))
@@ -164,26 +204,36 @@ class OptimConfig(Section):
 @dataclass
 class TrainConfig(Section):
     _prefix = "train"
-    epochs: int = 1  # passes over samples_per_epoch
-    max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
-    grad_accum: int = 1  # micro-batches per optimizer step
-    label_smoothing: float = 0.0  # label smoothing for BCE/CE targets
-    cls_weight: float = 1.0  # weight of the classification loss (GenConViT seed: 0.9)
-    recon_weight: float = 0.0  # weight of the reconstruction MSE (GenConViT seed: 0.1)
-    kl_weight: float = 0.0  # weight of the VAE KL term (GenConViT-VAE seed: 0.01)
-    mixed_precision: str = "no"  # no, bf16 or fp16 (bf16 with BatchNorm fails on CPU)
-    channels_last: bool = False  # NHWC memory format for convnets on GPU
-    compile: bool = False  # torch.compile the model
-    seed: int = 0  # global seed: a fixed seed reproduces a CPU run
-    ckpt_every_steps: int = 0  # also checkpoint every N optimizer steps; 0 = only at epoch end
-    log_every_steps: int = 10  # TensorBoard / progress-bar logging period
-    eval_every_epochs: int = 1  # validate every N epochs (and always after the last)
-    distill_teacher: str = ""  # run dir of a trained teacher for knowledge distillation; '' = off
-    distill_alpha: float = 0.5  # weight of the KD term: alpha*KD(T) + (1-alpha)*CE
-    distill_temperature: float = 2.0  # KD softmax/sigmoid temperature
-    latency_batches: int = 20  # batch-1 forward passes timed for evaluation_results.json
-    max_skipped_fraction: float = 0.01  # a run whose loader skipped more corrupt samples (train or val) fails
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard + any accelerate log_with name
+    epochs: int = field(default=1, metadata={"doc": "passes over samples_per_epoch"})
+    max_steps: int = field(default=0, metadata={"doc": "stop after this many optimizer steps in total; 0 = no limit"})
+    grad_accum: int = field(default=1, metadata={"doc": "micro-batches per optimizer step"})
+    label_smoothing: float = field(default=0.0, metadata={"doc": "label smoothing for BCE/CE targets"})
+    cls_weight: float = field(default=1.0, metadata={"doc": "weight of the classification loss (GenConViT seed: 0.9)"})
+    recon_weight: float = field(default=0.0, metadata={"doc": "weight of the reconstruction MSE (GenConViT seed: 0.1)"})
+    kl_weight: float = field(default=0.0, metadata={"doc": "weight of the VAE KL term (GenConViT-VAE seed: 0.01)"})
+    mixed_precision: str = field(default="no", metadata={"doc": "no, bf16 or fp16 (bf16 with BatchNorm fails on CPU)"})
+    channels_last: bool = field(default=False, metadata={"doc": "NHWC memory format for convnets on GPU"})
+    compile: bool = field(default=False, metadata={"doc": "torch.compile the model"})
+    seed: int = field(default=0, metadata={"doc": "global seed: a fixed seed reproduces a CPU run"})
+    ckpt_every_steps: int = field(
+        default=0, metadata={"doc": "also checkpoint every N optimizer steps; 0 = only at epoch end"}
+    )
+    log_every_steps: int = field(default=10, metadata={"doc": "TensorBoard / progress-bar logging period"})
+    eval_every_epochs: int = field(default=1, metadata={"doc": "validate every N epochs (and always after the last)"})
+    distill_teacher: str = field(
+        default="", metadata={"doc": "run dir of a trained teacher for knowledge distillation; '' = off"}
+    )
+    distill_alpha: float = field(default=0.5, metadata={"doc": "weight of the KD term: alpha*KD(T) + (1-alpha)*CE"})
+    distill_temperature: float = field(default=2.0, metadata={"doc": "KD softmax/sigmoid temperature"})
+    latency_batches: int = field(
+        default=20, metadata={"doc": "batch-1 forward passes timed for evaluation_results.json"}
+    )
+    max_skipped_fraction: float = field(
+        default=0.01, metadata={"doc": "a run whose loader skipped more corrupt samples (train or val) fails"}
+    )
+    trackers: list[str] = field(
+        default_factory=lambda: ["tensorboard"], metadata={"doc": "tensorboard + any accelerate log_with name"}
+    )
 
     def validate(self) -> None:
         check_value(self.epochs >= 1, "train.epochs", self.epochs, ">= 1")
@@ -211,7 +261,10 @@ class TrainConfig(Section):
 @dataclass
 class EvalConfig(Section):
     _prefix = "eval"
-    group_agg: str = "none"  # group-level AUC/EER/AP from each group's sample probabilities: none, mean or max
+    group_agg: str = field(
+        default="none",
+        metadata={"doc": "group-level AUC/EER/AP from each group's sample probabilities: none, mean or max"},
+    )
 
     def validate(self) -> None:
         check_choice("eval.group_agg", self.group_agg, ("none", "mean", "max"))
@@ -220,8 +273,10 @@ class EvalConfig(Section):
 @dataclass
 class DistConfig(Section):
     _prefix = "dist"
-    backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl
-    timeout_s: int = 300  # collective timeout; a hang fails after this many seconds
+    backend: str = field(
+        default="auto", metadata={"doc": "process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl"}
+    )
+    timeout_s: int = field(default=300, metadata={"doc": "collective timeout; a hang fails after this many seconds"})
 
     def validate(self) -> None:
         check_choice("dist.backend", self.backend, ("auto", "gloo", "nccl"))
@@ -231,23 +286,44 @@ class DistConfig(Section):
 @dataclass
 class TuneConfig(Section):
     _prefix = "tune"
-    folds: int = 5  # number of CV folds swept as a search-space axis
-    grid: dict = field(default_factory=dict)  # dotted override -> list of values (cross product)
-    cpus_per_trial: float = 1.0  # Ray CPUs per trial
-    gpus_per_trial: float = 0.0  # Ray GPUs per trial; fractions share one GPU
-    workers_per_trial: int = 1  # > 1 runs each trial as a Ray Train TorchTrainer with DDP inside
-    max_concurrent: int = 0  # parallel trials; 0 = as many as resources allow
-    max_failures: int = 1  # retries of a failed trial from its last checkpoint
-    asha: bool = False  # grid mode: per-trial (one fold) ASHA over epochs (biases fold comparisons; off by default)
-    search: str = "grid"  # grid: every grid config x fold; random|optuna: sample configs, one trial runs all folds
-    num_samples: int = 8  # random|optuna: configs sampled from the grid's lists/distributions
-    scheduler: str = "none"  # random|optuna: none|asha (ASHA stops a whole config after a fold, never one fold)
-    metric: str = "val_auc"  # metric that ranks configs (mean over folds)
-    embed_best: bool = True  # extract OOF embeddings for the best config after the sweep
-    fork_server: bool = True  # private cluster: trials fork from a process that imported torch/timm (sweep/zygote.py)
-    # cluster/--storage: also copy each epoch's checkpoint into Ray's storage. Off: a retry resumes from
-    # RUN_DIR/last_checkpoint in the shared sweep dir (which trials need anyway: they read its config.yaml)
-    ship_checkpoints: bool = False
+    folds: int = field(default=5, metadata={"doc": "number of CV folds swept as a search-space axis"})
+    grid: dict = field(default_factory=dict, metadata={"doc": "dotted override -> list of values (cross product)"})
+    cpus_per_trial: float = field(default=1.0, metadata={"doc": "Ray CPUs per trial"})
+    gpus_per_trial: float = field(default=0.0, metadata={"doc": "Ray GPUs per trial; fractions share one GPU"})
+    workers_per_trial: int = field(
+        default=1, metadata={"doc": "> 1 runs each trial as a Ray Train TorchTrainer with DDP inside"}
+    )
+    max_concurrent: int = field(default=0, metadata={"doc": "parallel trials; 0 = as many as resources allow"})
+    max_failures: int = field(default=1, metadata={"doc": "retries of a failed trial from its last checkpoint"})
+    asha: bool = field(
+        default=False,
+        metadata={"doc": "grid mode: per-trial (one fold) ASHA over epochs (biases fold comparisons; off by default)"},
+    )
+    search: str = field(
+        default="grid",
+        metadata={"doc": "grid: every grid config x fold; random|optuna: sample configs, one trial runs all folds"},
+    )
+    num_samples: int = field(
+        default=8, metadata={"doc": "random|optuna: configs sampled from the grid's lists/distributions"}
+    )
+    scheduler: str = field(
+        default="none",
+        metadata={"doc": "random|optuna: none|asha (ASHA stops a whole config after a fold, never one fold)"},
+    )
+    metric: str = field(default="val_auc", metadata={"doc": "metric that ranks configs (mean over folds)"})
+    embed_best: bool = field(
+        default=True, metadata={"doc": "extract OOF embeddings for the best config after the sweep"}
+    )
+    fork_server: bool = field(
+        default=True,
+        metadata={"doc": "private cluster: trials fork from a process that imported torch/timm (sweep/zygote.py)"},
+    )
+    ship_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "doc": "cluster/--storage: also copy each epoch's checkpoint into Ray's storage. Off: a retry resumes from RUN_DIR/last_checkpoint in the shared sweep dir (which trials need anyway: they read its config.yaml)"
+        },
+    )
 
     def validate(self) -> None:
         check_value(self.folds >= 2, "tune.folds", self.folds, ">= 2")
@@ -301,7 +377,7 @@ SECTIONS: dict[str, type] = {
 
 @dataclass
 class ExperimentConfig:
-    name: str = "experiment"  # experiment name, used in run folders and reports
+    name: str = field(default="experiment", metadata={"doc": "experiment name, used in run folders and reports"})
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
