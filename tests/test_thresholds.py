@@ -164,3 +164,21 @@ def test_thresholds_fit_on_group_scores(tmp_path):
     assert fit_thresholds(df, ThresholdConfig(bootstrap=0), tmp_path / "s")["unit"] == "sample"
     with pytest.raises(DistribError, match="needs a 'group' column"):
         fit_thresholds(df.drop(columns=["group"]), cfg, tmp_path / "x")
+
+
+def test_impossible_constraints_are_infeasible_with_the_best_achievable_pair():
+    # overlapping scores: no band decides both classes with recall 1.0 and specificity 1.0. A band that
+    # decides only negatives has no recall at all; it used to count as recall >= 1.0 and "feasible".
+    # the lowest score is a positive and the highest a negative, so every band errs on what it decides
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 2000)
+    score = 0.5 * y + rng.normal(0.25, 0.2, 2000)
+    y[np.argmin(score)], y[np.argmax(score)] = 1, 0
+    band = fit_band(y, score, recall=1.0, specificity=1.0)
+    assert band["feasible"] is False and band["t_low"] is None
+    pair = band["best_achievable"]
+    assert pair == {"specificity_at_recall": 0.0, "recall_at_specificity": 0.0}  # the planted extremes
+    assert "Best achievable" in band["message"]
+    # a reachable pair stays feasible, and both of its rates are real numbers that meet the constraints
+    ok = fit_band(y, score, recall=0.9, specificity=0.9)
+    assert ok["feasible"] and ok["recall"] >= 0.9 and ok["specificity"] >= 0.9

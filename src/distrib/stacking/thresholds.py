@@ -115,6 +115,21 @@ def threshold_max_specificity(y: np.ndarray, score: np.ndarray, recall: float) -
     return float(thr[ok[0]])  # tpr reaches 1 at the lowest score, so ok is never empty
 
 
+def _best_achievable(y: np.ndarray, score: np.ndarray, recall: float, specificity: float) -> dict:
+    """The best pair one threshold reaches: max specificity at the recall asked, max recall at the
+    specificity asked (sklearn's ROC curve; None when one class is missing)."""
+    if len(np.unique(y)) < 2:
+        return {"specificity_at_recall": None, "recall_at_specificity": None}
+    fpr, tpr, _ = roc_curve(y, score, drop_intermediate=False)
+    spec = 1 - fpr
+    at_recall = spec[tpr >= recall - _EPS]
+    at_spec = tpr[spec >= specificity - _EPS]
+    return {
+        "specificity_at_recall": float(at_recall.max()) if at_recall.size else None,
+        "recall_at_specificity": float(at_spec.max()) if at_spec.size else None,
+    }
+
+
 def fit_band(y: np.ndarray, score: np.ndarray, recall: float, specificity: float) -> dict:
     """The band (t_low, t_high) with the fewest uncertain rows whose auto-decisions meet both constraints.
 
@@ -140,7 +155,9 @@ def fit_band(y: np.ndarray, score: np.ndarray, recall: float, specificity: float
         if j >= len(cand):
             continue
         tp, fp = P - pos_below[j], N - neg_below[j]
-        if tp + fn > 0 and tp < recall * (tp + fn) - 1e-9:
+        # a rate over no rows is not a rate: a band that decides no positive (or no negative) has no
+        # recall (or specificity) to meet the constraint with, so it is not counted as meeting it
+        if tp + fn == 0 or tn + fp == 0 or tp < recall * (tp + fn) - 1e-9:
             continue
         decided = (fn + tn) + (tp + fp)
         if decided == 0:
@@ -151,15 +168,19 @@ def fit_band(y: np.ndarray, score: np.ndarray, recall: float, specificity: float
             best = (key, i, j)
     n = len(score)
     if best is None:
+        achievable = _best_achievable(y, score, recall, specificity)
         return {
             "feasible": False,
             "t_low": None,
             "t_high": None,
             "uncertain_fraction": 1.0,
+            "best_achievable": achievable,
             "message": (
                 f"no band meets recall >= {recall} and specificity >= {specificity} on its "
-                f"auto-decided rows: every rule that decides at least one of the {n} rows "
-                "violates a constraint; all rows would have to go to the next stage"
+                f"auto-decided rows (each class decided at least once) among the {n} rows; all rows would "
+                f"have to go to the next stage. Best achievable with one threshold: specificity "
+                f"{_fmt(achievable['specificity_at_recall'])} at recall >= {recall}, recall "
+                f"{_fmt(achievable['recall_at_specificity'])} at specificity >= {specificity}"
             ),
         }
     _, i, j = best
@@ -255,8 +276,8 @@ def grouped_bootstrap(
     return out
 
 
-def _fmt(v: float) -> str:
-    return "n/a (none auto-decided)" if not np.isfinite(v) else f"{v:.4f}"
+def _fmt(v: float | None) -> str:
+    return "n/a (none auto-decided)" if v is None or not np.isfinite(v) else f"{v:.4f}"
 
 
 def _ci(values: np.ndarray) -> list[float] | None:
