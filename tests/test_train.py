@@ -232,38 +232,68 @@ def test_metrics_against_hand_computed_values():
     assert np.isnan(single["auc"]) and single["recall"] == 0.5
 
 
+def _lrs(opt, sched, steps: int) -> list[float]:
+    """The lr of each of ``steps`` optimizer steps, stepped as the trainer does (step_update after each)."""
+    lrs = []
+    for step in range(1, steps + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step_update(step)
+    return lrs
+
+
 def test_schedules_and_trainable_only_optimizer():
     from distrib.config import OptimConfig
     from distrib.training.optim import build_optimizer, build_scheduler
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     model[0].requires_grad_(False)  # a linear probe's frozen backbone
-    opt = build_optimizer(model, OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1))
+    step_cfg = OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1)
+    opt = build_optimizer(model, step_cfg)
+    assert type(opt) is torch.optim.Adam
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert ids == {id(p) for p in model[1].parameters()}
-    sched = build_scheduler(
-        opt,
-        OptimConfig(name="adam", lr=1e-4, scheduler="step", step_size=10, gamma=0.1),
-        steps_per_epoch=3,
-        total_steps=90,
-    )
-    lrs = []
-    for _ in range(61):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    lrs = _lrs(opt, build_scheduler(opt, step_cfg, steps_per_epoch=3, total_steps=90), 61)
     assert lrs[0] == pytest.approx(1e-4) and lrs[29] == pytest.approx(1e-4)  # epochs 0-9
     assert lrs[30] == pytest.approx(1e-5) and lrs[60] == pytest.approx(1e-6)  # StepLR(10 epochs, 0.1)
     opt = build_optimizer(model, OptimConfig(lr=1e-3))
     cos = build_scheduler(opt, OptimConfig(lr=1e-3, warmup_steps=4, min_lr=1e-5), steps_per_epoch=10, total_steps=20)
-    cl = []
-    for _ in range(20):
-        cl.append(cos.get_last_lr()[0])
-        opt.step()
-        cos.step()
+    cl = _lrs(opt, cos, 20)
     assert cl[0] == pytest.approx(1e-3 / 5) and cl[4] == pytest.approx(1e-3)  # linear warmup, then peak
-    assert cos.get_last_lr()[0] == pytest.approx(1e-5)  # cosine reaches optim.min_lr at the last step
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)  # cosine reaches optim.min_lr at the last step
     assert cl == sorted(cl[:5]) + sorted(cl[5:], reverse=True)
+    flat = _lrs(opt, build_scheduler(opt, OptimConfig(lr=1e-3, scheduler="none"), 10, 20), 20)
+    assert flat == [pytest.approx(1e-3)] * 20
+    sgd = build_optimizer(model, OptimConfig(name="sgd", momentum=0.0))  # plain SGD: Nesterov needs momentum
+    assert [(g["momentum"], g["nesterov"]) for g in sgd.param_groups] == [(0.0, False)] * len(sgd.param_groups)
+    sgd = build_optimizer(model, OptimConfig(name="sgd", momentum=0.9))
+    assert all(g["momentum"] == 0.9 and g["nesterov"] for g in sgd.param_groups)
+
+
+def test_vit_pos_embed_and_cls_token_are_not_decayed():
+    """timm's rule (model.no_weight_decay(), 1-D tensors, biases), also for a ViT held inside a wrapper."""
+    import timm
+
+    from distrib.config import OptimConfig
+    from distrib.training.optim import build_optimizer
+
+    class Probe(torch.nn.Module):  # a wrapper like the DINOv2 probe: the backbone is a child module
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model("test_vit", pretrained=False, num_classes=0)
+            self.head = torch.nn.Linear(self.backbone.num_features, 1)
+
+    for model, prefix in ((timm.create_model("test_vit", pretrained=False), ""), (Probe(), "backbone.")):
+        names = {id(p): n for n, p in model.named_parameters()}
+        opt = build_optimizer(model, OptimConfig(weight_decay=0.05))
+        by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+        assert set(by_decay) == {0.05, 0.0} and opt.param_groups[0]["weight_decay"] == 0.05
+        assert {f"{prefix}pos_embed", f"{prefix}cls_token"} <= by_decay[0.0]
+        listed = {f"{prefix}{n}" for n in (model.backbone if prefix else model).no_weight_decay()}
+        assert all(n in listed or model.get_parameter(n).ndim <= 1 for n in by_decay[0.0])  # norms, biases
+        assert not {f"{prefix}pos_embed", f"{prefix}cls_token"} & by_decay[0.05]
+        assert all(model.get_parameter(n).ndim >= 2 for n in by_decay[0.05])  # weights of linears/convs only
+        assert len(by_decay[0.0]) + len(by_decay[0.05]) == len(names)
 
 
 @pytest.mark.slow
@@ -336,7 +366,7 @@ def test_accumulation_clipping_sgd_step_schedule_channels_last(demo_shards, tmp_
     # 130 training samples / 32 -> 5 micro-batches per epoch; 2 per step -> 2 steps (the 5th is dropped)
     assert result["steps"] == 2
     state = torch.load(tmp_path / "run" / "last_checkpoint" / "trainer_state.pt", weights_only=True)
-    assert state["scheduler"]["last_epoch"] == 2 and state["grad_accum"] == 2
+    assert state["step"] == 2 and state["grad_accum"] == 2
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ shaped those (data, fold, model, optimizer, schedule, augmentation, seed, loss, 
 the run would be a mix of two experiments under one name, and ``config.yaml`` would describe neither.
 So ``check_resume`` refuses every change except the fields listed here, and reports the allowed ones.
 
-Public: ``RESUME_SAFE``, ``SWEEP_RESUME_SAFE``, ``allowed_change``, ``config_changes``, ``check_resume``.
+Public: ``RESUME_SAFE``, ``SWEEP_RESUME_SAFE``, ``EXTEND_RULE``, ``allowed_change``, ``config_changes``,
+``check_resume``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from typing import Any
 from distrib.config.schema import SECTIONS, ExperimentConfig
 from distrib.errors import ConfigError
 
+# How a longer (or shorter) train.epochs / train.max_steps on --resume changes the lr schedule; written into
+# resume_changes.json with the planned steps old -> new. A constant-lr run extended so equals the uninterrupted one.
+EXTEND_RULE = "the schedule continues as if the run had been planned for the new length from the start"
+
 # THE allow-list (one place). Everything not named here is refused on --resume. Why each is safe:
 RESUME_SAFE = (
     "name",  # a label in reports; nothing trained depends on it
-    "train.epochs",  # extends (or shortens) a run; steps already taken are unchanged
-    "train.max_steps",  # a stopping point, same reason
+    "train.epochs",  # extends (or shortens) a run; steps already taken are unchanged. EXTEND_RULE: the schedule
+    # continues as if the run had been planned for the new length from the start
+    "train.max_steps",  # a stopping point, same reason and rule; a max_steps stop continues where it stopped
     "train.ckpt_every_steps",  # when checkpoints are written, not what they hold
     "train.log_every_steps",  # TensorBoard/progress cadence only
     "train.eval_every_epochs",  # when validation runs; it never touches the weights (nor the global RNG)
@@ -108,4 +114,4 @@ def check_resume(old: dict, new: dict, where: str, fix: str, safe: tuple[str, ..
     return [{"key": k, "old": a, "new": b} for k, a, b in changes]
 
 
-__all__ = ["RESUME_SAFE", "SWEEP_RESUME_SAFE", "allowed_change", "config_changes", "check_resume"]
+__all__ = ["EXTEND_RULE", "RESUME_SAFE", "SWEEP_RESUME_SAFE", "allowed_change", "config_changes", "check_resume"]

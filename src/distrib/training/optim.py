@@ -1,16 +1,22 @@
-"""Optimizer and LR-schedule factories from OptimConfig: AdamW/Adam/SGD, cosine/step/none + warmup.
+"""Optimizer and LR-schedule factories from OptimConfig, on timm's ``create_optimizer_v2`` / ``create_scheduler_v2``.
 
-Schedules are one LambdaLR stepped once per optimizer step, so its state_dict is a few numbers
-(resumable, weights_only-safe) and StepLR's "every N epochs" is exact with any accumulation.
+The no-decay rule is timm's: 1-D tensors and biases, plus every name a (sub)module lists in
+``no_weight_decay()`` (ViT ``pos_embed``/``cls_token``, Swin ``relative_position_bias_table``), so a
+wrapper such as the DINOv2 probe or GenConViT keeps its backbone's rule. Schedules step once per
+optimizer step (``step_update``), so StepLR's "every N epochs" is exact with any accumulation, and an
+lr is a pure function of (config, planned steps, step): a resume rebuilds it instead of unpickling it.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 
 from distrib.config import ConfigError, OptimConfig
+
+_TIMM_SCHEDULERS = {"cosine": "cosine", "step": "step", "none": "constant"}  # optim.scheduler -> timm's name
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -24,53 +30,61 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
+    """Every submodule's ``no_weight_decay()`` names, prefixed with its path in ``model``.
+
+    timm reads only the top module's list; distrib's wrappers hold the timm backbone as a child.
+    """
+    names = set()
+    for path, module in model.named_modules():
+        if callable(getattr(module, "no_weight_decay", None)):
+            names.update(f"{path}.{n}" if path else n for n in module.no_weight_decay())
+    return names
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (1-D tensors), as timm and most recipes do."""
-    decay, no_decay = [], []
-    for p in trainable_parameters(model):
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    # the decayed group first, as checkpoints written before timm's grouping hold them
+    return sorted(groups, key=lambda g: g["weight_decay"] == 0)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    raise ConfigError(f"optim.name={cfg.name!r} is not one of adamw, adam, sgd")
-
-
-class _Schedule:
-    """LR multiplier as a function of the optimizer step (picklable, unlike a closure)."""
-
-    def __init__(self, cfg: OptimConfig, steps_per_epoch: int, total_steps: int):
-        self.kind = cfg.scheduler
-        self.warmup = cfg.warmup_steps
-        self.total = max(total_steps, 1)
-        self.per_epoch = max(steps_per_epoch, 1)
-        self.step_size = cfg.step_size
-        self.gamma = cfg.gamma
-        self.floor = cfg.min_lr / cfg.lr
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if self.kind == "cosine":
-            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-            return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        if self.kind == "step":  # StepLR in epochs
-            return self.gamma ** ((step // self.per_epoch) // self.step_size)
-        return 1.0
+    trainable_parameters(model)  # a clear error when nothing is trainable
+    if cfg.name not in ("adamw", "adam", "sgd"):
+        raise ConfigError(f"optim.name={cfg.name!r} is not one of adamw, adam, sgd")
+    # timm's "sgd" is Nesterov, which needs momentum > 0; "momentum" is plain SGD
+    opt = "momentum" if cfg.name == "sgd" and cfg.momentum == 0 else cfg.name
+    return create_optimizer_v2(
+        model,
+        opt,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,  # read by SGD only
+        param_group_fn=lambda m: _param_groups(m, cfg.weight_decay),
+    )
 
 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """``steps_per_epoch`` / ``total_steps`` count optimizer steps of one process."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(cfg, steps_per_epoch, total_steps))
+) -> Scheduler:
+    """timm scheduler counted in optimizer steps of one process; call ``step_update(step)`` after each.
+
+    Warmup: linear from lr/(warmup+1) to lr. Cosine then runs over the remaining ``total_steps`` down
+    to ``optim.min_lr``; step decays by ``gamma`` every ``step_size`` epochs counted from step 0; none
+    holds lr.
+    """
+    warmup = cfg.warmup_steps
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=_TIMM_SCHEDULERS[cfg.scheduler],
+        num_epochs=max(total_steps - warmup, 1),
+        decay_epochs=cfg.step_size * max(steps_per_epoch, 1),
+        decay_rate=cfg.gamma,
+        min_lr=cfg.min_lr,
+        warmup_lr=cfg.lr / (warmup + 1),
+        warmup_epochs=warmup,
+        warmup_prefix=cfg.scheduler == "cosine",
+        step_on_epochs=False,
+        updates_per_epoch=1,  # every length above is already in optimizer steps
+    )
+    return scheduler

@@ -23,6 +23,7 @@ from distrib.config import (
     read_yaml_mapping,
     save_config,
 )
+from distrib.config.changes import EXTEND_RULE
 from distrib.errors import DataError, DistribError
 from distrib.runs import find_checkpoint, load_run
 from distrib.training import dist
@@ -82,12 +83,22 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     return model
 
 
-def check_resume_config(cfg: ExperimentConfig, out: Path, record: bool = False) -> list[dict]:
+def planned_steps(epochs: int, max_steps: int, steps_per_epoch: int) -> int:
+    """The optimizer steps a run is planned for: its epochs, cut at train.max_steps when that is set."""
+    total = epochs * steps_per_epoch
+    return min(total, max_steps or total)
+
+
+def check_resume_config(
+    cfg: ExperimentConfig, out: Path, record: bool = False, steps_per_epoch: int | None = None
+) -> list[dict]:
     """Refuse a --resume whose config changes what the checkpoint trained; return the allowed changes.
 
     The old config is the one stored in the checkpoint (older checkpoints: the run dir's config.yaml).
     With ``record`` (rank 0, in ``build_trainer``) allowed changes (config.changes.RESUME_SAFE) are
-    printed and appended to ``resume_changes.json``; ``build_trainer`` then rewrites config.yaml.
+    printed and appended to ``resume_changes.json``, with the re-planned schedule (planned steps old ->
+    new, ``EXTEND_RULE``) when train.epochs or train.max_steps changed; ``build_trainer`` then rewrites
+    config.yaml.
     """
     ckpt = find_checkpoint(out)
     state = saved_state(ckpt)
@@ -112,15 +123,27 @@ def check_resume_config(cfg: ExperimentConfig, out: Path, record: bool = False) 
         dist.print0(
             f"--resume: allowed config changes from step {state['step']}: {text} (logged in {out / RESUME_CHANGES})"
         )
-        _append_changes(
-            out / RESUME_CHANGES,
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "step": state["step"],
-                "epoch": state["epoch"],
-                "changes": changes,
-            },
-        )
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "changes": changes,
+        }
+        old_value = {c["key"]: c["old"] for c in changes}
+        if steps_per_epoch and {"train.epochs", "train.max_steps"} & set(old_value):
+            old_epochs = old_value.get("train.epochs", cfg.train.epochs)
+            old_max_steps = old_value.get("train.max_steps", cfg.train.max_steps)
+            entry["schedule"] = {
+                "rule": EXTEND_RULE,
+                "planned_steps": {
+                    "old": planned_steps(old_epochs, old_max_steps, steps_per_epoch),
+                    "new": planned_steps(cfg.train.epochs, cfg.train.max_steps, steps_per_epoch),
+                },
+            }
+        _append_changes(out / RESUME_CHANGES, entry)
+        if "schedule" in entry:
+            plan = entry["schedule"]["planned_steps"]
+            dist.print0(f"--resume: lr schedule re-planned for {plan['old']} -> {plan['new']} steps: {EXTEND_RULE}")
     return changes
 
 
@@ -255,8 +278,8 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
             "lower train.grad_accum or data.batch_size, or raise data.samples_per_epoch"
         )
     t.steps_per_epoch = t.micro_per_epoch // tc.grad_accum
-    total = tc.epochs * t.steps_per_epoch
-    t.scheduler = build_scheduler(optimizer, cfg.optim, t.steps_per_epoch, min(total, tc.max_steps or total))
+    planned = planned_steps(tc.epochs, tc.max_steps, t.steps_per_epoch)
+    t.scheduler = build_scheduler(optimizer, cfg.optim, t.steps_per_epoch, planned)
     if tc.distill_teacher:
         t.teacher, t.teacher_size = _load_teacher(cfg, accelerator.device)
     set_seed(tc.seed, device_specific=True)  # distinct dropout/augment streams per rank
@@ -267,7 +290,7 @@ def build_trainer(cfg: ExperimentConfig, out: Path, accelerator, model: torch.nn
         for tmp in remove_stale_tmp(out):
             log.info("removed %s, a checkpoint write interrupted by a crash (the complete checkpoint is kept)", tmp)
         if ckpt is not None:
-            check_resume_config(cfg, out, record=True)
+            check_resume_config(cfg, out, record=True, steps_per_epoch=t.steps_per_epoch)
     if ckpt is not None:
         _restore(t, ckpt)
     t.log = RunLogger(
@@ -292,8 +315,17 @@ def _restore(t: Trainer, ckpt: Path) -> None:
             f"checkpoint {ckpt} was written with {state['world_size']} processes and grad_accum "
             f"{state['grad_accum']}; resume with the same settings or start a new run dir"
         )
-    t.scheduler.load_state_dict(state["scheduler"])
     t.epoch, t.pos, t.step, t.done = state["epoch"], state["pos"], state["step"], state["done"]
+    max_steps = t.cfg.train.max_steps
+    if t.done and (max_steps == 0 or max_steps > t.step):  # a train.max_steps stop, and --resume raised the limit
+        # the stop was checkpointed as its epoch's end; every epoch has steps_per_epoch steps, so the step
+        # count says where inside the epoch it stopped, and training continues from that batch
+        t.done = False
+        t.epoch, done_in_epoch = divmod(t.step, t.steps_per_epoch)
+        t.pos = done_in_epoch * t.cfg.train.grad_accum
+    # an lr is a function of (optim config, planned steps, step): rebuilt for the current plan, not the saved one,
+    # so a longer train.epochs/max_steps re-plans the schedule (config.changes.EXTEND_RULE)
+    t.scheduler.step_update(t.step)
     t.best_auc, t.best_epoch, t.best_metrics = state["best_auc"], state["best_epoch"], state["best_metrics"]
     t.elapsed_before = state["elapsed"]
     t.epoch_rng, t.pending_rng = rank_state["epoch_start"], rank_state["now"]

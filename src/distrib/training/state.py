@@ -132,7 +132,7 @@ class Trainer:
         return images
 
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        return float(self.optimizer.param_groups[0]["lr"])  # set by the scheduler for the next step
 
     def elapsed(self) -> float:
         return round(self.elapsed_before + time.perf_counter() - self.started, 3)

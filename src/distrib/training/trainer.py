@@ -75,8 +75,8 @@ def train_epoch(t: Trainer) -> None:
         images_seen += images.shape[0] * acc.num_processes
         if not acc.sync_gradients:
             continue
-        t.scheduler.step()
         t.step += 1
+        t.scheduler.step_update(t.step)  # the lr of the next step
         t.log.advance(1)
         if t.step % cfg.train.log_every_steps == 0:
             now = time.perf_counter()
