@@ -143,3 +143,18 @@ def test_group_agg_scores_ablation_candidates_and_splits_per_group(tmp_path):
     )
     with pytest.raises(Exception, match="stack.group_agg"):
         load_config(None, ["stack.group_agg=median"])
+
+
+def test_one_class_oof_tables_are_a_clear_error_and_write_nothing(tmp_path):
+    paths = _tables(tmp_path)
+    for path in paths:
+        df = pd.read_parquet(path)
+        df.assign(label=1).to_parquet(path, index=False)
+    out = tmp_path / "stack"
+    code = cli_main(["stack", "--oof", *map(str, paths), "--out", str(out)])
+    assert code == 2
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(DataError, match=r"all have label \[1\].*needs both classes"):
+        from distrib.stacking.stack import fit_stack
+
+        fit_stack(paths, out, StackConfig())

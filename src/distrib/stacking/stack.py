@@ -150,6 +150,11 @@ def fit_stack(
     if oof.empty:
         raise DataError(f"no rows with split == 'oof' in {[e['path'] for e in experts]}; stacking needs OOF rows")
     y, groups = oof["label"].to_numpy().astype(int), oof["group"].astype(str).to_numpy()
+    if len(classes := np.unique(y)) < 2:
+        raise DataError(
+            f"the OOF rows of {[e['path'] for e in experts]} all have label {classes.tolist()}; a meta-model "
+            "needs both classes: rebuild the OOF tables from fold runs whose train split holds both labels"
+        )
     folds = group_folds(y, groups, cfg.folds, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs passed their checks
 
