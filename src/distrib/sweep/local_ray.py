@@ -364,7 +364,8 @@ def start_ray(out_dir: Path, address: str | None, num_cpus: int | None, fork_ser
             stop_ray()
             raise
         record_driver(pid_file, temp_dir)
-        node_ip = ray._private.worker._global_node.node_ip_address
+        node_id = ray.get_runtime_context().get_node_id()  # public API: this driver's node in ray.nodes()
+        node_ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), None)
         if node_ip != "127.0.0.1":
             stop_ray()
             raise DistribError(

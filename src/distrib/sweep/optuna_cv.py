@@ -18,6 +18,8 @@ class CVOptunaSearch(OptunaSearch):
         self.folds = folds
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        # OptunaSearch's private trial maps: Tune's searcher API cannot end a trial PRUNED (docs/DESIGN.md,
+        # library internals; tests/test_internals.py)
         stopped = not error and result and result.get("folds_done", self.folds) < self.folds
         if stopped and trial_id in self._ot_trials and trial_id not in self._completed_trials:
             self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)

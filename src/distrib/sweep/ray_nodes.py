@@ -39,7 +39,8 @@ BASE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
 }
-# `ray start` for a worker node with 127.0.0.1 kept as its node IP (see the module docstring)
+# `ray start` for a worker node with 127.0.0.1 kept as its node IP (see the module docstring); a Ray private
+# (docs/DESIGN.md, library internals; tests/test_internals.py)
 _WORKER_START = (
     "import sys, ray._private.services as s; s.resolve_ip_for_localhost = lambda h: h; "
     "from ray.scripts.scripts import main; sys.argv = ['ray', *sys.argv[1:]]; main()"

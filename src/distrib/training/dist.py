@@ -225,7 +225,8 @@ def finish(accelerator, ok: bool = True) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     _ACCELERATOR = None
-    # a following run in the same process (tests, Tune trials) must build a fresh state
+    # a following run in the same process (tests, Tune trials) must build a fresh state; accelerate has no
+    # public reset (docs/DESIGN.md, library internals; tests/test_internals.py)
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
