@@ -102,3 +102,23 @@ def test_embed_cli_and_bad_run_sets(fold_runs, tmp_path, capsys):
     assert "one run per fold" in capsys.readouterr().err
     assert cli_main(["embed", "--runs", *fold_runs, "--out", str(out), "embed.dim=64"]) == 2
     assert "embed.dim" in capsys.readouterr().err
+
+
+def test_embed_refuses_fold_runs_of_different_configs_and_a_non_parquet_name(fold_runs, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    mixed = tmp_path / "fold1_other_lr"
+    shutil.copytree(fold_runs[1], mixed)
+    cfg = yaml.safe_load((mixed / "config.yaml").read_text())
+    cfg["optim"]["lr"] = float(cfg["optim"]["lr"]) * 3
+    (mixed / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "mixed.parquet"
+    assert cli_main(["embed", "--runs", fold_runs[0], str(mixed), fold_runs[2], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "different configs" in err and "optim.lr" in err and str(mixed) in err
+    assert not out.exists()
+    csv = tmp_path / "oof.csv"
+    assert cli_main(["embed", "--runs", *fold_runs, "--out", str(csv)]) == 2
+    assert "name it *.parquet" in capsys.readouterr().err and not csv.exists()

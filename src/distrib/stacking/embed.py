@@ -83,7 +83,38 @@ def _load_runs(run_dirs: list[str]):
     shards = {c.data.shards for _, _, c in runs}
     if len(shards) != 1:
         raise DistribError(f"fold runs were trained on different shards {sorted(shards)}; embed runs of one sweep")
+    _check_one_config(runs)
     return sorted(runs, key=lambda r: r[2].data.fold)
+
+
+def _check_one_config(runs) -> None:
+    """One OOF table is one model trained K times: fold runs of different configs (another lr, say) would
+    stack a mix under one name. Compare each run's saved resolved config (config.yaml, else the one inside
+    best_model.pth) with the first, minus data.fold and the fields a sweep may change on --resume
+    (SWEEP_RESUME_SAFE: logging, cadence, later stages)."""
+    import dataclasses
+
+    import yaml
+
+    from distrib.config import SWEEP_RESUME_SAFE, allowed_change, config_changes
+
+    def saved(run_dir: str, cfg) -> dict:
+        path = Path(run_dir) / "config.yaml"
+        return yaml.safe_load(path.read_text()) if path.is_file() else dataclasses.asdict(cfg)
+
+    first_dir, _, first = runs[0]
+    base = saved(first_dir, first)
+    for run_dir, _, cfg in runs[1:]:
+        differ = [
+            f"{k}: {a!r} vs {b!r}"
+            for k, a, b in config_changes(base, saved(run_dir, cfg))
+            if k != "data.fold" and not allowed_change(k, SWEEP_RESUME_SAFE)
+        ]
+        if differ:
+            raise DistribError(
+                f"fold runs {first_dir} and {run_dir} were trained with different configs ({'; '.join(differ)}); "
+                "embed the fold runs of one config (distrib embed --sweep picks the best config's folds)"
+            )
 
 
 def check_val_anchors(n_val: int, embed_cfg: EmbedConfig, where: str, fix: str = "embed.dim") -> None:
@@ -98,6 +129,8 @@ def check_val_anchors(n_val: int, embed_cfg: EmbedConfig, where: str, fix: str =
 
 def extract_oof(run_dirs: list[str], out_path: str | Path, embed_cfg: EmbedConfig) -> pd.DataFrame:
     """Write ``out_path`` (parquet) + its alignment; return the table (see module docstring)."""
+    if Path(out_path).suffix != ".parquet":  # the name says the format: no Parquet bytes under .csv
+        raise DistribError(f"--out {out_path}: the OOF table is written as Parquet; name it *.parquet")
     import torch
 
     from distrib.data.index import read_index
