@@ -36,3 +36,25 @@ def test_cli_reports_a_full_disk_clearly(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "no space left" in err and "shard.tar" in err and "larger disk" in err
+
+
+def test_json_files_carry_null_and_a_reason_never_a_bare_nan(tmp_path):
+    import json
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from distrib.atomic import write_json
+
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            auc = roc_auc_score([1, 1, 1], [0.2, 0.5, 0.9])  # one class: sklearn gives NaN
+    assert np.isnan(auc)
+    path = write_json(tmp_path / "metrics.json", {"test": {"auc": np.float64(auc), "n": np.int64(3)}})
+    text = path.read_text()
+    assert "NaN" not in text
+    obj = json.loads(text)
+    assert obj["test"]["auc"] is None and "one class" in obj["test"]["auc_reason"] and obj["test"]["n"] == 3

@@ -65,12 +65,17 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
 
 
 def json_safe(obj):
-    """Strict-JSON copy: NaN/inf -> None (an undefined metric, e.g. AUC on one class), numpy -> Python,
-    anything else unknown -> str."""
+    """Strict-JSON copy: NaN/inf -> None plus ``<key>_reason`` beside it (an undefined metric, e.g. AUC on
+    one class; a reader sees why it is missing), numpy -> Python, anything else unknown -> str."""
     import numpy as np
 
     if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            out[str(k)] = json_safe(v)
+            if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+                out[f"{k}_reason"] = f"undefined ({float(v)}): e.g. an AUC on a split with one class"
+        return out
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     if isinstance(obj, (bool, np.bool_)):

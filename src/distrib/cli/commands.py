@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import numbers
 import shlex
 import sys
 from pathlib import Path
@@ -22,19 +20,7 @@ def strict_json(obj) -> str:
     """One line of strict JSON: a NaN/inf value becomes null plus ``<key>_reason`` (never a bare NaN)."""
     from distrib.atomic import json_safe
 
-    def reasons(o):
-        if isinstance(o, dict):
-            out = {}
-            for k, v in o.items():
-                out[k] = reasons(v)
-                if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v):
-                    out[f"{k}_reason"] = f"undefined ({v}): e.g. an AUC on a split with one class"
-            return out
-        if isinstance(o, (list, tuple)):
-            return [reasons(v) for v in o]
-        return o
-
-    return json.dumps(json_safe(reasons(obj)), allow_nan=False)
+    return json.dumps(json_safe(obj), allow_nan=False)
 
 
 def _writer(command: str, out, is_dir: bool = True) -> None:
