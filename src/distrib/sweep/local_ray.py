@@ -138,12 +138,12 @@ def record_driver(pid_file: Path, temp_dir: str | None) -> list[dict]:
     return recs
 
 
-def _recorded_processes(pid_file: Path, recs) -> list:
-    """The live processes of ``recs`` whose create time and command line both match; a live PID that does
-    not match (or a record without a command line) is left alone with a warning."""
+def _recorded_processes(recs) -> tuple[list, list[int]]:
+    """The live processes of ``recs`` whose create time and command line both match, and the live PIDs of
+    the records that do not match (or carry no command line)."""
     import psutil
 
-    live, ignored = [], []
+    live, unmatched = [], []
     for rec in recs if isinstance(recs, list) else []:
         p = _same_process(rec) if isinstance(rec, dict) and isinstance(rec.get("cmdline"), list) else None
         if p is not None:
@@ -151,15 +151,8 @@ def _recorded_processes(pid_file: Path, recs) -> list:
             continue
         pid = rec.get("pid") if isinstance(rec, dict) else rec
         if isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid):
-            ignored.append(str(pid))
-    if ignored:
-        log.warning(
-            "%s names running process(es) %s whose start time or command line differ from the record (or were "
-            "not recorded); left alone",
-            pid_file,
-            ", ".join(ignored),
-        )
-    return live
+            unmatched.append(pid)
+    return live, unmatched
 
 
 def _users_of(temp_dir: str) -> list:
@@ -202,7 +195,7 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
             f"another distrib tune (pid {driver['pid']}) is running on {pid_file.parent}; wait "
             f"for it or stop it (kill {driver['pid']}), or choose another --out"
         )
-    live = _recorded_processes(pid_file, data.get("procs"))
+    live, unmatched = _recorded_processes(data.get("procs"))
     td = data.get("temp_dir")
     if td and not is_own_temp_dir(td):
         if isinstance(td, str) and os.path.lexists(td):
@@ -214,9 +207,17 @@ def reap(pid_file: Path, grace_s: float = 2.0) -> list[str]:
                 tempfile.gettempdir(),
             )
         td = None
-    if td:  # workers started after the record was written
+    if td:  # workers started after the record was written, and agents that retitled themselves
         seen = {p.pid for p in live}
         live += [p for p in _users_of(td) if p.pid not in seen]
+    left = sorted(set(unmatched) - {p.pid for p in live})
+    if left:
+        log.warning(
+            "%s names running process(es) %s whose start time or command line differ from the record (or were "
+            "not recorded); left alone",
+            pid_file,
+            ", ".join(map(str, left)),
+        )
     stopped = terminate(live, grace_s)
     if td:
         shutil.rmtree(td, ignore_errors=True)
