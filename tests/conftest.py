@@ -51,6 +51,7 @@ def demo_shards(demo_data, session_tmp) -> Path:
         seed=0,
         shard_size=30,
         workers=1,
+        names="negative=real,positive=fake",  # the demo's task: label 1 = manipulated
     )
     return out
 

@@ -396,3 +396,40 @@ def test_cascade_report_names_the_positive_class(tmp_path):
     }
     text = write_report(results, tmp_path).read_text()
     assert "Positive class (label 1): **deepfake**; classes 0 = Real, 1 = deepfake." in text
+
+
+def test_integer_labels_keep_neutral_names_unless_the_user_names_them(tmp_path):
+    from distrib.cli import main as cli_main
+
+    ints = _manifest(tmp_path / "i", ["0", "1"] * 6)
+    index = write_shards(ints, tmp_path / "ints", folds=3, workers=1)
+    assert index["classes"] == {"0": "negative", "1": "positive"} and index["positive"] == "positive"
+    named = write_shards(ints, tmp_path / "named", folds=3, workers=1, names="negative=clean,positive=pit")
+    assert named["classes"] == {"0": "clean", "1": "pit"} and named["positive"] == "pit"
+    on_disk = json.loads((tmp_path / "named" / "index.json").read_text())
+    assert on_disk["classes"] == {"0": "clean", "1": "pit"}
+    # only manifests that say real/fake are called so
+    words = _manifest(tmp_path / "w", ["real", "fake"] * 6)
+    assert write_shards(words, tmp_path / "words", folds=3, workers=1)["classes"] == {"0": "real", "1": "fake"}
+    # the CLI flag, and a malformed one is one clear error
+    assert (
+        cli_main(
+            [
+                "shard",
+                "--train",
+                str(ints),
+                "--out",
+                str(tmp_path / "cli"),
+                "--folds",
+                "3",
+                "--workers",
+                "1",
+                "--names",
+                "negative=clean,positive=pit",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "cli" / "index.json").read_text())["positive"] == "pit"
+    with pytest.raises(DataError, match=r"negative=NAME,positive=NAME"):
+        write_shards(ints, tmp_path / "bad", folds=3, workers=1, names="clean,pit")

@@ -51,6 +51,7 @@ def cmd_shard(a: argparse.Namespace) -> dict:
         workers=a.workers,
         overwrite=a.overwrite,
         positive=a.positive,
+        names=a.names,
     )
     outs.report()
     # the printed summary leaves out the per-shard sample offsets and the group table (they are in index.json)

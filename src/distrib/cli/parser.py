@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="class name that becomes label 1 (case-insensitive); needed for names other than real/fake",
     )
+    p.add_argument(
+        "--names",
+        default=None,
+        help="names for labels 0/1 in the index and every report, e.g. negative=clean,positive=pit "
+        "(integer labels are otherwise 'negative'/'positive')",
+    )
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("shard-inspect", help="verify a shard directory's checksums and counts")

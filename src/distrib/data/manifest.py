@@ -186,7 +186,8 @@ def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, s
                 f"--positive {positive!r}: the manifests use integer labels, where 1 is always the "
                 "positive class; drop --positive or write class names in the label column"
             )
-        ids, names = {"0": 0, "1": 1}, {0: "real", 1: "fake"}
+        # neutral names: 0/1 say nothing about the task (pits, shirts, fakes); --names or data.classes name them
+        ids, names = {"0": 0, "1": 1}, {0: "negative", 1: "positive"}
     else:
         by = _binary_check(train, lambda r: r["label"].casefold())
         display = {k: v[0]["label"] for k, v in by.items()}
@@ -219,6 +220,23 @@ def resolve_labels(rows: list[dict], positive: str | None = None) -> dict[str, s
             )
         r["label_id"] = ids[k]
     return {str(i): n for i, n in sorted(names.items())}
+
+
+def parse_names(text: str | dict | None) -> dict[str, str] | None:
+    """``negative=clean,positive=pit`` (or that dict) -> {"negative": "clean", "positive": "pit"}."""
+    if not text:
+        return None
+    if isinstance(text, str):
+        pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise DataError(f"--names {text!r}: write negative=NAME,positive=NAME (e.g. negative=clean,positive=pit)")
+        text = {k.strip(): v.strip() for k, v in pairs}
+    if set(text) != {"negative", "positive"} or not all(text.values()) or text["negative"] == text["positive"]:
+        raise DataError(
+            f"class names {text!r}: give two different names as negative=NAME,positive=NAME "
+            "(e.g. negative=clean,positive=pit)"
+        )
+    return {"negative": str(text["negative"]), "positive": str(text["positive"])}
 
 
 def assign_keys_and_check(rows: list[dict]) -> None:

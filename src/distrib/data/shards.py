@@ -31,9 +31,16 @@ _MEMBER_EXTS = ("jpg", "cls", "json")
 
 
 def _fingerprint(
-    paths: dict, folds: int, seed: int, shard_size: int, shard_bytes: int, positive: str | None = None
+    paths: dict,
+    folds: int,
+    seed: int,
+    shard_size: int,
+    shard_bytes: int,
+    positive: str | None = None,
+    names: dict | None = None,
 ) -> str:
     settings = [folds, seed, shard_size, shard_bytes] + ([positive.strip().casefold()] if positive else [])
+    settings += [names] if names else []
     h = hashlib.sha256(json.dumps(settings).encode())
     for split in ("train", "val", "test"):
         if paths.get(split):
@@ -204,6 +211,7 @@ def write_shards(
     workers: int = 2,
     overwrite: bool = False,
     positive: str | None = None,
+    names: str | dict | None = None,
 ) -> dict:
     """Shard train (StratifiedGroupKFold folds) and val/test (fold -1) manifests into ``out``.
 
@@ -215,12 +223,15 @@ def write_shards(
     out = Path(out)
     paths = {"train": train_csv, "val": val, "test": test}
     rows = [r for split, p in paths.items() if p for r in mf.read_manifest(p, split)]
-    fingerprint = _fingerprint(paths, folds, seed, shard_size, shard_bytes, positive)
+    names = mf.parse_names(names)
+    fingerprint = _fingerprint(paths, folds, seed, shard_size, shard_bytes, positive, names)
     done = _existing(out, fingerprint, overwrite)
     if done is not None:
         return {**done, "written": False}
 
     classes = mf.resolve_labels(rows, positive)
+    if names:  # the user's names for label 0 / label 1, in every index and report from here on
+        classes = {"0": names["negative"], "1": names["positive"]}
     mf.assign_keys_and_check(rows)
     train = [r for r in rows if r["split"] == "train"]
     mf.assign_folds(train, folds, seed)

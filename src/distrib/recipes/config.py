@@ -59,6 +59,9 @@ class RecipeData(Section):
     shard_size: int = 1000  # max samples per shard
     workers: int = 2  # shard writer processes
     positive: str = ""  # class name that becomes label 1 (case-insensitive); '' = real/fake
+    # names of labels 0/1 in the index and every report ({negative: NAME, positive: NAME}); {} = the
+    # manifests' own class names, or negative/positive for integer labels
+    classes: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         check_value(
@@ -68,6 +71,10 @@ class RecipeData(Section):
             "data.train and data.test manifests, or data.shards",
         )
         check_value(self.folds >= 2, "data.folds", self.folds, ">= 2")
+        if self.classes:
+            from distrib.data.manifest import parse_names
+
+            parse_names(self.classes)  # a bad pair fails here, before any step starts
         check_value(self.shard_size >= 1, "data.shard_size", self.shard_size, ">= 1")
         check_value(self.workers >= 1, "data.workers", self.workers, ">= 1")
 
@@ -128,9 +135,9 @@ class Recipe:
     name: str = "recipe"  # report title
     mode: str = "cascade"  # cascade (stage 1 -> experts -> stack) or shootout (candidates side by side)
     data: RecipeData = field(default_factory=RecipeData)
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # dotted overrides applied to stage 1 and every expert
     stage1: RecipeStage1 = field(default_factory=RecipeStage1)
-    experts: list[RecipeExpert] = field(default_factory=list)
+    experts: list[RecipeExpert] = field(default_factory=list)  # the stage-2 experts (cascade: two or more)
     stack: StackConfig = field(default_factory=StackConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     cascade: RecipeCascade = field(default_factory=RecipeCascade)

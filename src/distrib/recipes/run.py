@@ -123,6 +123,7 @@ def run_recipe(
             shard_size=d.shard_size,
             workers=d.workers,
             positive=d.positive or None,
+            names=d.classes or None,
         )
     s1 = out / "stage1"
     if res["stage1"] and recipe.stage1.accelerate_config:
