@@ -433,3 +433,39 @@ def test_integer_labels_keep_neutral_names_unless_the_user_names_them(tmp_path):
     assert json.loads((tmp_path / "cli" / "index.json").read_text())["positive"] == "pit"
     with pytest.raises(DataError, match=r"negative=NAME,positive=NAME"):
         write_shards(ints, tmp_path / "bad", folds=3, workers=1, names="clean,pit")
+
+
+@pytest.mark.parametrize("how", ["copy", "dotdot", "symlink"])
+def test_a_train_image_in_test_through_a_copy_is_a_leak(tmp_path, how):
+    import os
+
+    train = _manifest(tmp_path / "tr", ["real", "fake"] * 6)
+    rows = list(csv.reader(open(train)))
+    img = tmp_path / "tr" / rows[1][0] if not os.path.isabs(rows[1][0]) else Path(rows[1][0])
+    other = tmp_path / "te"
+    other.mkdir()
+    if how == "copy":
+        shutil.copyfile(img, other / "copy.png")
+        ref = str(other / "copy.png")
+    elif how == "dotdot":
+        ref = str(other / ".." / "tr" / Path(img).relative_to(tmp_path / "tr"))
+    else:
+        os.symlink(img, other / "link.png")
+        ref = str(other / "link.png")
+    test = _csv(other / "test.csv", ["path", "label", "group"], [[ref, "real", "elsewhere"], [ref, "fake", "x2"]][:1])
+    with pytest.raises(DataError, match=r"train\) and .*test\.csv row 1 .*(same file|byte-identical)"):
+        write_shards(train, tmp_path / "out", test=test, folds=3, workers=1)
+
+
+def test_a_repeated_image_within_one_split_is_a_counted_warning(tmp_path, caplog):
+    from distrib.data.manifest import check_copies
+
+    train = _manifest(tmp_path, ["real", "fake"] * 6)
+    rows = [
+        {**r, "split": "train"}
+        for r in __import__("distrib.data.manifest", fromlist=["x"]).read_manifest(train, "train")
+    ]
+    rows.append({**rows[0], "row": 99})
+    with caplog.at_level("WARNING", logger="distrib"):
+        assert check_copies(rows) == 1
+    assert "1 row(s) repeat the bytes" in caplog.text

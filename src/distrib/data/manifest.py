@@ -263,6 +263,42 @@ def assign_keys_and_check(rows: list[dict]) -> None:
             )
 
 
+def check_copies(rows: list[dict]) -> int:
+    """The same image under two names is one image: a test row that is a byte-identical copy of a train
+    row (another path, a ``..`` spelling, a symlink) leaks. Paths are compared after realpath and
+    contents by sha256. Across splits: an error naming both rows; within one split: a warning with
+    the count, which is returned."""
+    import hashlib
+    import logging
+    import os
+
+    first: dict[str, dict] = {}
+    within = 0
+    for r in rows:
+        real = os.path.realpath(r["path"])
+        try:
+            with open(real, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            continue  # a missing/unreadable file is reported by the image check, with its row
+        seen = first.setdefault(digest, r)
+        if seen is r:
+            continue
+        if seen["split"] != r["split"]:
+            same = "the same file" if os.path.realpath(seen["path"]) == real else "byte-identical copies"
+            raise DataError(
+                f"{_where(seen)} ({seen['source_path']}, {seen['split']}) and {_where(r)} ({r['source_path']}, "
+                f"{r['split']}) are {same}: an image in two splits leaks into the held-out metrics; "
+                "remove one of the rows"
+            )
+        within += 1
+    if within:
+        logging.getLogger("distrib").warning(
+            "shard: %d row(s) repeat the bytes of another row of the same split (duplicates weigh twice)", within
+        )
+    return within
+
+
 def check_image(path: str) -> str | None:
     """None if the image decodes, else the reason. JPEGs decode at 1/8 scale (draft): fast, still
     reading the whole entropy-coded stream, so truncation is caught."""

@@ -233,6 +233,7 @@ def write_shards(
     if names:  # the user's names for label 0 / label 1, in every index and report from here on
         classes = {"0": names["negative"], "1": names["positive"]}
     mf.assign_keys_and_check(rows)
+    mf.check_copies(rows)
     train = [r for r in rows if r["split"] == "train"]
     mf.assign_folds(train, folds, seed)
     for r in rows:
