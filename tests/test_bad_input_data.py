@@ -452,7 +452,10 @@ def test_a_train_image_in_test_through_a_copy_is_a_leak(tmp_path, how):
     else:
         os.symlink(img, other / "link.png")
         ref = str(other / "link.png")
-    test = _csv(other / "test.csv", ["path", "label", "group"], [[ref, "real", "elsewhere"], [ref, "fake", "x2"]][:1])
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(other / "unique.png")  # test needs both classes
+    test = _csv(
+        other / "test.csv", ["path", "label", "group"], [[ref, "real", "e1"], [str(other / "unique.png"), "fake", "e2"]]
+    )
     with pytest.raises(DataError, match=r"train\) and .*test\.csv row 1 .*(same file|byte-identical)"):
         write_shards(train, tmp_path / "out", test=test, folds=3, workers=1)
 
@@ -469,3 +472,16 @@ def test_a_repeated_image_within_one_split_is_a_counted_warning(tmp_path, caplog
     with caplog.at_level("WARNING", logger="distrib"):
         assert check_copies(rows) == 1
     assert "1 row(s) repeat the bytes" in caplog.text
+
+
+def test_a_val_split_with_one_class_is_an_error_at_shard_time(tmp_path):
+    train = _manifest(tmp_path / "tr", ["real", "fake"] * 6)
+    (tmp_path / "va").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 + i, np.uint8)).save(tmp_path / "va" / f"v{i}.png")
+    val = _csv(
+        tmp_path / "va" / "val.csv", ["path", "label", "group"], [[f"v{i}.png", "real", f"v{i}"] for i in range(4)]
+    )
+    with pytest.raises(DataError, match=r"the val split has only class 'real'.*Add rows of the other class"):
+        write_shards(train, tmp_path / "out", val=val, folds=3, workers=1)
+    assert not (tmp_path / "out" / "index.json").exists()

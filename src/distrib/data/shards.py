@@ -233,6 +233,13 @@ def write_shards(
     if names:  # the user's names for label 0 / label 1, in every index and report from here on
         classes = {"0": names["negative"], "1": names["positive"]}
     mf.assign_keys_and_check(rows)
+    for split in ("val", "test"):  # an AUC on one class is undefined: every later step would report NaN
+        labels = {r["label_id"] for r in rows if r["split"] == split}
+        if len(labels) == 1:
+            raise DataError(
+                f"{paths[split]}: the {split} split has only class {classes[str(labels.pop())]!r}; its AUC, "
+                f"thresholds and reports would be undefined. Add rows of the other class to the {split} manifest"
+            )
     mf.check_copies(rows)
     train = [r for r in rows if r["split"] == "train"]
     mf.assign_folds(train, folds, seed)
