@@ -148,6 +148,18 @@ def ray_cluster(session_tmp):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """An 8 MiB tmpfs the test mounts, for full-disk cases; skipped with the reason where mounting fails."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the full-disk test needs one")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def subprocess_env(tmp: Path) -> dict:
     """Environment for child processes: repo on the path, temp files and JIT caches under tmp."""
     env = dict(os.environ)

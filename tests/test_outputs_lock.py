@@ -177,17 +177,6 @@ def test_stdout_json_has_no_bare_nan():
     assert "NaN" not in line and obj["n"] == 3
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the full-disk test needs one")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_full_disk_while_saving_keeps_the_old_file_and_names_it(tiny_tmpfs):
     from distrib.cli import _disk_full
     from distrib.training.checkpoint import save_best

@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -324,3 +325,30 @@ def test_inspect_over_http(demo_shards):
     assert report["ok"] and report["location"].startswith("http://127.0.0.1")
     local = inspect_shards(demo_shards)
     assert [(r["path"], r["found"]) for r in report["shards"]] == [(r["path"], r["found"]) for r in local["shards"]]
+
+
+def test_overwrite_on_a_full_disk_keeps_the_old_set_whole(tiny_tmpfs, tmp_path):
+    from distrib.data.shards import inspect_shards
+
+    rng = np.random.default_rng(0)
+
+    def manifest(name: str, n: int) -> Path:
+        root = tmp_path / name
+        root.mkdir()
+        rows = []
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(root / f"{name}{i}.png")
+            rows.append([f"{name}{i}.png", "fake" if i % 2 else "real", f"{name}g{i}"])
+        return _write_csv(root / "m.csv", ["path", "label", "group"], rows)
+
+    out = tiny_tmpfs / "shards"
+    small, big = manifest("small", 6), manifest("big", 40)  # ~2 MB fits the 8 MiB disk; ~16 MB does not
+    cmd = [sys.executable, "-m", "distrib", "shard", "--out", str(out), "--folds", "2", "--workers", "1"]
+    assert subprocess.run([*cmd, "--train", str(small)], capture_output=True, text=True).returncode == 0
+    before = json.loads((out / "index.json").read_text())
+    proc = subprocess.run([*cmd, "--train", str(big), "--overwrite"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "no space left" in proc.stderr
+    assert json.loads((out / "index.json").read_text()) == before  # the old set, whole and usable
+    assert not inspect_shards(str(out), strict=False)["problems"]
+    assert [p.name for p in tiny_tmpfs.iterdir()] == ["shards"]  # the half-written new set is gone

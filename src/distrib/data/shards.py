@@ -14,6 +14,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -190,7 +191,8 @@ def _validate_images(rows: list[dict], workers: int) -> None:
 
 
 def _clean(out: Path, overwrite: bool) -> None:
-    """Remove leftovers of interrupted runs, and with ``overwrite`` the previous shards and index."""
+    """Remove leftovers of interrupted runs, and with ``overwrite`` the shards of an incomplete set (no
+    index: nothing usable to keep)."""
     for p in out.glob(".*.tar.tmp-*"):
         p.unlink()
     if overwrite:
@@ -257,16 +259,41 @@ def write_shards(
             tasks += _plan(sub, split, -1, shard_size, shard_bytes, rng)
 
     writable_dir(out, "--out")
-    _clean(out, overwrite or not (out / INDEX).exists())
-    if workers == 1 or len(tasks) == 1:
-        entries = [write_one_shard(str(out), t) for t in tasks]
-    else:
-        with _pool(min(workers, len(tasks))) as ex:
-            entries = list(ex.map(write_one_shard, [str(out)] * len(tasks), tasks))
-
-    index = _build_index(rows, entries, classes, folds, seed, fingerprint)
-    write_json(out / INDEX, index, indent=1)  # the index appears last: its presence means the output is complete
+    # --overwrite of a complete set: write the new set beside the old one and swap, so a failure (a full
+    # disk, Ctrl-C) leaves the old set whole and usable. Otherwise write in place.
+    swap = overwrite and (out / INDEX).exists()
+    target = out.parent / f".{out.name}.new-{os.getpid()}" if swap else out
+    _clean(out, not (out / INDEX).exists())
+    try:
+        writable_dir(target, "--out")
+        if workers == 1 or len(tasks) == 1:
+            entries = [write_one_shard(str(target), t) for t in tasks]
+        else:
+            with _pool(min(workers, len(tasks))) as ex:
+                entries = list(ex.map(write_one_shard, [str(target)] * len(tasks), tasks))
+        index = _build_index(rows, entries, classes, folds, seed, fingerprint)
+        write_json(target / INDEX, index, indent=1)  # the index appears last: its presence means complete
+    except BaseException:
+        if swap:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if swap:
+        _swap_in(target, out)
     return {**index, "written": True}
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace ``out`` by the complete set in ``new``: files that are not shards (the writer's lock, the
+    user's notes) move across first, then two renames; the old set is deleted only after."""
+    shard_patterns = ("train-f*-*.tar", "val-*.tar", "test-*.tar", INDEX)
+    old_shards = {p for pattern in shard_patterns for p in out.glob(pattern)}
+    for p in out.iterdir():
+        if p not in old_shards and not (new / p.name).exists():
+            os.rename(p, new / p.name)  # a rename keeps the inode, so a held flock stays held
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_index(rows, entries, classes, folds, seed, fingerprint) -> dict:
