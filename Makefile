@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo lint test test-fast test-integration lock clean
+.PHONY: install demo docs lint test test-fast test-integration lock clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/distrib demo --out $(OUT)
+
+# The docs site into site/ (tests/test_docs.py runs the same build with --strict).
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,171 @@
+"""The docs: the site builds in strict mode, the generated reference pages match the code, and every
+`distrib` / `make` / `accelerate launch` command line in README.md and docs/ parses, names files that exist,
+and (the cheap ones) runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, subprocess_env
+from distrib import errors
+from distrib.cli import _parse, build_parser
+from distrib.cli.reference import REGENERATE, stale_pages
+from distrib.config import schema
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+DISTRIB = str(Path(sys.executable).parent / "distrib")
+ROOT_FILES = {p.name for p in REPO.iterdir() if p.is_file()}
+REPO_DIRS = ("launch/", "src/", "tests/", "docs/", "shards/", "tune/")
+PLACEHOLDER = re.compile(r"^(\.\.\.|…)$|[A-Z]{3,}")  # CONFIG, RUN_DIR, HEAD_IP, ...: the reader fills them in
+
+
+def _command_lines(path: Path) -> list[str]:
+    """Each command line in the file's fenced code blocks (shell ones), backslash continuations joined,
+    environment assignments and trailing comments removed."""
+    lines, block, lang = [], None, ""
+    for raw in path.read_text().splitlines():
+        fence = re.match(r"^\s*```(\w*)", raw)
+        if fence:
+            block, lang = (None, "") if block is not None else ([], fence.group(1))
+            continue
+        if block is None or lang in ("yaml", "mermaid", "python"):
+            continue
+        if block and block[-1].endswith("\\"):
+            block[-1] = block[-1][:-1] + " " + raw.strip()
+        else:
+            block.append(raw.strip())
+        if not raw.rstrip().endswith("\\"):
+            line = re.sub(r"\s+#.*$", "", block.pop()).strip()
+            words = shlex.split(line) if line and not line.startswith("#") else []
+            while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+                words.pop(0)
+            if words and (words[0] in ("distrib", "make") or words[:2] == ["accelerate", "launch"]):
+                lines.append(shlex.join(words))
+    return lines
+
+
+COMMANDS = sorted({(p.relative_to(REPO).as_posix(), c) for p in DOCS for c in _command_lines(p)})
+
+
+def _check_paths(words: list[str], where: str) -> None:
+    for w in words:
+        for part in [w, *w.split("=", 1)[1:]]:
+            if PLACEHOLDER.search(part) or "*" in part:
+                continue
+            if part.startswith(REPO_DIRS) or (part in ROOT_FILES and "." in part):
+                assert (REPO / part).exists(), f"{where}: names {part}, which is not in the repo"
+
+
+def _check_distrib(argv: list[str], where: str) -> None:
+    if argv[:2] == ["shard", "inspect"]:  # the CLI's own alias (cli.main)
+        argv = ["shard-inspect", *argv[2:]]
+    try:
+        _parse(build_parser(), argv)
+    except SystemExit:
+        pytest.fail(f"{where}: `distrib {shlex.join(argv)}` does not parse with build_parser()")
+    _check_paths(argv, where)
+
+
+def test_docs_have_commands():
+    """The extraction finds the commands (an empty list would make the next test pass vacuously)."""
+    found = {c.split()[0] for _, c in COMMANDS} | {" ".join(c.split()[:2]) for _, c in COMMANDS}
+    assert {"distrib", "make", "accelerate launch"} <= found
+    assert any(f == "README.md" for f, _ in COMMANDS)
+
+
+@pytest.mark.parametrize(("page", "line"), COMMANDS, ids=[f"{f}:{c[:60]}" for f, c in COMMANDS])
+def test_doc_command_parses(page, line):
+    words = shlex.split(line)
+    where = f"{page}: `{line}`"
+    if words[0] == "make":
+        targets = re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.M)
+        for t in [w for w in words[1:] if "=" not in w]:
+            assert t in targets, f"{where}: no Makefile target '{t}'"
+    elif words[0] == "distrib":
+        _check_distrib(words[1:], where)
+    else:
+        from accelerate.commands.launch import launch_command_parser
+
+        try:
+            args = launch_command_parser().parse_args(words[2:])
+        except SystemExit:
+            pytest.fail(f"{where}: accelerate's launch parser refuses it")
+        _check_paths([w for w in words[2:] if not w.startswith("-")][:1] + words[2:], where)
+        if args.module:
+            assert args.training_script == "distrib", where
+            _check_distrib(args.training_script_args, where)
+        else:
+            assert args.training_script == "launch/train.py", f"{where}: trains through launch/train.py"
+            _check_distrib(["train", *args.training_script_args], where)
+
+
+def test_doc_commands_help_runs(tmp_path):
+    """`distrib SUBCOMMAND --help` runs for real for every subcommand the docs use."""
+    subs = sorted({shlex.split(c)[1] for _, c in COMMANDS if c.startswith("distrib ")})
+    assert len(subs) >= 8, subs
+    env = subprocess_env(tmp_path)
+    for sub in subs:
+        r = subprocess.run([DISTRIB, sub, "--help"], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0 and "usage: distrib" in r.stdout, (sub, r.stderr[-500:])
+
+
+def test_doc_shard_inspect_runs(demo_shards, tmp_path):
+    """The docs' `distrib shard inspect DIR` runs for real, on real test shards."""
+    lines = [c for _, c in COMMANDS if c.startswith("distrib shard inspect")]
+    assert lines
+    argv = shlex.split(lines[0])[1:-1] + [str(demo_shards)]
+    r = subprocess.run([DISTRIB, *argv], capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "sha256" in r.stdout
+
+
+def test_reference_pages_current():
+    stale = stale_pages(REPO / "docs" / "reference")
+    assert not stale, f"docs/reference/{', '.join(stale)} out of date; regenerate with: {REGENERATE}"
+
+
+def test_every_schema_key_documented_in_config_page():
+    """Every key of the experiment schema carries its one-line doc and appears in the config page."""
+    page = (REPO / "docs" / "reference" / "config.md").read_text()
+    for section, cls in schema.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if cls.__module__ == schema.__name__:
+                assert f.metadata.get("doc"), f"{section}.{f.name} has no field(metadata={{'doc': ...}})"
+            assert f"`{section}.{f.name}`" in page, f"{section}.{f.name} missing from docs/reference/config.md"
+
+
+def test_troubleshooting_names_every_error_class():
+    page = (REPO / "docs" / "troubleshooting.md").read_text()
+    classes = [n for n, v in vars(errors).items() if isinstance(v, type) and v.__module__ == errors.__name__]
+    assert len(classes) >= 4
+    for name in classes:
+        assert f"`{name}`" in page, f"docs/troubleshooting.md does not explain {name}"
+
+
+def test_site_builds_strict(tmp_path):
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "mkdocs"), "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "site" / "reference" / "config" / "index.html").is_file()
+
+
+def test_readme_short_and_cpu_command_early():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 200, len(lines)
+    first = next(i for i, s in enumerate(lines) if s.startswith("distrib run launch/recipes/demo.yaml"))
+    assert first < 80, f"the CPU own-data command is at line {first + 1}"
