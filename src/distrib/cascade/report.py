@@ -25,7 +25,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def headline(results: dict) -> list[str]:
-    """The metrics table (one row per stage/scorer) used at the top of report.md and in the README."""
+    """The metrics table (one row per stage/scorer) used at the top of report.md."""
     rows = [[name, *[m.get(c) for c in COLS]] for name, m in results["metrics"].items()]
     return _table(["scorer", *COLS], rows)
 

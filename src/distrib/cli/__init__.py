@@ -144,7 +144,7 @@ def _resume_hint(a: argparse.Namespace) -> str:
 
 
 def _sweep_exit(a: argparse.Namespace, result: dict) -> int:
-    """0 for a finished sweep; 128+signal when it was interrupted; 1 when trials failed (see README)."""
+    """0 for a finished sweep; 128+signal when it was interrupted; 1 when trials failed (docs/sweeps.md)."""
     status = result.get("status", "done")
     if status == "interrupted":
         sig = result.get("signal") or 2

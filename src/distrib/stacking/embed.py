@@ -3,7 +3,7 @@
     distrib embed --sweep runs/sweep --out runs/sweep/oof_embeddings.parquet
     distrib embed --runs runs/f0 runs/f1 runs/f2 --out oof.parquet embed.dim=64
 
-Fold-k's best model (``train.load_run``) embeds, with ``forward_features`` (pre-head; GenConViT's
+Fold-k's best model (``distrib.runs.load_run``) embeds, with ``forward_features`` (pre-head; GenConViT's
 combined paths + reconstruction statistics) and ``positive_prob``: its held-out fold k (the OOF rows),
 the val and test splits, and up to ``embed.fit_samples`` samples of its OWN training folds (for the
 PCA only). Batches are streamed from the shards; only feature vectors are kept. The per-fold PCA and

@@ -67,7 +67,7 @@ RESUME_CHANGES = "resume_changes.json"  # allowed config changes of each --resum
 log = logging.getLogger(__name__)
 # Tuner.fit imports these only to count the RunConfig callbacks for Ray's usage stats, even with usage stats
 # off (ray.air._internal.usage.tag_callbacks, for any non-empty callback list; ours keeps Tune's
-# progress.csv/result.json): mlflow alone took ~1 s on 2 cores, on the critical path before the first trial
+# progress.csv/result.json): importing mlflow there is on the critical path before the first trial
 TUNE_FIT_IMPORTS = ("mlflow",)
 
 
@@ -244,8 +244,8 @@ def run_sweep(
         "gpus": cfg.tune.gpus_per_trial,
         "fail_once": os.environ.get(FAIL_ONCE_ENV, ""),
         # a retry resumes from the run dir's last_checkpoint, in the sweep dir every node reads (its trials
-        # load SWEEP_DIR/config.yaml); Tune's copy of each checkpoint in --storage is opt-in (measured: a
-        # 129 MB resnet18+Adam checkpoint per epoch cost 0.4-1.35 s per slot of a 5-trial 2-node debug sweep)
+        # load SWEEP_DIR/config.yaml); Tune's copy of each checkpoint in --storage is opt-in: it only duplicates
+        # the run dir, at the cost of a copy per epoch per trial (docs/performance-notes.md)
         "ship_checkpoints": cfg.tune.ship_checkpoints and bool(address or storage),
     }
     parent = start_parent(cfg, out_dir)  # MLflow: one parent run, each trial a child run

@@ -1,7 +1,7 @@
 """A multi-node Ray cluster on one host: ``ray start --head`` plus worker raylets, found and stopped by PID.
 
 Used by the multi-node tests and ``distrib bench sweep --nodes 2``; on a real cluster run the same
-``ray start`` commands on each machine (README, multi-node section).
+``ray start`` commands on each machine (docs/sweeps.md, on a cluster).
 
 - **Loopback.** On Linux ``ray start`` turns ``--node-ip-address 127.0.0.1`` into the host's routable IP
   (``services.resolve_ip_for_localhost``), so gcs_server, raylets and the Ray client server (port 10001)

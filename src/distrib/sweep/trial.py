@@ -51,7 +51,7 @@ def check_shared_sweep_dir(spec: dict, node: dict) -> None:
         raise DistribError(
             f"{spec['config_path']} (the sweep's config) is not visible on node {node['hostname']} "
             f"({node['node_ip']}): put --out on a filesystem every node mounts at the same path "
-            "(README, shared-storage rule)"
+            "(docs/training.md, shared-storage rule)"
         )
 
 

@@ -2,11 +2,11 @@
 
     python -m distrib.sweep.zygote SOCKET      # then start the node's raylet with DISTRIB_ZYGOTE=SOCKET
 
-Why. A fresh Python process spends ~6-7 s (2 cores) importing torch, sklearn (scipy), timm (torchvision.ops
+Why. A fresh Python process spends seconds importing torch, sklearn (scipy), timm (torchvision.ops
 imports torch._dynamo) and kornia before a trial's first step. Tune reuses a trial's actor, so each slot pays
 this once, but for 3-5 s trials that first round dominates a sweep. Ray cannot do it for us: a raylet's
 prestarted workers that preload modules (``preload_python_modules``) are taken by Tune's placement-group
-``ready()`` tasks, and Ray never gives an actor a worker that ran a task (measured; README, Benchmarks).
+``ready()`` tasks, and Ray never gives an actor a worker that ran a task (docs/performance-notes.md).
 
 How. The zygote binds ``SOCKET`` at once (so a trial that connects early waits in the backlog instead of
 falling back), imports the modules a trial needs (``PRELOAD``), then forks one child per connection. A trial
@@ -41,8 +41,8 @@ from pathlib import Path
 from distrib.errors import DistribError
 
 ENV = "DISTRIB_ZYGOTE"  # the node's zygote socket, in the raylet's (so every trial actor's) environment
-# the trial stack, without Ray: the child never uses it (the actor reports to Tune); measured on the private
-# cluster, importing ray.tune too kept the server importing ~1-2 s longer while the first trials queued
+# the trial stack, without Ray: the child never uses it (the actor reports to Tune), and importing ray.tune
+# too would keep the server importing longer while the first trials queue
 PRELOAD = (
     "accelerate",
     "kornia",

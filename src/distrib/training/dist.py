@@ -69,7 +69,7 @@ def build_accelerator(cfg: ExperimentConfig):
     """Create the Accelerator (starts the process group) with the experiment's precision and accumulation.
 
     Under DeepSpeed the micro-batch size, accumulation and clipping come from ``cfg`` so a single
-    accelerate config file serves every experiment (PITFALLS: without train_micro_batch_size_per_gpu
+    accelerate config file serves every experiment (without train_micro_batch_size_per_gpu
     DeepSpeed asserts, and on CPU it needs gloo explicitly).
     """
     global _ACCELERATOR, _RANK, _OWNS_GROUP
@@ -139,7 +139,7 @@ def is_deepspeed(accelerator) -> bool:
 def unwrap(accelerator, model, keep_torch_compile: bool = True) -> torch.nn.Module:
     """``accelerator.unwrap_model``, except for a model nothing wraps (one process, no DeepSpeed, not
     compiled): that is returned as is, because accelerate's unwrap imports deepspeed whenever it is
-    installed (2.8 s measured, paid by the first trial of every Ray worker)."""
+    installed, seconds paid by the first trial of every Ray worker (docs/performance-notes.md)."""
     wrapped = (
         accelerator.num_processes > 1
         or is_deepspeed(accelerator)
@@ -212,7 +212,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def finish(accelerator, ok: bool = True) -> None:
-    """End training: a barrier first, which cures the intermittent gloo-destructor hang at exit (PITFALLS).
+    """End training: a barrier first; without it gloo's process-group destructor intermittently hangs at exit.
 
     After an error (``ok=False``) there is no barrier: the other ranks may be stuck in a collective
     and would hold this one until the timeout; tearing the group down lets the launcher fail fast.
