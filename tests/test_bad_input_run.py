@@ -205,6 +205,7 @@ def test_ctrl_c_in_train_prints_checkpoint_and_resume_command(demo_shards, tmp_p
         *SHORT,
         "train.epochs=8",
         "train.ckpt_every_steps=1",
+        "model.name=resnet18",  # slower steps than debug.yaml's test_resnet, so the run is still going
         "--out",
         out,
         tmp=tmp_path,

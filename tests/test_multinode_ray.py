@@ -33,6 +33,7 @@ TRIALS = [
     "train.ckpt_every_steps=2",
     "train.latency_batches=1",
     "tune.max_failures=2",
+    "model.name=resnet18",  # slower steps than debug.yaml's test_resnet: the kill lands mid-epoch
 ]
 SPREAD = [*TRIALS, "tune.embed_best=false"]
 KILL = TRIALS

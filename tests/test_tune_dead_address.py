@@ -12,7 +12,7 @@ from conftest import PYTHON, REPO, subprocess_env
 DEBUG = REPO / "launch" / "configs" / "experiments" / "debug.yaml"
 
 
-def test_tune_on_a_dead_address_fails_within_30_s_and_writes_nothing(tmp_path):
+def test_tune_on_a_dead_address_fails_within_30_s_and_writes_nothing(tmp_path, demo_shards):
     with socket.socket() as closed:  # bound, never listening: a connect is refused, and no one else gets the port
         closed.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{closed.getsockname()[1]}"
@@ -20,7 +20,7 @@ def test_tune_on_a_dead_address_fails_within_30_s_and_writes_nothing(tmp_path):
         sweep = tmp_path / "sweep"
         t0 = time.monotonic()
         proc = subprocess.run(
-            [PYTHON, "-m", "distrib", "tune", str(DEBUG), "tune.embed_best=false"]
+            [PYTHON, "-m", "distrib", "tune", str(DEBUG), f"data.shards={demo_shards}", "tune.embed_best=false"]
             + ["--grid", str(tmp_path / "grid.yaml"), "--out", str(sweep), "--address", address],
             cwd=REPO,
             env=subprocess_env(tmp_path),

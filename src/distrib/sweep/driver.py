@@ -115,7 +115,7 @@ def _absolute_shards(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def _check_resume(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
+def _check_resume(cfg: ExperimentConfig, grid: dict, out_dir: Path, address: str | None = None) -> Path:
     """--resume: the sweep's saved config and grid must match the new ones, except SWEEP_RESUME_SAFE fields."""
     saved = out_dir / "config.yaml"
     if not saved.is_file():
@@ -152,10 +152,14 @@ def _check_resume(cfg: ExperimentConfig, grid: dict, out_dir: Path) -> Path:
             indent=1,
         )
         save_config(cfg, out_dir)
+    if address:  # the checks above name the user's mistake first; a dead address fails before Ray
+        check_address(address)
     return saved
 
 
-def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path, models_checked: bool = False) -> Path:
+def _prepare(
+    cfg: ExperimentConfig, grid: dict, out_dir: Path, models_checked: bool = False, address: str | None = None
+) -> Path:
     """Save the resolved base config (absolute shard path) and validate every grid combination: its values,
     and (unless ``models_checked``) its model, built once with one forward (``training.setup.check_models``:
     an input size the model cannot take, or hub weights missing offline, fail before Ray starts)."""
@@ -171,6 +175,8 @@ def _prepare(cfg: ExperimentConfig, grid: dict, out_dir: Path, models_checked: b
         from distrib.training.setup import check_models
 
         check_models(built)
+    if address:  # after the input checks (they name the user's mistake first), before any file is written:
+        check_address(address)  # a dead address fails now, where ray.init would retry it forever
     saved = out_dir / "config.yaml"
     if saved.is_file() and (out_dir / "trials").is_dir():
         # trials resume from their run dirs' checkpoints: only the same sweep may reuse them
@@ -209,8 +215,6 @@ def run_sweep(
     ``models_checked``: the caller already built each model once (``distrib run`` does, for every expert)."""
     from ray import tune
 
-    if address:  # a dead address fails now, before any file is written (ray.init would retry it forever)
-        check_address(address)
     _import_while_ray_starts()
 
     out_dir = Path(out_dir).resolve()
@@ -232,7 +236,9 @@ def run_sweep(
     reap(out_dir / PID_FILE)  # before any file is written: refuses if a live driver owns out_dir, stops orphans
     if not resume:
         check_fresh(out_dir)
-    config_path = _check_resume(cfg, grid, out_dir) if resume else _prepare(cfg, grid, out_dir, models_checked)
+    config_path = (
+        _check_resume(cfg, grid, out_dir, address) if resume else _prepare(cfg, grid, out_dir, models_checked, address)
+    )
     spec = {
         "folds": cfg.tune.folds,
         "sweep_dir": str(out_dir),
