@@ -203,13 +203,13 @@ def test_ctrl_c_in_train_prints_checkpoint_and_resume_command(demo_shards, tmp_p
         DEBUG,
         f"data.shards={demo_shards}",
         *SHORT,
-        "train.epochs=8",
+        "train.epochs=30",  # 60 steps: the SIGINT lands mid-run even when this process is starved
         "train.ckpt_every_steps=1",
-        "model.name=resnet18",  # slower steps than debug.yaml's test_resnet, so the run is still going
+        "model.name=resnet18",  # slower steps than debug.yaml's test_resnet
         "--out",
         out,
         tmp=tmp_path,
-    )  # 16 steps: the SIGINT lands mid-run even when this process is starved
+    )
     _wait_for(lambda: (out / "last_checkpoint" / "trainer_state.pt").is_file(), proc, 600, "the first checkpoint")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -218,7 +218,7 @@ def test_ctrl_c_in_train_prints_checkpoint_and_resume_command(demo_shards, tmp_p
     assert f"The last checkpoint is {out / 'last_checkpoint'}" in stderr, stderr[-2000:]
     command = stderr.split("continue with: ")[1].splitlines()[0]
     words = shlex.split(command)
-    assert words[:2] == ["distrib", "train"] and words[-1] == "--resume" and "train.epochs=8" in words
+    assert words[:2] == ["distrib", "train"] and words[-1] == "--resume" and "train.epochs=30" in words
     resumed = _distrib(*words[1:], tmp=tmp_path)  # the printed command, run as printed
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed at epoch" in resumed.stdout and not (out / "resume_changes.json").exists()
