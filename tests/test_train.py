@@ -329,6 +329,13 @@ def test_genconvit_saves_reconstruction_samples(demo_shards, tmp_path):
     over = [
         f"data.shards={demo_shards}",
         "model.name=genconvit_vae",
+        # the tiny dims of test_models.py: the paper's ConvNeXt-T + Swin-T wrote ~880 MB of checkpoints here
+        "model.kwargs.convnext=convnext_atto",
+        "model.kwargs.head_hidden=32",
+        "model.kwargs.swin_kwargs.embed_dim=24",
+        "model.kwargs.swin_kwargs.depths=[1,1,1,1]",
+        "model.kwargs.swin_kwargs.num_heads=[1,1,2,2]",
+        "model.kwargs.swin_kwargs.window_size=4",
         "train.cls_weight=0.9",
         "train.recon_weight=0.1",
         "train.kl_weight=0.01",
