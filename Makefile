@@ -1,16 +1,23 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install once.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
-VENV ?= .venv
+# PYTHON=python3.12 (or 3.13) works where that name is not on PATH but pyenv has the version installed.
+PYTHON ?= python3.11
+PYTHON_BIN := $(shell $(PYTHON) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+	ls -d $$(pyenv root 2>/dev/null)/versions/$(patsubst python%,%,$(PYTHON))*/bin/$(PYTHON) 2>/dev/null | tail -1)
+PYVER := $(shell $(PYTHON_BIN) -c 'import sys; print("%d%d" % sys.version_info[:2])' 2>/dev/null)
+# One venv per interpreter; the lock is constraints-pyXY.txt where that interpreter needs its own, else constraints.txt.
+VENV ?= $(if $(filter 311,$(PYVER)),.venv,.venv-py$(PYVER))
+CONSTRAINTS ?= $(firstword $(wildcard constraints-py$(PYVER).txt) constraints.txt)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo docs lint test test-fast test-integration lock clean
+.PHONY: install demo docs lint test test-fast test-integration lock clean offline-bundle
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
+	@test -n "$(PYVER)" || { echo "PYTHON=$(PYTHON) not found (on PATH or under pyenv)"; exit 2; }
+	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS) -e '.[all,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -36,8 +43,15 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 lock: $(STAMP)
-	(echo "# Full transitive lock for Python 3.11 / x86_64, produced by 'pip freeze' (make lock)."; \
-	 $(PY) -m pip freeze --exclude-editable | grep -v '^distrib') > constraints.txt
+	(echo "# Full transitive lock for Python $(PYVER) / x86_64, produced by 'pip freeze' (make lock)."; \
+	 $(PY) -m pip freeze --exclude-editable | grep -v '^distrib') > $(CONSTRAINTS)
+
+# Wheels an offline GPU node lacks (scripts/offline_bundle.py, docs/install.md). PY and OUT name the target's
+# Python and the bundle folder only when given here: make offline-bundle PY=3.12 OUT=bundle/ [HAVE=freeze.txt] [SLIM=1]
+offline-bundle:
+	$(PYTHON_BIN) scripts/offline_bundle.py --python $(if $(filter command line,$(origin PY)),$(PY),3.12) \
+		--out $(if $(filter command line,$(origin OUT)),$(OUT),bundle) $(if $(HAVE),--have $(HAVE)) \
+		$(if $(SLIM),--slim) --constraints constraints.txt
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -29,6 +29,7 @@ import numpy as np
 
 from distrib.atomic import atomic_path, write_json
 from distrib.errors import DataError, DistribError
+from distrib.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,8 @@ def export_run(
         raise DistribError("export --int8 quantizes with ONNX Runtime: use it with --format onnx")
     if threads < 1:
         raise DistribError(f"export --threads {threads}: must be >= 1")
+    if fmt == "onnx":  # torch.onnx's dynamo exporter writes through onnxscript; the checks run on ONNX Runtime
+        require("onnx", "onnxscript", "onnxruntime", extra="export", feature="distrib export --format onnx")
     if not (run_dir / "best_model.pth").is_file():
         raise DataError(
             f"{run_dir / 'best_model.pth'} not found: export needs a finished run directory "

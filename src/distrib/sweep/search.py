@@ -29,6 +29,7 @@ from pathlib import Path
 from distrib.atomic import write_json
 from distrib.config import ConfigError, ExperimentConfig
 from distrib.errors import DistribError
+from distrib.extras import require
 from distrib.sweep.grid import grid_configs, is_sampled, params_overrides
 from distrib.sweep.report import pick_metric
 from distrib.sweep.trial import run_fold
@@ -52,6 +53,8 @@ def check_search(grid: dict, tune_cfg) -> None:
             f"tune.search={tune_cfg.search} has nothing to sample: the grid is empty; pass --grid "
             "with lists or distributions, e.g. 'optim.lr: {loguniform: [1.0e-5, 1.0e-3]}'"
         )
+    if tune_cfg.search == "optuna":
+        require("optuna", extra="search", feature="tune.search=optuna")
 
 
 def _candidates(values) -> list:

@@ -24,13 +24,14 @@ def _use_cpu() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
 
 
-def _using_deepspeed() -> bool:
+def using_deepspeed() -> bool:
+    """True when launched with an accelerate DeepSpeed config (it sets ACCELERATE_USE_DEEPSPEED)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
 
 
 def _launched_distributed() -> bool:
     """True under a multi-process launcher (accelerate launch / torchrun / DeepSpeed set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or _using_deepspeed()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or using_deepspeed()
 
 
 def resolve_backend(cfg: ExperimentConfig) -> str:
@@ -77,7 +78,7 @@ def build_accelerator(cfg: ExperimentConfig):
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     backend = resolve_backend(cfg)
-    if _using_deepspeed() and _use_cpu():
+    if using_deepspeed() and _use_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _OWNS_GROUP = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     handlers = []
@@ -85,7 +86,7 @@ def build_accelerator(cfg: ExperimentConfig):
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.dist.timeout_s)))
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        cpu=_use_cpu() and not _using_deepspeed(),  # cpu=True would switch DeepSpeed off
+        cpu=_use_cpu() and not using_deepspeed(),  # cpu=True would switch DeepSpeed off
         # our loader is already split per rank and not prepared, so accumulation counts micro-batches
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum, sync_with_dataloader=False

@@ -33,6 +33,10 @@ def check_trackers(trackers: list[str]) -> None:
 
     from accelerate.utils import imports
 
+    from distrib.extras import require
+
+    if "mlflow" in trackers:
+        require("mlflow", extra="mlflow", feature="train.trackers=[mlflow]")
     for name in trackers:
         if name != "tensorboard" and not getattr(imports, f"is_{name}_available")():
             raise ConfigError(

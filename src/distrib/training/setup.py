@@ -25,6 +25,7 @@ from distrib.config import (
 )
 from distrib.config.changes import EXTEND_RULE
 from distrib.errors import DataError, DistribError
+from distrib.extras import require
 from distrib.runs import find_checkpoint, load_run
 from distrib.training import dist
 from distrib.training.checkpoint import load_checkpoint, remove_stale_tmp, saved_state
@@ -44,6 +45,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     from distrib.data.verify import check_classes, verify_shards
     from distrib.models import build_model
 
+    if dist.using_deepspeed():  # accelerate imports deepspeed when the Accelerator is built, after the group is up
+        require("deepspeed", extra="deepspeed", feature="an accelerate DeepSpeed config")
     if not cfg.data.shards:
         raise ConfigError(
             "data.shards is empty; pass the shard directory, e.g. data.shards=shards/ (written by 'distrib shard')"
