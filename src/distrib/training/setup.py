@@ -45,8 +45,8 @@ def preflight(cfg: ExperimentConfig, out: Path, resume: bool) -> torch.nn.Module
     from distrib.data.verify import check_classes, verify_shards
     from distrib.models import build_model
 
-    if dist.using_deepspeed():  # accelerate imports deepspeed when the Accelerator is built, after the group is up
-        require("deepspeed", extra="deepspeed", feature="an accelerate DeepSpeed config")
+    if dist.using_deepspeed():  # accelerate imports both when the Accelerator is built, after the group is up
+        require("deepspeed", "transformers", extra="deepspeed", feature="an accelerate DeepSpeed config")
     if not cfg.data.shards:
         raise ConfigError(
             "data.shards is empty; pass the shard directory, e.g. data.shards=shards/ (written by 'distrib shard')"
