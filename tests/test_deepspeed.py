@@ -34,7 +34,7 @@ def test_deepspeed_zero2_two_cpu_processes(demo_shards, tmp_path):
         f"data.shards={demo_shards}",
         "train.epochs=1",
         "train.ckpt_every_steps=2",
-        "model.name=resnet10t",
+        "model.name=test_efficientnet",  # tiny, and not debug.yaml's model: load_run must restore it
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -54,5 +54,5 @@ def test_deepspeed_zero2_two_cpu_processes(demo_shards, tmp_path):
     from distrib.runs import load_run
 
     model, cfg, metrics = load_run(out)
-    assert metrics == best["metrics"] and cfg.model.name == "resnet10t"
+    assert metrics == best["metrics"] and cfg.model.name == "test_efficientnet"
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1)

@@ -130,7 +130,7 @@ def test_sweep_is_one_parent_run_with_one_child_per_trial(demo_shards, tmp_path,
         REPO / "launch/configs/experiments/debug.yaml",
         [
             f"data.shards={demo_shards}",
-            "model.name=resnet10t",
+            "model.name=test_resnet",  # tiny: 3 trials of resnet10t wrote ~230 MB
             "train.epochs=1",
             "data.samples_per_epoch=32",
             "train.latency_batches=1",
