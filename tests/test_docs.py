@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from conftest import REPO, subprocess_env
 from distrib import errors
 from distrib.cli import _parse, build_parser
-from distrib.cli.reference import REGENERATE, stale_pages
+from distrib.cli.reference import CASCADE_TABLES, RECIPE_TABLES, REGENERATE, stale_pages
 from distrib.config import schema
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -132,14 +133,22 @@ def test_reference_pages_current():
     assert not stale, f"docs/reference/{', '.join(stale)} out of date; regenerate with: {REGENERATE}"
 
 
-def test_every_schema_key_documented_in_config_page():
-    """Every key of the experiment schema carries its one-line doc and appears in the config page."""
+def test_every_config_key_documented_in_config_page():
+    """Every key of experiment, recipe and cascade files carries its one-line doc in the field's metadata
+    (the one source for the page, --help and the error messages) and appears on the config page with it."""
     page = (REPO / "docs" / "reference" / "config.md").read_text()
-    for section, cls in schema.SECTIONS.items():
+    tables = [("", schema.ExperimentConfig), *schema.SECTIONS.items(), *RECIPE_TABLES, *CASCADE_TABLES]
+    assert len(tables) >= 20
+    for section, cls in tables:
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if cls.__module__ == schema.__name__:
-                assert f.metadata.get("doc"), f"{section}.{f.name} has no field(metadata={{'doc': ...}})"
-            assert f"`{section}.{f.name}`" in page, f"{section}.{f.name} missing from docs/reference/config.md"
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue  # a sub-section: its own table
+            key = f"{section}.{f.name}" if section else f.name
+            doc = f.metadata.get("doc")
+            assert doc, f"{cls.__name__}.{f.name} ({key}) has no field(metadata={{'doc': ...}})"
+            assert f"| `{key}` |" in page, f"{key} missing from docs/reference/config.md"
+            assert doc.replace("|", "\\|") in page, f"{key}'s doc is not on docs/reference/config.md"
 
 
 def test_troubleshooting_names_every_error_class():

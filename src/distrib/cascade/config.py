@@ -40,8 +40,11 @@ RULES = ("youden", "f1", "max_specificity_at_recall")
 @dataclass
 class Stage1Config(Section):
     _prefix = "stage1"
-    run: str = ""  # stage-1 (filter) run directory
-    thresholds: str = ""  # optional thresholds.json holding the band; '' = fit on the run's val_predictions.csv
+    run: str = field(default="", metadata={"doc": "stage-1 (filter) run directory"})
+    thresholds: str = field(
+        default="",
+        metadata={"doc": "optional thresholds.json holding the band; '' = fit on the run's val_predictions.csv"},
+    )
 
     def validate(self) -> None:
         check_value(bool(self.run), "stage1.run", self.run, "the stage-1 run directory")
@@ -50,10 +53,17 @@ class Stage1Config(Section):
 @dataclass
 class ExpertConfig(Section):
     _prefix = "experts[]"
-    name: str = ""  # expert name as in meta_features.json (e.g. tf_efficientnetv2_b3, genconvit_ed)
-    oof: str = ""  # the expert's oof_embeddings.parquet (its OOF probabilities fit the expert's own threshold)
-    runs: list[str] = field(default_factory=list)  # fold run dirs; [] = those recorded in the alignment file
-    alignment: str = ""  # saved alignment .npz; '' = <oof stem>_alignment.npz
+    name: str = field(
+        default="", metadata={"doc": "expert name as in meta_features.json (e.g. tf_efficientnetv2_b3, genconvit_ed)"}
+    )
+    oof: str = field(
+        default="",
+        metadata={"doc": "the expert's oof_embeddings.parquet (its OOF probabilities fit the expert's own threshold)"},
+    )
+    runs: list[str] = field(
+        default_factory=list, metadata={"doc": "fold run dirs; [] = those recorded in the alignment file"}
+    )
+    alignment: str = field(default="", metadata={"doc": "saved alignment .npz; '' = <oof stem>_alignment.npz"})
 
     def validate(self) -> None:
         check_value(bool(self.name), "experts[].name", self.name, "the expert's name in meta_features.json")
@@ -63,9 +73,17 @@ class ExpertConfig(Section):
 @dataclass
 class MetaStageConfig(Section):
     _prefix = "stack"
-    dir: str = ""  # stack output dir (meta_model.json/.txt, meta_features.json, meta_predictions.parquet)
-    rule: str = "youden"  # threshold rule deciding stage 3, fit on the meta-model's OOF predictions
-    thresholds: str = ""  # optional thresholds.json; '' = fit on dir/meta_predictions.parquet (split == 'oof')
+    dir: str = field(
+        default="",
+        metadata={"doc": "stack output dir (meta_model.json/.txt, meta_features.json, meta_predictions.parquet)"},
+    )
+    rule: str = field(
+        default="youden", metadata={"doc": "threshold rule deciding stage 3, fit on the meta-model's OOF predictions"}
+    )
+    thresholds: str = field(
+        default="",
+        metadata={"doc": "optional thresholds.json; '' = fit on dir/meta_predictions.parquet (split == 'oof')"},
+    )
 
     def validate(self) -> None:
         check_value(bool(self.dir), "stack.dir", self.dir, "the stack output directory")
@@ -74,19 +92,32 @@ class MetaStageConfig(Section):
 
 @dataclass
 class CascadeConfig(Section):
-    name: str = "cascade"  # report title
-    shards: str = ""  # shard dir/URL; '' = the stage-1 run's data.shards
-    batch_size: int = 64  # streamed batch size
-    num_workers: int = 0  # loader workers
-    device: str = "auto"  # auto, cpu or cuda
-    recall: float = 0.99  # stage-1 band recall constraint on auto-decided samples
-    specificity: float = 0.95  # stage-1 band specificity constraint on auto-decided samples
-    evaluate_all_stages: bool = True  # run stages 2+3 on every sample too (per-stage metrics, full cost)
-    expert_models: str = "auto"  # auto (refit if embedded with embed.inference=refit), folds (K models) or refit (1)
-    bootstrap: int = 200  # grouped bootstrap resamples for threshold CIs
-    group_agg: str = "none"  # also report AUC/EER/AP per group (video, item) from its samples' scores: none, mean, max
+    name: str = field(default="cascade", metadata={"doc": "report title"})
+    shards: str = field(default="", metadata={"doc": "shard dir/URL; '' = the stage-1 run's data.shards"})
+    batch_size: int = field(default=64, metadata={"doc": "streamed batch size"})
+    num_workers: int = field(default=0, metadata={"doc": "loader workers"})
+    device: str = field(default="auto", metadata={"doc": "auto, cpu or cuda"})
+    recall: float = field(default=0.99, metadata={"doc": "stage-1 band recall constraint on auto-decided samples"})
+    specificity: float = field(
+        default=0.95, metadata={"doc": "stage-1 band specificity constraint on auto-decided samples"}
+    )
+    evaluate_all_stages: bool = field(
+        default=True, metadata={"doc": "run stages 2+3 on every sample too (per-stage metrics, full cost)"}
+    )
+    expert_models: str = field(
+        default="auto",
+        metadata={"doc": "auto (refit if embedded with embed.inference=refit), folds (K models) or refit (1)"},
+    )
+    bootstrap: int = field(default=200, metadata={"doc": "grouped bootstrap resamples for threshold CIs"})
+    group_agg: str = field(
+        default="none",
+        metadata={"doc": "also report AUC/EER/AP per group (video, item) from its samples' scores: none, mean, max"},
+    )
     stage1: Stage1Config = field(default_factory=Stage1Config)
-    experts: list = field(default_factory=list)  # list[ExpertConfig]
+    experts: list = field(
+        default_factory=list,
+        metadata={"doc": "the experts (keys under experts[]); [] = those the stack's meta_features.json records"},
+    )
     stack: MetaStageConfig = field(default_factory=MetaStageConfig)
 
     def validate(self) -> None:

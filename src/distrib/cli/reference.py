@@ -109,6 +109,17 @@ def _recipe_rerun(key: str) -> str:
     return "applied (stack → report re-run)" if key.split(".")[0] in DOWNSTREAM else "refused (`--overwrite`)"
 
 
+_RECIPE_SECTIONS = [(k, c) for k, c in RECIPE_SECTIONS.items() if k not in ("stack", "thresholds")]
+# (section, dataclass) of each table on the config page after the experiment sections; "" is the top level
+RECIPE_TABLES = [("", Recipe), *_RECIPE_SECTIONS[:1], ("experts[]", RecipeExpert), *_RECIPE_SECTIONS[1:]]
+CASCADE_TABLES = [
+    ("", CascadeConfig),
+    ("stage1", Stage1Config),
+    ("experts[]", ExpertConfig),
+    ("stack", MetaStageConfig),
+]
+
+
 def config_page() -> str:
     out = [
         _HEADER.format(cmd=REGENERATE) + "# Configuration reference",
@@ -146,8 +157,7 @@ def config_page() -> str:
         "",
     ]
     out += _rows(Recipe, "", _recipe_rerun, "re-run")
-    sections = [(k, c) for k, c in RECIPE_SECTIONS.items() if k not in ("stack", "thresholds")]
-    for name, cls in [*sections[:1], ("experts[]", RecipeExpert), *sections[1:]]:
+    for name, cls in RECIPE_TABLES[1:]:
         assert name == "experts[]" or dataclasses.is_dataclass(hints[name])
         out += ["", f"### `{name}`", ""] + _rows(cls, f"{name}.", _recipe_rerun, "re-run")
     out += [
@@ -161,7 +171,7 @@ def config_page() -> str:
         "",
     ]
     out += _rows(CascadeConfig, "", None)
-    for name, cls in (("stage1", Stage1Config), ("experts[]", ExpertConfig), ("stack", MetaStageConfig)):
+    for name, cls in CASCADE_TABLES[1:]:
         out += ["", f"### `{name}`", ""] + _rows(cls, f"{name}.", None)
     return "\n".join(out) + "\n"
 

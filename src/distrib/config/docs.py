@@ -1,9 +1,9 @@
 """What a config field means, read from the code: its doc, type, default and allowed values.
 
-One source for each field's meaning: ``field(metadata={"doc": ...})`` (schema.py), or else the field's
-own ``#`` comment in the dataclass source (the sections defined elsewhere keep theirs there). The
-allowed values are the ones the section's ``validate()`` checks (``check_choice`` / ``check_value``),
-so the reference page says what the error message would say. ``cli/reference.py`` renders the page.
+One source for each field's meaning: ``field(metadata={"doc": ...})`` on the dataclass field, read by
+the reference page, ``--help`` and the config error messages alike. The allowed values are the ones the
+section's ``validate()`` checks (``check_choice`` / ``check_value``), so the reference page says what
+the error message would say. ``cli/reference.py`` renders the page.
 
 Public: ``field_doc``, ``allowed_values``, ``type_name``, ``default_text``, ``section_fields``.
 """
@@ -14,46 +14,19 @@ import ast
 import dataclasses
 import functools
 import inspect
-import io
 import re
 import sys
 import textwrap
-import tokenize
 import typing
 from typing import Any
-
-
-@functools.cache
-def _source_comments(cls: type) -> dict[str, str]:
-    """field name -> the '#' comments on its lines (and on comment-only lines just above it)."""
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    comments: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    lines = src.splitlines()
-    out = {}
-    for st in ast.parse(src).body[0].body:
-        if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
-            above, j = [], st.lineno - 1
-            while j >= 1 and lines[j - 1].strip().startswith("#"):
-                above.insert(0, comments[j])
-                j -= 1
-            own = [comments[k] for k in range(st.lineno, st.end_lineno + 1) if k in comments]
-            if above or own:
-                out[st.target.id] = " ".join(above + own)
-    return out
 
 
 def field_doc(cls: type, name: str) -> str:
     """The one-line meaning of field ``name`` of dataclass ``cls`` ('' when it has none)."""
     for f in dataclasses.fields(cls):
-        if f.name == name and f.metadata.get("doc"):
-            return str(f.metadata["doc"])
-    return _source_comments(cls).get(name, "")
+        if f.name == name:
+            return str(f.metadata.get("doc", ""))
+    return ""
 
 
 def _literal(node: ast.AST, env: dict) -> Any:

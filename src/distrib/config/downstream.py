@@ -10,11 +10,18 @@ from distrib.config.fields import Section, check_choice, check_value
 @dataclass
 class EmbedConfig(Section):
     _prefix = "embed"
-    dim: int = 256  # projected embedding size (PCA fit on the fold model's own training folds)
-    anchors: int = 256  # shared unlabeled anchor samples used for Procrustes alignment across folds
-    fit_samples: int = 2048  # training-fold samples used to fit each fold's PCA
-    batch_size: int = 64  # extraction batch size
-    inference: str = "folds"  # experts at inference: folds (K fold models) or refit (+1 model on all folds, aligned)
+    dim: int = field(
+        default=256, metadata={"doc": "projected embedding size (PCA fit on the fold model's own training folds)"}
+    )
+    anchors: int = field(
+        default=256, metadata={"doc": "shared unlabeled anchor samples used for Procrustes alignment across folds"}
+    )
+    fit_samples: int = field(default=2048, metadata={"doc": "training-fold samples used to fit each fold's PCA"})
+    batch_size: int = field(default=64, metadata={"doc": "extraction batch size"})
+    inference: str = field(
+        default="folds",
+        metadata={"doc": "experts at inference: folds (K fold models) or refit (+1 model on all folds, aligned)"},
+    )
 
     def validate(self) -> None:
         check_choice("embed.inference", self.inference, ("folds", "refit"))
@@ -28,26 +35,43 @@ class EmbedConfig(Section):
 class StackConfig(Section):
     _prefix = "stack"
     features: list[str] = field(
-        default_factory=lambda: ["prob", "emb", "recon"]
-    )  # feature sets: prob, emb, recon, stage1
-    meta: str = "auto"  # meta-learner: auto (best mean meta-CV AUC), lightgbm, logistic, weighted, best_expert
-    tie: float = 0.001  # auto: a candidate within this mean CV AUC of the best wins if it is simpler
-    folds: int = 5  # group K-fold CV of the meta-model on the OOF table
-    inner_folds: int = 4  # inner grouped folds (logistic C search, LightGBM early stopping)
-    n_estimators: int = 400  # maximum boosting rounds
-    learning_rate: float = 0.05  # LightGBM learning rate
-    num_leaves: int = 7  # LightGBM leaves per tree (few: a small table over-fits)
-    min_child_samples: int = 20  # LightGBM minimum samples per leaf
-    feature_fraction: float = 0.8  # LightGBM fraction of columns per tree
-    lambda_l2: float = 1.0  # LightGBM L2 penalty on leaf values
-    monotone: bool = True  # LightGBM: monotone-increasing in every probability column
-    early_stopping_rounds: int = 30  # early stopping on the inner folds
-    logistic_cs: int = 10  # logistic: number of C values (log grid) searched by inner grouped CV
-    ensemble_size: int = 25  # weighted: greedy selection rounds (Caruana, with replacement)
-    bootstrap: int = 1000  # grouped bootstrap resamples for the CI of AUC(meta) - AUC(best expert) on val/test
-    n_jobs: int = 2  # LightGBM threads
-    seed: int = 0  # meta-model, fold and bootstrap seed
-    group_agg: str = "none"  # also score the ablation/candidates/splits per group (video, item): none, mean, max
+        default_factory=lambda: ["prob", "emb", "recon"], metadata={"doc": "feature sets: prob, emb, recon, stage1"}
+    )
+    meta: str = field(
+        default="auto",
+        metadata={"doc": "meta-learner: auto (best mean meta-CV AUC), lightgbm, logistic, weighted, best_expert"},
+    )
+    tie: float = field(
+        default=0.001, metadata={"doc": "auto: a candidate within this mean CV AUC of the best wins if it is simpler"}
+    )
+    folds: int = field(default=5, metadata={"doc": "group K-fold CV of the meta-model on the OOF table"})
+    inner_folds: int = field(
+        default=4, metadata={"doc": "inner grouped folds (logistic C search, LightGBM early stopping)"}
+    )
+    n_estimators: int = field(default=400, metadata={"doc": "maximum boosting rounds"})
+    learning_rate: float = field(default=0.05, metadata={"doc": "LightGBM learning rate"})
+    num_leaves: int = field(default=7, metadata={"doc": "LightGBM leaves per tree (few: a small table over-fits)"})
+    min_child_samples: int = field(default=20, metadata={"doc": "LightGBM minimum samples per leaf"})
+    feature_fraction: float = field(default=0.8, metadata={"doc": "LightGBM fraction of columns per tree"})
+    lambda_l2: float = field(default=1.0, metadata={"doc": "LightGBM L2 penalty on leaf values"})
+    monotone: bool = field(default=True, metadata={"doc": "LightGBM: monotone-increasing in every probability column"})
+    early_stopping_rounds: int = field(default=30, metadata={"doc": "early stopping on the inner folds"})
+    logistic_cs: int = field(
+        default=10, metadata={"doc": "logistic: number of C values (log grid) searched by inner grouped CV"}
+    )
+    ensemble_size: int = field(
+        default=25, metadata={"doc": "weighted: greedy selection rounds (Caruana, with replacement)"}
+    )
+    bootstrap: int = field(
+        default=1000,
+        metadata={"doc": "grouped bootstrap resamples for the CI of AUC(meta) - AUC(best expert) on val/test"},
+    )
+    n_jobs: int = field(default=2, metadata={"doc": "LightGBM threads"})
+    seed: int = field(default=0, metadata={"doc": "meta-model, fold and bootstrap seed"})
+    group_agg: str = field(
+        default="none",
+        metadata={"doc": "also score the ablation/candidates/splits per group (video, item): none, mean, max"},
+    )
 
     def validate(self) -> None:
         check_choice("stack.group_agg", self.group_agg, ("none", "mean", "max"))
@@ -71,12 +95,17 @@ class StackConfig(Section):
 @dataclass
 class ThresholdConfig(Section):
     _prefix = "thresholds"
-    recall: float = 0.99  # hard recall constraint R (pit plan default 0.99)
-    specificity: float = 0.95  # specificity constraint S for the 3-way band
-    bootstrap: int = 1000  # grouped bootstrap resamples for confidence intervals
-    seed: int = 0  # bootstrap seed
-    fit_split: str = "oof"  # rows thresholds are fit on: oof, val or oof+val (never test)
-    group_agg: str = "none"  # fit on group scores (each group's mean or max prob) instead of samples: none, mean, max
+    recall: float = field(default=0.99, metadata={"doc": "hard recall constraint R (pit plan default 0.99)"})
+    specificity: float = field(default=0.95, metadata={"doc": "specificity constraint S for the 3-way band"})
+    bootstrap: int = field(default=1000, metadata={"doc": "grouped bootstrap resamples for confidence intervals"})
+    seed: int = field(default=0, metadata={"doc": "bootstrap seed"})
+    fit_split: str = field(
+        default="oof", metadata={"doc": "rows thresholds are fit on: oof, val or oof+val (never test)"}
+    )
+    group_agg: str = field(
+        default="none",
+        metadata={"doc": "fit on group scores (each group's mean or max prob) instead of samples: none, mean, max"},
+    )
 
     def validate(self) -> None:
         check_choice("thresholds.group_agg", self.group_agg, ("none", "mean", "max"))
@@ -89,13 +118,23 @@ class ThresholdConfig(Section):
 @dataclass
 class ExportConfig(Section):
     _prefix = "export"
-    max_latency_ms: float = 16.0  # deployment target: ONNX Runtime CPU median latency at batch 1 (pit plan)
-    max_size_mb: float = 100.0  # deployment target: exported file size in MiB (pit plan)
-    max_prob_diff: float = 1.0e-4  # fp32 export must match PyTorch's probabilities to this (max abs)
-    validate_samples: int = 512  # real val images compared between PyTorch and the export
-    latency_repeats: int = 50  # timed batch-1 runs (after 5 warm-up runs)
-    exporter: str = "dynamo"  # torch.onnx exporter: dynamo (torch.export) or legacy (TorchScript tracing)
-    opset: int = 18  # ONNX opset
+    max_latency_ms: float = field(
+        default=16.0, metadata={"doc": "deployment target: ONNX Runtime CPU median latency at batch 1 (pit plan)"}
+    )
+    max_size_mb: float = field(
+        default=100.0, metadata={"doc": "deployment target: exported file size in MiB (pit plan)"}
+    )
+    max_prob_diff: float = field(
+        default=1.0e-4, metadata={"doc": "fp32 export must match PyTorch's probabilities to this (max abs)"}
+    )
+    validate_samples: int = field(
+        default=512, metadata={"doc": "real val images compared between PyTorch and the export"}
+    )
+    latency_repeats: int = field(default=50, metadata={"doc": "timed batch-1 runs (after 5 warm-up runs)"})
+    exporter: str = field(
+        default="dynamo", metadata={"doc": "torch.onnx exporter: dynamo (torch.export) or legacy (TorchScript tracing)"}
+    )
+    opset: int = field(default=18, metadata={"doc": "ONNX opset"})
 
     def validate(self) -> None:
         check_value(self.max_latency_ms > 0, "export.max_latency_ms", self.max_latency_ms, "> 0")

@@ -50,18 +50,31 @@ RULES = ("youden", "f1", "max_specificity_at_recall")
 @dataclass
 class RecipeData(Section):
     _prefix = "data"
-    train: str = ""  # train manifest CSV (path,label[,group]); '' when data.shards is given
-    val: str = ""  # val manifest CSV (stage 1 validates on it; thresholds may fit on it)
-    test: str = ""  # test manifest CSV (the cascade's report split)
-    shards: str = ""  # an existing shard dir (with index.json) instead of the manifests; '' = DIR/shards
-    folds: int = 5  # group-aware CV folds of the shards and the sweeps
-    seed: int = 0  # fold assignment and shard order seed
-    shard_size: int = 1000  # max samples per shard
-    workers: int = 2  # shard writer processes
-    positive: str = ""  # class name that becomes label 1 (case-insensitive); '' = real/fake
-    # names of labels 0/1 in the index and every report ({negative: NAME, positive: NAME}); {} = the
-    # manifests' own class names, or negative/positive for integer labels
-    classes: dict = field(default_factory=dict)
+    train: str = field(
+        default="", metadata={"doc": "train manifest CSV (path,label[,group]); '' when data.shards is given"}
+    )
+    val: str = field(
+        default="", metadata={"doc": "val manifest CSV (stage 1 validates on it; thresholds may fit on it)"}
+    )
+    test: str = field(default="", metadata={"doc": "test manifest CSV (the cascade's report split)"})
+    shards: str = field(
+        default="",
+        metadata={"doc": "an existing shard dir (with index.json) instead of the manifests; '' = DIR/shards"},
+    )
+    folds: int = field(default=5, metadata={"doc": "group-aware CV folds of the shards and the sweeps"})
+    seed: int = field(default=0, metadata={"doc": "fold assignment and shard order seed"})
+    shard_size: int = field(default=1000, metadata={"doc": "max samples per shard"})
+    workers: int = field(default=2, metadata={"doc": "shard writer processes"})
+    positive: str = field(
+        default="", metadata={"doc": "class name that becomes label 1 (case-insensitive); '' = real/fake"}
+    )
+    classes: dict = field(
+        default_factory=dict,
+        metadata={
+            "doc": "names of labels 0/1 in the index and every report ({negative: NAME, positive: NAME}); "
+            "{} = the manifests' own class names, or negative/positive for integer labels"
+        },
+    )
 
     def validate(self) -> None:
         check_value(
@@ -82,22 +95,25 @@ class RecipeData(Section):
 @dataclass
 class RecipeStage1(Section):
     _prefix = "stage1"
-    experiment: str = ""  # stage-1 (filter) experiment YAML; trained on every fold, validated on val
-    overrides: list[str] = field(default_factory=list)  # dotted overrides of that experiment
-    accelerate_config: str = (
-        ""  # train stage 1 under `accelerate launch --config_file` (DDP/DeepSpeed); '' = in-process
+    experiment: str = field(
+        default="", metadata={"doc": "stage-1 (filter) experiment YAML; trained on every fold, validated on val"}
+    )
+    overrides: list[str] = field(default_factory=list, metadata={"doc": "dotted overrides of that experiment"})
+    accelerate_config: str = field(
+        default="",
+        metadata={"doc": "train stage 1 under `accelerate launch --config_file` (DDP/DeepSpeed); '' = in-process"},
     )
     accelerate_args: list[str] = field(
-        default_factory=list
-    )  # extra `accelerate launch` flags, e.g. [--num_processes, "4"]
+        default_factory=list, metadata={"doc": 'extra `accelerate launch` flags, e.g. [--num_processes, "4"]'}
+    )
 
 
 @dataclass
 class RecipeExpert(Section):
     _prefix = "experts[]"
-    experiment: str = ""  # expert experiment YAML
-    grid: str = ""  # its sweep grid YAML; '' = the experiment's tune.grid
-    overrides: list[str] = field(default_factory=list)  # dotted overrides of that experiment
+    experiment: str = field(default="", metadata={"doc": "expert experiment YAML"})
+    grid: str = field(default="", metadata={"doc": "its sweep grid YAML; '' = the experiment's tune.grid"})
+    overrides: list[str] = field(default_factory=list, metadata={"doc": "dotted overrides of that experiment"})
 
     def validate(self) -> None:
         check_value(bool(self.experiment), "experts[].experiment", self.experiment, "an experiment YAML")
@@ -106,10 +122,12 @@ class RecipeExpert(Section):
 @dataclass
 class RecipeCascade(Section):
     _prefix = "cascade"
-    batch_size: int = 64  # streamed batch size
-    rule: str = "youden"  # which OOF-fit threshold decides stage 3
-    evaluate_all_stages: bool = True  # also run stages 2+3 on every sample (per-stage metrics)
-    split: str = "test"  # split the cascade reports on
+    batch_size: int = field(default=64, metadata={"doc": "streamed batch size"})
+    rule: str = field(default="youden", metadata={"doc": "which OOF-fit threshold decides stage 3"})
+    evaluate_all_stages: bool = field(
+        default=True, metadata={"doc": "also run stages 2+3 on every sample (per-stage metrics)"}
+    )
+    split: str = field(default="test", metadata={"doc": "split the cascade reports on"})
 
     def validate(self) -> None:
         check_value(self.batch_size >= 1, "cascade.batch_size", self.batch_size, ">= 1")
@@ -120,10 +138,15 @@ class RecipeCascade(Section):
 @dataclass
 class RecipeShootout(Section):
     _prefix = "shootout"
-    latency_ms: float = 0.0  # CPU latency target at batch 1, ms/img; 0 = no target
-    size_mb: float = 0.0  # model file size target in MB; 0 = no target
-    student: str = ""  # experiment YAML of the distilled student (train.distill_teacher is set); '' = none
-    student_overrides: list[str] = field(default_factory=list)  # dotted overrides of the student experiment
+    latency_ms: float = field(default=0.0, metadata={"doc": "CPU latency target at batch 1, ms/img; 0 = no target"})
+    size_mb: float = field(default=0.0, metadata={"doc": "model file size target in MB; 0 = no target"})
+    student: str = field(
+        default="",
+        metadata={"doc": "experiment YAML of the distilled student (train.distill_teacher is set); '' = none"},
+    )
+    student_overrides: list[str] = field(
+        default_factory=list, metadata={"doc": "dotted overrides of the student experiment"}
+    )
 
     def validate(self) -> None:
         check_value(self.latency_ms >= 0, "shootout.latency_ms", self.latency_ms, ">= 0")
@@ -132,12 +155,19 @@ class RecipeShootout(Section):
 
 @dataclass
 class Recipe:
-    name: str = "recipe"  # report title
-    mode: str = "cascade"  # cascade (stage 1 -> experts -> stack) or shootout (candidates side by side)
+    name: str = field(default="recipe", metadata={"doc": "report title"})
+    mode: str = field(
+        default="cascade",
+        metadata={"doc": "cascade (stage 1 -> experts -> stack) or shootout (candidates side by side)"},
+    )
     data: RecipeData = field(default_factory=RecipeData)
-    overrides: list[str] = field(default_factory=list)  # dotted overrides applied to stage 1 and every expert
+    overrides: list[str] = field(
+        default_factory=list, metadata={"doc": "dotted overrides applied to stage 1 and every expert"}
+    )
     stage1: RecipeStage1 = field(default_factory=RecipeStage1)
-    experts: list[RecipeExpert] = field(default_factory=list)  # the stage-2 experts (cascade: two or more)
+    experts: list[RecipeExpert] = field(
+        default_factory=list, metadata={"doc": "the stage-2 experts (cascade: two or more)"}
+    )
     stack: StackConfig = field(default_factory=StackConfig)
     thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
     cascade: RecipeCascade = field(default_factory=RecipeCascade)
