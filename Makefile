@@ -48,10 +48,12 @@ lock: $(STAMP)
 
 # Wheels an offline GPU node lacks (scripts/offline_bundle.py, docs/install.md). PY and OUT name the target's
 # Python and the bundle folder only when given here: make offline-bundle PY=3.12 OUT=bundle/ [HAVE=freeze.txt] [SLIM=1]
+BUNDLE_PYVER := $(subst $(eval) ,,$(wordlist 1,2,$(subst ., ,$(if $(filter command line,$(origin PY)),$(PY),3.12))))
+BUNDLE_LOCK := $(firstword $(wildcard constraints-py$(BUNDLE_PYVER).txt) constraints.txt)
 offline-bundle:
 	$(PYTHON_BIN) scripts/offline_bundle.py --python $(if $(filter command line,$(origin PY)),$(PY),3.12) \
 		--out $(if $(filter command line,$(origin OUT)),$(OUT),bundle) $(if $(HAVE),--have $(HAVE)) \
-		$(if $(SLIM),--slim) --constraints constraints.txt
+		$(if $(SLIM),--slim) --constraints $(BUNDLE_LOCK)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -51,9 +51,21 @@ MANYLINUX = [f"manylinux_2_{v}_x86_64" for v in range(28, 16, -1)] + [
     "manylinux2010_x86_64",
     "manylinux1_x86_64",
 ]
-# Ray's Java jars (ray/jars) load only for cross-language Java workers; the dashboard's built web client only
-# serves the browser UI, and distrib starts Ray with include_dashboard=False. Neither is read by Python here.
-SLIM_DROP = {"ray": ("ray/jars/", "ray/dashboard/client/build/")}
+# --slim repacks these wheels. Ray's Java jars (ray/jars) load only for cross-language Java workers; the
+# dashboard's built web client only serves the browser UI, and distrib starts Ray with include_dashboard=False.
+# transformers is there only for accelerate's DeepSpeed plugin (transformers.integrations.HfDeepSpeedConfig):
+# its 400 model families are never imported, but the package's import walks models/ and needs models/auto.
+# A path under "keep" stays even when it is under "drop".
+SLIM = {
+    "ray": {"drop": ("ray/jars/", "ray/dashboard/client/build/"), "keep": ()},
+    "transformers": {
+        "drop": ("transformers/models/",),
+        "keep": ("transformers/models/__init__.py", "transformers/models/auto/"),
+    },
+}
+# Members this large (Ray's raylet, GCS server and _raylet.so, 30 MiB deflated) are stored LZMA-compressed in a
+# slim wheel: 30% smaller than deflate. ZIP method 14 is read by the stdlib zipfile that pip installs with.
+SLIM_LZMA_BYTES = 1 << 20
 
 
 class BundleError(Exception):
@@ -261,25 +273,33 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def slim_wheel(src: Path, dst: Path, drop: tuple[str, ...]) -> int:
-    """Copy wheel ``src`` to ``dst`` without the entries under ``drop``; RECORD loses their rows, so pip
-    installs (and uninstalls) it cleanly. Returns the number of files dropped."""
-    dropped = 0
+def slim_wheel(src: Path, dst: Path, drop: tuple[str, ...], keep: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Copy wheel ``src`` to ``dst`` without the entries under ``drop`` (unless under ``keep``), members of
+    SLIM_LZMA_BYTES or more LZMA-compressed; RECORD loses the dropped rows, so pip installs (and uninstalls)
+    it cleanly. Returns (files dropped, files stored as LZMA)."""
+
+    def dropped_path(name: str) -> bool:
+        return name.startswith(drop) and not name.startswith(keep)
+
+    dropped = packed = 0
     tmp = dst.with_suffix(".tmp")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zout:
         record = next(n for n in zin.namelist() if n.endswith(".dist-info/RECORD") and n.count("/") == 1)
         for info in zin.infolist():
             if info.filename == record:
                 continue
-            if info.filename.startswith(drop):
+            if dropped_path(info.filename):
                 dropped += 1
                 continue
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zout.writestr(info, zin.read(info.filename), compresslevel=9)
-        rows = [ln for ln in zin.read(record).decode().splitlines() if ln and not ln.startswith(drop)]
+            data = zin.read(info.filename)  # before compress_type changes: zin reads through the same ZipInfo
+            big = info.file_size >= SLIM_LZMA_BYTES
+            packed += big
+            info.compress_type = zipfile.ZIP_LZMA if big else zipfile.ZIP_DEFLATED
+            zout.writestr(info, data, compresslevel=None if big else 9)
+        rows = [ln for ln in zin.read(record).decode().splitlines() if ln and not dropped_path(ln)]
         zout.writestr(record, "\n".join(rows) + "\n")
     os.replace(tmp, dst)
-    return dropped
+    return dropped, packed
 
 
 def build_bundle(python, out, have_text, lock_paths, extras, with_names, slim, cache, skip=()) -> dict:
@@ -297,9 +317,10 @@ def build_bundle(python, out, have_text, lock_paths, extras, with_names, slim, c
         src = wheels[name]
         dst = out / src.name
         note = ""
-        if slim and name in SLIM_DROP:
-            n = slim_wheel(src, dst, SLIM_DROP[name])
-            note = f"slim: {n} files under {', '.join(SLIM_DROP[name])} dropped"
+        if slim and name in SLIM:
+            n, packed = slim_wheel(src, dst, SLIM[name]["drop"], SLIM[name]["keep"])
+            kept = f" (kept {', '.join(SLIM[name]['keep'])})" if SLIM[name]["keep"] else ""
+            note = f"slim: {n} files under {', '.join(SLIM[name]['drop'])} dropped{kept}, {packed} stored as LZMA"
         else:
             shutil.copy2(src, dst)
         rows.append({"name": name, "version": want[name], "wheel": dst.name, "bytes": dst.stat().st_size, "note": note})
@@ -331,7 +352,7 @@ def main(argv=None) -> int:
     p.add_argument("--extras", default=DEFAULT_EXTRAS, help="setup.cfg extras to include (default: %(default)s)")
     p.add_argument("--with", dest="with_names", default=DEFAULT_WITH, help="[test] entries (default: %(default)s)")
     p.add_argument("--skip", default=DEFAULT_SKIP, help="packages left out (default: %(default)s)")
-    p.add_argument("--slim", action="store_true", help="repack Ray without ray/jars and the dashboard web client")
+    p.add_argument("--slim", action="store_true", help="repack Ray and transformers smaller (see SLIM)")
     p.add_argument(
         "--cache",
         type=Path,
