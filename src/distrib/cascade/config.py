@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distrib.config import ConfigError, read_yaml_mapping
-from distrib.config.fields import Section, check_choice, check_value, closest_key
+from distrib.config.fields import Section, check_choice, check_value, closest_key, field_docs
 
 RULES = ("youden", "f1", "max_specificity_at_recall")
 
@@ -139,7 +139,7 @@ def _section(cls, data, key: str, base: Path):
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
-            raise ConfigError(f"unknown cascade key '{key}.{k}'{closest_key(k, names)}")
+            raise ConfigError(f"unknown cascade key '{key}.{k}'{closest_key(k, names, field_docs(cls))}")
     obj = cls(**data)
     for f in dataclasses.fields(obj):  # resolve paths relative to the YAML's folder
         v = getattr(obj, f.name)
@@ -166,7 +166,7 @@ def load_cascade_config(path: str | Path) -> CascadeConfig:
     names = [f.name for f in dataclasses.fields(CascadeConfig)]
     for k in data:
         if k not in names:
-            raise ConfigError(f"unknown cascade key '{k}' in {path}{closest_key(k, names)}")
+            raise ConfigError(f"unknown cascade key '{k}' in {path}{closest_key(k, names, field_docs(CascadeConfig))}")
     base = path.parent
     kw = {k: v for k, v in data.items() if k not in ("stage1", "experts", "stack")}
     if kw.get("shards"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
+from collections.abc import Callable
 
 from distrib.cli.commands import (
     DEMO_RECIPE,
@@ -22,14 +24,55 @@ from distrib.cli.commands import (
     cmd_tune,
     cmd_weights_import,
 )
+from distrib.config import schema
+from distrib.config.docs import keys_help
+
+REFERENCE = "every key with its type, allowed values and --resume rule: docs/reference/config.md"
+TRAIN_KEYS = [("", schema.ExperimentConfig)] + [
+    (k, schema.SECTIONS[k]) for k in ("data", "augment", "model", "optim", "train", "dist", "eval")
+]
+RECIPE_NOTE = (
+    "stack.KEY and thresholds.KEY as in `distrib stack --help` and `distrib thresholds --help`; an experiment "
+    "key (train.epochs=1, data.img_size=32: `distrib train --help`) is added to every experiment's overrides."
+)
 
 
-def _add_overrides(p: argparse.ArgumentParser, example: str = "optim.lr=3e-4 data.fold=2") -> None:
+def _recipe_keys() -> list[tuple[str, type]]:
+    from distrib.recipes import config as recipe  # the recipes package imports sklearn: only for --help
+
+    return [("", recipe.Recipe)] + [(k, recipe.SECTIONS[k]) for k in ("data", "stage1", "cascade", "shootout")]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose config-keys epilog is built when help is printed, so commands start fast."""
+
+    keys: Callable[[], list[tuple[str, type]]] | None = None
+    keys_note = ""
+
+    def format_help(self) -> str:
+        if self.keys is not None:
+            self.formatter_class = argparse.RawDescriptionHelpFormatter
+            self.epilog = f"config keys, KEY=DEFAULT ({REFERENCE}):\n{keys_help(self.keys())}"
+            self.epilog += f"\n\n{textwrap.fill(self.keys_note, 100)}" if self.keys_note else ""
+        return super().format_help()
+
+
+def _add_overrides(
+    p: argparse.ArgumentParser,
+    example: str = "optim.lr=3e-4 data.fold=2",
+    keys: list[tuple[str, type]] | Callable[[], list[tuple[str, type]]] | None = None,
+    note: str = "",
+) -> None:
+    """The ``KEY=VALUE`` words; with ``keys`` (section, dataclass) the help lists those keys with their
+    defaults and docs, read from the dataclasses' field metadata like docs/reference/config.md."""
     p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    if keys is not None:
+        p.keys = keys if callable(keys) else lambda: keys
+        p.keys_note = note
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distrib",
         description="Distributed image-classifier training for cascades "
         "of vision models: shards, training, Ray sweeps, stacking, cascades, inference.",
@@ -80,14 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model (single process; use accelerate launch for several)")
     p.add_argument("config", help="experiment YAML (launch/configs/experiments/*.yaml)")
-    _add_overrides(p)
+    _add_overrides(
+        p,
+        keys=TRAIN_KEYS,
+        note="tune, embed, stack, thresholds and export keys: `distrib tune|embed|stack|thresholds|export --help`.",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="resume from the run directory's last checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="Ray Tune sweep: folds x hyper-parameter grid")
     p.add_argument("config", help="experiment YAML (launch/configs/experiments/*.yaml)")
-    _add_overrides(p)
+    _add_overrides(p, keys=[("tune", schema.TuneConfig)], note="and every key `distrib train --help` lists.")
     p.add_argument("--grid", default=None, help="YAML of dotted key -> list of values (launch/configs/grids/)")
     p.add_argument("--out", required=True, help="sweep directory")
     p.add_argument("--address", default=None, help="existing Ray cluster address (default: start a local one)")
@@ -113,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, help="sweep directory (uses its best config's fold runs)")
     p.add_argument("--runs", nargs="*", default=None, help="fold run directories, one per fold")
     p.add_argument("--out", required=True, help="output parquet (oof_embeddings.parquet)")
-    _add_overrides(p, "embed.dim=256")
+    _add_overrides(p, "embed.dim=256", [("embed", schema.EmbedConfig)])
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("stack", help="meta-learner (auto: best of weighted/logistic/LightGBM by grouped CV)")
@@ -127,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None, help="experiment YAML for the stack section")
-    _add_overrides(p, "stack.features=[prob]")
+    _add_overrides(p, "stack.features=[prob]", [("stack", schema.StackConfig)])
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("thresholds", help="fit decision thresholds on OOF/val predictions (never test)")
     p.add_argument("--pred", required=True, help="predictions file (csv/parquet with label, prob[, group, split])")
     p.add_argument("--out", required=True)
     p.add_argument("--config", default=None)
-    _add_overrides(p, "thresholds.recall=0.99")
+    _add_overrides(p, "thresholds.recall=0.99", [("thresholds", schema.ThresholdConfig)])
     p.set_defaults(func=cmd_thresholds)
 
     p = sub.add_parser("cascade", help="run the 3-stage cascade on a split")
@@ -166,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also write an ONNX Runtime int8-quantized model")
     p.add_argument("--out", default=None, help="output file (default RUN_DIR/model.onnx or model.torchscript.pt)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for the latency measurement")
-    _add_overrides(p, "export.max_latency_ms=16 export.max_size_mb=100")
+    _add_overrides(p, "export.max_latency_ms=16 export.max_size_mb=100", [("export", schema.ExportConfig)])
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -180,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding experiments/demo_*.yaml and grids/demo.yaml to use instead of the recipe's",
     )
     p.add_argument("--recipe", default=None, help=f"the demo recipe (default: {DEMO_RECIPE})")
-    _add_overrides(p, "train.epochs=2 stack.n_estimators=100")
+    _add_overrides(p, "train.epochs=2 stack.n_estimators=100", _recipe_keys, RECIPE_NOTE)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -193,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="existing Ray cluster address for the sweeps (default: a local one)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray cluster")
-    _add_overrides(p, "data.folds=3 train.epochs=2 stack.n_estimators=100")
+    _add_overrides(p, "data.folds=3 train.epochs=2 stack.n_estimators=100", _recipe_keys, RECIPE_NOTE)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("weights", help="pretrained weights for offline machines")

@@ -5,7 +5,7 @@ the reference page, ``--help`` and the config error messages alike. The allowed 
 section's ``validate()`` checks (``check_choice`` / ``check_value``), so the reference page says what
 the error message would say. ``cli/reference.py`` renders the page.
 
-Public: ``field_doc``, ``allowed_values``, ``type_name``, ``default_text``, ``section_fields``.
+Public: ``field_doc``, ``allowed_values``, ``type_name``, ``default_text``, ``section_fields``, ``keys_help``.
 """
 
 from __future__ import annotations
@@ -142,4 +142,23 @@ def section_fields(cls: type) -> list[dict[str, str]]:
     return rows
 
 
-__all__ = ["allowed_values", "default_text", "field_doc", "section_fields", "type_name"]
+def keys_help(tables: list[tuple[str, type]], width: int = 100) -> str:
+    """The ``--help`` epilog of a command taking dotted overrides: each key of the (section, dataclass)
+    ``tables`` with its default and one-line doc ("" is the top level; sub-sections have their own table)."""
+    rows = []
+    for section, cls in tables:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(hints[f.name]):
+                key = f"{section}.{f.name}" if section else f.name
+                rows.append((f"{key}={default_text(f)}", str(f.metadata.get("doc", ""))))
+    col = min(max(len(k) for k, _ in rows), 34) + 2
+    out = []
+    for key, doc in rows:
+        head = f"  {key:<{col}}" if len(key) < col else f"  {key}\n" + " " * (col + 2)
+        pad = " " * (col + 2)
+        out.append(head + textwrap.fill(doc, width, initial_indent=pad, subsequent_indent=pad).lstrip())
+    return "\n".join(out)
+
+
+__all__ = ["allowed_values", "default_text", "field_doc", "keys_help", "section_fields", "type_name"]

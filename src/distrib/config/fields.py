@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Any
 
@@ -18,9 +19,15 @@ def _initials(word: str) -> str:
     return "".join(w[0] for w in word.replace("-", "_").split("_") if w)
 
 
-def closest_key(name: str, options) -> str:
+def field_docs(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the one-line doc in each field's ``metadata`` (the source the reference page reads)."""
+    return {f"{prefix}{f.name}": f.metadata["doc"] for f in dataclasses.fields(cls) if f.metadata.get("doc")}
+
+
+def closest_key(name: str, options, docs: dict[str, str] | None = None) -> str:
     """'; did you mean X?' for the nearest option, compared on the last dotted part; an abbreviation
-    either way round wins (learning_rate -> lr, wd -> weight_decay) before difflib's similarity."""
+    either way round wins (learning_rate -> lr, wd -> weight_decay) before difflib's similarity. With
+    ``docs`` (option -> doc) the suggestion says what X means, so a wrong guess is seen at once."""
     options = list(options)
     last = name.rsplit(".", 1)[-1].lower()
     tails = {o: o.rsplit(".", 1)[-1].lower() for o in options}
@@ -30,12 +37,24 @@ def closest_key(name: str, options) -> str:
     if not match:
         by_tail = difflib.get_close_matches(last, list(tails.values()), n=1, cutoff=0.0)
         match = [o for o, t in tails.items() if by_tail and t == by_tail[0]]
-    return f"; did you mean '{match[0]}'?" if match else ""
+    if not match:
+        return ""
+    doc = (docs or {}).get(match[0])
+    return f"; did you mean '{match[0]}' ({doc})?" if doc else f"; did you mean '{match[0]}'?"
+
+
+class FieldError(ConfigError):
+    """A bad value for one config key; the section that owns the key appends the key's doc."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.documented = False
 
 
 def check_value(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
-        raise ConfigError(f"invalid value for '{key}': {value!r} (allowed: {allowed})")
+        raise FieldError(key, f"invalid value for '{key}': {value!r} (allowed: {allowed})")
 
 
 def check_choice(key: str, value: Any, choices) -> None:
@@ -56,8 +75,23 @@ class Section:
             setattr(self, f.name, _coerce(key, value, want))
 
     def __post_init__(self) -> None:
-        self._typecheck()
-        self.validate()
+        try:
+            self._typecheck()
+            self.validate()
+        except FieldError as e:
+            raise self._documented(e) from None
+
+    def _documented(self, e: FieldError) -> FieldError:
+        """``e`` with the doc of the field(s) its key names ('augment.scale_min/scale_max' names two)."""
+        docs = field_docs(type(self))
+        tail = re.sub(r"\[[^\]]*\]", "", e.key).rpartition(".")[2]  # tune.grid['optim.lr'] -> grid
+        names = [n for n in tail.split("/") if n in docs]
+        if e.documented or not names:
+            return e
+        meaning = "; ".join(f"{self._prefix + '.' if self._prefix else ''}{n}: {docs[n]}" for n in names)
+        out = FieldError(e.key, f"{e}; {meaning}")
+        out.documented = True
+        return out
 
     def validate(self) -> None:  # overridden per section
         pass
@@ -79,31 +113,31 @@ def _coerce(key: str, value: Any, want) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a number)")
+            raise FieldError(key, f"invalid value for '{key}': {value!r} (expected a number)")
         return float(value)
     if want is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected an integer)")
+            raise FieldError(key, f"invalid value for '{key}': {value!r} (expected an integer)")
         return value
     if want is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected true or false)")
+            raise FieldError(key, f"invalid value for '{key}': {value!r} (expected true or false)")
         return value
     if want is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a string)")
+            raise FieldError(key, f"invalid value for '{key}': {value!r} (expected a string)")
         return str(value)
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a list)")
+            raise FieldError(key, f"invalid value for '{key}': {value!r} (expected a list)")
         (inner,) = typing.get_args(want) or (Any,)
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"invalid value for '{key}': {value!r} (expected a mapping)")
+            raise FieldError(key, f"invalid value for '{key}': {value!r} (expected a mapping)")
         return dict(value)
     return value

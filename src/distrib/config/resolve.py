@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from distrib.atomic import write_text
-from distrib.config.fields import closest_key
+from distrib.config.fields import closest_key, field_docs
 from distrib.config.schema import SECTIONS, TOP_LEVEL, ExperimentConfig
 from distrib.errors import ConfigError
 
@@ -51,7 +51,7 @@ def set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
     if field_name not in names:
         raise ConfigError(
             f"unknown config key '{parts[0]}.{field_name}' in {origin}"
-            f"{closest_key(key, [f'{parts[0]}.{n}' for n in names])}"
+            f"{closest_key(key, [f'{parts[0]}.{n}' for n in names], field_docs(section, f'{parts[0]}.'))}"
         )
     sec = tree.setdefault(parts[0], {})
     if len(parts) == 2:

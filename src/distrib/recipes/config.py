@@ -42,7 +42,7 @@ from typing import Any
 
 from distrib.config import SECTIONS as EXPERIMENT_SECTIONS
 from distrib.config import ConfigError, StackConfig, ThresholdConfig, parse_override, read_yaml_mapping
-from distrib.config.fields import Section, check_choice, check_value, closest_key
+from distrib.config.fields import Section, check_choice, check_value, closest_key, field_docs
 
 RULES = ("youden", "f1", "max_specificity_at_recall")
 
@@ -205,7 +205,7 @@ def _section(cls, value: Any, key: str, origin: str):
         if k not in _names(cls):
             raise ConfigError(
                 f"unknown recipe key '{key}.{k}' in {origin}"
-                f"{closest_key(f'{key}.{k}', [f'{key}.{n}' for n in _names(cls)])}"
+                f"{closest_key(f'{key}.{k}', [f'{key}.{n}' for n in _names(cls)], field_docs(cls, f'{key}.'))}"
             )
     return cls(**value)
 
@@ -236,9 +236,10 @@ def _apply(tree: dict, text: str) -> None:
     if len(parts) > 1 and (parts[0] in EXPERIMENT_ONLY or (parts[0] == "data" and parts[1] not in _names(RecipeData))):
         if parts[0] == "data" and len(parts) == 2 and parts[1] not in _names(EXPERIMENT_SECTIONS["data"]):
             names = [f"data.{n}" for n in (*_names(RecipeData), *_names(EXPERIMENT_SECTIONS["data"]))]
+            docs = {**field_docs(EXPERIMENT_SECTIONS["data"], "data."), **field_docs(RecipeData, "data.")}
             raise ConfigError(
                 f"unknown key '{key}' in command-line overrides (neither a recipe data key nor an "
-                f"experiment data key){closest_key(key, names)}"
+                f"experiment data key){closest_key(key, names, docs)}"
             )  # suggested from both, recipe first
         tree.setdefault("overrides", []).append(text)  # an experiment key: applies to every experiment
         return
@@ -257,7 +258,8 @@ def _apply(tree: dict, text: str) -> None:
     elif len(parts) == 2 and parts[0] in SECTIONS:
         if parts[1] not in _names(SECTIONS[parts[0]]):
             names = [f"{parts[0]}.{n}" for n in _names(SECTIONS[parts[0]])]
-            raise ConfigError(f"unknown recipe key '{key}' in command-line overrides{closest_key(key, names)}")
+            docs = field_docs(SECTIONS[parts[0]], f"{parts[0]}.")
+            raise ConfigError(f"unknown recipe key '{key}' in command-line overrides{closest_key(key, names, docs)}")
         tree.setdefault(parts[0], {})
         if not isinstance(tree[parts[0]], dict):
             raise ConfigError(f"recipe key '{parts[0]}' must be a mapping")
