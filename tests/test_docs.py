@@ -1,10 +1,12 @@
 """The docs: the site builds in strict mode, the generated reference pages match the code, and every
 `distrib` / `make` / `accelerate launch` command line in README.md and docs/ parses, names files that exist,
-and (the cheap ones) runs."""
+resolves its config files and overrides, and (the cheap ones: --help, --version, shard inspect) runs; any
+other kind of shell line is named with the reason it is not run here."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import shlex
@@ -28,9 +30,9 @@ REPO_DIRS = ("launch/", "src/", "tests/", "docs/", "shards/", "tune/")
 PLACEHOLDER = re.compile(r"^(\.\.\.|…)$|[A-Z]{3,}")  # CONFIG, RUN_DIR, HEAD_IP, ...: the reader fills them in
 
 
-def _command_lines(path: Path) -> list[str]:
-    """Each command line in the file's fenced code blocks (shell ones), backslash continuations joined,
-    environment assignments and trailing comments removed."""
+def _shell_lines(path: Path) -> list[tuple[str, list[str]]]:
+    """(block language, words) of each command line in the file's fenced code blocks (not yaml, mermaid or
+    python ones), backslash continuations joined, environment assignments and trailing comments removed."""
     lines, block, lang = [], None, ""
     for raw in path.read_text().splitlines():
         fence = re.match(r"^\s*```(\w*)", raw)
@@ -48,12 +50,24 @@ def _command_lines(path: Path) -> list[str]:
             words = shlex.split(line) if line and not line.startswith("#") else []
             while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
                 words.pop(0)
-            if words and (words[0] in ("distrib", "make") or words[:2] == ["accelerate", "launch"]):
-                lines.append(shlex.join(words))
+            if words:
+                lines.append((lang, words))
     return lines
 
 
-COMMANDS = sorted({(p.relative_to(REPO).as_posix(), c) for p in DOCS for c in _command_lines(p)})
+def _is_command(words: list[str]) -> bool:
+    return words[0] in ("distrib", "make") or words[:2] == ["accelerate", "launch"]
+
+
+LINES = [(p.relative_to(REPO).as_posix(), lang, words) for p in DOCS for lang, words in _shell_lines(p)]
+COMMANDS = sorted({(page, shlex.join(w)) for page, _, w in LINES if _is_command(w)})
+# The other shell lines the docs show, by their first words, and why this suite does not run them.
+NOT_RUN_HERE = {
+    ("source",): "activates the venv; nothing to check",
+    ("ray", "start"): "starts a Ray node of a multi-machine cluster",
+    ("python3.11", "-m", "venv"): "creates a virtual environment (minutes)",
+    ("python", "-m"): "checked by test_doc_python_lines: the module exists",
+}
 
 
 def _check_paths(words: list[str], where: str) -> None:
@@ -110,13 +124,99 @@ def test_doc_command_parses(page, line):
 
 
 def test_doc_commands_help_runs(tmp_path):
-    """`distrib SUBCOMMAND --help` runs for real for every subcommand the docs use."""
-    subs = sorted({shlex.split(c)[1] for _, c in COMMANDS if c.startswith("distrib ")})
+    """`distrib SUBCOMMAND --help` runs for real for every subcommand the docs use, and so does each doc
+    line that is itself a `--help` or `--version` line, as written."""
+    subs = sorted({shlex.split(c)[1] for _, c in COMMANDS if c.startswith("distrib ") and shlex.split(c)[1][0] != "-"})
     assert len(subs) >= 8, subs
     env = subprocess_env(tmp_path)
     for sub in subs:
         r = subprocess.run([DISTRIB, sub, "--help"], capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 0 and "usage: distrib" in r.stdout, (sub, r.stderr[-500:])
+    cheap = [(p, c) for p, c in COMMANDS if c.startswith("distrib ") and {"--help", "--version"} & set(c.split())]
+    assert any("--version" in c for _, c in cheap) and any("--help" in c for _, c in cheap), cheap
+    for page, line in cheap:
+        r = subprocess.run([DISTRIB, *shlex.split(line)[1:]], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip(), f"{page}: `{line}` failed: {r.stderr[-500:]}"
+        if "--help" in line:
+            assert "config keys, KEY=DEFAULT" in r.stdout, f"{page}: `{line}` lists no config keys"
+
+
+def test_every_doc_shell_line_is_checked():
+    """A shell line in the docs is a checked command (distrib, make, accelerate launch) or a kind named
+    in NOT_RUN_HERE with its reason, so a new kind of command cannot slip in unchecked."""
+    other = [(page, w) for page, lang, w in LINES if lang in ("bash", "sh", "shell", "console") and not _is_command(w)]
+    unknown = [
+        f"{page}: {shlex.join(w)}" for page, w in other if not any(tuple(w[: len(k)]) == k for k in NOT_RUN_HERE)
+    ]
+    assert not unknown, "doc command lines no test checks (check them here or add to NOT_RUN_HERE):\n" + "\n".join(
+        unknown
+    )
+
+
+def test_doc_python_lines():
+    """`python -m MODULE` lines name a module that exists."""
+    mods = [(page, w[2]) for page, _, w in LINES if w[:2] == ["python", "-m"]]
+    assert mods
+    for page, mod in mods:
+        assert importlib.util.find_spec(mod) is not None, f"{page}: `python -m {mod}`: no such module"
+
+
+def _doc_argv(words: list[str]) -> tuple[list[str], str | None]:
+    """The distrib argv a doc line runs (an `accelerate launch` line runs `distrib train`) and its
+    accelerate config file, if any."""
+    if words[0] == "distrib":
+        argv = words[1:]
+        return (["shard-inspect", *argv[2:]] if argv[:2] == ["shard", "inspect"] else argv), None
+    from accelerate.commands.launch import launch_command_parser
+
+    args = launch_command_parser().parse_args(words[2:])
+    argv = args.training_script_args if args.module else ["train", *args.training_script_args]
+    return argv, args.config_file
+
+
+def _real(path: str | None) -> bool:
+    return bool(path) and not PLACEHOLDER.search(path)
+
+
+VALIDATED = [(p, c) for p, c in COMMANDS if c.split()[0] != "make" and not {"--help", "--version"} & set(c.split())]
+
+
+@pytest.mark.parametrize(("page", "line"), VALIDATED, ids=[f"{f}:{c[:60]}" for f, c in VALIDATED])
+def test_doc_command_configs_resolve(page, line):
+    """Validation only, in-process: the config files and dotted overrides each doc line names resolve
+    and validate (experiment, grid, recipe with each of its experiments, cascade, accelerate config)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from distrib.cascade.config import load_cascade_config
+    from distrib.config import load_config
+    from distrib.recipes.config import load_recipe
+    from distrib.sweep.grid import load_grid
+
+    argv, accelerate_config = _doc_argv(shlex.split(line))
+    where = f"{page}: `{line}`"
+    if accelerate_config is not None:
+        assert _real(accelerate_config) and (REPO / accelerate_config).is_file(), f"{where}: no {accelerate_config}"
+        assert load_config_from_file(str(REPO / accelerate_config)).distributed_type, where
+    a = _parse(build_parser(), argv)
+    overrides = [o for o in getattr(a, "overrides", []) if not PLACEHOLDER.search(o)]
+    if a.command in ("train", "tune") and _real(a.config):
+        flags = {"tune.search": getattr(a, "search", None), "tune.num_samples": getattr(a, "num_samples", None)}
+        load_config(REPO / a.config, [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+        if getattr(a, "grid", None) and _real(a.grid):
+            assert load_grid(REPO / a.grid), where
+    elif a.command == "run":
+        recipe = load_recipe(REPO / a.recipe, overrides)
+        experiments = [(recipe.stage1.experiment, recipe.stage1.overrides)] if recipe.stage1.experiment else []
+        for e in recipe.experts:
+            experiments.append((e.experiment, e.overrides))
+            assert not e.grid or load_grid(e.grid), where
+        assert experiments, where
+        for experiment, own in experiments:
+            load_config(experiment, [*recipe.overrides, *own])
+    elif a.command == "cascade":
+        assert load_cascade_config(REPO / a.config).stage1.run, where
+    elif a.command in ("embed", "stack", "thresholds", "export"):
+        load_config(getattr(a, "config", None), overrides)
 
 
 def test_doc_shard_inspect_runs(demo_shards, tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import textwrap
 from collections.abc import Callable
 
+from distrib import __version__
 from distrib.cli.commands import (
     DEMO_RECIPE,
     cmd_bench,
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed image-classifier training for cascades "
         "of vision models: shards, training, Ray sweeps, stacking, cascades, inference.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="build the bundled demo dataset")

@@ -71,7 +71,8 @@ def cli_page() -> str:
     out = [
         _HEADER.format(cmd=REGENERATE) + "# Command-line reference",
         "",
-        f"`distrib --help` and `distrib COMMAND --help` print the same text. {parser.description} "
+        f"`distrib --help` and `distrib COMMAND --help` print the same text (a command taking overrides also "
+        f"lists its config keys); `distrib --version` prints the version. {parser.description} "
         "Words of the form `key=value` anywhere after the command are dotted config overrides "
         "([config reference](config.md)). `distrib shard inspect DIR` is another spelling of "
         "`distrib shard-inspect DIR`. Exit codes: 0 done, 1 some sweep trials failed, 2 bad input "
