@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo docs lint test test-fast test-integration lock clean offline-bundle
+.PHONY: install demo docs lint test test-fast test-integration resolve lock clean offline-bundle
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@test -n "$(PYVER)" || { echo "PYTHON=$(PYTHON) not found (on PATH or under pyenv)"; exit 2; }
@@ -42,9 +42,17 @@ test-fast: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
+# Whether pip resolves the package for PYTHON without installing it (scripts/resolve_check.py); .ci/run runs it
+# on 3.12 and 3.13, where a full install costs more than CI's budget leaves.
+resolve:
+	@test -n "$(PYVER)" || { echo "PYTHON=$(PYTHON) not found (on PATH or under pyenv)"; exit 2; }
+	$(PYTHON_BIN) scripts/resolve_check.py --constraints $(CONSTRAINTS)
+
+# Writes this interpreter's own lock (constraints.txt for 3.11, constraints-pyXY.txt otherwise), never another's.
+LOCK_OUT := $(if $(filter 311,$(PYVER)),constraints.txt,constraints-py$(PYVER).txt)
 lock: $(STAMP)
 	(echo "# Full transitive lock for Python $(PYVER) / x86_64, produced by 'pip freeze' (make lock)."; \
-	 $(PY) -m pip freeze --exclude-editable | grep -v '^distrib') > $(CONSTRAINTS)
+	 $(PY) -m pip freeze --exclude-editable | grep -v '^distrib') > $(LOCK_OUT).tmp && mv $(LOCK_OUT).tmp $(LOCK_OUT)
 
 # Wheels an offline GPU node lacks (scripts/offline_bundle.py, docs/install.md). PY and OUT name the target's
 # Python and the bundle folder only when given here: make offline-bundle PY=3.12 OUT=bundle/ [HAVE=freeze.txt] [SLIM=1]
