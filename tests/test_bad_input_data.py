@@ -267,7 +267,6 @@ def test_max_skipped_fraction_fails_the_run_with_the_count(demo_shards, tmp_path
     over = [
         f"data.shards={shards}",
         "data.verify=size",
-        "model.name=resnet10t",
         "train.epochs=1",
         "train.latency_batches=1",
         "data.shuffle_buffer=8",

@@ -140,23 +140,23 @@ def test_existing_pretrained_file_is_really_loaded(tmp_path):
     import timm
 
     torch.manual_seed(123)
-    source = timm.create_model("resnet18")  # 1000-class ImageNet-shaped checkpoint
-    path = tmp_path / "resnet18_weights.pth"
+    source = timm.create_model("test_resnet")  # 1000-class ImageNet-shaped checkpoint, 1.5 MB
+    path = tmp_path / "resnet_weights.pth"
     torch.save(source.state_dict(), path)
     torch.manual_seed(0)
-    loaded = build_model(ModelConfig(name="resnet18", num_classes=2, pretrained_file=str(path)))
+    loaded = build_model(ModelConfig(name="test_resnet", num_classes=2, pretrained_file=str(path)))
     torch.manual_seed(0)
-    random = build_model(ModelConfig(name="resnet18", num_classes=2))
+    random = build_model(ModelConfig(name="test_resnet", num_classes=2))
     sd = loaded.model.state_dict()
     for key, value in source.state_dict().items():
         if key.startswith("fc."):
             continue  # the 1000-class head is dropped for a 2-logit head
         assert torch.equal(sd[key], value), key
-    assert not torch.equal(random.model.conv1.weight, source.conv1.weight)
-    assert loaded.model.fc.weight.shape == (2, 512)
+    assert not torch.equal(random.model.conv1[0].weight, source.conv1[0].weight)
+    assert loaded.model.fc.weight.shape == (2, source.num_features)
     # a file for another architecture is a clear error naming the file
-    with pytest.raises(DistribError, match=r"resnet18_weights.pth.*tensors missing"):
-        build_model(ModelConfig(name="resnet34", pretrained_file=str(path)))
+    with pytest.raises(DistribError, match=r"resnet_weights.pth.*tensors missing"):
+        build_model(ModelConfig(name="resnet10t", pretrained_file=str(path)))
 
 
 def test_linear_probe_freezes_backbone_bit_identically():

@@ -75,7 +75,6 @@ def _start(
         "--out",
         str(out),
         f"data.shards={shards}",
-        "model.name=resnet10t",
         "train.log_every_steps=1",
         *extra,
     ]
