@@ -67,6 +67,8 @@ NOT_RUN_HERE = {
     ("ray", "start"): "starts a Ray node of a multi-machine cluster",
     ("python3.11", "-m", "venv"): "creates a virtual environment (minutes)",
     ("python", "-m"): "checked by test_doc_python_lines: the module exists",
+    ("pip", "install"): "installs into the reader's environment; make resolve checks that it resolves",
+    ("pip", "check"): "reads the reader's own environment",
 }
 
 
