@@ -155,8 +155,14 @@ def test_existing_pretrained_file_is_really_loaded(tmp_path):
     assert not torch.equal(random.model.conv1[0].weight, source.conv1[0].weight)
     assert loaded.model.fc.weight.shape == (2, source.num_features)
     # a file for another architecture is a clear error naming the file
-    with pytest.raises(DistribError, match=r"resnet_weights.pth.*tensors missing"):
+    short = {k: v for k, v in source.state_dict().items() if not k.startswith("layer4.")}
+    torch.save(short, tmp_path / "short_resnet.pth")  # a file for a shallower network
+    with pytest.raises(DistribError, match=r"short_resnet.pth.*tensors missing"):
+        build_model(ModelConfig(name="test_resnet", pretrained_file=str(tmp_path / "short_resnet.pth")))
+    # the same names in other shapes: one line with the count and the first tensor, not torch's 70 lines
+    with pytest.raises(DistribError, match=r"resnet_weights.pth.*: \d+ tensors do not fit, the first: size mis") as e:
         build_model(ModelConfig(name="resnet10t", pretrained_file=str(path)))
+    assert "\n" not in str(e.value)
 
 
 def test_linear_probe_freezes_backbone_bit_identically():

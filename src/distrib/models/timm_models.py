@@ -46,6 +46,15 @@ def _hub_error(name: str, key: str, e: Exception) -> DistribError:
     )
 
 
+def _one_line(e: Exception) -> str:
+    """torch's load_state_dict error lists every mismatched tensor on its own line (hundreds for another
+    architecture); the user needs the count and the first one."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{len(lines) - 1} tensors do not fit, the first: {lines[1].rstrip('.')}"
+
+
 def create_timm(
     name: str, pretrained_file: str = "", key: str = "model.name", pretrained: bool = False, **kwargs
 ) -> nn.Module:
@@ -89,7 +98,7 @@ def create_timm(
             raise
         raise DistribError(
             f"could not load pretrained weights from {extra['pretrained_cfg_overlay']['file']} "
-            f"into timm model '{name}': {e}. The file must be a timm/PyTorch state dict "
+            f"into timm model '{name}': {_one_line(e)}. The file must be a timm/PyTorch state dict "
             "(.pth/.bin/.safetensors) of the same architecture"
         ) from e
     if pretrained:
