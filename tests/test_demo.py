@@ -110,10 +110,10 @@ def test_demo_cascade_routes_exactly_the_stage1_band(demo_run):
     assert saved["escalation_rate"] == pytest.approx(in_band.mean())
     assert sum(k.startswith("expert:") for k in saved["metrics"]) == 2
     assert saved["cost"]["cascade_mean_ms"] >= saved["cost"]["stage1_mean_ms"] > 0
-    # embed.inference: folds: each escalated image runs every fold model of each expert
+    # embed.inference: the Lite0 expert runs its one refit model, GenConViT-ED every fold model
     folds = json.loads((out / "shards" / "index.json").read_text())["folds"]
-    assert set(saved["cost"]["models_per_expert"].values()) == {folds}
-    assert saved["cost"]["expert_models"] == ["folds"]
+    assert saved["cost"]["models_per_expert"] == {"tf_efficientnet_lite0": 1, "genconvit_ed": folds}
+    assert saved["cost"]["expert_models"] == ["folds", "refit"]
     assert saved["complementarity"]["pairs"][0]["n"] == n_test
     for rel in saved["plots"].values():
         assert (out / rel).is_file(), rel
