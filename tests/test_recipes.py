@@ -388,3 +388,21 @@ def test_pit_recipe_shootout_table_and_decision_line(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Shoot-out" in report and "**Decision:**" in report and report.count("| pit_") >= 4
     print(f"\n{report}")
+
+
+def test_demo_configs_flag_reads_the_recipes_own_files_from_the_other_folder(tmp_path):
+    """`distrib demo --configs DIR` once named a fixed expert list, so it ran the old random-init expert after
+    the recipe moved to the pretrained one: it must change where the files live, never which models run."""
+    import shutil
+
+    from distrib.cli.commands import configs_overrides
+
+    recipe = REPO / "launch" / "recipes" / "demo.yaml"
+    other = tmp_path / "configs"
+    shutil.copytree(REPO / "launch" / "configs", other)
+    plain, moved = load_recipe(recipe), load_recipe(recipe, configs_overrides(recipe, other))
+    assert [Path(e.experiment).name for e in moved.experts] == [Path(e.experiment).name for e in plain.experts]
+    assert [Path(e.grid).name for e in moved.experts] == [Path(e.grid).name for e in plain.experts]
+    assert Path(moved.stage1.experiment).name == Path(plain.stage1.experiment).name
+    assert all(Path(e.experiment).parent == other.resolve() / "experiments" for e in moved.experts)
+    assert "demo_expert_lite0.yaml" in [Path(e.experiment).name for e in moved.experts]

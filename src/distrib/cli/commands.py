@@ -246,6 +246,24 @@ def cmd_export(a: argparse.Namespace) -> dict:
     return res
 
 
+def configs_overrides(recipe: Path, configs: Path) -> list[str]:
+    """``distrib demo --configs DIR``: the recipe's stage-1, expert and grid files by name, read from DIR's
+    experiments/ and grids/ instead, so the flag swaps where the files live, never which models run."""
+    import yaml
+
+    root = configs.resolve()
+    spec = yaml.safe_load(recipe.read_text()) or {}
+    experts = [
+        {
+            "experiment": str(root / "experiments" / Path(e["experiment"]).name),
+            "grid": str(root / "grids" / Path(e.get("grid") or "demo.yaml").name),
+        }
+        for e in spec.get("experts", [])
+    ]
+    stage1 = Path((spec.get("stage1") or {}).get("experiment", "demo_stage1.yaml")).name
+    return [f"stage1.experiment={root / 'experiments' / stage1}", f"experts={json.dumps(experts)}"]
+
+
 def cmd_demo(a: argparse.Namespace) -> dict:
     from distrib.demo.pipeline import run_demo
 
@@ -255,17 +273,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
             f"demo recipe not found: {recipe}; run from the repository root or pass --recipe launch/recipes/demo.yaml"
         )
     overrides = list(a.overrides)
-    if a.configs:  # the older flag: experiment and grid YAMLs from another folder
-        root = Path(a.configs).resolve()
-        experts = [
-            {"experiment": str(root / "experiments" / n), "grid": str(root / "grids" / "demo.yaml")}
-            for n in ("demo_expert_effnetv2.yaml", "demo_expert_genconvit.yaml")
-        ]
-        overrides = [
-            f"stage1.experiment={root / 'experiments' / 'demo_stage1.yaml'}",
-            f"experts={json.dumps(experts)}",
-            *overrides,
-        ]
+    if a.configs:  # the older flag: the recipe's own experiment and grid files, read from another folder
+        overrides = [*configs_overrides(recipe, Path(a.configs)), *overrides]
     res = run_demo(a.out, recipe, size=a.size, overrides=overrides)
     print(
         f"\n{res['leak_check']}\nreport: {res['report']}\nresults: {res['results']}\nTensorBoard: {res['tensorboard']}\n"
