@@ -69,6 +69,8 @@ NOT_RUN_HERE = {
     ("python", "-m"): "checked by test_doc_python_lines: the module exists",
     ("pip", "install"): "installs into the reader's environment; make resolve checks that it resolves",
     ("pip", "check"): "reads the reader's own environment",
+    ("scripts/gpu_check.sh",): "the offline GPU node's check (minutes, needs a bundle); test_offline_bundle.py "
+    "covers its report",
 }
 
 

@@ -33,8 +33,9 @@ TRIALS = [
     "train.ckpt_every_steps=2",
     "train.latency_batches=1",
     "tune.max_failures=2",
-    # steps as slow as resnet18's at 32 px, so the kill lands mid-epoch, with 1.5 MB checkpoints, not 170 MB
-    "data.img_size=128",
+    # steps slower than resnet18's at 32 px, so the kill lands mid-epoch, with 1.5 MB checkpoints, not 170 MB
+    # (at 128 px a quiet machine once finished all 24 steps between the first checkpoint and the kill)
+    "data.img_size=192",
 ]
 SPREAD = [*TRIALS, "tune.embed_best=false"]
 KILL = TRIALS
