@@ -432,6 +432,14 @@ def test_integer_labels_keep_neutral_names_unless_the_user_names_them(tmp_path):
     assert json.loads((tmp_path / "cli" / "index.json").read_text())["positive"] == "pit"
     with pytest.raises(DataError, match=r"negative=NAME,positive=NAME"):
         write_shards(ints, tmp_path / "bad", folds=3, workers=1, names="clean,pit")
+    # names on labels that already name themselves must agree: demo.yaml's real/fake on cat/dog manifests once
+    # relabelled every report silently
+    pets = _manifest(tmp_path / "p", ["cat", "dog"] * 6)
+    with pytest.raises(DataError, match=r"labels are 'cat' \(0\) and 'dog' \(1\).*'real' and 'fake'.*data.classes"):
+        write_shards(pets, tmp_path / "pets", folds=3, workers=1, positive="dog", names="negative=real,positive=fake")
+    assert not (tmp_path / "pets" / "index.json").exists()
+    same = write_shards(words, tmp_path / "same", folds=3, workers=1, names="negative=Real,positive=Fake")
+    assert same["classes"] == {"0": "Real", "1": "Fake"}
 
 
 @pytest.mark.parametrize("how", ["copy", "dotdot", "symlink"])
