@@ -239,6 +239,21 @@ def parse_names(text: str | dict | None) -> dict[str, str] | None:
     return {"negative": str(text["negative"]), "positive": str(text["positive"])}
 
 
+def name_classes(classes: dict[str, str], names: dict[str, str]) -> dict[str, str]:
+    """The user's ``names`` (from parse_names) for the ``classes`` resolve_labels found. Integer labels take any
+    names; class-name labels already name themselves, so other names would silently relabel every report."""
+    named = {"0": names["negative"], "1": names["positive"]}
+    if classes != {"0": "negative", "1": "positive"} and {k: v.casefold() for k, v in classes.items()} != {
+        k: v.casefold() for k, v in named.items()
+    }:
+        raise DataError(
+            f"the manifests' labels are {classes['0']!r} (0) and {classes['1']!r} (1), but the class names given "
+            f"(--names or a recipe's data.classes) are {named['0']!r} and {named['1']!r}; drop the names "
+            f"(data.classes={{}}) or make them agree"
+        )
+    return named
+
+
 def assign_keys_and_check(rows: list[dict]) -> None:
     """Give every row its key; duplicate keys and groups spanning splits are errors."""
     seen: dict[str, dict] = {}

@@ -233,16 +233,7 @@ def write_shards(
 
     classes = mf.resolve_labels(rows, positive)
     if names:  # the user's names for label 0 / label 1, in every index and report from here on
-        named = {"0": names["negative"], "1": names["positive"]}
-        if classes != {"0": "negative", "1": "positive"} and {k: v.casefold() for k, v in classes.items()} != {
-            k: v.casefold() for k, v in named.items()
-        }:  # class-name labels already name themselves: other names would silently relabel every report
-            raise DataError(
-                f"the manifests' labels are {classes['0']!r} (0) and {classes['1']!r} (1), but the class names given "
-                f"(--names or a recipe's data.classes) are {named['0']!r} and {named['1']!r}; drop the names "
-                f"(data.classes={{}}) or make them agree"
-            )
-        classes = named
+        classes = mf.name_classes(classes, names)
     mf.assign_keys_and_check(rows)
     for split in ("val", "test"):  # an AUC on one class is undefined: every later step would report NaN
         labels = {r["label_id"] for r in rows if r["split"] == split}
