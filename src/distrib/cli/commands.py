@@ -249,19 +249,20 @@ def cmd_export(a: argparse.Namespace) -> dict:
 def configs_overrides(recipe: Path, configs: Path) -> list[str]:
     """``distrib demo --configs DIR``: the recipe's stage-1, expert and grid files by name, read from DIR's
     experiments/ and grids/ instead, so the flag swaps where the files live, never which models run."""
-    import yaml
+    from distrib.recipes import load_recipe
 
-    root = configs.resolve()
-    spec = yaml.safe_load(recipe.read_text()) or {}
+    root, spec = configs.resolve(), load_recipe(recipe)
     experts = [
         {
-            "experiment": str(root / "experiments" / Path(e["experiment"]).name),
-            "grid": str(root / "grids" / Path(e.get("grid") or "demo.yaml").name),
+            "experiment": str(root / "experiments" / Path(e.experiment).name),
+            "grid": str(root / "grids" / Path(e.grid or "demo.yaml").name),
         }
-        for e in spec.get("experts", [])
+        for e in spec.experts
     ]
-    stage1 = Path((spec.get("stage1") or {}).get("experiment", "demo_stage1.yaml")).name
-    return [f"stage1.experiment={root / 'experiments' / stage1}", f"experts={json.dumps(experts)}"]
+    return [
+        f"stage1.experiment={root / 'experiments' / Path(spec.stage1.experiment).name}",
+        f"experts={json.dumps(experts)}",
+    ]
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
